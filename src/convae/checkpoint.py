@@ -1,0 +1,108 @@
+"""Checkpoints: a plain dict (``model`` state dict + ``config``) loadable with weights_only=True."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConvaeError
+from .models import ModelConfig, build_model
+
+FORMAT = "convae-checkpoint"
+VERSION = 1
+KINDS = ("autoencoder", "classifier")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk leaves the previous file intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    kind: str,
+    classes: list[str] | None = None,
+    run_config: dict | None = None,
+) -> None:
+    """Save ``model`` (an AutoEncoder or Classifier) with the config that rebuilds it."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "model": state,
+        "config": model.config.to_dict(),
+        "classes": list(classes) if classes else [],
+        "run_config": run_config or {},
+    }
+    atomic_torch_save(payload, Path(path))
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """``load_state_dict`` whose failure names every tensor that differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape differs: " + "; ".join(shapes[:6]) + (" ..." if len(shapes) > 6 else ""))
+        if missing:
+            parts.append("missing: " + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected[:6]) + (" ..." if len(unexpected) > 6 else ""))
+        raise ConvaeError(f"{source} does not match the model architecture: " + " | ".join(parts))
+    model.load_state_dict(state)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load the raw checkpoint dict; never unpickles arbitrary objects (weights_only=True)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConvaeError(f"checkpoint not found: {p}")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvaeError(f"{p} is not a loadable convae checkpoint (refused by the safe loader: {first[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConvaeError(f"{p} is not a convae checkpoint (no '{FORMAT}' marker)")
+    if payload.get("kind") not in KINDS or "model" not in payload or "config" not in payload:
+        raise ConvaeError(f"{p} is a damaged convae checkpoint (kind, model or config missing)")
+    return payload
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint holds; ``kind`` (if given) must match."""
+    payload = read_checkpoint(path)
+    if kind is not None and payload["kind"] != kind:
+        raise ConvaeError(f"{path} holds a{'n' if payload['kind'][0] in 'aeiou' else ''} {payload['kind']}; "
+                          f"this command needs a{'n' if kind[0] in 'aeiou' else ''} {kind} checkpoint")
+    try:
+        cfg = ModelConfig.from_dict(payload["config"])
+        model = build_model(payload["kind"], cfg)
+    except (TypeError, ValueError) as e:
+        raise ConvaeError(f"{path} has a config that cannot rebuild a model: {e}") from None
+    load_state_strict(model, payload["model"], source=str(path))
+    return model, payload

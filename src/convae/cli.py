@@ -1,0 +1,133 @@
+"""The ``convae`` command: run, pretrain, finetune, evaluate.
+
+Flags have the same names in every command where they apply. A flag left out keeps the
+value of the preset or of ``--config FILE``; user mistakes end with one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .config import INITS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, DEVICES, build_config
+from .errors import ConvaeError
+from .models import UPSAMPLE_MODES
+
+# flag -> argparse keyword arguments; dest is the Config field of the same name
+FLAGS: dict[str, dict[str, Any]] = {
+    "--data": dict(metavar="SRC", help="cifar10, a folder (class folders = labelled) or a .tar/.tar.gz/.zip of one (default: cifar10)"),
+    "--test-data": dict(metavar="SRC", help="evaluate on this source instead of a validation split (cifar10 = its test split)"),
+    "--val-fraction": dict(type=float, metavar="F", help="fraction of --data held out, stratified and seeded (default 0.1)"),
+    "--labels-per-class": dict(type=int, metavar="N", help="fine-tune on only N labelled images per class (pretraining still uses all)"),
+    "--cache-dir": dict(metavar="DIR", help="where downloads, extracted archives and decoded tensors are kept (default ~/.cache/convae)"),
+    "--in-channels": dict(type=int, metavar="C", help="image channels (default 3); images are converted to it"),
+    "--height": dict(type=int, metavar="H", help="image height (default 32); images are resized to it"),
+    "--width": dict(type=int, metavar="W", help="image width (default 32)"),
+    "--channels": dict(type=int, nargs="+", metavar="N", help="conv encoder widths, one per stride-2 stage (default 64 128 128)"),
+    "--latent-dim": dict(type=int, metavar="N", help="size of the latent vector (default 1024)"),
+    "--upsample": dict(choices=UPSAMPLE_MODES, help="decoder upsampling (default bilinear, as the lecture)"),
+    "--pretrain-epochs": dict(type=int, metavar="N", help="autoencoder epochs (seed: 5)"),
+    "--finetune-epochs": dict(type=int, metavar="N", help="classifier epochs (seed: 5)"),
+    "--batch-size": dict(type=int, metavar="N", help="images per step (seed: 2000)"),
+    "--lr": dict(type=float, metavar="LR", help="learning rate (seed: 1e-3)"),
+    "--finetune-lr": dict(type=float, metavar="LR", help="learning rate for fine-tuning (default: --lr)"),
+    "--optimizer": dict(choices=OPTIMIZERS, help="optimizer (seed: adam)"),
+    "--weight-decay": dict(type=float, metavar="WD", help="weight decay (seed: 0)"),
+    "--schedule": dict(choices=SCHEDULES, help="learning-rate schedule, stepped per epoch (seed: none)"),
+    "--step-size": dict(type=int, metavar="N", help="epochs between 10x decays for --schedule step (default 30)"),
+    "--init": dict(choices=INITS, help="classifier encoder: transferred from the autoencoder, or random (default pretrained)"),
+    "--freeze-encoder": dict(action="store_true", help="train only the linear head (linear probe)"),
+    "--precision": dict(choices=PRECISIONS, help="fp32, or bfloat16 autocast (default fp32)"),
+    "--seed": dict(type=int, metavar="N", help="seed for weights, split and batch order (default 0)"),
+    "--device": dict(choices=DEVICES, help="auto picks CUDA when available (default auto)"),
+    "--out": dict(metavar="DIR", help="run folder (default runs/<timestamp>); must be new or empty"),
+}
+
+DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir"]
+MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample"]
+OPTIM = ["--batch-size", "--lr", "--optimizer", "--weight-decay", "--schedule", "--step-size"]
+FINETUNE = ["--finetune-epochs", "--finetune-lr", "--labels-per-class", "--init", "--freeze-encoder"]
+EXEC = ["--precision", "--seed", "--device", "--out"]
+
+COMMANDS: dict[str, tuple[str, list[str]]] = {
+    "run": ("pretrain the autoencoder, transfer its encoder, fine-tune and evaluate (the lecture's pipeline)",
+            DATA + MODEL + ["--pretrain-epochs"] + OPTIM + FINETUNE + EXEC),
+    "pretrain": ("train the autoencoder by reconstruction, without labels",
+                 DATA + MODEL + ["--pretrain-epochs"] + OPTIM + EXEC),
+    "finetune": ("fine-tune a classifier from an autoencoder checkpoint (or from scratch)",
+                 DATA + OPTIM + FINETUNE + EXEC),
+    "evaluate": ("evaluate a classifier checkpoint on a labelled source",
+                 ["--data", "--cache-dir", "--batch-size", "--precision", "--device", "--out"]),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convae",
+        description="Convolutional autoencoders for representation learning: pretrain without labels, "
+                    "look inside, transfer, fine-tune with few labels.",
+    )
+    parser.add_argument("--version", action="version", version=f"convae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, flags) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--preset", default="seed", choices=list(PRESETS),
+                       help="named recipe; seed = the lecture's exact recipe (default seed)")
+        p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys; flags given here win")
+        if name in ("finetune", "evaluate"):
+            p.add_argument("--checkpoint", metavar="CKPT", required=(name == "evaluate"),
+                           help="autoencoder checkpoint to transfer from" if name == "finetune"
+                           else "classifier checkpoint to evaluate")
+        for flag in flags:
+            p.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **FLAGS[flag])
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"command", "preset", "config", "checkpoint"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .train import main as train_main
+
+    cfg = build_config(args.preset, args.config, _overrides(args))
+    phases = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}[args.command]
+    train_main(cfg, phases=phases, checkpoint=getattr(args, "checkpoint", None), log=_log)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import main as evaluate_main
+
+    overrides = _overrides(args)
+    overrides.setdefault("data", "cifar10")
+    cfg = build_config(args.preset, args.config, overrides)
+    evaluate_main(cfg, args.checkpoint, log=_log)
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "run": _run, "pretrain": _run, "finetune": _run, "evaluate": _evaluate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        HANDLERS[args.command](args)
+    except ConvaeError as e:
+        print(f"convae: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("convae: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Run configuration: one dataclass, named presets, file and CLI overrides, validation.
+
+Precedence, lowest first: dataclass defaults < preset < ``--config FILE`` < CLI flags.
+Unknown keys and invalid values are refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConvaeError
+from .models import UPSAMPLE_MODES, ModelConfig
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "step")
+INITS = ("pretrained", "scratch")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class Config:
+    """The full, final configuration of a run; saved as ``config.json`` in the run folder."""
+
+    # data
+    data: str = "cifar10"
+    test_data: str | None = None
+    cache_dir: str = "~/.cache/convae"
+    val_fraction: float = 0.1
+    labels_per_class: int | None = None
+    # model (the seed preset is the lecture's network)
+    in_channels: int = 3
+    height: int = 32
+    width: int = 32
+    channels: tuple[int, ...] = (64, 128, 128)
+    latent_dim: int = 1024
+    upsample: str = "bilinear"
+    # optimisation, shared by both phases unless a finetune_* value is set
+    pretrain_epochs: int = 5
+    finetune_epochs: int = 5
+    batch_size: int = 2000
+    lr: float = 1e-3
+    finetune_lr: float | None = None
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    step_size: int = 30  # epochs between 10x decays with schedule "step"
+    init: str = "pretrained"
+    freeze_encoder: bool = False
+    # execution
+    precision: str = "fp32"
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    preset: str = "seed"
+
+    def model_config(self, num_classes: int = 10) -> ModelConfig:
+        return ModelConfig(
+            in_channels=self.in_channels,
+            height=self.height,
+            width=self.width,
+            channels=tuple(self.channels),
+            latent_dim=self.latent_dim,
+            upsample=self.upsample,
+            num_classes=num_classes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The lecture's exact recipe: 3x32x32, 64-128-128, latent 1024, bilinear, Adam 1e-3,
+    # batch 2000, 5 epochs of MSE pretraining then 5 epochs of cross-entropy fine-tuning.
+    "seed": {},
+    # The lecture's advice taken: train much longer, with a learning-rate schedule.
+    "long": {"pretrain_epochs": 100, "finetune_epochs": 30, "schedule": "cosine", "batch_size": 500},
+}
+
+FIELD_NAMES = {f.name for f in fields(Config)}
+FLOAT_FIELDS = ("lr", "finetune_lr", "weight_decay", "val_fraction")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping; keys may use dashes or underscores."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConvaeError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # a parse error is the user's file, not our bug
+        raise ConvaeError(f"config file {p} could not be parsed: {str(e).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConvaeError(f"config file {p} must hold a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(
+    preset: str = "seed", file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Defaults, then the preset, then the config file, then ``overrides`` (the CLI flags)."""
+    if preset not in PRESETS:
+        raise ConvaeError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    layers = [read_config_file(file)] if file else []
+    layers.append(dict(overrides or {}))
+    for layer in layers:
+        unknown = sorted(set(layer) - FIELD_NAMES)
+        if unknown:
+            raise ConvaeError(f"unknown config key(s): {', '.join(unknown)}")
+        values.update(layer)
+    values["preset"] = preset
+    for name in FLOAT_FIELDS:
+        # YAML 1.1 reads "1e-3" as a string; accept any numeric spelling
+        if isinstance(values.get(name), str):
+            try:
+                values[name] = float(values[name])
+            except ValueError:
+                pass  # left for validate() to refuse with the valid range
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConvaeError(message)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse every invalid value with the valid range in the message."""
+    _check(cfg.in_channels in (1, 3), f"in_channels must be 1 (grey) or 3 (RGB), got {cfg.in_channels!r}")
+    for name in ("pretrain_epochs", "finetune_epochs"):
+        v = getattr(cfg, name)
+        _check(_is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+    for name in ("batch_size", "in_channels", "height", "width", "latent_dim", "step_size"):
+        v = getattr(cfg, name)
+        _check(_is_int(v) and v > 0, f"{name} must be an integer > 0, got {v!r}")
+    for name in ("lr", "finetune_lr"):
+        v = getattr(cfg, name)
+        if v is None and name == "finetune_lr":
+            continue
+        _check(_is_num(v) and v > 0, f"{name} must be a number > 0, got {v!r}")
+    _check(_is_num(cfg.weight_decay) and cfg.weight_decay >= 0,
+           f"weight_decay must be a number >= 0, got {cfg.weight_decay!r}")
+    _check(_is_num(cfg.val_fraction) and 0 < cfg.val_fraction < 1,
+           f"val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
+    if cfg.labels_per_class is not None:
+        _check(_is_int(cfg.labels_per_class) and cfg.labels_per_class > 0,
+               f"labels_per_class must be an integer > 0, got {cfg.labels_per_class!r}")
+    _check(_is_int(cfg.seed) and cfg.seed >= 0, f"seed must be an integer >= 0, got {cfg.seed!r}")
+    _check(isinstance(cfg.freeze_encoder, bool), f"freeze_encoder must be true or false, got {cfg.freeze_encoder!r}")
+    for name, choices in (
+        ("upsample", UPSAMPLE_MODES),
+        ("optimizer", OPTIMIZERS),
+        ("schedule", SCHEDULES),
+        ("init", INITS),
+        ("device", DEVICES),
+        ("precision", PRECISIONS),
+    ):
+        v = getattr(cfg, name)
+        _check(v in choices, f"{name} must be one of {', '.join(choices)}; got {v!r}")
+    _check(isinstance(cfg.data, str) and cfg.data != "", "data must be a source: cifar10, a folder or an archive")
+    ch = cfg.channels
+    _check(isinstance(ch, (list, tuple)) and len(ch) > 0 and all(_is_int(c) and c > 0 for c in ch),
+           f"channels must be a non-empty list of integers > 0, got {ch!r}")
+    cfg.channels = tuple(ch)
+    # every stage halves the size; below 2**stages the deepest feature map would be padding only
+    smallest = 2 ** len(cfg.channels)
+    _check(cfg.height >= smallest and cfg.width >= smallest,
+           f"input size {cfg.height}x{cfg.width} is too small for {len(cfg.channels)} encoder stages: "
+           f"height and width must be >= {smallest}")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -1,0 +1,252 @@
+"""The lecture's convolutional autoencoder, and the classifier that reuses its encoder.
+
+Read top to bottom: config, blocks, encoder, decoder, autoencoder, classifier.
+Shapes are given for the ``seed`` preset (3x32x32 input, widths 64-128-128, latent 1024).
+
+The encoder is one module class shared by construction: ``AutoEncoder.encoder`` and
+``Classifier.encoder`` are both :class:`Encoder`, so transfer is a state-dict copy and
+nothing else (timm's ``forward_features`` / ``reset_classifier`` interface).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+UPSAMPLE_MODES = ("bilinear", "nearest", "transposed", "unpool")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; stored in every checkpoint."""
+
+    in_channels: int = 3
+    height: int = 32
+    width: int = 32
+    channels: tuple[int, ...] = (64, 128, 128)  # conv encoder widths; each stage halves H, W
+    latent_dim: int = 1024
+    upsample: str = "bilinear"  # one of UPSAMPLE_MODES
+    negative_slope: float = 0.1
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+
+    def stage_sizes(self) -> list[tuple[int, int]]:
+        """Spatial size at every depth, input first: 32 -> 16 -> 8 -> 4, or 28 -> 14 -> 7 -> 4."""
+        sizes = [(self.height, self.width)]
+        for _ in self.channels:
+            h, w = sizes[-1]
+            # 3x3 conv, stride 2, padding 1 (and a ceil-mode 2x2 max-pool) give ceil(n / 2)
+            sizes.append(((h + 1) // 2, (w + 1) // 2))
+        return sizes
+
+    @property
+    def flat_dim(self) -> int:
+        """Neurons in the last conv volume: 128 * 4 * 4 = 2048 for the seed model."""
+        h, w = self.stage_sizes()[-1]
+        return self.channels[-1] * h * w
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def _act(cfg: ModelConfig) -> nn.Module:
+    return nn.LeakyReLU(cfg.negative_slope)
+
+
+def _upsampler(mode: str, channels: int, src: tuple[int, int], dst: tuple[int, int]) -> nn.Module:
+    """One 2x spatial step of the decoder, landing exactly on the encoder's size ``dst``."""
+    if mode in ("bilinear", "nearest"):
+        if dst == (2 * src[0], 2 * src[1]):
+            return nn.Upsample(scale_factor=2, mode=mode)  # what the lecture prints
+        return nn.Upsample(size=dst, mode=mode)  # odd sizes: 4 -> 7, not 8
+    if mode == "transposed":
+        # out = 2 * in - 1 + output_padding; the encoder gave ceil(n / 2), so padding is 0 or 1
+        pad = (dst[0] - (2 * src[0] - 1), dst[1] - (2 * src[1] - 1))
+        return nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=pad)
+    raise ValueError(f"unknown upsample mode {mode!r}")
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class Encoder(nn.Module):
+    """Image -> latent vector. x: (B, 3, 32, 32) -> (B, 1024)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        pool = cfg.upsample == "unpool"  # max-unpooling needs the indices of a max-pool encoder
+        layers: list[nn.Module] = []
+        c_in = cfg.in_channels
+        for c in cfg.channels:
+            if pool:
+                layers += [
+                    nn.Conv2d(c_in, c, kernel_size=3, stride=1, padding=1),
+                    _act(cfg),
+                    nn.MaxPool2d(2, ceil_mode=True, return_indices=True),
+                ]
+            else:
+                layers += [nn.Conv2d(c_in, c, kernel_size=3, stride=2, padding=1), _act(cfg)]
+            c_in = c
+        # (B, 3, 32, 32) -> (B, 64, 16, 16) -> (B, 128, 8, 8) -> (B, 128, 4, 4)
+        self.conv = nn.Sequential(*layers)
+        # (B, 2048) -> (B, 1024)
+        self.fc = nn.Sequential(nn.Linear(cfg.flat_dim, cfg.latent_dim), _act(cfg))
+
+    @property
+    def first_conv(self) -> nn.Conv2d:
+        """The layer whose kernels the lecture visualises."""
+        return self.conv[0]
+
+    def forward(self, x: torch.Tensor, return_indices: bool = False):
+        indices = []
+        for layer in self.conv:
+            if isinstance(layer, nn.MaxPool2d):
+                x, idx = layer(x)
+                indices.append(idx)
+            else:
+                x = layer(x)
+        z = self.fc(x.flatten(1))  # flatten in NCHW order, as the lecture's view(-1, 2048)
+        return (z, indices) if return_indices else z
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+class Decoder(nn.Module):
+    """Latent vector -> image of exactly the encoder's input size. (B, 1024) -> (B, 3, 32, 32)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        sizes = cfg.stage_sizes()
+        w = cfg.channels
+        n = len(w)
+        # (B, 1024) -> (B, 2048), reshaped to (B, 128, 4, 4)
+        self.fc = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.flat_dim), _act(cfg))
+        self._volume = (w[-1], *sizes[-1])
+        self._targets = [sizes[n - 1 - k] for k in range(n)]  # output size of each stage
+        layers: list[nn.Module] = []
+        for k in range(n):
+            depth = n - 1 - k  # the encoder stage this decoder stage mirrors
+            c_in, c_out = w[depth], w[max(depth - 1, 0)]
+            if cfg.upsample == "unpool":
+                # unpool first: the indices belong to the encoder's w[depth]-channel volume
+                layers += [nn.MaxUnpool2d(2), nn.Conv2d(c_in, c_out, 3, 1, 1), _act(cfg)]
+            else:
+                layers += [
+                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1),
+                    _act(cfg),
+                    _upsampler(cfg.upsample, c_out, sizes[depth + 1], sizes[depth]),
+                ]
+        # (B, 128, 4, 4) -> (B, 128, 8, 8) -> (B, 64, 16, 16) -> (B, 64, 32, 32) -> (B, 3, 32, 32)
+        layers += [nn.Conv2d(w[0], cfg.in_channels, kernel_size=3, stride=1, padding=1), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, indices: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.fc(z).view(-1, *self._volume)
+        stage = 0
+        for layer in self.conv:
+            if isinstance(layer, nn.MaxUnpool2d):
+                assert indices is not None, "unpool decoder needs the encoder's pooling indices"
+                x = layer(x, indices[-1 - stage], output_size=self._targets[stage])
+                stage += 1
+            else:
+                x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+
+class AutoEncoder(nn.Module):
+    """Encoder + decoder, trained by reconstruction (MSE) without labels."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.upsample == "unpool":
+            z, indices = self.encoder(x, return_indices=True)
+            return self.decoder(z, indices)
+        return self.decoder(self.encoder(x))
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+class Classifier(nn.Module):
+    """The same encoder plus a linear head: (B, 3, 32, 32) -> (B, 1024) -> (B, num_classes)."""
+
+    def __init__(self, cfg: ModelConfig, encoder: Encoder | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = encoder if encoder is not None else Encoder(cfg)
+        self.head = nn.Linear(cfg.latent_dim, cfg.num_classes)
+
+    @classmethod
+    def from_autoencoder(cls, ae: AutoEncoder, num_classes: int) -> "Classifier":
+        """Transfer: a classifier whose encoder is a copy of ``ae.encoder`` (the AE is untouched)."""
+        return cls(replace(ae.config, num_classes=num_classes), encoder=copy.deepcopy(ae.encoder))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def forward_head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh one for ``num_classes`` classes."""
+        self.config = replace(self.config, num_classes=num_classes)
+        self.head = nn.Linear(self.config.latent_dim, num_classes).to(self.head.weight.device)
+
+
+def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
+    """``kind`` is ``"autoencoder"`` or ``"classifier"``."""
+    if kind == "autoencoder":
+        return AutoEncoder(cfg)
+    if kind == "classifier":
+        return Classifier(cfg)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "UPSAMPLE_MODES",
+    "ModelConfig",
+    "Encoder",
+    "Decoder",
+    "AutoEncoder",
+    "Classifier",
+    "build_model",
+    "count_parameters",
+]

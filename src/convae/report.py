@@ -1,0 +1,69 @@
+"""The run folder: config, metrics, results, and the lines a person reads in the terminal."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, save_config
+from .errors import ConvaeError
+
+
+class RunDir:
+    """One run's folder: ``config.json``, ``metrics.jsonl``, ``results.json``, ``checkpoints/``, ``figures/``."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        self.check_free(self.path)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.figures.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def check_free(path: str | Path | None) -> None:
+        """Refuse a folder that already holds files: an earlier run is never overwritten."""
+        if path is None:
+            return
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise ConvaeError(f"--out {p} exists and is not a folder")
+        if p.is_dir() and any(p.iterdir()):
+            raise ConvaeError(f"--out {p} already holds files; choose a new folder")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    def save_config(self, cfg: Config) -> None:
+        save_config(cfg, self.path / "config.json")
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        p = self.path / name
+        p.write_text(json.dumps(obj, indent=2) + "\n")
+        return p
+
+    def write_lines(self, name: str, lines: list[str]) -> Path:
+        p = self.path / name
+        p.write_text("".join(line + "\n" for line in lines))
+        return p
+
+
+def epoch_line(rec: dict[str, Any]) -> str:
+    """One line per epoch and phase, e.g. ``pretrain  epoch 2/5  train_loss 0.021 ...``."""
+    parts = [f"{rec['phase']:<8}", f"epoch {rec['epoch']}/{rec['epochs']}", f"train_loss {rec['train_loss']:.6f}"]
+    if "val_loss" in rec:
+        parts.append(f"val_loss {rec['val_loss']:.6f}")
+    if "val_accuracy" in rec:
+        parts.append(f"val_acc {100 * rec['val_accuracy']:.2f}%")
+    parts.append(f"{rec['seconds']:.1f}s")
+    parts.append(f"{rec['images_per_s']:.0f} img/s")
+    return "  ".join(parts)

@@ -1,0 +1,190 @@
+"""The CLI end to end, as a user runs it, on tiny generated data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_image_folder
+from convae.cli import main
+
+SMALL = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32",
+         "--batch-size", "8", "--val-fraction", "0.2", "--device", "cpu"]
+PRETRAIN = SMALL + ["--pretrain-epochs", "2"]
+TINY = PRETRAIN + ["--finetune-epochs", "3"]
+
+FIGURES = {"pretrain_loss.png", "finetune_loss.png", "finetune_accuracy.png", "kernels_initial.png",
+           "kernels_pretrained.png", "kernels_pretrain_delta.png", "kernels_finetuned.png",
+           "kernels_finetune_delta.png", "reconstructions.png", "confusion_matrix.png"}
+
+
+def _png_ok(path):
+    with Image.open(path) as im:
+        im.load()
+        return im.size[0] > 50 and im.size[1] > 50
+
+
+def test_run_writes_the_whole_run_folder(image_folder, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)] + TINY) == 0
+    printed = capsys.readouterr().out
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["batch_size"] == 8 and cfg["channels"] == [8, 16] and cfg["data"] == str(image_folder)
+    assert cfg["out"] == str(out) and cfg["preset"] == "seed"
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in lines] == [("pretrain", 1), ("pretrain", 2),
+                                                         ("finetune", 1), ("finetune", 2), ("finetune", 3)]
+    for r in lines:
+        assert {"train_loss", "seconds", "images_per_s", "val_loss"} <= set(r)
+        assert r["train_loss"] > 0 and r["seconds"] > 0 and r["images_per_s"] > 0
+    assert all("val_accuracy" in r for r in lines if r["phase"] == "finetune")
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == ["class_0", "class_1", "class_2"]
+    assert results["num_images"] == 6 and sum(map(sum, results["confusion_matrix"])) == 6
+    assert results["accuracy"] == lines[-1]["val_accuracy"]
+    assert set(results["per_class"]) == set(results["classes"])
+
+    for name, kind in (("autoencoder", "autoencoder"), ("classifier", "classifier")):
+        ckpt = torch.load(out / "checkpoints" / f"{name}.pt", weights_only=True)
+        assert ckpt["kind"] == kind and ckpt["config"]["channels"] == [8, 16] and "model" in ckpt
+
+    # the classifier's encoder is the autoencoder's encoder, tensor for tensor
+    ae = torch.load(out / "checkpoints" / "autoencoder.pt", weights_only=True)["model"]
+    clf = torch.load(out / "checkpoints" / "classifier.pt", weights_only=True)["model"]
+    assert set(k for k in clf if k.startswith("encoder.")) == set(k for k in ae if k.startswith("encoder."))
+
+    assert {p.name for p in (out / "figures").iterdir()} == FIGURES
+    assert all(_png_ok(out / "figures" / f) for f in FIGURES)
+
+    assert "pretrain  epoch 1/2" in printed and "finetune  epoch 3/3" in printed
+    assert "class_2" in printed and "overall" in printed
+
+
+def test_frozen_encoder_keeps_the_pretrained_weights(image_folder, cache_dir, tmp_path):
+    out = tmp_path / "probe"
+    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out),
+                 "--freeze-encoder"] + TINY) == 0
+    ae = torch.load(out / "checkpoints" / "autoencoder.pt", weights_only=True)["model"]
+    clf = torch.load(out / "checkpoints" / "classifier.pt", weights_only=True)["model"]
+    for k, v in clf.items():
+        if k.startswith("encoder."):
+            assert torch.equal(v, ae[k]), k  # the classifier's encoder IS the autoencoder's
+
+
+def test_pretrain_then_finetune_then_evaluate(image_folder, cache_dir, tmp_path, capsys):
+    common = ["--cache-dir", str(cache_dir)]
+    assert main(["pretrain", "--data", str(image_folder), "--out", str(tmp_path / "pre")] + common + SMALL
+                + ["--pretrain-epochs", "1"]) == 0
+    ae = tmp_path / "pre" / "checkpoints" / "autoencoder.pt"
+    assert ae.is_file() and not (tmp_path / "pre" / "checkpoints" / "classifier.pt").exists()
+    assert not (tmp_path / "pre" / "results.json").exists()
+
+    assert main(["finetune", "--checkpoint", str(ae), "--data", str(image_folder), "--out", str(tmp_path / "ft"),
+                 "--finetune-epochs", "2", "--batch-size", "8", "--labels-per-class", "4", "--device", "cpu"]
+                + common) == 0
+    ft_cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert ft_cfg["channels"] == [8, 16] and ft_cfg["height"] == 16  # the model came from the checkpoint
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert results["labelled_images"] == 12
+
+    clf = tmp_path / "ft" / "checkpoints" / "classifier.pt"
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(clf), "--data", str(image_folder), "--out", str(tmp_path / "ev")]
+                + common) == 0
+    ev = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert ev["num_images"] == 30 and (tmp_path / "ev" / "figures" / "confusion_matrix.png").is_file()
+    assert "overall" in capsys.readouterr().out
+
+
+def test_scratch_init_skips_pretraining(image_folder, cache_dir, tmp_path):
+    out = tmp_path / "scratch"
+    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out),
+                 "--init", "scratch"] + TINY) == 0
+    assert not (out / "checkpoints" / "autoencoder.pt").exists()
+    phases = {json.loads(x)["phase"] for x in (out / "metrics.jsonl").read_text().splitlines()}
+    assert phases == {"finetune"}
+
+
+def test_seeded_cpu_runs_repeat_exactly(image_folder, cache_dir, tmp_path):
+    args = ["run", "--data", str(image_folder), "--cache-dir", str(cache_dir)] + TINY
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    a = torch.load(tmp_path / "a" / "checkpoints" / "classifier.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "classifier.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--data", "/no/such/folder"], "data source not found: /no/such/folder"),
+    (["run", "--batch-size", "0"], "batch_size must be an integer > 0"),
+    (["run", "--val-fraction", "1.5"], r"val_fraction must be in (0, 1)"),
+    (["finetune", "--data", "DATA"], "needs --checkpoint AE.pt"),
+    (["evaluate", "--checkpoint", "/no/such.pt", "--data", "DATA"], "checkpoint not found"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(args, message, image_folder, cache_dir, capsys):
+    args = [str(image_folder) if a == "DATA" else a for a in args] + ["--cache-dir", str(cache_dir)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("convae: error: ") and message in err
+
+
+def test_unlabelled_data_cannot_be_fine_tuned(tmp_path, cache_dir, capsys):
+    root = make_image_folder(tmp_path / "u", labelled=False)
+    assert main(["run", "--data", str(root), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "r")] + TINY) == 2
+    assert "fine-tuning needs labelled data" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    # ... but pretraining on it is fine
+    assert main(["pretrain", "--data", str(root), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "p")]
+                + PRETRAIN) == 0
+
+
+def test_an_existing_run_is_never_overwritten(image_folder, cache_dir, tmp_path, capsys):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)] + TINY) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_checkpoint_of_another_architecture(image_folder, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)]
+                + PRETRAIN) == 0
+    path = out / "checkpoints" / "autoencoder.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["config"]["channels"] = [8, 32]
+    torch.save(ck, path)
+    capsys.readouterr()
+    assert main(["finetune", "--checkpoint", str(path), "--data", str(image_folder), "--cache-dir", str(cache_dir),
+                 "--out", str(tmp_path / "ft")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the model architecture" in err and "encoder.conv.2.weight" in err
+
+
+def test_console_script_end_to_end(image_folder, cache_dir, tmp_path):
+    """The installed command, in a real process: help, version, a run and a user mistake."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    exe = [sys.executable, "-m", "convae"]
+    version = subprocess.run(exe + ["--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout.startswith("convae ")
+    for cmd in ("run", "pretrain", "finetune", "evaluate"):
+        h = subprocess.run(exe + [cmd, "--help"], capture_output=True, text=True, env=env)
+        assert h.returncode == 0 and "--preset" in h.stdout and "--config" in h.stdout
+    out = tmp_path / "cli"
+    done = subprocess.run(exe + ["run", "--data", str(image_folder), "--cache-dir", str(cache_dir),
+                                 "--out", str(out)] + TINY, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (out / "results.json").is_file() and "per-class accuracy" in done.stdout
+    bad = subprocess.run(exe + ["run", "--data", str(tmp_path / "missing"), "--cache-dir", str(cache_dir)],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [f"convae: error: data source not found: {tmp_path / 'missing'} "
+                                               "(expected cifar10, a folder or an archive)"]

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from convae.config import PRESETS, Config, build_config
+from convae.errors import ConvaeError
+
+
+def test_seed_preset_is_the_lecture_recipe():
+    cfg = build_config("seed")
+    assert (cfg.pretrain_epochs, cfg.finetune_epochs, cfg.batch_size, cfg.lr) == (5, 5, 2000, 1e-3)
+    assert (cfg.optimizer, cfg.schedule, cfg.upsample) == ("adam", "none", "bilinear")
+    assert cfg.channels == (64, 128, 128) and cfg.latent_dim == 1024 and (cfg.height, cfg.width) == (32, 32)
+
+
+def test_precedence_defaults_preset_file_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("batch-size: 64\nlr: 1e-2\nfinetune_epochs: 3\n")
+    cfg = build_config("long", f, {"batch_size": 32})
+    assert cfg.batch_size == 32  # flag beats file
+    assert cfg.lr == 0.01  # file beats default; YAML's "1e-2" string is read as a number
+    assert cfg.finetune_epochs == 3  # file beats preset
+    assert cfg.pretrain_epochs == PRESETS["long"]["pretrain_epochs"]  # preset beats default
+
+
+def test_json_config_file(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"channels": [8, 16], "upsample": "nearest"}))
+    cfg = build_config("seed", f)
+    assert cfg.channels == (8, 16) and cfg.upsample == "nearest"
+
+
+@pytest.mark.parametrize("content, match", [
+    ("bogus: 1\n", "unknown config key"),
+    ("- a list\n", "mapping"),
+    ("lr: [\n", "could not be parsed"),
+])
+def test_bad_config_files(tmp_path, content, match):
+    f = tmp_path / "c.yaml"
+    f.write_text(content)
+    with pytest.raises(ConvaeError, match=match):
+        build_config("seed", f)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"pretrain_epochs": -1}, "pretrain_epochs must be an integer >= 0"),
+    ({"batch_size": 0}, "batch_size must be an integer > 0"),
+    ({"lr": 0}, "lr must be a number > 0"),
+    ({"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
+    ({"val_fraction": 0}, r"val_fraction must be in \(0, 1\)"),
+    ({"labels_per_class": 0}, "labels_per_class must be an integer > 0"),
+    ({"upsample": "cubic"}, "upsample must be one of bilinear, nearest, transposed, unpool"),
+    ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+    ({"height": 4}, "too small for 3 encoder stages: height and width must be >= 8"),
+    ({"channels": []}, "channels must be a non-empty list"),
+    ({"nonsense": 1}, "unknown config key"),
+])
+def test_invalid_values_are_refused_with_the_valid_range(overrides, match):
+    with pytest.raises(ConvaeError, match=match):
+        build_config("seed", None, overrides)
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ConvaeError, match="unknown preset 'nope'; choose one of: seed"):
+        build_config("nope")
+    with pytest.raises(ConvaeError, match="config file not found"):
+        build_config("seed", tmp_path / "none.yaml")
+
+
+def test_config_round_trips_through_json():
+    cfg = build_config("seed", None, {"channels": [8, 16, 16]})
+    again = build_config("seed", None, {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items()
+                                         if k != "preset"})
+    assert again == cfg and isinstance(cfg, Config)

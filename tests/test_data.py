@@ -1,0 +1,241 @@
+import io
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_image_folder
+from convae import data as data_mod
+from convae.data import DeviceBatches, load_source, per_class_subset, split_indices
+from convae.errors import ConvaeError
+
+
+def test_labelled_folder(image_folder, cache_dir):
+    ds = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert ds.images.shape == (30, 3, 16, 16) and ds.images.dtype == torch.uint8
+    assert ds.classes == ["class_0", "class_1", "class_2"]
+    assert torch.bincount(ds.labels).tolist() == [10, 10, 10]
+    # the red class is red: the decode kept colours and channel order
+    red = ds.images[ds.labels == 0].float().mean((0, 2, 3))
+    assert red[0] > 150 and red[1] < 100 and red[2] < 100
+
+
+def test_unlabelled_folder(tmp_path, cache_dir):
+    root = make_image_folder(tmp_path / "u", classes=2, per_class=5, labelled=False)
+    ds = load_source(str(root), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert len(ds) == 10 and ds.labels is None and not ds.labelled
+
+
+def test_images_are_converted_to_the_configured_format(tmp_path, cache_dir):
+    root = tmp_path / "mixed" / "a"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8), "L").save(root / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 4), dtype=np.uint8), "RGBA").save(root / "alpha.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).convert("P").save(root / "palette.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "big.jpg")
+    Image.fromarray(rng.integers(0, 65535, (16, 16), dtype=np.uint16)).save(root / "deep.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "bitmap.bmp")
+    logs = []
+    ds = load_source(str(tmp_path / "mixed"), 3, 16, 16, cache_dir, log=logs.append)
+    assert ds.images.shape == (6, 3, 16, 16)
+    assert any("resized 2" in m for m in logs), logs
+    gray = ds.images[ds.files.index("a/gray.png")]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    ds1 = load_source(str(tmp_path / "mixed"), 1, 8, 8, cache_dir, log=lambda m: None)
+    assert ds1.images.shape == (6, 1, 8, 8)
+
+
+def test_corrupt_files_are_skipped_and_listed(image_folder, cache_dir):
+    (image_folder / "class_0" / "broken.png").write_bytes(b"not an image at all")
+    (image_folder / "class_1" / "empty.jpg").write_bytes(b"")
+    ds = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert len(ds) == 30
+    assert sorted(s.split(":")[0] for s in ds.skipped) == ["class_0/broken.png", "class_1/empty.jpg"]
+
+
+def test_empty_or_missing_folders_are_clear_errors(tmp_path, cache_dir):
+    with pytest.raises(ConvaeError, match="not found"):
+        load_source(str(tmp_path / "nope"), cache_dir=cache_dir)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ConvaeError, match="no images"):
+        load_source(str(tmp_path / "empty"), cache_dir=cache_dir)
+
+
+def test_decoded_tensor_is_cached(image_folder, cache_dir, monkeypatch):
+    first = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
+
+    def boom(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data_mod, "decode_file", boom)
+    second = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    # a changed folder is a new cache key
+    (image_folder / "class_0" / "img_0_000.png").unlink()
+    monkeypatch.undo()
+    assert len(load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)) == 29
+
+
+def _tar(src_root: Path, out: Path, arcname: str) -> Path:
+    with tarfile.open(out, "w:gz") as tf:
+        tf.add(src_root, arcname=arcname)
+    return out
+
+
+def test_tar_gz_with_a_single_top_folder(tmp_path, image_folder, cache_dir):
+    archive = _tar(image_folder, tmp_path / "d.tar.gz", "train")  # like the CIFAR-10 archive: train/<class>/
+    ds = load_source(str(archive), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert len(ds) == 30 and ds.classes == ["class_0", "class_1", "class_2"]
+    # extracted once, keyed by content
+    assert len(list((cache_dir / "extracted").iterdir())) == 1
+
+
+def test_zip_archive(tmp_path, image_folder, cache_dir):
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(image_folder.rglob("*.png")):
+            zf.write(f, f.relative_to(image_folder))
+    ds = load_source(str(archive), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert len(ds) == 30 and ds.labelled
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "/abs/evil.png", "a/../../evil.png"])
+def test_tar_members_outside_the_target_are_refused(tmp_path, cache_dir, name):
+    archive = tmp_path / "bad.tar"
+    payload = _png_bytes()
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ConvaeError, match="refused"):
+        load_source(str(archive), cache_dir=cache_dir)
+    assert not (tmp_path / "evil.png").exists()
+
+
+def test_tar_links_are_refused(tmp_path, cache_dir):
+    archive = tmp_path / "link.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("cls/link.png")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tf.addfile(info)
+    with pytest.raises(ConvaeError, match="not a regular file"):
+        load_source(str(archive), cache_dir=cache_dir)
+
+
+def test_zip_traversal_is_refused(tmp_path, cache_dir):
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../evil.png", _png_bytes())
+    with pytest.raises(ConvaeError, match="outside"):
+        load_source(str(archive), cache_dir=cache_dir)
+
+
+def test_offline_cifar10_is_one_clear_error(cache_dir, monkeypatch):
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, *a, **k):
+            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(ConvaeError, match="could not download CIFAR-10.*--data PATH"):
+        load_source("cifar10", cache_dir=cache_dir)
+
+
+def test_cifar10_arrays_become_nchw(cache_dir, monkeypatch):
+    import torchvision.datasets
+
+    class Fake:
+        classes = ["a", "b"]
+
+        def __init__(self, root, train, download):
+            self.data = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+            self.data[:, :, :, 0] = 255  # red
+            self.targets = [0, 1, 0, 1]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Fake)
+    ds = load_source("cifar10", cache_dir=cache_dir)
+    assert ds.images.shape == (4, 3, 32, 32) and ds.images[:, 0].min() == 255 and ds.images[:, 1].max() == 0
+    assert ds.labels.tolist() == [0, 1, 0, 1]
+
+
+def test_split_is_stratified_disjoint_covering_and_seeded():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    tr, va = split_indices(labels, 100, 0.1, seed=3)
+    assert torch.bincount(labels[va]).tolist() == [5, 3, 2]
+    assert set(tr.tolist()).isdisjoint(va.tolist()) and len(tr) + len(va) == 100
+    tr2, va2 = split_indices(labels, 100, 0.1, seed=3)
+    assert torch.equal(va, va2) and torch.equal(tr, tr2)
+    _, va3 = split_indices(labels, 100, 0.1, seed=4)
+    assert not torch.equal(va, va3)
+
+
+def test_tiny_classes_keep_an_image_on_both_sides():
+    labels = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+    tr, va = split_indices(labels, 10, 0.1, seed=0)
+    assert 0 in labels[va].tolist() and 0 in labels[tr].tolist()
+
+
+def test_unlabelled_split():
+    tr, va = split_indices(None, 50, 0.2, seed=0)
+    assert len(va) == 10 and len(set(tr.tolist()) | set(va.tolist())) == 50
+
+
+def test_per_class_subset():
+    labels = torch.tensor([0] * 10 + [1] * 3)
+    keep = per_class_subset(labels, torch.arange(13), 4, seed=0)
+    assert torch.bincount(labels[keep]).tolist() == [4, 3]
+
+
+def test_device_batches_cover_every_image_once_per_epoch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    labels = torch.arange(10)
+    b = DeviceBatches(images, labels, batch_size=4, shuffle=True, seed=1)
+    b.set_epoch(1)
+    seen = [(x, y) for x, y in b]
+    assert [len(y) for _, y in seen] == [4, 4, 2] and len(b) == 3
+    ys = torch.cat([y for _, y in seen])
+    assert sorted(ys.tolist()) == list(range(10))
+    xs = torch.cat([x for x, _ in seen])
+    torch.testing.assert_close(xs[:, 0, 0, 0], ys.float() / 255)  # images travel with their labels
+    b.set_epoch(1)
+    assert torch.equal(torch.cat([y for _, y in b]), ys)  # the same epoch replays
+    b.set_epoch(2)
+    assert not torch.equal(torch.cat([y for _, y in b]), ys)
+
+
+def test_a_slice_of_the_shared_cifar10_archive(tmp_path):
+    from conftest import SHARED_ARCHIVE
+
+    if not SHARED_ARCHIVE.is_file():
+        pytest.skip("the shared CIFAR-10 archive is not beside this checkout")
+    # a small slice: the first 20 images of two classes, repacked
+    root = tmp_path / "slice"
+    with tarfile.open(SHARED_ARCHIVE) as tf:
+        wanted = {}
+        for m in tf:
+            parts = m.name.split("/")
+            if m.isfile() and len(parts) == 3 and parts[1] in ("cat", "ship") and wanted.get(parts[1], 0) < 20:
+                wanted[parts[1]] = wanted.get(parts[1], 0) + 1
+                out = root / parts[1] / parts[2]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(tf.extractfile(m).read())
+            if sum(wanted.values()) == 40:
+                break
+    ds = load_source(str(root), 3, 32, 32, tmp_path / "cache", log=lambda m: None)
+    assert ds.images.shape == (40, 3, 32, 32) and ds.classes == ["cat", "ship"]
+    assert 20 < ds.images.float().mean() < 235  # real photos, not blank
+    shutil.rmtree(root)
