@@ -51,6 +51,7 @@ class Config:
     init: str = "pretrained"
     freeze_encoder: bool = False
     # execution
+    micro_batch: int = 0  # images per forward/backward chunk; 0 = auto (200 on CPU, whole batch on GPU)
     precision: str = "fp32"
     seed: int = 0
     device: str = "auto"
@@ -169,6 +170,8 @@ def validate(cfg: Config) -> None:
     if cfg.labels_per_class is not None:
         _check(_is_int(cfg.labels_per_class) and cfg.labels_per_class > 0,
                f"labels_per_class must be an integer > 0, got {cfg.labels_per_class!r}")
+    _check(_is_int(cfg.micro_batch) and cfg.micro_batch >= 0,
+           f"micro_batch must be an integer >= 0 (0 = auto), got {cfg.micro_batch!r}")
     _check(_is_int(cfg.seed) and cfg.seed >= 0, f"seed must be an integer >= 0, got {cfg.seed!r}")
     _check(isinstance(cfg.freeze_encoder, bool), f"freeze_encoder must be true or false, got {cfg.freeze_encoder!r}")
     for name, choices in (

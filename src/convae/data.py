@@ -27,7 +27,7 @@ from .errors import ConvaeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
-CACHE_VERSION = 1  # bump when the cached tensor's meaning changes
+CACHE_VERSION = 2  # bump when the cached tensor's meaning changes
 
 Log = Callable[[str], None]
 

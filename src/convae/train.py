@@ -49,6 +49,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, epochs: int):
     return None
 
 
+def micro_batch_size(cfg: Config, device: torch.device) -> int | None:
+    """``cfg.micro_batch`` or, when 0 (auto), 200 images on the CPU and the whole batch on a GPU.
+
+    200 was the fastest chunk for the seed model on a 2-core AVX-512 CPU (BENCHMARKS.md).
+    """
+    if cfg.micro_batch:
+        return cfg.micro_batch
+    return 200 if device.type == "cpu" else None
+
+
 def reconstruction_loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return F.mse_loss(out.float(), x)
 
@@ -64,21 +74,32 @@ def train_one_epoch(
     loss_fn: LossFn,
     precision: str = "fp32",
     desc: str = "train",
+    micro_batch: int | None = None,
 ) -> float:
-    """One pass over ``batches``; returns the mean loss per image over all images."""
+    """One pass over ``batches``; returns the mean loss per image over all images.
+
+    With ``micro_batch`` each batch's gradient is accumulated over chunks of that many
+    images before the one optimizer step: the same update as the whole batch (up to float
+    rounding), but the activations of a chunk stay in the CPU's caches.
+    """
     from tqdm.auto import tqdm
 
     model.train()
     device = batches.images.device
     total = torch.zeros((), device=device, dtype=torch.float64)  # summed on the device: no sync per step
     for x, y in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
-        with autocast(device, precision):
-            out = model(x)
-        loss = loss_fn(out, x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        n = x.shape[0]
+        step = micro_batch if micro_batch and micro_batch < n else n
+        for i in range(0, n, step):
+            xc = x[i : i + step]
+            yc = None if y is None else y[i : i + step]
+            with autocast(device, precision):
+                out = model(xc)
+            loss = loss_fn(out, xc, yc)
+            (loss * (xc.shape[0] / n)).backward()
+            total += loss.detach().double() * xc.shape[0]
         optimizer.step()
-        total += loss.detach().double() * x.shape[0]
     return float(total) / batches.num_images
 
 
@@ -102,7 +123,8 @@ def fit(
         batches.set_epoch(epoch)
         current_lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        train_loss = train_one_epoch(model, batches, optimizer, loss_fn, cfg.precision, f"{phase} {epoch}/{epochs}")
+        train_loss = train_one_epoch(model, batches, optimizer, loss_fn, cfg.precision, f"{phase} {epoch}/{epochs}",
+                                     micro_batch_size(cfg, batches.images.device))
         seconds = time.perf_counter() - start
         if scheduler is not None:
             scheduler.step()

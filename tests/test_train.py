@@ -1,0 +1,57 @@
+import copy
+
+import pytest
+import torch
+
+from convae.config import build_config
+from convae.data import DeviceBatches
+from convae.models import AutoEncoder, Classifier, ModelConfig
+from convae.train import classification_loss, make_scheduler, micro_batch_size, reconstruction_loss, train_one_epoch
+
+SMALL = ModelConfig(channels=(8, 16, 16), latent_dim=32, num_classes=3)
+
+
+def test_micro_batches_give_the_whole_batch_update():
+    torch.manual_seed(0)
+    a = AutoEncoder(SMALL)
+    b = copy.deepcopy(a)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    la = train_one_epoch(a, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(a.parameters(), 0.5),
+                         reconstruction_loss)
+    lb = train_one_epoch(b, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(b.parameters(), 0.5),
+                         reconstruction_loss, micro_batch=7)
+    assert la == pytest.approx(lb, rel=1e-6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    clf = Classifier(SMALL)
+    images = torch.zeros(60, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.arange(60) % 3
+    for k in range(3):
+        images[labels == k, k] = 200  # class k is bright in channel k
+    batches = DeviceBatches(images, labels, 20, True, 0)
+    opt = torch.optim.Adam(clf.parameters(), 1e-3)
+    losses = []
+    for epoch in range(10):
+        batches.set_epoch(epoch)
+        losses.append(train_one_epoch(clf, batches, opt, classification_loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_micro_batch_auto_and_schedules():
+    cfg = build_config("seed")
+    assert micro_batch_size(cfg, torch.device("cpu")) == 200
+    assert micro_batch_size(cfg, torch.device("cuda")) is None
+    cfg.micro_batch = 64
+    assert micro_batch_size(cfg, torch.device("cuda")) == 64
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    assert make_scheduler(opt, cfg, 5) is None
+    cfg.schedule = "cosine"
+    sched = make_scheduler(opt, cfg, 4)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
