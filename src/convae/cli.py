@@ -39,6 +39,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--step-size": dict(type=int, metavar="N", help="epochs between 10x decays for --schedule step (default 30)"),
     "--init": dict(choices=INITS, help="classifier encoder: transferred from the autoencoder, or random (default pretrained)"),
     "--freeze-encoder": dict(action="store_true", help="train only the linear head (linear probe)"),
+    "--micro-batch": dict(type=int, metavar="N", help="accumulate each batch's gradient over chunks of N images "
+                          "(same update, faster on CPU); 0 = auto: 200 on CPU, whole batch on GPU"),
     "--precision": dict(choices=PRECISIONS, help="fp32, or bfloat16 autocast (default fp32)"),
     "--seed": dict(type=int, metavar="N", help="seed for weights, split and batch order (default 0)"),
     "--device": dict(choices=DEVICES, help="auto picks CUDA when available (default auto)"),
@@ -49,7 +51,7 @@ DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir"]
 MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample"]
 OPTIM = ["--batch-size", "--lr", "--optimizer", "--weight-decay", "--schedule", "--step-size"]
 FINETUNE = ["--finetune-epochs", "--finetune-lr", "--labels-per-class", "--init", "--freeze-encoder"]
-EXEC = ["--precision", "--seed", "--device", "--out"]
+EXEC = ["--micro-batch", "--precision", "--seed", "--device", "--out"]
 
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "run": ("pretrain the autoencoder, transfer its encoder, fine-tune and evaluate (the lecture's pipeline)",
@@ -61,6 +63,25 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
     "evaluate": ("evaluate a classifier checkpoint on a labelled source",
                  ["--data", "--cache-dir", "--batch-size", "--precision", "--device", "--out"]),
 }
+
+
+def _add_tool_commands(sub) -> None:
+    """Commands that work on a trained checkpoint rather than a config: export, predict."""
+    from .export import FORMATS, PARTS
+
+    e = sub.add_parser("export", help="write a trained part to ONNX, TorchScript or safetensors",
+                       description="write a trained part to ONNX (dynamic batch), TorchScript or safetensors")
+    e.add_argument("--checkpoint", metavar="CKPT", required=True, help="autoencoder or classifier checkpoint")
+    e.add_argument("--format", required=True, choices=FORMATS)
+    e.add_argument("--part", default="encoder", choices=PARTS, help="which part (default encoder)")
+    e.add_argument("--out", metavar="FILE", required=True, help="file to write (must not exist)")
+    p = sub.add_parser("predict", help="class and probabilities for images, preprocessed as in training",
+                       description="class and probabilities for images, preprocessed as in training")
+    p.add_argument("--checkpoint", metavar="CKPT", required=True, help="classifier checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto picks CUDA when available")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass (default 256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                            else "classifier checkpoint to evaluate")
         for flag in flags:
             p.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **FLAGS[flag])
+    _add_tool_commands(sub)
     return parser
 
 
@@ -111,8 +133,25 @@ def _evaluate(args: argparse.Namespace) -> None:
     evaluate_main(cfg, args.checkpoint, log=_log)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .export import export
+
+    out = export(args.checkpoint, args.format, args.part, args.out)
+    _log(f"wrote {args.part} as {args.format}: {out}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .predict import format_predictions, predict
+
+    if args.batch_size <= 0:
+        raise ConvaeError(f"batch_size must be an integer > 0, got {args.batch_size}")
+    rows = predict(args.checkpoint, args.images, args.device, args.batch_size,
+                   warn=lambda m: print(f"convae: warning: {m}", file=sys.stderr, flush=True))
+    _log(format_predictions(rows, as_json=args.json))
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "run": _run, "pretrain": _run, "finetune": _run, "evaluate": _evaluate,
+    "run": _run, "pretrain": _run, "finetune": _run, "evaluate": _evaluate, "export": _export, "predict": _predict,
 }
 
 

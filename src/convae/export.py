@@ -1,0 +1,125 @@
+"""Export a trained part (encoder, classifier, autoencoder) to ONNX, TorchScript or safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .errors import ConvaeError
+from .models import AutoEncoder, Classifier, Encoder, ModelConfig
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+PARTS = ("encoder", "classifier", "autoencoder")
+SAFETENSORS_MARKER = "convae"
+
+
+def select_part(model: nn.Module, part: str, source: str = "checkpoint") -> nn.Module:
+    """The ``part`` of a loaded AutoEncoder or Classifier; the encoder is in both."""
+    if part == "encoder":
+        return model.encoder
+    if part == "classifier" and isinstance(model, Classifier):
+        return model
+    if part == "autoencoder" and isinstance(model, AutoEncoder):
+        return model
+    have = "autoencoder" if isinstance(model, AutoEncoder) else "classifier"
+    raise ConvaeError(f"{source} holds a{'n' if have[0] == 'a' else ''} {have}: it has no {part} part "
+                      f"(choose --part encoder or --part {have})")
+
+
+def _example_input(cfg: ModelConfig, batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, cfg.in_channels, cfg.height, cfg.width)
+
+
+def _output_name(part: str) -> str:
+    return {"encoder": "features", "classifier": "logits", "autoencoder": "reconstruction"}[part]
+
+
+def export_onnx(module: nn.Module, cfg: ModelConfig, part: str, out: Path) -> None:
+    """ONNX with a dynamic batch axis (input ``images``, N x C x H x W in [0, 1])."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401  (the exporter translates through it)
+    except ImportError:
+        raise ConvaeError("ONNX export needs onnx and onnxscript: pip install 'convae[export]'") from None
+    module = module.eval()
+    # torch.export-based exporter: it also covers max-unpooling, which the TorchScript one does not
+    torch.onnx.export(
+        module,
+        (_example_input(cfg),),
+        str(out),
+        input_names=["images"],
+        output_names=[_output_name(part)],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        opset_version=18,
+        dynamo=True,
+        verbose=False,
+    )
+
+
+def export_torchscript(module: nn.Module, cfg: ModelConfig, out: Path) -> None:
+    """A traced TorchScript module; ``torch.jit.load`` needs no convae."""
+    module = module.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(module, _example_input(cfg), check_trace=False)
+    traced.save(str(out))
+
+
+def export_safetensors(module: nn.Module, cfg: ModelConfig, part: str, out: Path, classes: list[str]) -> None:
+    """Weights plus the config (in the metadata) that rebuilds the part with :func:`convae.load`."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ConvaeError("safetensors export needs the safetensors package: pip install 'convae[export]'") from None
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    meta = {"format": SAFETENSORS_MARKER, "part": part, "config": json.dumps(cfg.to_dict()),
+            "classes": json.dumps(classes)}
+    save_file(state, str(out), metadata=meta)
+
+
+def load_safetensors(path: str | Path) -> nn.Module:
+    """Rebuild the part a convae safetensors file holds (its ``config`` is attached)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .checkpoint import load_state_strict
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged file is the user's input
+        raise ConvaeError(f"{path} is not a readable safetensors file: {e}") from None
+    if meta.get("format") != SAFETENSORS_MARKER or meta.get("part") not in PARTS:
+        raise ConvaeError(f"{path} is not a convae safetensors export (no convae metadata)")
+    cfg = ModelConfig.from_dict(json.loads(meta["config"]))
+    part = meta["part"]
+    model: nn.Module = {"encoder": Encoder, "classifier": Classifier, "autoencoder": AutoEncoder}[part](cfg)
+    load_state_strict(model, state, source=str(path))
+    model.classes = json.loads(meta.get("classes", "[]"))
+    return model.eval()
+
+
+def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path) -> Path:
+    """``convae export``: write ``part`` of ``checkpoint`` to ``out`` in ``fmt``."""
+    if fmt not in FORMATS:
+        raise ConvaeError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if part not in PARTS:
+        raise ConvaeError(f"--part must be one of {', '.join(PARTS)}; got {part!r}")
+    model, payload = load_checkpoint(checkpoint)
+    module = select_part(model, part, str(checkpoint))
+    out = Path(out)
+    if out.exists():
+        raise ConvaeError(f"--out {out} already exists; choose a new file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    if fmt == "onnx":
+        export_onnx(module, cfg, part, out)
+    elif fmt == "torchscript":
+        export_torchscript(module, cfg, out)
+    else:
+        export_safetensors(module, cfg, part, out, payload.get("classes", []))
+    return out

@@ -1,0 +1,75 @@
+"""``convae predict``: class and probabilities for image files, preprocessed as in training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .data import _is_image, convert_images, decode_file
+from .device import resolve_device
+from .errors import ConvaeError
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    """Files as given, and every image under each folder (sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _is_image(f))
+            if not found:
+                raise ConvaeError(f"no images found in {p}")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConvaeError(f"image or folder not found: {p}")
+    return files
+
+
+def predict(checkpoint: str | Path, paths: list[str], device: str = "auto", batch_size: int = 256,
+            warn: Callable[[str], None] = print) -> list[dict]:
+    """One dict per readable image: ``file``, ``class``, ``probability`` and ``probabilities`` per class."""
+    clf, payload = load_checkpoint(checkpoint, kind="classifier")
+    cfg = clf.config
+    classes = payload.get("classes") or [str(i) for i in range(cfg.num_classes)]
+    dev = resolve_device(device)
+    clf = clf.to(dev, memory_format=torch.channels_last).eval()
+    images, names = [], []
+    for f in collect_images(paths):
+        try:
+            img, _ = decode_file(f, cfg.in_channels)
+            img, _, _ = convert_images(img, cfg.in_channels, cfg.height, cfg.width)
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
+            warn(f"skipped {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        images.append(img)
+        names.append(str(f))
+    if not images:
+        raise ConvaeError("none of the given files could be read as an image")
+    x_all = torch.stack(images)
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(x_all), batch_size):
+            x = x_all[start : start + batch_size].to(dev).float().div_(255)
+            probs = torch.softmax(clf(x.contiguous(memory_format=torch.channels_last)).float(), 1).cpu()
+            for name, p in zip(names[start : start + batch_size], probs):
+                k = int(p.argmax())
+                rows.append({"file": name, "class": classes[k], "probability": float(p[k]),
+                             "probabilities": {c: float(v) for c, v in zip(classes, p)}})
+    return rows
+
+
+def format_predictions(rows: list[dict], as_json: bool = False, top: int = 3) -> str:
+    if as_json:
+        return json.dumps(rows, indent=2)
+    width = max(4, *(len(r["file"]) for r in rows))
+    lines = [f"{'file':<{width}}  {'class':<12}  prob    next best"]
+    for r in rows:
+        ranked = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[1:top]
+        nxt = ", ".join(f"{c} {p:.2f}" for c, p in ranked)
+        lines.append(f"{r['file']:<{width}}  {r['class']:<12}  {r['probability']:.3f}   {nxt}")
+    return "\n".join(lines)
