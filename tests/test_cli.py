@@ -188,3 +188,9 @@ def test_console_script_end_to_end(image_folder, cache_dir, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [f"convae: error: data source not found: {tmp_path / 'missing'} "
                                                "(expected cifar10, a folder or an archive)"]
+
+
+def test_a_single_class_cannot_be_fine_tuned(tmp_path, cache_dir, capsys):
+    root = make_image_folder(tmp_path / "one", classes=1)
+    assert main(["run", "--data", str(root), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "r")] + TINY) == 2
+    assert "1 class folder(s): a classifier needs at least 2" in capsys.readouterr().err

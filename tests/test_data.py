@@ -239,3 +239,114 @@ def test_a_slice_of_the_shared_cifar10_archive(tmp_path):
     assert ds.images.shape == (40, 3, 32, 32) and ds.classes == ["cat", "ship"]
     assert 20 < ds.images.float().mean() < 235  # real photos, not blank
     shutil.rmtree(root)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_empty_class_folders_are_left_out_with_a_note(image_folder, cache_dir):
+    (image_folder / "class_9").mkdir()
+    logs = []
+    ds = load_source(str(image_folder), 3, 16, 16, cache_dir, log=logs.append)
+    assert ds.classes == ["class_0", "class_1", "class_2"]
+    assert any("class_9/: class folder without images" in s for s in ds.skipped)
+    assert any("warning: class_9/" in m for m in logs)
+
+
+def test_link_loops_do_not_hang(image_folder, cache_dir):
+    (image_folder / "class_0" / "loop").symlink_to(image_folder, target_is_directory=True)
+    (image_folder / "class_1" / "dangling.png").symlink_to(image_folder / "nowhere.png")
+    ds = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert len(ds) == 30
+
+
+def test_very_large_jpeg_is_decoded_reduced_and_bombs_are_skipped(tmp_path, cache_dir, monkeypatch):
+    root = tmp_path / "big" / "a"
+    root.mkdir(parents=True)
+    Image.new("RGB", (3000, 2000), (10, 200, 30)).save(root / "photo.jpg", quality=80)
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(root / "small.png")
+    ds = load_source(str(tmp_path / "big"), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert ds.images.shape == (2, 3, 16, 16)
+    green = ds.images[ds.files.index("a/photo.jpg")].float().mean((1, 2))
+    assert abs(green[1] - 200) < 8 and green[0] < 30
+    # past Pillow's pixel limit the file is treated as a decompression bomb and skipped
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    ds = load_source(str(tmp_path / "big"), 3, 16, 16, tmp_path / "cache2", log=lambda m: None)
+    assert len(ds) == 1 and "photo.jpg" in ds.skipped[0] and "decompression bomb" in ds.skipped[0].lower()
+
+
+def test_device_members_are_refused(tmp_path, cache_dir):
+    archive = tmp_path / "dev.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("cls/null.png")
+        info.type = tarfile.CHRTYPE
+        info.devmajor, info.devminor = 1, 3
+        tf.addfile(info)
+    with pytest.raises(ConvaeError, match="not a regular file or folder; refused"):
+        load_source(str(archive), cache_dir=cache_dir)
+
+
+def test_archive_bombs_are_refused_before_extraction(tmp_path, cache_dir, monkeypatch):
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cls/zeros.png", b"\0" * (64 << 20))  # 64 MiB of zeros in ~64 KiB
+    assert archive.stat().st_size < 1 << 20
+    monkeypatch.setattr(data_mod, "RATIO_MIN_BYTES", 32 << 20)  # a 1 GiB bomb is too slow for a test
+    with pytest.raises(ConvaeError, match="would expand .*x to .* GiB; refused as a possible archive bomb"):
+        load_source(str(archive), cache_dir=cache_dir)
+    extracted = cache_dir / "extracted"
+    assert not any(p.is_file() for p in extracted.rglob("*"))  # nothing was written
+
+
+def test_member_count_bombs_are_refused(tmp_path, cache_dir, monkeypatch):
+    archive = tmp_path / "many.tar"
+    payload = _png_bytes()
+    with tarfile.open(archive, "w") as tf:
+        for i in range(20):
+            info = tarfile.TarInfo(f"cls/{i}.png")
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    monkeypatch.setattr(data_mod, "MAX_MEMBERS", 10)
+    with pytest.raises(ConvaeError, match="holds over 10 members"):
+        load_source(str(archive), cache_dir=cache_dir)
+
+
+def test_an_archive_larger_than_the_free_disk_is_refused(tmp_path, image_folder, cache_dir, monkeypatch):
+    archive = _tar(image_folder, tmp_path / "d.tar.gz", "train")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 10))
+    with pytest.raises(ConvaeError, match="only 0.00 GiB are free"):
+        load_source(str(archive), cache_dir=cache_dir)
+
+
+def test_unreadable_files_are_skipped(image_folder, cache_dir, monkeypatch):
+    from PIL import Image as PILImage
+
+    real_open = PILImage.open
+    locked = image_folder / "class_2" / "img_2_000.png"
+
+    def guarded(fp, *a, **k):
+        if str(fp) == str(locked):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(PILImage, "open", guarded)
+    ds = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert len(ds) == 29 and "Permission denied" in ds.skipped[0]
+
+
+def test_hard_links_and_mixed_layouts_and_damaged_archives(tmp_path, image_folder, cache_dir):
+    archive = tmp_path / "hard.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("cls/hard.png")
+        info.type = tarfile.LNKTYPE
+        info.linkname = "cls/other.png"
+        tf.addfile(info)
+    with pytest.raises(ConvaeError, match="not a regular file or folder"):
+        load_source(str(archive), cache_dir=cache_dir)
+    Image.new("RGB", (16, 16)).save(image_folder / "stray.png")
+    with pytest.raises(ConvaeError, match="mixes images and sub-folders"):
+        load_source(str(image_folder), cache_dir=cache_dir)
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"\x1f\x8b\x08garbage")
+    with pytest.raises(ConvaeError, match="could not be read"):
+        load_source(str(broken), cache_dir=cache_dir)

@@ -7,6 +7,7 @@ value of the preset or of ``--config FILE``; user mistakes end with one line and
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any, Callable, Sequence
 
@@ -14,6 +15,7 @@ from . import __version__
 from .config import INITS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, DEVICES, build_config
 from .errors import ConvaeError
 from .models import UPSAMPLE_MODES
+from .train import Interrupted
 
 # flag -> argparse keyword arguments; dest is the Config field of the same name
 FLAGS: dict[str, dict[str, Any]] = {
@@ -45,13 +47,15 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--seed": dict(type=int, metavar="N", help="seed for weights, split and batch order (default 0)"),
     "--device": dict(choices=DEVICES, help="auto picks CUDA when available (default auto)"),
     "--out": dict(metavar="DIR", help="run folder (default runs/<timestamp>); must be new or empty"),
+    "--checkpoint-every": dict(type=int, metavar="N", help="save the training state every N epochs (default 1; "
+                               "0 = at the end of each phase only)"),
 }
 
 DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir"]
 MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample"]
 OPTIM = ["--batch-size", "--lr", "--optimizer", "--weight-decay", "--schedule", "--step-size"]
 FINETUNE = ["--finetune-epochs", "--finetune-lr", "--labels-per-class", "--init", "--freeze-encoder"]
-EXEC = ["--micro-batch", "--precision", "--seed", "--device", "--out"]
+EXEC = ["--checkpoint-every", "--micro-batch", "--precision", "--seed", "--device", "--out"]
 
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "run": ("pretrain the autoencoder, transfer its encoder, fine-tune and evaluate (the lecture's pipeline)",
@@ -97,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", default="seed", choices=list(PRESETS),
                        help="named recipe; seed = the lecture's exact recipe (default seed)")
         p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys; flags given here win")
+        if name in ("run", "pretrain", "finetune"):
+            p.add_argument("--resume", action="store_true",
+                           help="continue the run in --out DIR where it stopped, with its saved config.json")
         if name in ("finetune", "evaluate"):
             p.add_argument("--checkpoint", metavar="CKPT", required=(name == "evaluate"),
                            help="autoencoder checkpoint to transfer from" if name == "finetune"
@@ -108,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"command", "preset", "config", "checkpoint"}
+    skip = {"command", "preset", "config", "checkpoint", "resume"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -117,10 +124,24 @@ def _log(msg: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from .config import load_run_config
     from .train import main as train_main
 
-    cfg = build_config(args.preset, args.config, _overrides(args))
     phases = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}[args.command]
+    overrides = _overrides(args)
+    if args.resume:
+        if "out" not in overrides:
+            raise ConvaeError("--resume needs --out DIR, the run folder to continue")
+        extra = sorted(set(overrides) - {"out", "device"})
+        extra += [name for name in ("config", "checkpoint") if getattr(args, name, None)]
+        if extra:
+            raise ConvaeError("--resume continues with the run's saved config.json; drop "
+                              + ", ".join("--" + k.replace("_", "-") for k in extra))
+        cfg = load_run_config(overrides["out"])
+        cfg.device = overrides.get("device", cfg.device)
+        train_main(cfg, phases=phases, log=_log, resume=True)
+        return
+    cfg = build_config(args.preset, args.config, overrides)
     train_main(cfg, phases=phases, checkpoint=getattr(args, "checkpoint", None), log=_log)
 
 
@@ -162,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvaeError as e:
         print(f"convae: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name if e.signum else "a signal"
+        resume = f"convae {args.command} --out {e.run_path} --resume"
+        print(f"convae: stopped by {name} at {e.where}; the state is saved. Resume with: {resume}",
+              file=sys.stderr, flush=True)
+        return 128 + (e.signum or 2)
     except KeyboardInterrupt:
         print("convae: interrupted", file=sys.stderr, flush=True)
         return 130

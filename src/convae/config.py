@@ -49,8 +49,10 @@ class Config:
     schedule: str = "none"
     step_size: int = 30  # epochs between 10x decays with schedule "step"
     init: str = "pretrained"
+    init_checkpoint: str | None = None  # the autoencoder a fine-tuning run started from
     freeze_encoder: bool = False
     # execution
+    checkpoint_every: int = 1  # save the training state every N epochs (0: at phase ends only)
     micro_batch: int = 0  # images per forward/backward chunk; 0 = auto (200 on CPU, whole batch on GPU)
     precision: str = "fp32"
     seed: int = 0
@@ -170,6 +172,8 @@ def validate(cfg: Config) -> None:
     if cfg.labels_per_class is not None:
         _check(_is_int(cfg.labels_per_class) and cfg.labels_per_class > 0,
                f"labels_per_class must be an integer > 0, got {cfg.labels_per_class!r}")
+    _check(_is_int(cfg.checkpoint_every) and cfg.checkpoint_every >= 0,
+           f"checkpoint_every must be an integer >= 0 (0 = at phase ends only), got {cfg.checkpoint_every!r}")
     _check(_is_int(cfg.micro_batch) and cfg.micro_batch >= 0,
            f"micro_batch must be an integer >= 0 (0 = auto), got {cfg.micro_batch!r}")
     _check(_is_int(cfg.seed) and cfg.seed >= 0, f"seed must be an integer >= 0, got {cfg.seed!r}")
@@ -198,3 +202,17 @@ def validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config saved in an earlier run folder, to continue that run."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConvaeError(f"--resume needs --out DIR of an earlier run (no config.json in {run_dir})")
+    try:
+        values = json.loads(path.read_text())
+        cfg = Config(**values)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ConvaeError(f"{path} is not a convae config ({e})") from None
+    validate(cfg)
+    return cfg

@@ -94,17 +94,20 @@ def convert_images(x: torch.Tensor, channels: int, height: int, width: int) -> t
     return x.contiguous(), mode_changed, resized
 
 
-def decode_file(path: Path, channels: int = 3) -> tuple[torch.Tensor, bool]:
+def decode_file(path: Path, channels: int = 3, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, bool]:
     """Decode one image file with Pillow to a uint8 (channels, H, W) tensor.
 
     Returns the tensor and whether its mode had to change (grey, palette, alpha, 16-bit, ...).
-    Runs once per file when a source is first cached, never in the training loop.
+    With ``size`` (height, width) a large JPEG is decoded at a reduced scale that still
+    covers it. Runs once per file when a source is first cached, never in the training loop.
     """
     import numpy as np
     from PIL import Image
 
     target = "RGB" if channels == 3 else "L"
     with Image.open(path) as im:
+        if size is not None and im.format == "JPEG":
+            im.draft(target, (size[1], size[0]))  # a 4000x3000 photo need not be decoded whole
         im.load()  # truncated or corrupt files fail here, not later
         mode = im.mode
         if mode.startswith("I"):  # 16/32-bit integer grey: keep the high byte of 16 bits
@@ -120,20 +123,21 @@ def decode_file(path: Path, channels: int = 3) -> tuple[torch.Tensor, bool]:
 # ----------------------------------------------------------------------------- folders
 
 
-def _is_image(p: Path) -> bool:
+def is_image_file(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
     it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if _is_image(p) and p.is_file())
+    return sorted(p for p in it if is_image_file(p) and p.is_file())
 
 
-def scan_folder(root: Path) -> tuple[Path, list[Path], list[int] | None, list[str]]:
+def scan_folder(root: Path) -> tuple[Path, list[Path], list[int] | None, list[str], list[str]]:
     """Find the images under ``root``; class folders make it labelled.
 
     A chain of single folders with no images (``train/<class>/...`` inside an archive) is
-    descended first. Returns the dataset root, files, labels (or None) and class names.
+    descended first. Class folders without images are left out, with a note. Returns the
+    dataset root, files, labels (or None), class names and those notes.
     """
     if not root.is_dir():
         raise ConvaeError(f"data folder not found: {root}")
@@ -150,17 +154,22 @@ def scan_folder(root: Path) -> tuple[Path, list[Path], list[int] | None, list[st
             "or images only (unlabelled)"
         )
     if top_images:
-        return root, top_images, None, []
+        return root, top_images, None, [], []
     files: list[Path] = []
     labels: list[int] = []
-    classes = [d.name for d in subdirs]
-    for k, d in enumerate(subdirs):
+    classes: list[str] = []
+    notes: list[str] = []
+    for d in subdirs:
         found = _image_files(d, recursive=True)
+        if not found:
+            notes.append(f"{d.name}/: class folder without images; left out")
+            continue
         files += found
-        labels += [k] * len(found)
+        labels += [len(classes)] * len(found)
+        classes.append(d.name)
     if not files:
         raise ConvaeError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return root, files, labels, classes
+    return root, files, labels, classes, notes
 
 
 # ----------------------------------------------------------------------------- archives
@@ -183,28 +192,60 @@ def _inside(dest: Path, name: str) -> bool:
     return target == dest or dest in target.parents
 
 
+# An archive is refused before extraction when it would expand past these (archive bombs).
+MAX_MEMBERS = 5_000_000  # ImageNet's training set is 1.3 million files
+MAX_RATIO = 200  # expanded bytes per archive byte; images hardly compress, bombs do ...
+RATIO_MIN_BYTES = 1 << 30  # ... but tiny archives of text-like files may, harmlessly
+
+
+def _check_expansion(archive: Path, members: int, expanded: int, dest: Path) -> None:
+    name = archive.name
+    if members > MAX_MEMBERS:
+        raise ConvaeError(f"archive {name} holds over {MAX_MEMBERS:,} members; refused as a possible archive bomb")
+    ratio = expanded / max(archive.stat().st_size, 1)
+    if expanded > RATIO_MIN_BYTES and ratio > MAX_RATIO:
+        raise ConvaeError(f"archive {name} would expand {ratio:,.0f}x to {expanded / 2**30:.1f} GiB; "
+                          "refused as a possible archive bomb")
+    free = shutil.disk_usage(dest).free
+    if expanded > free:
+        raise ConvaeError(f"archive {name} expands to {expanded / 2**30:.2f} GiB but only "
+                          f"{free / 2**30:.2f} GiB are free under {dest}; nothing was extracted")
+
+
 def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract ``archive`` into ``dest``: regular files and folders only, none outside ``dest``."""
+    """Extract ``archive`` into ``dest``: regular files and folders only, none outside ``dest``.
+
+    Every member is checked, and the expansion measured, before anything is written.
+    """
     dest = dest.resolve()
     dest.mkdir(parents=True, exist_ok=True)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
+            infos = zf.infolist()
+            if len(infos) > MAX_MEMBERS:
+                _check_expansion(archive, len(infos), 0, dest)
+            for info in infos:
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
                     raise ConvaeError(f"archive {archive.name}: member {info.filename!r} is a link; refused")
                 if os.path.isabs(info.filename) or not _inside(dest, info.filename):
                     raise ConvaeError(f"archive {archive.name}: member {info.filename!r} lands outside the target; refused")
+            _check_expansion(archive, len(infos), sum(i.file_size for i in infos), dest)
             zf.extractall(dest)
         return
     try:
         with tarfile.open(archive) as tf:
-            members = tf.getmembers()
+            members = []
+            for m in tf:  # one pass over the headers; stops early on a member bomb
+                members.append(m)
+                if len(members) > MAX_MEMBERS:
+                    _check_expansion(archive, len(members), 0, dest)
             for m in members:
                 if not (m.isfile() or m.isdir()):
                     raise ConvaeError(f"archive {archive.name}: member {m.name!r} is not a regular file or folder; refused")
                 if os.path.isabs(m.name) or not _inside(dest, m.name):
                     raise ConvaeError(f"archive {archive.name}: member {m.name!r} lands outside the target; refused")
+            _check_expansion(archive, len(members), sum(m.size for m in members if m.isfile()), dest)
             tf.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ConvaeError(f"archive {archive} could not be read: {e}") from None
@@ -262,7 +303,7 @@ def _decode_all(files: list[Path], root: Path, channels: int, height: int, width
     n_mode = n_size = 0
     for i, f in enumerate(tqdm(files, desc="decoding", unit="img", leave=False, mininterval=1.0)):
         try:
-            img, mode_changed = decode_file(f, channels)
+            img, mode_changed = decode_file(f, channels, (height, width))
             img, _, resized = convert_images(img, channels, height, width)
         except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and listed
             skipped.append(f"{f.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
@@ -342,14 +383,16 @@ def _from_cifar10(train: bool, cache: Path, channels: int, height: int, width: i
 
 
 def _from_folder(path: Path, channels: int, height: int, width: int, log: Log) -> ImageSet:
-    root, files, labels, classes = scan_folder(path)
+    root, files, labels, classes, notes = scan_folder(path)
+    for note in notes:
+        log(f"warning: {note}")
     log(f"decoding {len(files)} images from {root}" + (f" ({len(classes)} classes)" if classes else " (unlabelled)"))
     images, keep, skipped = _decode_all(files, root, channels, height, width, log)
     if len(keep) == 0:
         raise ConvaeError(f"none of the {len(files)} image files under {root} could be decoded")
     lab = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
     rel = [str(files[i].relative_to(root)) for i in keep]
-    return ImageSet(images, lab, classes, rel, skipped)
+    return ImageSet(images, lab, classes, rel, notes + skipped)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -427,13 +470,17 @@ class DeviceBatches:
         return self.images.shape[0]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        return self.iterate(0)
+
+    def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The epoch's batches from batch ``start_batch`` on (to continue an interrupted epoch)."""
         n = self.images.shape[0]
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=g).to(self.images.device, non_blocking=True)
         else:
             order = None
-        for start in range(0, n, self.batch_size):
+        for start in range(start_batch * self.batch_size, n, self.batch_size):
             if order is None:
                 x = self.images[start : start + self.batch_size]
                 y = None if self.labels is None else self.labels[start : start + self.batch_size]

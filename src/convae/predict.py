@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import _is_image, convert_images, decode_file
+from .data import convert_images, decode_file, is_image_file
 from .device import resolve_device
 from .errors import ConvaeError
 
@@ -19,7 +19,7 @@ def collect_images(paths: list[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and _is_image(f))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
             if not found:
                 raise ConvaeError(f"no images found in {p}")
             files += found
@@ -41,7 +41,7 @@ def predict(checkpoint: str | Path, paths: list[str], device: str = "auto", batc
     images, names = [], []
     for f in collect_images(paths):
         try:
-            img, _ = decode_file(f, cfg.in_channels)
+            img, _ = decode_file(f, cfg.in_channels, (cfg.height, cfg.width))
             img, _, _ = convert_images(img, cfg.in_channels, cfg.height, cfg.width)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
             warn(f"skipped {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")

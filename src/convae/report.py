@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,15 @@ class RunDir:
         self.check_free(self.path)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.figures.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def open(cls, path: str | Path | None) -> "RunDir":
+        """An existing run folder, to continue it."""
+        if path is None or not (Path(path) / "config.json").is_file():
+            raise ConvaeError(f"--resume needs --out DIR of an earlier run (no config.json in {path})")
+        run = cls.__new__(cls)
+        run.path = Path(path)
+        return run
 
     @staticmethod
     def check_free(path: str | Path | None) -> None:
@@ -52,8 +62,11 @@ class RunDir:
         return p
 
     def write_lines(self, name: str, lines: list[str]) -> Path:
+        """Replace ``name`` whole: written to a temporary file, then renamed over it."""
         p = self.path / name
-        p.write_text("".join(line + "\n" for line in lines))
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, p)
         return p
 
 

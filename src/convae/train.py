@@ -6,8 +6,13 @@
 
 from __future__ import annotations
 
+import json
+import math
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -15,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import visualise
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import DeviceBatches, ImageSet, load_source, per_class_subset, split_indices
 from .errors import ConvaeError
@@ -67,6 +72,14 @@ def classification_loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | No
     return F.cross_entropy(out.float(), y)
 
 
+class EpochInterrupted(Exception):
+    """Raised by :func:`train_one_epoch` after the step in flight when a stop was asked for."""
+
+    def __init__(self, step: int, loss_sum: float) -> None:
+        super().__init__(f"stopped after step {step}")
+        self.step, self.loss_sum = step, loss_sum
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: DeviceBatches,
@@ -75,32 +88,116 @@ def train_one_epoch(
     precision: str = "fp32",
     desc: str = "train",
     micro_batch: int | None = None,
+    start_step: int = 0,
+    loss_sum: float = 0.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> float:
     """One pass over ``batches``; returns the mean loss per image over all images.
 
     With ``micro_batch`` each batch's gradient is accumulated over chunks of that many
     images before the one optimizer step: the same update as the whole batch (up to float
-    rounding), but the activations of a chunk stay in the CPU's caches.
+    rounding), but the activations of a chunk stay in the CPU's caches. ``start_step`` and
+    ``loss_sum`` continue an interrupted epoch; ``should_stop`` is polled after every step.
     """
     from tqdm.auto import tqdm
 
     model.train()
     device = batches.images.device
-    total = torch.zeros((), device=device, dtype=torch.float64)  # summed on the device: no sync per step
-    for x, y in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+    total = torch.full((), loss_sum, device=device, dtype=torch.float64)  # summed on the device: no sync per step
+    bar = tqdm(batches.iterate(start_step), desc=desc, unit="batch", leave=False, disable=None,
+               total=len(batches), initial=start_step)
+    for step, (x, y) in enumerate(bar, start=start_step + 1):
         optimizer.zero_grad(set_to_none=True)
         n = x.shape[0]
-        step = micro_batch if micro_batch and micro_batch < n else n
-        for i in range(0, n, step):
-            xc = x[i : i + step]
-            yc = None if y is None else y[i : i + step]
+        chunk = micro_batch if micro_batch and micro_batch < n else n
+        for i in range(0, n, chunk):
+            xc = x[i : i + chunk]
+            yc = None if y is None else y[i : i + chunk]
             with autocast(device, precision):
                 out = model(xc)
             loss = loss_fn(out, xc, yc)
             (loss * (xc.shape[0] / n)).backward()
             total += loss.detach().double() * xc.shape[0]
         optimizer.step()
+        if should_stop is not None and should_stop():
+            bar.close()
+            raise EpochInterrupted(step, float(total))
     return float(total) / batches.num_images
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGINT/SIGTERM after saving its state; ``signum`` says which."""
+
+    def __init__(self, signum: int, where: str, run_path: str) -> None:
+        super().__init__(where)
+        self.signum, self.where, self.run_path = signum, where, run_path
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: training finishes the step in flight, saves, and stops."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only live in the main thread
+            return
+
+        def handler(signum, frame):
+            if self.signum is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self.signum = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+@dataclass
+class RunContext:
+    """What the phases share: the run folder, config, log, the metrics so far, resume state."""
+
+    run: RunDir
+    cfg: Config
+    log: Log
+    metrics: list[dict] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+    resume: dict | None = None  # the saved state.pt, when continuing a run
+    stop: StopFlag = field(default_factory=StopFlag)
+
+    def resumed(self, phase: str) -> dict | None:
+        return self.resume if self.resume is not None and self.resume["phase"] == phase else None
+
+    def history(self, phase: str) -> list[dict]:
+        return [m for m in self.metrics if m["phase"] == phase]
+
+    def save_state(self, phase: str, model: nn.Module, optimizer, scheduler, epoch: int, step: int,
+                   loss_sum: float, elapsed: float, kernels: torch.Tensor) -> None:
+        """Everything needed to continue after ``epoch`` completed epochs and ``step`` more batches."""
+        state = {
+            "format": STATE_FORMAT, "phase": phase, "epoch": epoch, "step": step, "loss_sum": loss_sum,
+            "elapsed": elapsed, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": torch.get_rng_state(), "metrics": list(self.metrics), "timing": dict(self.timing),
+            "kernels": kernels.detach().cpu(), "config": self.cfg.to_dict(),
+        }
+        path = self.run.checkpoints / "state.pt"
+        try:
+            atomic_torch_save(state, path)
+        except OSError as e:
+            raise ConvaeError(f"could not write the training state {path} ({e.strerror or e}); "
+                              "the previous state file is intact") from None
+
+
+STATE_FORMAT = "convae-state"
 
 
 def fit(
@@ -111,29 +208,60 @@ def fit(
     loss_fn: LossFn,
     epochs: int,
     lr: float,
-    cfg: Config,
-    run: RunDir,
-    log: Log,
+    ctx: RunContext,
+    kernels: torch.Tensor,
 ) -> list[dict]:
-    """Train for ``epochs``, validating and logging one metrics line per epoch."""
+    """Train for ``epochs``, validating, logging and saving the state at the end of each epoch.
+
+    Continues from ``ctx.resume`` when it holds this phase. ``kernels`` (the first-layer
+    kernels before this phase) travel in the saved state for the figures drawn at the end.
+    """
+    cfg = ctx.cfg
     optimizer = make_optimizer(model.parameters(), cfg, lr)
     scheduler = make_scheduler(optimizer, cfg, epochs)
-    history = []
-    for epoch in range(1, epochs + 1):
+    first, step, loss_sum, elapsed = 1, 0, 0.0, 0.0
+    r = ctx.resumed(phase)
+    if r is not None:
+        model.load_state_dict(r["model"])
+        optimizer.load_state_dict(r["optimizer"])
+        if scheduler is not None and r["scheduler"] is not None:
+            scheduler.load_state_dict(r["scheduler"])
+        torch.set_rng_state(r["rng"])
+        first, step, loss_sum, elapsed = r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"]
+    micro = micro_batch_size(cfg, batches.images.device)
+    every = cfg.checkpoint_every
+    for epoch in range(first, epochs + 1):
         batches.set_epoch(epoch)
         current_lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        train_loss = train_one_epoch(model, batches, optimizer, loss_fn, cfg.precision, f"{phase} {epoch}/{epochs}",
-                                     micro_batch_size(cfg, batches.images.device))
-        seconds = time.perf_counter() - start
+        try:
+            train_loss = train_one_epoch(model, batches, optimizer, loss_fn, cfg.precision, f"{phase} {epoch}/{epochs}",
+                                         micro, step, loss_sum, ctx.stop)
+        except EpochInterrupted as e:
+            if math.isfinite(e.loss_sum):  # never save weights that went bad
+                ctx.save_state(phase, model, optimizer, scheduler, epoch - 1, e.step, e.loss_sum,
+                               elapsed + time.perf_counter() - start, kernels)
+            raise Interrupted(ctx.stop.signum, f"step {e.step}/{len(batches)} of {phase} epoch {epoch}",
+                              str(ctx.run.path)) from None
+        seconds = elapsed + time.perf_counter() - start
+        step, loss_sum, elapsed = 0, 0.0, 0.0
+        if not math.isfinite(train_loss):
+            kept = "state.pt keeps the last good epoch" if (ctx.run.checkpoints / "state.pt").exists() else \
+                "no state was saved yet"
+            raise ConvaeError(f"the {phase} loss became {train_loss} in epoch {epoch}; stopped ({kept}); "
+                              "try a lower --lr or --precision fp32")
         if scheduler is not None:
             scheduler.step()
         rec = {"phase": phase, "epoch": epoch, "epochs": epochs, "train_loss": train_loss, **validate(),
                "seconds": seconds, "images_per_s": batches.num_images / seconds, "lr": current_lr}
-        run.log_metrics(rec)
-        log(epoch_line(rec))
-        history.append(rec)
-    return history
+        ctx.metrics.append(rec)
+        ctx.run.log_metrics(rec)
+        ctx.log(epoch_line(rec))
+        if epoch == epochs or (every and epoch % every == 0) or ctx.stop():
+            ctx.save_state(phase, model, optimizer, scheduler, epoch, 0, 0.0, 0.0, kernels)
+        if ctx.stop():
+            raise Interrupted(ctx.stop.signum, f"the end of {phase} epoch {epoch}", str(ctx.run.path))
+    return ctx.history(phase)
 
 
 # ----------------------------------------------------------------------------- data of a run
@@ -186,16 +314,18 @@ def prepare_data(cfg: Config, need_labels: bool, log: Log) -> RunData:
 # ----------------------------------------------------------------------------- phases
 
 
-def pretrain(ae: AutoEncoder, data: RunData, cfg: Config, run: RunDir, device: torch.device, log: Log) -> list[dict]:
+def pretrain(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torch.device) -> list[dict]:
     """Reconstruction training without labels; writes the kernel, loss and reconstruction figures."""
-    initial = ae.encoder.first_conv.weight.detach().clone()
+    cfg, run = ctx.cfg, ctx.run
+    r = ctx.resumed("pretrain")
+    initial = r["kernels"].to(device) if r is not None else ae.encoder.first_conv.weight.detach().clone()
     train = DeviceBatches(data.train.images.to(device), None, cfg.batch_size, shuffle=True, seed=cfg.seed)
     val = DeviceBatches(data.val.images.to(device), None, cfg.batch_size)
 
     def validate() -> dict:
         return {"val_loss": evaluate_reconstruction(ae, val, cfg.precision)}
 
-    history = fit(ae, "pretrain", train, validate, reconstruction_loss, cfg.pretrain_epochs, cfg.lr, cfg, run, log)
+    history = fit(ae, "pretrain", train, validate, reconstruction_loss, cfg.pretrain_epochs, cfg.lr, ctx, initial)
     save_checkpoint(run.checkpoints / "autoencoder.pt", ae, "autoencoder", data.classes, cfg.to_dict())
 
     pretrained = ae.encoder.first_conv.weight.detach()
@@ -216,9 +346,11 @@ def pretrain(ae: AutoEncoder, data: RunData, cfg: Config, run: RunDir, device: t
     return history
 
 
-def finetune(clf: Classifier, data: RunData, cfg: Config, run: RunDir, device: torch.device, log: Log) -> dict:
+def finetune(clf: Classifier, data: RunData, ctx: RunContext, device: torch.device) -> dict:
     """Supervised fine-tuning (or a linear probe with --freeze-encoder); returns results.json's dict."""
-    before = clf.encoder.first_conv.weight.detach().clone()
+    cfg, run = ctx.cfg, ctx.run
+    r = ctx.resumed("finetune")
+    before = r["kernels"].to(device) if r is not None else clf.encoder.first_conv.weight.detach().clone()
     if cfg.freeze_encoder:
         for p in clf.encoder.parameters():
             p.requires_grad_(False)
@@ -232,7 +364,7 @@ def finetune(clf: Classifier, data: RunData, cfg: Config, run: RunDir, device: t
         return {"val_loss": r["loss"], "val_accuracy": r["accuracy"]}
 
     lr = cfg.finetune_lr or cfg.lr
-    history = fit(clf, "finetune", train, validate, classification_loss, cfg.finetune_epochs, lr, cfg, run, log)
+    history = fit(clf, "finetune", train, validate, classification_loss, cfg.finetune_epochs, lr, ctx, before)
     save_checkpoint(run.checkpoints / "classifier.pt", clf, "classifier", data.classes, cfg.to_dict())
 
     after = clf.encoder.first_conv.weight.detach()
@@ -256,50 +388,95 @@ def finetune(clf: Classifier, data: RunData, cfg: Config, run: RunDir, device: t
 # ----------------------------------------------------------------------------- commands
 
 
+def _adopt_model(cfg: Config, m: ModelConfig) -> None:
+    """The data format and architecture follow a checkpoint's model."""
+    cfg.in_channels, cfg.height, cfg.width = m.in_channels, m.height, m.width
+    cfg.channels, cfg.latent_dim, cfg.upsample = tuple(m.channels), m.latent_dim, m.upsample
+
+
+def read_state(run: RunDir) -> dict | None:
+    """The saved training state of a run folder, or None when no epoch has been saved yet."""
+    path = run.checkpoints / "state.pt"
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file is reported, not raised as a bug
+        raise ConvaeError(f"{path} cannot be read ({str(e).splitlines()[0][:200]}); "
+                          "start a new run with another --out") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ConvaeError(f"{path} is not a convae training state")
+    return state
+
+
 def main(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune"), checkpoint: str | None = None,
-         log: Log = print) -> RunDir:
-    """``convae run`` (both phases), ``convae pretrain`` or ``convae finetune --checkpoint AE.pt``."""
+         log: Log = print, resume: bool = False) -> RunDir:
+    """``convae run`` (both phases), ``convae pretrain`` or ``convae finetune --checkpoint AE.pt``.
+
+    With ``resume`` the run folder ``cfg.out`` is continued from its saved state; ``cfg`` must
+    be the one in its ``config.json``.
+    """
     device = resolve_device(cfg.device)
     do_pretrain = "pretrain" in phases and not ("finetune" in phases and cfg.init == "scratch")
     do_finetune = "finetune" in phases
+    state = None
+    if resume:
+        run = RunDir.open(cfg.out)
+        state = read_state(run)
+        done = (run.path / "results.json").exists() if do_finetune else (run.checkpoints / "autoencoder.pt").exists()
+        if done and (state is None or state["phase"] == phases[-1]):
+            raise ConvaeError(f"{run.path} has already finished; nothing to resume")
+    if checkpoint is not None:
+        cfg.init_checkpoint = str(checkpoint)
     ae = None
-    if do_finetune and not do_pretrain and cfg.init == "pretrained":
-        if checkpoint is None:
+    finetune_resumed = state is not None and state["phase"] == "finetune"
+    if do_finetune and not do_pretrain and cfg.init == "pretrained" and not finetune_resumed:
+        if cfg.init_checkpoint is None:
             raise ConvaeError("fine-tuning a pretrained encoder needs --checkpoint AE.pt (or --init scratch)")
-        ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
-        m = ae.config  # the data format follows the checkpoint's model
-        cfg.in_channels, cfg.height, cfg.width = m.in_channels, m.height, m.width
-        cfg.channels, cfg.latent_dim, cfg.upsample = tuple(m.channels), m.latent_dim, m.upsample
-    RunDir.check_free(cfg.out)
+        ae, _ = load_checkpoint(cfg.init_checkpoint, kind="autoencoder")
+        _adopt_model(cfg, ae.config)
+    if not resume:
+        RunDir.check_free(cfg.out)
     data = prepare_data(cfg, need_labels=do_finetune, log=log)
-    run = RunDir(cfg.out)
-    cfg.out = str(run.path)
-    run.save_config(cfg)
+    if do_finetune and len(data.classes) < 2:
+        raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
+    if not resume:
+        run = RunDir(cfg.out)
+        cfg.out = str(run.path)
+        run.save_config(cfg)
     if data.skipped:
         run.write_lines("skipped.txt", data.skipped)
+    ctx = RunContext(run, cfg, log, resume=state)
+    if resume:
+        if state is not None:
+            ctx.metrics, ctx.timing = list(state["metrics"]), dict(state["timing"])
+        run.write_lines("metrics.jsonl", [json.dumps(m) for m in ctx.metrics])  # drop lines after the state
+    if state is not None:
+        log(f"resuming {run.path} after {state['phase']} epoch {state['epoch']}"
+            + (f" and {state['step']} batch(es)" if state["step"] else ""))
     log(f"run folder: {run.path}  (device {device}, precision {cfg.precision})")
 
     torch.manual_seed(cfg.seed)
     mcfg: ModelConfig = cfg.model_config(num_classes=len(data.classes) or 1)
-    timing: dict[str, float] = {}
-    if do_pretrain:
-        ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
-        start = time.perf_counter()
-        pretrain(ae, data, cfg, run, device, log)
-        timing["pretrain_s"] = time.perf_counter() - start
-        log(f"pretraining: {cfg.pretrain_epochs} epoch(s) in {timing['pretrain_s']:.1f} s")
-    if do_finetune:
-        if cfg.init == "scratch":
-            clf = Classifier(mcfg)
-        else:
-            clf = Classifier.from_autoencoder(ae, len(data.classes))
-        clf = clf.to(device, memory_format=torch.channels_last)
-        start = time.perf_counter()
-        results = finetune(clf, data, cfg, run, device, log)
-        timing["finetune_s"] = time.perf_counter() - start
-        results["timing"] = timing
-        run.write_json("results.json", results)
-        log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {timing['finetune_s']:.1f} s")
-        log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(results))
+    with ctx.stop.installed():
+        if do_pretrain and not finetune_resumed:
+            ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
+            start = time.perf_counter()
+            pretrain(ae, data, ctx, device)
+            ctx.timing["pretrain_s"] = ctx.timing.get("pretrain_s", 0.0) + time.perf_counter() - start
+            log(f"pretraining: {cfg.pretrain_epochs} epoch(s) in {ctx.timing['pretrain_s']:.1f} s")
+        if do_finetune:
+            if finetune_resumed or cfg.init == "scratch":
+                clf = Classifier(mcfg)  # weights come from the state when resuming
+            else:
+                clf = Classifier.from_autoencoder(ae, len(data.classes))
+            clf = clf.to(device, memory_format=torch.channels_last)
+            start = time.perf_counter()
+            results = finetune(clf, data, ctx, device)
+            ctx.timing["finetune_s"] = ctx.timing.get("finetune_s", 0.0) + time.perf_counter() - start
+            results["timing"] = ctx.timing
+            run.write_json("results.json", results)
+            log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
+            log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(results))
     log(f"done: {run.path}")
     return run

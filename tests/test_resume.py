@@ -1,0 +1,177 @@
+"""Nothing lost: kill -9 and resume, SIGINT, NaN losses and failed writes."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import make_image_folder
+from convae import train as train_mod
+from convae.cli import main
+
+ARGS = ["--height", "32", "--width", "32", "--channels", "64", "128", "128", "--latent-dim", "256",
+        "--batch-size", "8", "--val-fraction", "0.2", "--pretrain-epochs", "3", "--finetune-epochs", "3",
+        "--device", "cpu"]
+TIMING = {"seconds", "images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    return make_image_folder(root / "data", classes=3, per_class=80, size=(32, 32)), root / "cache"
+
+
+def _cmd(data, cache, out, *extra):
+    return [sys.executable, "-m", "convae", "run", "--data", str(data), "--cache-dir", str(cache),
+            "--out", str(out), *ARGS, *extra]
+
+
+def _env():
+    # the same thread count in every process, so every run does the same arithmetic
+    return {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
+
+
+def _metrics(out):
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _weights(out, name):
+    return torch.load(out / "checkpoints" / f"{name}.pt", weights_only=True)["model"]
+
+
+def _same_run(a, b):
+    for name in ("autoencoder", "classifier"):
+        wa, wb = _weights(a, name), _weights(b, name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{name}.{k} differs"
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
+    assert strip(_metrics(a)) == strip(_metrics(b))
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert ra["confusion_matrix"] == rb["confusion_matrix"]
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    data, cache = dataset
+    out = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(_cmd(data, cache, out), check=True, env=_env(), capture_output=True)
+    return out
+
+
+def _wait_for_lines(proc, out, n, timeout=120):
+    start = time.time()
+    while len(_metrics(out)) < n:
+        if proc.poll() is not None:
+            return False
+        assert time.time() - start < timeout, "the run made no progress"
+        time.sleep(0.005)
+    return True
+
+
+def _start_then_kill(cmd, out, after_lines, rng):
+    """Start a run, wait until it trains and has ``after_lines`` epochs logged, kill -9 a moment later."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("run folder:"):
+            break
+    if _wait_for_lines(proc, out, after_lines):
+        time.sleep(rng.uniform(0.02, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    state = out / "checkpoints" / "state.pt"
+    if state.exists():  # whatever the moment, the saved state is whole and never ahead of the log
+        assert len(torch.load(state, weights_only=True)["metrics"]) <= len(_metrics(out))
+
+
+def test_kill_9_at_random_points_then_resume_gives_the_same_run(dataset, reference, tmp_path):
+    data, cache = dataset
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    _start_then_kill(_cmd(data, cache, out), out, 0, rng)  # inside pretraining epoch 1
+    for lines in (2, 3, 4):  # ... pretraining epoch 3, fine-tuning epochs 1 and 2
+        _start_then_kill(_resume_cmd(data, cache, out), out, lines, rng)
+        assert len(_metrics(out)) <= 6
+    done = subprocess.run(_resume_cmd(data, cache, out), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _same_run(out, reference)
+
+
+def _resume_cmd(data, cache, out):
+    return [sys.executable, "-m", "convae", "run", "--out", str(out), "--resume"]
+
+
+def test_sigint_finishes_the_step_saves_and_resumes(dataset, reference, tmp_path):
+    data, cache = dataset
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(_cmd(data, cache, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    assert _wait_for_lines(proc, out, 1)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in err and f"convae run --out {out} --resume" in err and "Traceback" not in err
+    state = torch.load(out / "checkpoints" / "state.pt", weights_only=True)
+    assert state["phase"] in ("pretrain", "finetune")
+    done = subprocess.run(_resume_cmd(data, cache, out), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _same_run(out, reference)
+
+
+def test_resume_of_a_finished_run_and_of_nothing(dataset, reference, tmp_path, capsys):
+    assert main(["run", "--out", str(reference), "--resume"]) == 2
+    assert "already finished" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["run", "--out", str(reference), "--resume", "--lr", "0.1"]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_last_good_state_intact(dataset, tmp_path, monkeypatch, capsys):
+    data, cache = dataset
+    calls = {"n": 0}
+    real = train_mod.reconstruction_loss
+
+    def poisoned(out, x, y):
+        calls["n"] += 1
+        loss = real(out, x, y)
+        return loss * float("nan") if calls["n"] > 26 else loss  # 24 chunks an epoch: NaN in epoch 2
+
+    monkeypatch.setattr(train_mod, "reconstruction_loss", poisoned)
+    out = tmp_path / "nan"
+    assert main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + ARGS) == 2
+    err = capsys.readouterr().err
+    assert "pretrain loss became nan in epoch 2" in err and "last good epoch" in err
+    state = torch.load(out / "checkpoints" / "state.pt", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert len(_metrics(out)) == 1
+
+
+def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypatch, capsys):
+    data, cache = dataset
+    real = train_mod.atomic_torch_save
+    calls = {"n": 0}
+
+    def disk_full_on_second(obj, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real(obj, path)
+
+    monkeypatch.setattr(train_mod, "atomic_torch_save", disk_full_on_second)
+    out = tmp_path / "full"
+    assert main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + ARGS) == 2
+    err = capsys.readouterr().err
+    assert "could not write the training state" in err and "No space left on device" in err
+    assert torch.load(out / "checkpoints" / "state.pt", weights_only=True)["epoch"] == 1
