@@ -19,7 +19,7 @@ TINY = PRETRAIN + ["--finetune-epochs", "3"]
 
 FIGURES = {"pretrain_loss.png", "finetune_loss.png", "finetune_accuracy.png", "kernels_initial.png",
            "kernels_pretrained.png", "kernels_pretrain_delta.png", "kernels_finetuned.png",
-           "kernels_finetune_delta.png", "reconstructions.png", "confusion_matrix.png"}
+           "kernels_finetune_delta.png", "reconstructions.png", "confusion_matrix.png", "embedding_map.png"}
 
 
 def _png_ok(path):
@@ -59,6 +59,10 @@ def test_run_writes_the_whole_run_folder(image_folder, cache_dir, tmp_path, caps
     ae = torch.load(out / "checkpoints" / "autoencoder.pt", weights_only=True)["model"]
     clf = torch.load(out / "checkpoints" / "classifier.pt", weights_only=True)["model"]
     assert set(k for k in clf if k.startswith("encoder.")) == set(k for k in ae if k.startswith("encoder."))
+
+    rep = results["representation"]
+    assert 0 <= rep["knn_accuracy"] <= 1 and 0 <= rep["linear_probe_accuracy"] <= 1 and rep["knn"]["k"] == 24
+    assert (out / "report.html").is_file()
 
     assert {p.name for p in (out / "figures").iterdir()} == FIGURES
     assert all(_png_ok(out / "figures" / f) for f in FIGURES)

@@ -15,11 +15,16 @@ from . import __version__
 from .config import INITS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, DEVICES, build_config
 from .errors import ConvaeError
 from .models import UPSAMPLE_MODES
+from .sweep import DEFAULT_BUDGETS
 from .train import Interrupted
+
+SWEEP_BATCH_SIZE = 256  # the sweep counts steps, so small budgets get as many updates as large ones
 
 # flag -> argparse keyword arguments; dest is the Config field of the same name
 FLAGS: dict[str, dict[str, Any]] = {
     "--data": dict(metavar="SRC", help="cifar10, a folder (class folders = labelled) or a .tar/.tar.gz/.zip of one (default: cifar10)"),
+    "--train-data": dict(metavar="SRC", help="labelled images whose frozen features train the kNN bank and the "
+                         "linear probe (evaluate)"),
     "--test-data": dict(metavar="SRC", help="evaluate on this source instead of a validation split (cifar10 = its test split)"),
     "--val-fraction": dict(type=float, metavar="F", help="fraction of --data held out, stratified and seeded (default 0.1)"),
     "--labels-per-class": dict(type=int, metavar="N", help="fine-tune on only N labelled images per class (pretraining still uses all)"),
@@ -64,8 +69,11 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
                  DATA + MODEL + ["--pretrain-epochs"] + OPTIM + EXEC),
     "finetune": ("fine-tune a classifier from an autoencoder checkpoint (or from scratch)",
                  DATA + OPTIM + FINETUNE + EXEC),
-    "evaluate": ("evaluate a classifier checkpoint on a labelled source",
-                 ["--data", "--cache-dir", "--batch-size", "--precision", "--device", "--out"]),
+    "sweep": ("compare pretrained fine-tuning, linear probe, kNN and scratch over label budgets and seeds",
+              DATA + MODEL + ["--pretrain-epochs"] + OPTIM + ["--finetune-lr"] + EXEC),
+    "evaluate": ("evaluate a checkpoint on a labelled source: classifier accuracy, and kNN and linear probe "
+                 "of its frozen encoder with --train-data",
+                 ["--data", "--train-data", "--cache-dir", "--batch-size", "--precision", "--device", "--out"]),
 }
 
 
@@ -79,6 +87,18 @@ def _add_tool_commands(sub) -> None:
     e.add_argument("--format", required=True, choices=FORMATS)
     e.add_argument("--part", default="encoder", choices=PARTS, help="which part (default encoder)")
     e.add_argument("--out", metavar="FILE", required=True, help="file to write (must not exist)")
+    r = sub.add_parser("report", help="(re)write RUN_DIR/report.html, one self-contained page",
+                       description="(re)write RUN_DIR/report.html: config, curves, kernels, reconstructions, "
+                                   "per-class table, confusion matrix, probes and sweep, images inlined")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    c = sub.add_parser("encode", help="embeddings of every image to .npy, a CSV of their sources, and a t-SNE map",
+                       description="embeddings of every image to .npy (N x latent), a CSV (index, file, label, "
+                                   "class, split) beside it, and figures/embedding_map.png")
+    c.add_argument("--checkpoint", metavar="CKPT", required=True, help="autoencoder or classifier checkpoint")
+    c.add_argument("--out", metavar="FILE.npy", required=True, help="embeddings file to write (must not exist)")
+    c.add_argument("--no-map", action="store_true", help="skip the t-SNE map")
+    for flag in ("--data", "--val-fraction", "--cache-dir", "--batch-size", "--precision", "--seed", "--device"):
+        c.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **FLAGS[flag])
     p = sub.add_parser("predict", help="class and probabilities for images, preprocessed as in training",
                        description="class and probabilities for images, preprocessed as in training")
     p.add_argument("--checkpoint", metavar="CKPT", required=True, help="classifier checkpoint")
@@ -104,10 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "pretrain", "finetune"):
             p.add_argument("--resume", action="store_true",
                            help="continue the run in --out DIR where it stopped, with its saved config.json")
-        if name in ("finetune", "evaluate"):
+        if name in ("finetune", "evaluate", "sweep"):
             p.add_argument("--checkpoint", metavar="CKPT", required=(name == "evaluate"),
-                           help="autoencoder checkpoint to transfer from" if name == "finetune"
-                           else "classifier checkpoint to evaluate")
+                           help="classifier checkpoint to evaluate" if name == "evaluate"
+                           else "autoencoder checkpoint to transfer from" + (" (default: pretrain once)"
+                                                                              if name == "sweep" else ""))
+        if name == "sweep":
+            p.add_argument("--labels-per-class", nargs="+", default=DEFAULT_BUDGETS, metavar="N",
+                           help="label budgets per class; 'all' = every training image (default 25 100 400 all)")
+            p.add_argument("--seeds", type=int, default=3, metavar="K", help="seeds per budget (default 3)")
+            p.add_argument("--steps", type=int, default=300, metavar="S",
+                           help="optimizer steps per cell, the same for every method (default 300)")
         for flag in flags:
             p.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **FLAGS[flag])
     _add_tool_commands(sub)
@@ -150,8 +177,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     overrides = _overrides(args)
     overrides.setdefault("data", "cifar10")
+    train_data = overrides.pop("train_data", None)
     cfg = build_config(args.preset, args.config, overrides)
-    evaluate_main(cfg, args.checkpoint, log=_log)
+    evaluate_main(cfg, args.checkpoint, train_data=train_data, log=_log)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -159,6 +187,26 @@ def _export(args: argparse.Namespace) -> None:
 
     out = export(args.checkpoint, args.format, args.part, args.out)
     _log(f"wrote {args.part} as {args.format}: {out}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .html_report import write_report
+
+    run = Path(args.run_dir)
+    if not (run / "config.json").is_file():
+        raise ConvaeError(f"{run} is not a convae run folder (no config.json)")
+    _log(f"wrote {write_report(run)}")
+
+
+def _encode(args: argparse.Namespace) -> None:
+    from .embed import main as encode_main
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "out", "no_map")}
+    overrides.setdefault("batch_size", 1024)
+    cfg = build_config("seed", None, overrides)
+    encode_main(cfg, args.checkpoint, args.out, make_map=not args.no_map, log=_log)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -171,8 +219,19 @@ def _predict(args: argparse.Namespace) -> None:
     _log(format_predictions(rows, as_json=args.json))
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from .sweep import main as sweep_main
+    from .sweep import parse_budgets
+
+    overrides = {k: v for k, v in _overrides(args).items() if k not in ("labels_per_class", "seeds", "steps")}
+    overrides.setdefault("batch_size", SWEEP_BATCH_SIZE)
+    cfg = build_config(args.preset, args.config, overrides)
+    sweep_main(cfg, parse_budgets(args.labels_per_class), args.seeds, args.steps, args.checkpoint, log=_log)
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "run": _run, "pretrain": _run, "finetune": _run, "evaluate": _evaluate, "export": _export, "predict": _predict,
+    "sweep": _sweep, "encode": _encode, "report": _report,
 }
 
 

@@ -78,43 +78,65 @@ def format_class_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(cfg, checkpoint: str, log: Callable[[str], None] = print) -> dict:
-    """``convae evaluate``: a classifier checkpoint on every image of ``cfg.data``.
+def main(cfg, checkpoint: str, train_data: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """``convae evaluate``: a checkpoint on every image of ``cfg.data`` (``cifar10`` = its test split).
 
-    ``cifar10`` means its test split here. With ``--out`` the results and the confusion
-    matrix are written there.
+    A classifier checkpoint is scored as a classifier. With ``train_data`` (labelled), the
+    checkpoint's frozen encoder (an autoencoder's or a classifier's) is also scored by kNN and a
+    linear probe trained on ``train_data``'s features. With ``--out`` everything is written there.
     """
     from . import visualise
     from .checkpoint import load_checkpoint
     from .data import load_source
     from .device import resolve_device
     from .errors import ConvaeError
+    from .probes import representation_scores
     from .report import RunDir
 
     device = resolve_device(cfg.device)
-    clf, payload = load_checkpoint(checkpoint, kind="classifier")
-    m = clf.config
+    model, payload = load_checkpoint(checkpoint)
+    is_classifier = payload["kind"] == "classifier"
+    if not is_classifier and train_data is None:
+        raise ConvaeError(f"{checkpoint} holds an autoencoder: evaluating it needs --train-data SRC "
+                          "(labelled images for the kNN bank and the linear probe)")
+    m = model.config
     if cfg.out:
         RunDir.check_free(cfg.out)
     ds = load_source(cfg.data, m.in_channels, m.height, m.width, cfg.cache_dir, train=False, log=log)
     if not ds.labelled:
         raise ConvaeError(f"{cfg.data} has no class folders: evaluation needs labelled data")
     classes = payload.get("classes") or ds.classes
-    if ds.classes != classes:
+    if is_classifier and ds.classes != classes:
         raise ConvaeError(f"{cfg.data} has classes {ds.classes}, the checkpoint was trained on {classes}")
-    clf = clf.to(device, memory_format=torch.channels_last)
-    batches = DeviceBatches(ds.images.to(device), ds.labels.to(device), cfg.batch_size)
-    r = evaluate_classifier(clf, batches, len(classes), cfg.precision)
-    results = class_results(r["confusion_matrix"], classes)
-    results.update({"eval_set": cfg.data, "loss": r["loss"], "checkpoint": str(checkpoint)})
-    if ds.skipped:
-        log(f"skipped {len(ds.skipped)} unreadable file(s)")
+    model = model.to(device, memory_format=torch.channels_last)
+    results: dict = {"eval_set": cfg.data, "checkpoint": str(checkpoint)}
+    if is_classifier:
+        batches = DeviceBatches(ds.images.to(device), ds.labels.to(device), cfg.batch_size)
+        r = evaluate_classifier(model, batches, len(classes), cfg.precision)
+        results.update(class_results(r["confusion_matrix"], classes))
+        results["loss"] = r["loss"]
+        log(f"accuracy on {cfg.data}: {100 * results['accuracy']:.2f}% of {results['num_images']} images")
+        log(format_class_table(results))
+    if train_data is not None:
+        bank = load_source(train_data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log)
+        if not bank.labelled or bank.classes != ds.classes:
+            raise ConvaeError(f"--train-data {train_data} must be labelled with the classes of {cfg.data}")
+        rep = representation_scores(model.encoder, bank.images, bank.labels, ds.images, ds.labels,
+                                    len(ds.classes), cfg.precision, cfg.seed)
+        rep.update({"encoder": f"{payload['kind']}'s, frozen", "bank": f"--train-data {train_data}",
+                    "eval_set": cfg.data})
+        results["representation"] = rep
+        log(f"frozen encoder: kNN {100 * rep['knn_accuracy']:.2f}%, linear probe "
+            f"{100 * rep['linear_probe_accuracy']:.2f}% on {cfg.data}")
     if cfg.out:
         run = RunDir(cfg.out)
+        run.save_config(cfg)
         run.write_json("results.json", results)
-        visualise.save_confusion_matrix(results["confusion_matrix"], classes, run.figures / "confusion_matrix.png")
+        if is_classifier:
+            visualise.save_confusion_matrix(results["confusion_matrix"], classes, run.figures / "confusion_matrix.png")
         if ds.skipped:
             run.write_lines("skipped.txt", ds.skipped)
-    log(f"accuracy on {cfg.data}: {100 * results['accuracy']:.2f}% of {results['num_images']} images")
-    log(format_class_table(results))
+        from .html_report import write_report
+
+        write_report(run.path)
     return results

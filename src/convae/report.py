@@ -80,3 +80,36 @@ def epoch_line(rec: dict[str, Any]) -> str:
     parts.append(f"{rec['seconds']:.1f}s")
     parts.append(f"{rec['images_per_s']:.0f} img/s")
     return "  ".join(parts)
+
+
+class TensorBoardLog:
+    """Scalars and images under ``RUN/tensorboard`` when the optional ``tensorboard`` package is installed."""
+
+    def __init__(self, run_path: Path, enabled: bool = True) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the optional extra is not installed: log nothing
+            return
+        self.writer = SummaryWriter(log_dir=str(run_path / "tensorboard"))
+
+    def scalars(self, rec: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = rec["epoch"]
+        for key in ("train_loss", "val_loss", "val_accuracy", "images_per_s", "lr"):
+            if key in rec:
+                self.writer.add_scalar(f"{rec['phase']}/{key}", rec[key], step)
+        self.writer.flush()
+
+    def image(self, tag: str, image, step: int = 0) -> None:
+        """``image`` (C, H, W) in [0, 1]."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.utils import make_grid
 
 from . import visualise
 from .checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
@@ -27,7 +28,8 @@ from .errors import ConvaeError
 from .device import autocast, resolve_device
 from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction, format_class_table
 from .models import AutoEncoder, Classifier, ModelConfig
-from .report import RunDir, epoch_line
+from .html_report import write_report
+from .report import RunDir, TensorBoardLog, epoch_line
 
 Log = Callable[[str], None]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -64,12 +66,42 @@ def micro_batch_size(cfg: Config, device: torch.device) -> int | None:
     return 200 if device.type == "cpu" else None
 
 
+def freeze(module: nn.Module) -> None:
+    """No gradients for ``module`` (the linear probe trains the head alone)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
 def reconstruction_loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return F.mse_loss(out.float(), x)
 
 
 def classification_loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return F.cross_entropy(out.float(), y)
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, optimizer: torch.optim.Optimizer,
+               loss_fn: LossFn, precision: str = "fp32", micro_batch: int | None = None) -> torch.Tensor:
+    """One optimizer step on batch ``x`` (and labels ``y``); returns the summed loss, on the device.
+
+    With ``micro_batch`` the gradient is accumulated over chunks of that many images before
+    the one step: the same update as the whole batch (up to float rounding), but a chunk's
+    activations stay in the CPU's caches.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    n = x.shape[0]
+    chunk = micro_batch if micro_batch and micro_batch < n else n
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        xc = x[i : i + chunk]
+        yc = None if y is None else y[i : i + chunk]
+        with autocast(x.device, precision):
+            out = model(xc)
+        loss = loss_fn(out, xc, yc)
+        (loss * (xc.shape[0] / n)).backward()
+        total += loss.detach().double() * xc.shape[0]
+    optimizer.step()
+    return total
 
 
 class EpochInterrupted(Exception):
@@ -94,10 +126,8 @@ def train_one_epoch(
 ) -> float:
     """One pass over ``batches``; returns the mean loss per image over all images.
 
-    With ``micro_batch`` each batch's gradient is accumulated over chunks of that many
-    images before the one optimizer step: the same update as the whole batch (up to float
-    rounding), but the activations of a chunk stay in the CPU's caches. ``start_step`` and
-    ``loss_sum`` continue an interrupted epoch; ``should_stop`` is polled after every step.
+    ``micro_batch`` is passed to :func:`train_step`. ``start_step`` and ``loss_sum`` continue
+    an interrupted epoch; ``should_stop`` is polled after every step.
     """
     from tqdm.auto import tqdm
 
@@ -107,18 +137,7 @@ def train_one_epoch(
     bar = tqdm(batches.iterate(start_step), desc=desc, unit="batch", leave=False, disable=None,
                total=len(batches), initial=start_step)
     for step, (x, y) in enumerate(bar, start=start_step + 1):
-        optimizer.zero_grad(set_to_none=True)
-        n = x.shape[0]
-        chunk = micro_batch if micro_batch and micro_batch < n else n
-        for i in range(0, n, chunk):
-            xc = x[i : i + chunk]
-            yc = None if y is None else y[i : i + chunk]
-            with autocast(device, precision):
-                out = model(xc)
-            loss = loss_fn(out, xc, yc)
-            (loss * (xc.shape[0] / n)).backward()
-            total += loss.detach().double() * xc.shape[0]
-        optimizer.step()
+        total += train_step(model, x, y, optimizer, loss_fn, precision, micro_batch)
         if should_stop is not None and should_stop():
             bar.close()
             raise EpochInterrupted(step, float(total))
@@ -172,6 +191,7 @@ class RunContext:
     timing: dict[str, float] = field(default_factory=dict)
     resume: dict | None = None  # the saved state.pt, when continuing a run
     stop: StopFlag = field(default_factory=StopFlag)
+    tb: TensorBoardLog | None = None
 
     def resumed(self, phase: str) -> dict | None:
         return self.resume if self.resume is not None and self.resume["phase"] == phase else None
@@ -257,6 +277,8 @@ def fit(
         ctx.metrics.append(rec)
         ctx.run.log_metrics(rec)
         ctx.log(epoch_line(rec))
+        if ctx.tb is not None:
+            ctx.tb.scalars(rec)
         if epoch == epochs or (every and epoch % every == 0) or ctx.stop():
             ctx.save_state(phase, model, optimizer, scheduler, epoch, 0, 0.0, 0.0, kernels)
         if ctx.stop():
@@ -334,8 +356,8 @@ def pretrain(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torch.devi
     visualise.save_kernels(pretrained, fig / "kernels_pretrained.png", "first-layer kernels after pretraining")
     visualise.save_kernels(initial - pretrained, fig / "kernels_pretrain_delta.png", "change in pretraining (initial - pretrained)")
     if history:
-        visualise.plot_curve([h["train_loss"] for h in history], fig / "pretrain_loss.png", "MSE per pixel",
-                             "autoencoder pretraining", "train loss")
+        visualise.plot_curve({"train": [h["train_loss"] for h in history], "validation": [h["val_loss"] for h in history]},
+                             fig / "pretrain_loss.png", "MSE per pixel", "autoencoder pretraining")
     # spread over the evaluation set: it is ordered by class, and one class says little
     pick = torch.linspace(0, len(data.val) - 1, min(16, len(data.val))).long()
     x = data.val.images[pick].to(device).float().div(255)
@@ -343,6 +365,10 @@ def pretrain(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torch.devi
     with torch.no_grad(), autocast(device, cfg.precision):
         recon = ae(x)
     visualise.save_reconstructions(x, recon.float(), fig / "reconstructions.png")
+    if ctx.tb is not None:
+        for tag, w in (("kernels/initial", initial), ("kernels/pretrained", pretrained)):
+            ctx.tb.image(tag, visualise.kernel_grid(w))
+        ctx.tb.image("reconstructions", make_grid(torch.cat([x, recon.float().clamp(0, 1)]).cpu(), nrow=len(x)))
     return history
 
 
@@ -352,8 +378,7 @@ def finetune(clf: Classifier, data: RunData, ctx: RunContext, device: torch.devi
     r = ctx.resumed("finetune")
     before = r["kernels"].to(device) if r is not None else clf.encoder.first_conv.weight.detach().clone()
     if cfg.freeze_encoder:
-        for p in clf.encoder.parameters():
-            p.requires_grad_(False)
+        freeze(clf.encoder)
     k = len(data.classes)
     ft = data.finetune
     train = DeviceBatches(ft.images.to(device), ft.labels.to(device), cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -373,10 +398,13 @@ def finetune(clf: Classifier, data: RunData, ctx: RunContext, device: torch.devi
     visualise.save_kernels(after, fig / "kernels_finetuned.png", "first-layer kernels after fine-tuning")
     visualise.save_kernels(before - after, fig / "kernels_finetune_delta.png", f"change in fine-tuning ({origin} - fine-tuned)")
     if history:
-        visualise.plot_curve([h["train_loss"] for h in history], fig / "finetune_loss.png", "cross-entropy",
-                             "classifier fine-tuning", "train loss")
-        visualise.plot_curve([100 * h["val_accuracy"] for h in history], fig / "finetune_accuracy.png",
-                             "accuracy (%)", f"accuracy on the {data.eval_name.split(' (')[0]}", "val accuracy", "r")
+        visualise.plot_curve({"train": [h["train_loss"] for h in history], "validation": [h["val_loss"] for h in history]},
+                             fig / "finetune_loss.png", "cross-entropy", "classifier fine-tuning")
+        visualise.plot_curve({"validation accuracy": [100 * h["val_accuracy"] for h in history]},
+                             fig / "finetune_accuracy.png", "accuracy (%)",
+                             f"accuracy on the {data.eval_name.split(' (')[0]}")
+    if ctx.tb is not None:
+        ctx.tb.image("kernels/finetuned", visualise.kernel_grid(after))
     final = evaluate_classifier(clf, val, k, cfg.precision)
     results = class_results(final["confusion_matrix"], data.classes)
     results.update({"eval_set": data.eval_name, "loss": final["loss"], "init": cfg.init,
@@ -446,7 +474,7 @@ def main(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune"), checkp
         run.save_config(cfg)
     if data.skipped:
         run.write_lines("skipped.txt", data.skipped)
-    ctx = RunContext(run, cfg, log, resume=state)
+    ctx = RunContext(run, cfg, log, resume=state, tb=TensorBoardLog(run.path, cfg.tensorboard))
     if resume:
         if state is not None:
             ctx.metrics, ctx.timing = list(state["metrics"]), dict(state["timing"])
@@ -474,9 +502,44 @@ def main(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune"), checkp
             start = time.perf_counter()
             results = finetune(clf, data, ctx, device)
             ctx.timing["finetune_s"] = ctx.timing.get("finetune_s", 0.0) + time.perf_counter() - start
+            if cfg.init == "pretrained" and ae is not None:
+                results["representation"] = measure_representation(ae, data, cfg, run, device, log)
             results["timing"] = ctx.timing
             run.write_json("results.json", results)
             log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
             log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(results))
+    ctx.tb.close()
+    report = write_report(run.path)
+    log(f"report: {report}")
     log(f"done: {run.path}")
     return run
+
+
+def measure_representation(ae: AutoEncoder, data: RunData, cfg: Config, run: RunDir, device: torch.device,
+                           log: Log) -> dict:
+    """kNN and linear-probe accuracy of the pretrained (frozen) encoder, and its embedding map."""
+    from .probes import PROBE_SETTINGS, extract_features, knn_accuracy, linear_probe_accuracy
+
+    start = time.perf_counter()
+    enc = ae.encoder.to(device)
+    bank, queries = data.finetune, data.val
+    ftr = extract_features(enc, bank.images, precision=cfg.precision)
+    fte = extract_features(enc, queries.images, precision=cfg.precision)
+    ytr, yte = bank.labels.to(device), queries.labels.to(device)
+    k = len(data.classes)
+    rep = {
+        "encoder": "pretrained autoencoder's, frozen",
+        "bank": f"the {len(ytr)} labelled fine-tuning images",
+        "eval_set": data.eval_name,
+        "knn_accuracy": knn_accuracy(ftr, ytr, fte, yte, k),
+        "knn": {"k": min(200, len(ytr)), "temperature": 0.07, "similarity": "cosine"},
+        "linear_probe_accuracy": linear_probe_accuracy(ftr, ytr, fte, yte, k, seed=cfg.seed),
+        "linear_probe": PROBE_SETTINGS,
+    }
+    visualise.save_embedding_map(fte.cpu().numpy(), queries.labels.numpy(), data.classes,
+                                 run.figures / "embedding_map.png", "pretrained encoder, evaluation images",
+                                 max_points=2000, seed=cfg.seed)
+    rep["seconds"] = time.perf_counter() - start
+    log(f"frozen pretrained encoder: kNN {100 * rep['knn_accuracy']:.2f}%, "
+        f"linear probe {100 * rep['linear_probe_accuracy']:.2f}% on the {data.eval_name}")
+    return rep

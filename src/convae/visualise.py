@@ -19,10 +19,14 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curve(values: list[float], path: Path, ylabel: str, title: str, label: str, color: str = "g") -> None:
-    """A per-epoch curve (epochs counted from 1)."""
+def plot_curve(series: dict[str, list[float]], path: Path, ylabel: str, title: str) -> None:
+    """Per-epoch curves (epochs counted from 1), one line per named series."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(range(1, len(values) + 1), values, f"{color}-o", label=label)
+    for (label, values), style in zip(series.items(), ("g-o", "b--s", "r-o")):
+        ax.plot(range(1, len(values) + 1), values, style, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -88,4 +92,65 @@ def save_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path) -
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (counts; colour = row rate)", fontsize=10)
+    _save(fig, path)
+
+
+def save_label_efficiency(result: dict, path: Path) -> None:
+    """Accuracy against labelled images per class (log x), one line per method, std error bars."""
+    from .sweep import METHODS
+
+    full = result["images_per_class_all"]
+    xs = {b: (full if b == "all" else b) for b in result["budgets"]}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, name in METHODS.items():
+        rows = sorted((r for r in result["summary"] if r["method"] == method), key=lambda r: xs[r["labels_per_class"]])
+        if not rows:
+            continue
+        ax.errorbar([xs[r["labels_per_class"]] for r in rows], [100 * r["mean"] for r in rows],
+                    yerr=[100 * r["std"] for r in rows], marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ticks = sorted(xs.values())
+    ax.set_xticks(ticks, [f"all ({full})" if t == full and "all" in xs else str(t) for t in ticks])
+    ax.set_xlabel("labelled images per class (log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"label efficiency, mean ± std over {len(result['seeds'])} seed(s)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+
+
+def embedding_map(features, seed: int = 0):
+    """2-D t-SNE coordinates (scikit-learn) of features (N, D); PCA to 50 dimensions first."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(features, dtype=np.float32)
+    if x.shape[1] > 50 and x.shape[0] > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30, max(2, (x.shape[0] - 1) // 3)))
+    return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
+
+
+def save_embedding_map(features, labels, classes: list[str], path: Path, title: str,
+                       max_points: int = 3000, seed: int = 0) -> None:
+    """A t-SNE map of (at most ``max_points``, seeded) embeddings, coloured by class."""
+    import numpy as np
+
+    n = len(features)
+    pick = np.random.default_rng(seed).permutation(n)[:max_points] if n > max_points else np.arange(n)
+    xy = embedding_map(np.asarray(features)[pick], seed)
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.6)
+    else:
+        lab = np.asarray(labels)[pick]
+        cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+        for k, name in enumerate(classes):
+            sel = lab == k
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=3, alpha=0.7, color=cmap(k % cmap.N), label=name)
+        ax.legend(markerscale=4, fontsize=7, loc="best", ncol=2 if len(classes) > 10 else 1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"{title} (t-SNE of {len(pick)} images)", fontsize=10)
     _save(fig, path)

@@ -1,0 +1,100 @@
+"""Measuring a frozen representation: feature extraction, kNN and a linear probe.
+
+kNN follows the instance-discrimination protocol (Wu et al., 2018): cosine similarity,
+the k = 200 nearest training features vote with weight exp(similarity / 0.07).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .device import autocast
+
+PROBE_SETTINGS = {"model": "multinomial logistic regression", "optimizer": "full-batch L-BFGS",
+                  "max_iter": 200, "l2": 1e-4, "features": "standardised"}
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = 1024,
+                     precision: str = "fp32") -> torch.Tensor:
+    """Latent vectors (N, D), float32, of uint8 ``images`` (N, C, H, W) with the encoder in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device).float().div_(255)
+        with autocast(device, precision):
+            out.append(encoder(x.contiguous(memory_format=torch.channels_last)).float())
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, num_classes: int,
+                k: int = 200, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class predictions for ``test_f`` by temperature-weighted votes of its k nearest neighbours."""
+    train_n = F.normalize(train_f, dim=1)
+    k = min(k, train_n.shape[0])
+    preds = []
+    for start in range(0, test_f.shape[0], chunk):
+        q = F.normalize(test_f[start : start + chunk], dim=1)
+        sim, idx = (q @ train_n.T).topk(k, dim=1)  # (B, k)
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes: int, k: int = 200, temperature: float = 0.07) -> float:
+    pred = knn_predict(train_f, train_y, test_f, num_classes, k, temperature)
+    return float((pred == test_y).float().mean())
+
+
+def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                          num_classes: int, max_iter: int = 200, l2: float = 1e-4, seed: int = 0) -> float:
+    """Accuracy of multinomial logistic regression on standardised frozen features.
+
+    Full-batch L-BFGS with a small L2 penalty: it converges the same way for 250 or 45,000
+    labelled images, unlike a fixed number of SGD epochs.
+    """
+    mean, std = train_f.mean(0), train_f.std(0).clamp(min=1e-6)
+    if train_f.shape[0] < 2:
+        std = torch.ones_like(std)
+    xtr, xte = (train_f - mean) / std, (test_f - mean) / std
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(xtr.shape[1], num_classes).to(xtr.device)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(head(xtr), train_y) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float((head(xte).argmax(1) == test_y).float().mean())
+
+
+def representation_scores(encoder: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
+                          test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
+                          precision: str = "fp32", seed: int = 0) -> dict:
+    """kNN and linear-probe accuracy of ``encoder``'s frozen features (train = the labelled bank)."""
+    device = next(encoder.parameters()).device
+    ftr = extract_features(encoder, train_images, precision=precision)
+    fte = extract_features(encoder, test_images, precision=precision)
+    ytr, yte = train_labels.to(device), test_labels.to(device)
+    return {
+        "knn_accuracy": knn_accuracy(ftr, ytr, fte, yte, num_classes),
+        "knn": {"k": min(200, len(ytr)), "temperature": 0.07, "similarity": "cosine"},
+        "linear_probe_accuracy": linear_probe_accuracy(ftr, ytr, fte, yte, num_classes, seed=seed),
+        "linear_probe": PROBE_SETTINGS,
+        "train_images": int(len(ytr)),
+        "test_images": int(len(yte)),
+    }

@@ -1,0 +1,189 @@
+"""``convae sweep``: does pretraining help when labels are scarce? Measured over label budgets and seeds.
+
+For each budget (labelled images per class) and seed, the same labelled subset trains:
+the pretrained encoder fine-tuned, the pretrained encoder frozen (a linear probe trained with
+the same recipe), and the same classifier from random init; a kNN on the frozen pretrained
+features is scored on the same subset. One autoencoder pretraining serves the whole sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import visualise
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data import DeviceBatches, per_class_subset
+from .device import resolve_device
+from .errors import ConvaeError
+from .evaluate import evaluate_classifier
+from .models import AutoEncoder, Classifier
+from .probes import extract_features, knn_accuracy
+from .report import RunDir
+from .train import (RunContext, _adopt_model, classification_loss, freeze, make_optimizer, micro_batch_size,
+                    prepare_data, pretrain, train_step)
+
+METHODS = {
+    "finetune": "pretrained, fine-tuned",
+    "linear_probe": "pretrained, frozen (linear probe)",
+    "scratch": "random init (scratch)",
+    "knn": "pretrained, frozen (kNN, k=200)",
+}
+DEFAULT_BUDGETS = ["25", "100", "400", "all"]
+
+
+def parse_budgets(values: list[str]) -> list[int | None]:
+    """``["25", "all"]`` -> ``[25, None]`` (None = every labelled training image)."""
+    out: list[int | None] = []
+    for v in values:
+        if str(v).lower() == "all":
+            out.append(None)
+            continue
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise ConvaeError(f"--labels-per-class takes integers > 0 or 'all'; got {v!r}")
+        out.append(n)
+    return out
+
+
+def _train_cell(clf: Classifier, images, labels, val: DeviceBatches, cfg: Config, steps: int, seed: int,
+                num_classes: int) -> float:
+    """``steps`` optimizer steps of the fine-tuning recipe, then the evaluation-set accuracy."""
+    optimizer = make_optimizer(clf.parameters(), cfg, cfg.finetune_lr or cfg.lr)
+    batches = DeviceBatches(images, labels, cfg.batch_size, shuffle=True, seed=seed)
+    micro = micro_batch_size(cfg, images.device)
+    done, epoch = 0, 0
+    clf.train()
+    while done < steps:
+        epoch += 1
+        batches.set_epoch(epoch)
+        for x, y in batches:
+            train_step(clf, x, y, optimizer, classification_loss, cfg.precision, micro)
+            done += 1
+            if done == steps:
+                break
+    return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
+
+
+def summarise(cells: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation of the accuracy per method and budget."""
+    groups: dict[tuple, list[float]] = {}
+    for c in cells:
+        groups.setdefault((c["method"], c["labels_per_class"]), []).append(c["accuracy"])
+    rows = []
+    for (method, budget), accs in groups.items():
+        mean = sum(accs) / len(accs)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+        rows.append({"method": method, "labels_per_class": budget, "mean": mean, "std": std, "n": len(accs)})
+    return rows
+
+
+def main(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpoint: str | None = None,
+         log: Callable[[str], None] = print) -> RunDir:
+    """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png."""
+    if seeds <= 0 or steps <= 0:
+        raise ConvaeError(f"--seeds and --steps must be integers > 0; got {seeds} and {steps}")
+    device = resolve_device(cfg.device)
+    ae = None
+    if checkpoint is not None:
+        ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
+        _adopt_model(cfg, ae.config)
+        cfg.init_checkpoint = str(checkpoint)
+    RunDir.check_free(cfg.out)
+    data = prepare_data(cfg, need_labels=True, log=log)
+    k = len(data.classes)
+    if k < 2:
+        raise ConvaeError(f"{cfg.data} has {k} class folder(s): a classifier needs at least 2")
+    run = RunDir(cfg.out)
+    cfg.out = str(run.path)
+    run.save_config(cfg)
+    log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
+    torch.manual_seed(cfg.seed)
+    mcfg = cfg.model_config(num_classes=k)
+    started = time.perf_counter()
+    if ae is None:
+        ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
+        pretrain(ae, data, RunContext(run, cfg, log), device)
+    ae = ae.to(device, memory_format=torch.channels_last)
+    pretrain_s = time.perf_counter() - started
+
+    images, labels = data.train.images.to(device), data.train.labels.to(device)
+    val = DeviceBatches(data.val.images.to(device), data.val.labels.to(device), cfg.batch_size)
+    train_f = extract_features(ae.encoder, images, precision=cfg.precision)
+    val_f = extract_features(ae.encoder, val.images, precision=cfg.precision)
+    cells = []
+    for budget in budgets:
+        for i in range(seeds):
+            seed = cfg.seed + i
+            idx = (torch.arange(len(labels)) if budget is None else
+                   per_class_subset(data.train.labels, torch.arange(len(labels)), budget, seed)).to(device)
+            for method in METHODS:
+                start = time.perf_counter()
+                if method == "knn":
+                    acc = knn_accuracy(train_f[idx], labels[idx], val_f, val.labels, k)
+                else:
+                    torch.manual_seed(seed)
+                    clf = Classifier(mcfg) if method == "scratch" else Classifier.from_autoencoder(ae, k)
+                    clf = clf.to(device, memory_format=torch.channels_last)
+                    if method == "linear_probe":
+                        freeze(clf.encoder)
+                    acc = _train_cell(clf, images[idx], labels[idx], val, cfg, steps, seed, k)
+                cell = {"method": method, "labels_per_class": "all" if budget is None else budget, "seed": seed,
+                        "labelled_images": int(len(idx)), "accuracy": acc, "seconds": time.perf_counter() - start}
+                cells.append(cell)
+                run.log_metrics({"phase": "sweep", **cell})
+                log(f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {method:<12}  "
+                    f"acc {100 * acc:6.2f}%  {cell['seconds']:.1f}s")
+    summary = summarise(cells)
+    total_s = time.perf_counter() - started
+    result = {
+        "eval_set": data.eval_name, "classes": data.classes, "budgets": ["all" if b is None else b for b in budgets],
+        "seeds": [cfg.seed + i for i in range(seeds)], "steps": steps, "batch_size": cfg.batch_size,
+        "lr": cfg.finetune_lr or cfg.lr, "optimizer": cfg.optimizer, "methods": METHODS,
+        "autoencoder": cfg.init_checkpoint or str(run.checkpoints / "autoencoder.pt"),
+        "cells": cells, "summary": summary,
+        "timing": {"pretrain_s": pretrain_s, "total_s": total_s},
+        "images_per_class_all": int(torch.bincount(data.train.labels).max()),
+    }
+    run.write_json("sweep.json", result)
+    write_csv(run.path / "sweep.csv", summary)
+    visualise.save_label_efficiency(result, run.figures / "label_efficiency.png")
+    from .html_report import write_report
+
+    write_report(run.path)
+    log(format_summary(result))
+    log(f"sweep: {len(cells)} cells in {total_s:.1f} s")
+    return run
+
+
+def write_csv(path: Path, summary: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "labels_per_class", "mean", "std", "n"])
+        w.writeheader()
+        for row in summary:
+            w.writerow(row)
+
+
+def format_summary(result: dict) -> str:
+    """Accuracy mean +- std (%), one row per method, one column per budget."""
+    budgets = result["budgets"]
+    cell = {(r["method"], r["labels_per_class"]): r for r in result["summary"]}
+    head = f"{'method':<36}" + "".join(f"{str(b) + '/class':>16}" for b in budgets)
+    lines = [head]
+    for method, name in METHODS.items():
+        vals = []
+        for b in budgets:
+            r = cell.get((method, b))
+            vals.append(f"{100 * r['mean']:6.2f} +- {100 * r['std']:4.2f}" if r else "")
+        lines.append(f"{name:<36}" + "".join(f"{v:>16}" for v in vals))
+    return "\n".join(lines)

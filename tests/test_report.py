@@ -1,0 +1,99 @@
+"""report.html: structure, TensorBoard logs, and a real browser rendering the page."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from convae.cli import main
+
+TINY = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32", "--batch-size", "8",
+        "--val-fraction", "0.2", "--pretrain-epochs", "2", "--finetune-epochs", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from conftest import make_image_folder
+
+    root = tmp_path_factory.mktemp("report")
+    data = make_image_folder(root / "data")
+    out = root / "run"
+    assert main(["run", "--data", str(data), "--cache-dir", str(root / "cache"), "--out", str(out)] + TINY) == 0
+    return out
+
+
+def test_report_is_self_contained_and_complete(run_dir):
+    page = (run_dir / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert 'src="data:image/png;base64,' in page and 'src="figures/' not in page  # images inlined
+    figures = sorted(p.name for p in (run_dir / "figures").glob("*.png"))
+    assert page.count("<img ") == len(figures) == 11
+    for section in ("Training", "First-layer kernels", "Reconstructions", "Per-class accuracy",
+                    "The frozen representation", "Configuration"):
+        assert f"<h2>{section}</h2>" in page
+    assert page.count("<tr><td class=\"l\">class_") == 3  # one per-class row per class
+
+
+def test_report_command_rewrites_the_page(run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "report.html").unlink()
+    assert main(["report", str(copy)]) == 0
+    original = (run_dir / "report.html").read_text()
+    assert (copy / "report.html").read_text() == original.replace("convae report: run", "convae report: copy")
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a convae run folder" in capsys.readouterr().err
+
+
+def test_lecture_figures_stand_beside_a_cifar10_seed_run(tmp_path):
+    from convae.html_report import CIFAR10, build_report
+
+    (tmp_path / "config.json").write_text(json.dumps({"preset": "seed", "data": "cifar10"}))
+    per_class = {c: {"accuracy": 0.5, "correct": 50, "total": 100} for c in CIFAR10}
+    (tmp_path / "results.json").write_text(json.dumps({
+        "accuracy": 0.5, "num_images": 1000, "classes": CIFAR10, "per_class": per_class, "eval_set": "validation"}))
+    rec = {"phase": "finetune", "epoch": 5, "epochs": 5, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5,
+           "seconds": 1.0, "images_per_s": 10.0}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    page = build_report(tmp_path)
+    assert "55.72 %" in page and "lecture (test)" in page and "72.8 %" in page
+
+
+def test_tensorboard_logs_scalars_and_images(run_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"pretrain/train_loss", "pretrain/val_loss", "finetune/val_accuracy"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("finetune/val_accuracy")] == [1, 2]
+    assert {"kernels/initial", "kernels/pretrained", "kernels/finetuned", "reconstructions"} <= set(tags["images"])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_the_report_renders_in_a_real_browser(run_dir, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    from PIL import Image, ImageStat
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((run_dir / "report.html").resolve().as_uri())
+        page.wait_for_load_state("load")
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        assert len(widths) == 11 and all(w > 0 for w in widths)
+        rows = page.eval_on_selector_all("#per-class tbody tr", "rows => rows.length")
+        assert rows == 3
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    stat = ImageStat.Stat(Image.open(shot).convert("L"))
+    assert stat.stddev[0] > 10  # not a blank page

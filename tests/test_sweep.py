@@ -1,0 +1,52 @@
+import csv
+import json
+
+import pytest
+
+from convae.cli import main
+from convae.sweep import parse_budgets, summarise
+from convae.errors import ConvaeError
+
+SMALL = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32", "--batch-size", "8",
+         "--val-fraction", "0.2", "--device", "cpu"]
+
+
+def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out),
+                 "--pretrain-epochs", "1", "--labels-per-class", "2", "all", "--seeds", "2", "--steps", "3"]
+                + SMALL) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["budgets"] == [2, "all"] and result["seeds"] == [0, 1]
+    methods = {"finetune", "linear_probe", "scratch", "knn"}
+    assert len(result["cells"]) == 2 * 2 * 4
+    for c in result["cells"]:
+        assert c["method"] in methods and 0 <= c["accuracy"] <= 1
+        assert c["labelled_images"] == (6 if c["labels_per_class"] == 2 else 24)
+    # the three trained methods of one budget and seed see the same labelled subset
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert {(r["method"], r["labels_per_class"]) for r in rows} == {(m, b) for m in methods for b in ("2", "all")}
+    assert all(int(r["n"]) == 2 for r in rows)
+    assert (out / "figures" / "label_efficiency.png").is_file()
+    assert (out / "checkpoints" / "autoencoder.pt").is_file()  # pretrained once, reused by every cell
+    assert 'id="sweep"' in (out / "report.html").read_text()
+
+
+def test_sweep_reuses_a_given_checkpoint(image_folder, cache_dir, tmp_path):
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(pre),
+                 "--pretrain-epochs", "1"] + SMALL) == 0
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--checkpoint", str(pre / "checkpoints" / "autoencoder.pt"), "--data", str(image_folder),
+                 "--cache-dir", str(cache_dir), "--out", str(out), "--labels-per-class", "3", "--seeds", "1",
+                 "--steps", "2", "--batch-size", "8", "--val-fraction", "0.2", "--device", "cpu"]) == 0
+    assert not (out / "checkpoints" / "autoencoder.pt").exists()
+    assert json.loads((out / "sweep.json").read_text())["autoencoder"].endswith("autoencoder.pt")
+
+
+def test_budget_parsing_and_summary():
+    assert parse_budgets(["25", "ALL", "3"]) == [25, None, 3]
+    with pytest.raises(ConvaeError, match="integers > 0 or 'all'"):
+        parse_budgets(["0"])
+    rows = summarise([{"method": "knn", "labels_per_class": 5, "accuracy": a} for a in (0.5, 0.7)])
+    assert rows[0]["mean"] == pytest.approx(0.6) and rows[0]["std"] == pytest.approx(0.1414213, rel=1e-5)
