@@ -3,42 +3,8 @@ import torch
 from torch import nn
 
 from convae.models import UPSAMPLE_MODES, AutoEncoder, Classifier, ModelConfig, count_parameters
-
-
-class LectureAutoencoder(nn.Module):
-    """The lecture's autoencoder, written as it was shown on screen."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv_encoder = nn.Sequential(
-            nn.Conv2d(in_channels=3, out_channels=64, kernel_size=3, stride=2, padding=1),
-            nn.LeakyReLU(0.1),
-            nn.Conv2d(in_channels=64, out_channels=128, kernel_size=3, stride=2, padding=1),
-            nn.LeakyReLU(0.1),
-            nn.Conv2d(in_channels=128, out_channels=128, kernel_size=3, stride=2, padding=1),
-            nn.LeakyReLU(0.1))
-        self.fc_encoder = nn.Sequential(nn.Linear(128 * 4 * 4, 1024), nn.LeakyReLU(0.1))
-        self.fc_decoder = nn.Sequential(nn.Linear(1024, 128 * 4 * 4), nn.LeakyReLU(0.1))
-        self.conv_decoder = nn.Sequential(
-            nn.Conv2d(in_channels=128, out_channels=128, kernel_size=3, stride=1, padding=1),
-            nn.LeakyReLU(0.1),
-            nn.Upsample(scale_factor=2, mode='bilinear'),
-            nn.Conv2d(in_channels=128, out_channels=64, kernel_size=3, stride=1, padding=1),
-            nn.LeakyReLU(0.1),
-            nn.Upsample(scale_factor=2, mode='bilinear'),
-            nn.Conv2d(in_channels=64, out_channels=64, kernel_size=3, stride=1, padding=1),
-            nn.LeakyReLU(0.1),
-            nn.Upsample(scale_factor=2, mode='bilinear'),
-            nn.Conv2d(in_channels=64, out_channels=3, kernel_size=3, stride=1, padding=1),
-            nn.ReLU())
-
-    def forward(self, x):
-        x = self.conv_encoder(x)
-        x = x.view(-1, 128 * 4 * 4)
-        x = self.fc_encoder(x)
-        x = self.fc_decoder(x)
-        x = x.view(-1, 128, 4, 4)
-        return self.conv_decoder(x)
+from convae.reference import Model as LectureClassifier
+from convae.reference import autoencoder as LectureAutoencoder
 
 
 def leaf_reprs(model: nn.Module) -> list[str]:
@@ -60,10 +26,10 @@ def test_seed_model_computes_the_lecture_function():
 
 
 def test_seed_classifier_matches_the_lecture_classifier():
-    clf = Classifier(ModelConfig())
-    reprs = leaf_reprs(clf)
-    assert reprs[-1] == "Linear(in_features=1024, out_features=10, bias=True)"
-    assert reprs[:8] == leaf_reprs(LectureAutoencoder())[:8]
+    clf, lecture = Classifier(ModelConfig()), LectureClassifier(LectureAutoencoder())
+    assert leaf_reprs(clf) == leaf_reprs(lecture)
+    assert leaf_reprs(clf)[-1] == "Linear(in_features=1024, out_features=10, bias=True)"
+    assert count_parameters(clf) == count_parameters(lecture)
 
 
 @pytest.mark.parametrize("mode", UPSAMPLE_MODES)

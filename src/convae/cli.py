@@ -48,6 +48,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--freeze-encoder": dict(action="store_true", help="train only the linear head (linear probe)"),
     "--micro-batch": dict(type=int, metavar="N", help="accumulate each batch's gradient over chunks of N images "
                           "(same update, faster on CPU); 0 = auto: 200 on CPU, whole batch on GPU"),
+    "--compile": dict(action="store_true", help="torch.compile the training model (pays on GPUs; slower on CPU)"),
     "--precision": dict(choices=PRECISIONS, help="fp32, or bfloat16 autocast (default fp32)"),
     "--seed": dict(type=int, metavar="N", help="seed for weights, split and batch order (default 0)"),
     "--device": dict(choices=DEVICES, help="auto picks CUDA when available (default auto)"),
@@ -60,7 +61,7 @@ DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir"]
 MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample"]
 OPTIM = ["--batch-size", "--lr", "--optimizer", "--weight-decay", "--schedule", "--step-size"]
 FINETUNE = ["--finetune-epochs", "--finetune-lr", "--labels-per-class", "--init", "--freeze-encoder"]
-EXEC = ["--checkpoint-every", "--micro-batch", "--precision", "--seed", "--device", "--out"]
+EXEC = ["--checkpoint-every", "--micro-batch", "--compile", "--precision", "--seed", "--device", "--out"]
 
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "run": ("pretrain the autoencoder, transfer its encoder, fine-tune and evaluate (the lecture's pipeline)",

@@ -54,6 +54,7 @@ class Config:
     # execution
     tensorboard: bool = True  # log to RUN/tensorboard when the tensorboard package is installed
     checkpoint_every: int = 1  # save the training state every N epochs (0: at phase ends only)
+    compile: bool = False  # torch.compile the training model (measured slower on CPU; see BENCHMARKS.md)
     micro_batch: int = 0  # images per forward/backward chunk; 0 = auto (200 on CPU, whole batch on GPU)
     precision: str = "fp32"
     seed: int = 0
@@ -178,6 +179,7 @@ def validate(cfg: Config) -> None:
     _check(_is_int(cfg.micro_batch) and cfg.micro_batch >= 0,
            f"micro_batch must be an integer >= 0 (0 = auto), got {cfg.micro_batch!r}")
     _check(_is_int(cfg.seed) and cfg.seed >= 0, f"seed must be an integer >= 0, got {cfg.seed!r}")
+    _check(isinstance(cfg.compile, bool), f"compile must be true or false, got {cfg.compile!r}")
     _check(isinstance(cfg.tensorboard, bool), f"tensorboard must be true or false, got {cfg.tensorboard!r}")
     _check(isinstance(cfg.freeze_encoder, bool), f"freeze_encoder must be true or false, got {cfg.freeze_encoder!r}")
     for name, choices in (

@@ -261,7 +261,11 @@ def extract_archive(archive: Path, cache_dir: Path, digest: str, log: Log) -> Pa
     try:
         log(f"extracting {archive.name} into the cache")
         safe_extract(archive, tmp)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():  # another process (a DDP rank) finished the same extraction first
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -365,9 +369,10 @@ def load_source(
     ds = loader()
     ds.source = src
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    torch.save({"images": ds.images, "labels": ds.labels, "classes": ds.classes,
-                "files": ds.files, "skipped": ds.skipped}, tmp)
+    fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=".tmp", dir=cached.parent)
+    with os.fdopen(fd, "wb") as f:
+        torch.save({"images": ds.images, "labels": ds.labels, "classes": ds.classes,
+                    "files": ds.files, "skipped": ds.skipped}, f)
     os.replace(tmp, cached)  # a killed run never leaves half a cache file under the real name
     return ds
 
@@ -450,6 +455,8 @@ class DeviceBatches:
         shuffle: bool = False,
         seed: int = 0,
         channels_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.images = images
         self.labels = labels
@@ -458,6 +465,7 @@ class DeviceBatches:
         self.seed = seed
         self.epoch = 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.rank, self.world_size = rank, world_size  # each rank takes a strided shard of every batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -467,7 +475,12 @@ class DeviceBatches:
 
     @property
     def num_images(self) -> int:
+        """Images in an epoch, over all ranks."""
         return self.images.shape[0]
+
+    def global_size(self, batch_index: int) -> int:
+        """Images in batch ``batch_index`` over all ranks (the last batch may be short)."""
+        return min(self.batch_size, self.images.shape[0] - batch_index * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         return self.iterate(0)
@@ -485,7 +498,7 @@ class DeviceBatches:
                 x = self.images[start : start + self.batch_size]
                 y = None if self.labels is None else self.labels[start : start + self.batch_size]
             else:
-                idx = order[start : start + self.batch_size]
+                idx = order[start : start + self.batch_size][self.rank :: self.world_size]
                 x = self.images[idx]
                 y = None if self.labels is None else self.labels[idx]
             x = x.float().div_(255).contiguous(memory_format=self.memory_format)

@@ -11,7 +11,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,7 +25,8 @@ from .checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import DeviceBatches, ImageSet, load_source, per_class_subset, split_indices
 from .errors import ConvaeError
-from .device import autocast, resolve_device
+from .device import autocast
+from .distributed import Dist, setup_distributed, teardown_distributed
 from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction, format_class_table
 from .models import AutoEncoder, Classifier, ModelConfig
 from .html_report import write_report
@@ -81,24 +82,32 @@ def classification_loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | No
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, optimizer: torch.optim.Optimizer,
-               loss_fn: LossFn, precision: str = "fp32", micro_batch: int | None = None) -> torch.Tensor:
+               loss_fn: LossFn, precision: str = "fp32", micro_batch: int | None = None,
+               global_n: int | None = None, world_size: int = 1) -> torch.Tensor:
     """One optimizer step on batch ``x`` (and labels ``y``); returns the summed loss, on the device.
 
     With ``micro_batch`` the gradient is accumulated over chunks of that many images before
     the one step: the same update as the whole batch (up to float rounding), but a chunk's
-    activations stay in the CPU's caches.
+    activations stay in the CPU's caches. Under DDP ``x`` is this rank's shard of a global
+    batch of ``global_n`` images; scaling by ``world_size / global_n`` undoes DDP's averaging,
+    so the update is the global batch's mean gradient even for uneven shards.
     """
     optimizer.zero_grad(set_to_none=True)
     n = x.shape[0]
+    scale = world_size / (global_n or n)
     chunk = micro_batch if micro_batch and micro_batch < n else n
     total = torch.zeros((), device=x.device, dtype=torch.float64)
-    for i in range(0, n, chunk):
+    starts = list(range(0, n, chunk))
+    for i in starts:
         xc = x[i : i + chunk]
         yc = None if y is None else y[i : i + chunk]
-        with autocast(x.device, precision):
-            out = model(xc)
-        loss = loss_fn(out, xc, yc)
-        (loss * (xc.shape[0] / n)).backward()
+        # DDP all-reduces on the last chunk's backward only
+        sync = nullcontext() if i == starts[-1] or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(x.device, precision):
+                out = model(xc)
+            loss = loss_fn(out, xc, yc)
+            (loss * (xc.shape[0] * scale)).backward()
         total += loss.detach().double() * xc.shape[0]
     optimizer.step()
     return total
@@ -137,10 +146,13 @@ def train_one_epoch(
     bar = tqdm(batches.iterate(start_step), desc=desc, unit="batch", leave=False, disable=None,
                total=len(batches), initial=start_step)
     for step, (x, y) in enumerate(bar, start=start_step + 1):
-        total += train_step(model, x, y, optimizer, loss_fn, precision, micro_batch)
+        total += train_step(model, x, y, optimizer, loss_fn, precision, micro_batch,
+                            batches.global_size(step - 1), batches.world_size)
         if should_stop is not None and should_stop():
             bar.close()
             raise EpochInterrupted(step, float(total))
+    if batches.world_size > 1:  # every rank saw its shard: the epoch's loss is the sum over ranks
+        torch.distributed.all_reduce(total)
     return float(total) / batches.num_images
 
 
@@ -192,6 +204,16 @@ class RunContext:
     resume: dict | None = None  # the saved state.pt, when continuing a run
     stop: StopFlag = field(default_factory=StopFlag)
     tb: TensorBoardLog | None = None
+    dist: Dist = field(default_factory=Dist)
+
+    def record(self, rec: dict) -> None:
+        """One epoch's metrics: kept on every rank, written and printed by rank 0."""
+        self.metrics.append(rec)
+        if self.dist.is_main:
+            self.run.log_metrics(rec)
+            self.log(epoch_line(rec))
+            if self.tb is not None:
+                self.tb.scalars(rec)
 
     def resumed(self, phase: str) -> dict | None:
         return self.resume if self.resume is not None and self.resume["phase"] == phase else None
@@ -202,6 +224,8 @@ class RunContext:
     def save_state(self, phase: str, model: nn.Module, optimizer, scheduler, epoch: int, step: int,
                    loss_sum: float, elapsed: float, kernels: torch.Tensor) -> None:
         """Everything needed to continue after ``epoch`` completed epochs and ``step`` more batches."""
+        if not self.dist.is_main:
+            return
         state = {
             "format": STATE_FORMAT, "phase": phase, "epoch": epoch, "step": step, "loss_sum": loss_sum,
             "elapsed": elapsed, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -237,6 +261,9 @@ def fit(
     kernels before this phase) travel in the saved state for the figures drawn at the end.
     """
     cfg = ctx.cfg
+    net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
+    if cfg.compile:
+        net = torch.compile(net)
     optimizer = make_optimizer(model.parameters(), cfg, lr)
     scheduler = make_scheduler(optimizer, cfg, epochs)
     first, step, loss_sum, elapsed = 1, 0, 0.0, 0.0
@@ -255,8 +282,9 @@ def fit(
         current_lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         try:
-            train_loss = train_one_epoch(model, batches, optimizer, loss_fn, cfg.precision, f"{phase} {epoch}/{epochs}",
-                                         micro, step, loss_sum, ctx.stop)
+            # under DDP the ranks agree to stop at epoch ends only: no collective per step
+            train_loss = train_one_epoch(net, batches, optimizer, loss_fn, cfg.precision, f"{phase} {epoch}/{epochs}",
+                                         micro, step, loss_sum, None if ctx.dist.enabled else ctx.stop)
         except EpochInterrupted as e:
             if math.isfinite(e.loss_sum):  # never save weights that went bad
                 ctx.save_state(phase, model, optimizer, scheduler, epoch - 1, e.step, e.loss_sum,
@@ -274,14 +302,11 @@ def fit(
             scheduler.step()
         rec = {"phase": phase, "epoch": epoch, "epochs": epochs, "train_loss": train_loss, **validate(),
                "seconds": seconds, "images_per_s": batches.num_images / seconds, "lr": current_lr}
-        ctx.metrics.append(rec)
-        ctx.run.log_metrics(rec)
-        ctx.log(epoch_line(rec))
-        if ctx.tb is not None:
-            ctx.tb.scalars(rec)
-        if epoch == epochs or (every and epoch % every == 0) or ctx.stop():
+        ctx.record(rec)
+        stop = ctx.dist.any(ctx.stop(), batches.images.device)
+        if epoch == epochs or (every and epoch % every == 0) or stop:
             ctx.save_state(phase, model, optimizer, scheduler, epoch, 0, 0.0, 0.0, kernels)
-        if ctx.stop():
+        if stop:
             raise Interrupted(ctx.stop.signum, f"the end of {phase} epoch {epoch}", str(ctx.run.path))
     return ctx.history(phase)
 
@@ -341,13 +366,16 @@ def pretrain(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torch.devi
     cfg, run = ctx.cfg, ctx.run
     r = ctx.resumed("pretrain")
     initial = r["kernels"].to(device) if r is not None else ae.encoder.first_conv.weight.detach().clone()
-    train = DeviceBatches(data.train.images.to(device), None, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train = DeviceBatches(data.train.images.to(device), None, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                          rank=ctx.dist.rank, world_size=ctx.dist.world_size)
     val = DeviceBatches(data.val.images.to(device), None, cfg.batch_size)
 
     def validate() -> dict:
         return {"val_loss": evaluate_reconstruction(ae, val, cfg.precision)}
 
     history = fit(ae, "pretrain", train, validate, reconstruction_loss, cfg.pretrain_epochs, cfg.lr, ctx, initial)
+    if not ctx.dist.is_main:
+        return history
     save_checkpoint(run.checkpoints / "autoencoder.pt", ae, "autoencoder", data.classes, cfg.to_dict())
 
     pretrained = ae.encoder.first_conv.weight.detach()
@@ -381,7 +409,8 @@ def finetune(clf: Classifier, data: RunData, ctx: RunContext, device: torch.devi
         freeze(clf.encoder)
     k = len(data.classes)
     ft = data.finetune
-    train = DeviceBatches(ft.images.to(device), ft.labels.to(device), cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train = DeviceBatches(ft.images.to(device), ft.labels.to(device), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                          rank=ctx.dist.rank, world_size=ctx.dist.world_size)
     val = DeviceBatches(data.val.images.to(device), data.val.labels.to(device), cfg.batch_size)
 
     def validate() -> dict:
@@ -390,6 +419,10 @@ def finetune(clf: Classifier, data: RunData, ctx: RunContext, device: torch.devi
 
     lr = cfg.finetune_lr or cfg.lr
     history = fit(clf, "finetune", train, validate, classification_loss, cfg.finetune_epochs, lr, ctx, before)
+    final = evaluate_classifier(clf, val, k, cfg.precision)
+    results = class_results(final["confusion_matrix"], data.classes)
+    if not ctx.dist.is_main:
+        return results
     save_checkpoint(run.checkpoints / "classifier.pt", clf, "classifier", data.classes, cfg.to_dict())
 
     after = clf.encoder.first_conv.weight.detach()
@@ -405,8 +438,6 @@ def finetune(clf: Classifier, data: RunData, ctx: RunContext, device: torch.devi
                              f"accuracy on the {data.eval_name.split(' (')[0]}")
     if ctx.tb is not None:
         ctx.tb.image("kernels/finetuned", visualise.kernel_grid(after))
-    final = evaluate_classifier(clf, val, k, cfg.precision)
-    results = class_results(final["confusion_matrix"], data.classes)
     results.update({"eval_set": data.eval_name, "loss": final["loss"], "init": cfg.init,
                     "freeze_encoder": cfg.freeze_encoder, "labelled_images": len(ft)})
     visualise.save_confusion_matrix(results["confusion_matrix"], data.classes, fig / "confusion_matrix.png")
@@ -442,9 +473,18 @@ def main(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune"), checkp
     """``convae run`` (both phases), ``convae pretrain`` or ``convae finetune --checkpoint AE.pt``.
 
     With ``resume`` the run folder ``cfg.out`` is continued from its saved state; ``cfg`` must
-    be the one in its ``config.json``.
+    be the one in its ``config.json``. Under ``torchrun`` every rank trains its shard and rank 0
+    writes the run folder.
     """
-    device = resolve_device(cfg.device)
+    dist, device = setup_distributed(cfg.device)
+    try:
+        return _main(cfg, phases, checkpoint, log if dist.is_main else (lambda m: None), resume, dist, device)
+    finally:
+        teardown_distributed()
+
+
+def _main(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log, resume: bool, dist: Dist,
+          device: torch.device) -> RunDir:
     do_pretrain = "pretrain" in phases and not ("finetune" in phases and cfg.init == "scratch")
     do_finetune = "finetune" in phases
     state = None
@@ -469,20 +509,26 @@ def main(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune"), checkp
     if do_finetune and len(data.classes) < 2:
         raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
     if not resume:
-        run = RunDir(cfg.out)
-        cfg.out = str(run.path)
-        run.save_config(cfg)
-    if data.skipped:
-        run.write_lines("skipped.txt", data.skipped)
-    ctx = RunContext(run, cfg, log, resume=state, tb=TensorBoardLog(run.path, cfg.tensorboard))
-    if resume:
-        if state is not None:
-            ctx.metrics, ctx.timing = list(state["metrics"]), dict(state["timing"])
-        run.write_lines("metrics.jsonl", [json.dumps(m) for m in ctx.metrics])  # drop lines after the state
+        if dist.is_main:
+            run = RunDir(cfg.out)
+            cfg.out = str(run.path)
+            run.save_config(cfg)
+        cfg.out = dist.broadcast(cfg.out)  # the folder rank 0 made (a timestamp when --out is not given)
+        if not dist.is_main:
+            run = RunDir.open(cfg.out)
+    ctx = RunContext(run, cfg, log, resume=state, dist=dist,
+                     tb=TensorBoardLog(run.path, cfg.tensorboard and dist.is_main))
+    if dist.is_main:
+        if data.skipped:
+            run.write_lines("skipped.txt", data.skipped)
+        if resume:
+            run.write_lines("metrics.jsonl", [json.dumps(m) for m in (state or {}).get("metrics", [])])
     if state is not None:
+        ctx.metrics, ctx.timing = list(state["metrics"]), dict(state["timing"])
         log(f"resuming {run.path} after {state['phase']} epoch {state['epoch']}"
             + (f" and {state['step']} batch(es)" if state["step"] else ""))
-    log(f"run folder: {run.path}  (device {device}, precision {cfg.precision})")
+    ranks = f", {dist.world_size} processes" if dist.enabled else ""
+    log(f"run folder: {run.path}  (device {device}{ranks}, precision {cfg.precision})")
 
     torch.manual_seed(cfg.seed)
     mcfg: ModelConfig = cfg.model_config(num_classes=len(data.classes) or 1)
@@ -502,16 +548,17 @@ def main(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune"), checkp
             start = time.perf_counter()
             results = finetune(clf, data, ctx, device)
             ctx.timing["finetune_s"] = ctx.timing.get("finetune_s", 0.0) + time.perf_counter() - start
-            if cfg.init == "pretrained" and ae is not None:
-                results["representation"] = measure_representation(ae, data, cfg, run, device, log)
-            results["timing"] = ctx.timing
-            run.write_json("results.json", results)
-            log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
-            log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(results))
-    ctx.tb.close()
-    report = write_report(run.path)
-    log(f"report: {report}")
-    log(f"done: {run.path}")
+            if dist.is_main:
+                if cfg.init == "pretrained" and ae is not None:
+                    results["representation"] = measure_representation(ae, data, cfg, run, device, log)
+                results["timing"] = ctx.timing
+                run.write_json("results.json", results)
+                log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
+                log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(results))
+    if dist.is_main:
+        ctx.tb.close()
+        log(f"report: {write_report(run.path)}")
+        log(f"done: {run.path}")
     return run
 
 

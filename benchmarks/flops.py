@@ -1,0 +1,88 @@
+"""The FLOP limit: how close convae's training comes to what the machine's matrix units can do.
+
+    python benchmarks/flops.py [--device cpu|cuda] [--batch-size 2000] [--steps 5] [--data random|ARCHIVE]
+
+Counts the seed model's training FLOPs per image (forward + backward, torch.utils.flop_counter:
+convolutions and matrix products), measures the machine's sustained matrix-product FLOP/s in
+float32 and bfloat16 in the same run, and prints convae's measured throughput as a fraction of
+the limit those give (limit = FLOP/s / FLOPs per image). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_images, print_table, sync, write_json  # noqa: E402
+from train_throughput import convae_loop  # noqa: E402
+
+from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
+
+
+def training_flops_per_image(phase: str, batch: int = 8) -> float:
+    model = AutoEncoder(ModelConfig()) if phase == "pretrain" else Classifier(ModelConfig())
+    x = torch.rand(batch, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        loss = F.mse_loss(out, x) if phase == "pretrain" else F.cross_entropy(out, torch.zeros(batch, dtype=torch.long))
+        loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_flops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of square matrix products (the best of the timed repetitions)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync(device)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default="random")
+    p.add_argument("--cache-dir", default="~/.cache/convae")
+    p.add_argument("--batch-size", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", help="output file (default benchmarks/results/flops.json)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    peak = {"fp32": matmul_flops(torch.float32, device), "bf16": matmul_flops(torch.bfloat16, device)}
+    need = args.batch_size * (args.warmup + args.steps)
+    images, labels = load_images(args.data, need if args.data == "random" else None, args.cache_dir)
+    rows, out = [], []
+    for phase in ("pretrain", "finetune"):
+        per_image = training_flops_per_image(phase)
+        for prec in ("fp32", "bf16"):
+            limit = peak[prec] / per_image
+            ips = convae_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device, prec)
+            rows.append([phase, prec, f"{per_image / 1e6:.1f}", f"{peak[prec] / 1e9:.0f}", f"{limit:.0f}",
+                         f"{ips:.0f}", f"{100 * ips / limit:.0f}%"])
+            out.append({"phase": phase, "precision": prec, "train_flops_per_image": per_image,
+                        "matmul_flops_per_s": peak[prec], "limit_images_per_s": limit, "images_per_s": ips,
+                        "fraction_of_limit": ips / limit})
+    print_table(["phase", "precision", "MFLOP/image", "matmul GFLOP/s", "limit img/s", "convae img/s", "of limit"],
+                rows)
+    return write_json(args.json, "flops.json", {"args": vars(args), "device": str(device), "results": out})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Training throughput: convae's loop against the lecture's, in the same process, interleaved.
+
+    python benchmarks/train_throughput.py [--data ARCHIVE|random] [--batch-size 2000] [--steps 5]
+                                          [--rounds 2] [--device cpu|cuda] [--precision fp32 bf16]
+
+The lecture's loop is written here as the lecture wrote it: torchvision-style dataset with a
+per-image ToTensor, DataLoader(batch_size, shuffle=True, num_workers=4), NCHW float32. convae's
+loop slices batches from a uint8 tensor on the device, channels_last, with micro-batches on CPU.
+Each measurement times ``--steps`` optimizer steps after ``--warmup`` steps; the loops alternate
+for ``--rounds`` rounds and the table shows the mean. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CIFARLike, Model, PeakRSS, autoencoder, load_images, print_table, sync, write_json  # noqa: E402
+
+from convae.data import DeviceBatches  # noqa: E402
+from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
+from convae.train import classification_loss, reconstruction_loss, train_step  # noqa: E402
+
+
+def reference_loop(phase: str, images, labels, batch_size: int, warmup: int, steps: int, device, workers: int):
+    """The lecture's training loop; returns images/s over the timed steps."""
+    import torchvision.transforms as transforms
+
+    transform = transforms.Compose([transforms.ToTensor()])
+    trainset = CIFARLike(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), transform)
+    trainloader = torch.utils.data.DataLoader(trainset, batch_size=batch_size, shuffle=True, num_workers=workers)
+    torch.manual_seed(0)
+    net = autoencoder().to(device)
+    if phase == "finetune":
+        net = Model(net).to(device)
+    criterion = nn.MSELoss() if phase == "pretrain" else nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    runningLoss = 0.0
+    done, start = 0, None
+    while True:
+        for i, data in enumerate(trainloader, 0):
+            inputs, labels_b = data
+            inputs, labels_b = inputs.to(device), labels_b.to(device)
+            optimizer.zero_grad()
+            outputs = net(inputs)
+            loss = criterion(outputs, inputs) if phase == "pretrain" else criterion(outputs, labels_b)
+            loss.backward()
+            optimizer.step()
+            runningLoss += loss.item()
+            done += 1
+            if done == warmup:
+                sync(device)
+                start = time.perf_counter()
+            if done == warmup + steps:
+                sync(device)
+                return steps * batch_size / (time.perf_counter() - start)
+
+
+def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps: int, device, precision: str,
+                compile: bool = False):
+    """convae's training step over on-device uint8 batches; returns images/s over the timed steps."""
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    model = AutoEncoder(cfg) if phase == "pretrain" else Classifier(cfg)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if compile:
+        model = torch.compile(model)
+    loss_fn = reconstruction_loss if phase == "pretrain" else classification_loss
+    micro = 200 if device.type == "cpu" else None
+    batches = DeviceBatches(images.to(device), labels.to(device), batch_size, shuffle=True, seed=0)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    done, epoch, start = 0, 0, None
+    while True:
+        epoch += 1
+        batches.set_epoch(epoch)
+        for x, y in batches:
+            total += train_step(model, x, y, optimizer, loss_fn, precision, micro)
+            done += 1
+            if done == warmup:
+                sync(device)
+                start = time.perf_counter()
+            if done == warmup + steps:
+                float(total)  # the one sync, as in an epoch's end
+                return steps * batch_size / (time.perf_counter() - start)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="random", help="random, or a convae source such as the CIFAR-10 archive")
+    p.add_argument("--cache-dir", default="~/.cache/convae")
+    p.add_argument("--batch-size", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per measurement")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="times each loop is measured, interleaved")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--phases", nargs="+", default=["pretrain", "finetune"], choices=["pretrain", "finetune"])
+    p.add_argument("--workers", type=int, default=4, help="the reference DataLoader's workers (the lecture: 4)")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also measure convae's loop under torch.compile")
+    p.add_argument("--json", help="output file (default benchmarks/results/train_throughput.json)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    need = args.batch_size * (args.warmup + args.steps)
+    images, labels = load_images(args.data, None if args.data != "random" else max(need, 10_000), args.cache_dir)
+    if len(images) < need:
+        sys.exit(f"need {need} images for {args.warmup}+{args.steps} steps of {args.batch_size}; have {len(images)}")
+    loops = [] if args.skip_reference else [("lecture", None)]
+    loops += [("convae", prec) for prec in args.precision]
+    if args.compile:
+        loops += [("compiled", prec) for prec in args.precision]
+    results: dict[tuple, list[float]] = {}
+    peaks: dict[tuple, float] = {}
+    for r in range(args.rounds):
+        for phase in args.phases:
+            for name, prec in loops:
+                with PeakRSS() as mem:
+                    if name == "lecture":
+                        ips = reference_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device,
+                                             args.workers)
+                    else:
+                        ips = convae_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device,
+                                          prec, compile=name == "compiled")
+                key = (phase, name, prec or "fp32")
+                results.setdefault(key, []).append(ips)
+                peaks[key] = max(peaks.get(key, 0.0), mem.peak)
+                print(f"round {r + 1}: {phase:<8} {name:<7} {prec or 'fp32':<5} {ips:8.0f} images/s", flush=True)
+    rows, out = [], []
+    for (phase, name, prec), vals in results.items():
+        mean = statistics.mean(vals)
+        ref = results.get((phase, "lecture", "fp32"))
+        ratio = mean / statistics.mean(ref) if ref else None
+        rows.append([phase, name, prec, f"{mean:.0f}", " ".join(f"{v:.0f}" for v in vals),
+                     f"{ratio:.2f}x" if ratio else "-", f"{peaks[(phase, name, prec)]:.0f}", f"{50_000 / mean:.2f}"])
+        out.append({"phase": phase, "loop": name, "precision": prec, "images_per_s": mean, "rounds": vals,
+                    "seconds_per_50k_epoch": 50_000 / mean,
+                    "ratio_vs_lecture": ratio, "peak_rss_mib": peaks[(phase, name, prec)]})
+    print()
+    print_table(["phase", "loop", "precision", "images/s", "per round", "vs lecture", "peak RSS MiB",
+                 "s per 50k epoch"], rows)
+    payload = {"args": vars(args), "device": str(device), "results": out}
+    write_json(args.json, "train_throughput.json", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

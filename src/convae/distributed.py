@@ -1,0 +1,90 @@
+"""Distributed data parallel through ``torchrun``, set up in one place.
+
+    torchrun --standalone --nproc_per_node 2 -m convae run --data ... --out runs/ddp
+
+Each rank holds the whole uint8 dataset on its device and takes a disjoint, strided shard of
+every global batch of the same epoch permutation; gradients are averaged by DDP with each
+rank's loss scaled so that the update equals a single process's on the same global batch;
+the epoch's loss is all-reduced; rank 0 alone writes the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .device import resolve_device
+
+
+@dataclass
+class Dist:
+    """This process's place in the job; one process when not launched by torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel when distributed, else as it is."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device = next(model.parameters()).device
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on any."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (also a barrier)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
+    """Join the process group when ``torchrun`` started us (WORLD_SIZE > 1); pick this rank's device.
+
+    NCCL on CUDA (one GPU per rank, by LOCAL_RANK), gloo on the CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return Dist(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
