@@ -2,8 +2,10 @@
 
 For each budget (labelled images per class) and seed, the same labelled subset trains:
 the pretrained encoder fine-tuned, the pretrained encoder frozen (a linear probe trained with
-the same recipe), and the same classifier from random init; a kNN on the frozen pretrained
-features is scored on the same subset. One autoencoder pretraining serves the whole sweep.
+the same recipe), and the same classifier from random init. On the same subset the frozen
+pretrained features are also scored by kNN and by logistic regression fitted to convergence on
+standardised features (the recipe's probe sees raw feature scales and a fixed step budget).
+One autoencoder pretraining serves the whole sweep.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from .device import resolve_device
 from .errors import ConvaeError
 from .evaluate import evaluate_classifier
 from .models import AutoEncoder, Classifier
-from .probes import extract_features, knn_accuracy
+from .probes import extract_features, knn_accuracy, linear_probe_accuracy
 from .report import RunDir
-from .train import (RunContext, _adopt_model, classification_loss, freeze, make_optimizer, micro_batch_size,
+from .train import (RunContext, adopt_model, classification_loss, freeze, make_optimizer, micro_batch_size,
                     prepare_data, pretrain, train_step)
 
 METHODS = {
@@ -35,6 +37,7 @@ METHODS = {
     "linear_probe": "pretrained, frozen (linear probe)",
     "scratch": "random init (scratch)",
     "knn": "pretrained, frozen (kNN, k=200)",
+    "logistic_probe": "pretrained, frozen (logistic regression)",
 }
 DEFAULT_BUDGETS = ["25", "100", "400", "all"]
 
@@ -97,7 +100,7 @@ def main(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpo
     ae = None
     if checkpoint is not None:
         ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
-        _adopt_model(cfg, ae.config)
+        adopt_model(cfg, ae.config)
         cfg.init_checkpoint = str(checkpoint)
     RunDir.check_free(cfg.out)
     data = prepare_data(cfg, need_labels=True, log=log)
@@ -131,6 +134,8 @@ def main(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpo
                 start = time.perf_counter()
                 if method == "knn":
                     acc = knn_accuracy(train_f[idx], labels[idx], val_f, val.labels, k)
+                elif method == "logistic_probe":  # standardised features, fitted to convergence
+                    acc = linear_probe_accuracy(train_f[idx], labels[idx], val_f, val.labels, k, seed=seed)
                 else:
                     torch.manual_seed(seed)
                     clf = Classifier(mcfg) if method == "scratch" else Classifier.from_autoencoder(ae, k)

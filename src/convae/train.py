@@ -447,7 +447,7 @@ def finetune(clf: Classifier, data: RunData, ctx: RunContext, device: torch.devi
 # ----------------------------------------------------------------------------- commands
 
 
-def _adopt_model(cfg: Config, m: ModelConfig) -> None:
+def adopt_model(cfg: Config, m: ModelConfig) -> None:
     """The data format and architecture follow a checkpoint's model."""
     cfg.in_channels, cfg.height, cfg.width = m.in_channels, m.height, m.width
     cfg.channels, cfg.latent_dim, cfg.upsample = tuple(m.channels), m.latent_dim, m.upsample
@@ -502,7 +502,7 @@ def _main(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log
         if cfg.init_checkpoint is None:
             raise ConvaeError("fine-tuning a pretrained encoder needs --checkpoint AE.pt (or --init scratch)")
         ae, _ = load_checkpoint(cfg.init_checkpoint, kind="autoencoder")
-        _adopt_model(cfg, ae.config)
+        adopt_model(cfg, ae.config)
     if not resume:
         RunDir.check_free(cfg.out)
     data = prepare_data(cfg, need_labels=do_finetune, log=log)
@@ -565,27 +565,18 @@ def _main(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log
 def measure_representation(ae: AutoEncoder, data: RunData, cfg: Config, run: RunDir, device: torch.device,
                            log: Log) -> dict:
     """kNN and linear-probe accuracy of the pretrained (frozen) encoder, and its embedding map."""
-    from .probes import PROBE_SETTINGS, extract_features, knn_accuracy, linear_probe_accuracy
+    from .probes import extract_features, representation_scores
 
     start = time.perf_counter()
     enc = ae.encoder.to(device)
     bank, queries = data.finetune, data.val
-    ftr = extract_features(enc, bank.images, precision=cfg.precision)
-    fte = extract_features(enc, queries.images, precision=cfg.precision)
-    ytr, yte = bank.labels.to(device), queries.labels.to(device)
-    k = len(data.classes)
-    rep = {
-        "encoder": "pretrained autoencoder's, frozen",
-        "bank": f"the {len(ytr)} labelled fine-tuning images",
-        "eval_set": data.eval_name,
-        "knn_accuracy": knn_accuracy(ftr, ytr, fte, yte, k),
-        "knn": {"k": min(200, len(ytr)), "temperature": 0.07, "similarity": "cosine"},
-        "linear_probe_accuracy": linear_probe_accuracy(ftr, ytr, fte, yte, k, seed=cfg.seed),
-        "linear_probe": PROBE_SETTINGS,
-    }
-    visualise.save_embedding_map(fte.cpu().numpy(), queries.labels.numpy(), data.classes,
-                                 run.figures / "embedding_map.png", "pretrained encoder, evaluation images",
-                                 max_points=2000, seed=cfg.seed)
+    rep = representation_scores(enc, bank.images, bank.labels, queries.images, queries.labels, len(data.classes),
+                                cfg.precision, cfg.seed)
+    rep.update({"encoder": "pretrained autoencoder's, frozen", "bank": f"the {len(bank)} labelled fine-tuning images",
+                "eval_set": data.eval_name})
+    features = extract_features(enc, queries.images, precision=cfg.precision).cpu().numpy()
+    visualise.save_embedding_map(features, queries.labels.numpy(), data.classes, run.figures / "embedding_map.png",
+                                 "pretrained encoder, evaluation images", max_points=2000, seed=cfg.seed)
     rep["seconds"] = time.perf_counter() - start
     log(f"frozen pretrained encoder: kNN {100 * rep['knn_accuracy']:.2f}%, "
         f"linear probe {100 * rep['linear_probe_accuracy']:.2f}% on the {data.eval_name}")
