@@ -62,24 +62,18 @@ def load(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
 def encode(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Latent vectors (N, latent_dim) of ``images`` (N, C, H, W): uint8 0-255 or float in [0, 1].
 
     ``model`` is an autoencoder, a classifier or a bare encoder; it runs in eval mode on its
     own device, and the result comes back on the CPU.
     """
+    from .probes import extract_features
+
     encoder = model if isinstance(model, Encoder) else model.encoder
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].to(device)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        out.append(encoder(x.contiguous(memory_format=torch.channels_last)).cpu())
-    encoder.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, encoder.config.latent_dim)
+    if images.shape[0] == 0:
+        return torch.empty(0, encoder.config.latent_dim)
+    return extract_features(encoder, images, batch_size).cpu()
 
 
 def _train(phases: tuple[str, ...], checkpoint: str | None, preset: str, overrides: dict[str, Any]) -> Path:

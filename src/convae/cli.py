@@ -176,8 +176,7 @@ def _run(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluate import main as evaluate_main
 
-    overrides = _overrides(args)
-    overrides.setdefault("data", "cifar10")
+    overrides = _overrides(args)  # --data defaults to cifar10 through the config, so a --config file can set it
     train_data = overrides.pop("train_data", None)
     cfg = build_config(args.preset, args.config, overrides)
     evaluate_main(cfg, args.checkpoint, train_data=train_data, log=_log)
@@ -225,7 +224,11 @@ def _sweep(args: argparse.Namespace) -> None:
     from .sweep import parse_budgets
 
     overrides = {k: v for k, v in _overrides(args).items() if k not in ("labels_per_class", "seeds", "steps")}
-    overrides.setdefault("batch_size", SWEEP_BATCH_SIZE)
+    from .config import read_config_file
+
+    # the sweep's own default sits below both the config file and the flags
+    if "batch_size" not in overrides and "batch_size" not in (read_config_file(args.config) if args.config else {}):
+        overrides["batch_size"] = SWEEP_BATCH_SIZE
     cfg = build_config(args.preset, args.config, overrides)
     sweep_main(cfg, parse_budgets(args.labels_per_class), args.seeds, args.steps, args.checkpoint, log=_log)
 

@@ -120,6 +120,16 @@ def decode_file(path: Path, channels: int = 3, size: tuple[int, int] | None = No
     return t, mode != target
 
 
+def load_image(path: Path, channels: int, height: int, width: int) -> tuple[torch.Tensor, bool, bool]:
+    """One file exactly as training sees it: decoded, converted and resized to (channels, height, width).
+
+    Returns the uint8 tensor and whether its mode and its size were changed.
+    """
+    img, mode_changed = decode_file(path, channels, (height, width))
+    img, _, resized = convert_images(img, channels, height, width)
+    return img, mode_changed, resized
+
+
 # ----------------------------------------------------------------------------- folders
 
 
@@ -222,8 +232,6 @@ def safe_extract(archive: Path, dest: Path) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
-            if len(infos) > MAX_MEMBERS:
-                _check_expansion(archive, len(infos), 0, dest)
             for info in infos:
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
@@ -307,8 +315,7 @@ def _decode_all(files: list[Path], root: Path, channels: int, height: int, width
     n_mode = n_size = 0
     for i, f in enumerate(tqdm(files, desc="decoding", unit="img", leave=False, mininterval=1.0)):
         try:
-            img, mode_changed = decode_file(f, channels, (height, width))
-            img, _, resized = convert_images(img, channels, height, width)
+            img, mode_changed, resized = load_image(f, channels, height, width)
         except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and listed
             skipped.append(f"{f.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue

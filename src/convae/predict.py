@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import convert_images, decode_file, is_image_file
+from .data import is_image_file, load_image
 from .device import resolve_device
 from .errors import ConvaeError
 
@@ -41,8 +41,7 @@ def predict(checkpoint: str | Path, paths: list[str], device: str = "auto", batc
     images, names = [], []
     for f in collect_images(paths):
         try:
-            img, _ = decode_file(f, cfg.in_channels, (cfg.height, cfg.width))
-            img, _, _ = convert_images(img, cfg.in_channels, cfg.height, cfg.width)
+            img, _, _ = load_image(f, cfg.in_channels, cfg.height, cfg.width)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
             warn(f"skipped {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue

@@ -19,13 +19,18 @@ PROBE_SETTINGS = {"model": "multinomial logistic regression", "optimizer": "full
 @torch.no_grad()
 def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = 1024,
                      precision: str = "fp32") -> torch.Tensor:
-    """Latent vectors (N, D), float32, of uint8 ``images`` (N, C, H, W) with the encoder in eval mode."""
+    """Latent vectors (N, D), float32, on the encoder's device, of ``images`` (N, C, H, W).
+
+    ``images`` are uint8 0-255 (scaled as in training) or float in [0, 1]; the encoder runs in
+    eval mode and is put back in the mode it was in.
+    """
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].to(device).float().div_(255)
+        x = images[start : start + batch_size].to(device)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         with autocast(device, precision):
             out.append(encoder(x.contiguous(memory_format=torch.channels_last)).float())
     encoder.train(was_training)

@@ -413,13 +413,16 @@ def finetune(clf: Classifier, data: RunData, ctx: RunContext, device: torch.devi
                           rank=ctx.dist.rank, world_size=ctx.dist.world_size)
     val = DeviceBatches(data.val.images.to(device), data.val.labels.to(device), cfg.batch_size)
 
+    last: dict = {}  # the final epoch's evaluation is the result: no second pass over the evaluation set
+
     def validate() -> dict:
-        r = evaluate_classifier(clf, val, k, cfg.precision)
-        return {"val_loss": r["loss"], "val_accuracy": r["accuracy"]}
+        last["eval"] = evaluate_classifier(clf, val, k, cfg.precision)
+        return {"val_loss": last["eval"]["loss"], "val_accuracy": last["eval"]["accuracy"]}
 
     lr = cfg.finetune_lr or cfg.lr
     history = fit(clf, "finetune", train, validate, classification_loss, cfg.finetune_epochs, lr, ctx, before)
-    final = evaluate_classifier(clf, val, k, cfg.precision)
+    # a resumed run whose epochs were all done before has not evaluated in this process
+    final = last.get("eval") or evaluate_classifier(clf, val, k, cfg.precision)
     results = class_results(final["confusion_matrix"], data.classes)
     if not ctx.dist.is_main:
         return results

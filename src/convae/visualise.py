@@ -19,6 +19,13 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _show_grid(ax, grid: torch.Tensor) -> None:
+    """An image grid (3 or 1, H, W) in [0, 1], pixel for pixel (grey when 1 channel)."""
+    img = grid.permute(1, 2, 0).numpy()
+    rgb = img.shape[2] == 3
+    ax.imshow(img if rgb else img[:, :, 0], cmap=None if rgb else "gray", interpolation="none")
+
+
 def plot_curve(series: dict[str, list[float]], path: Path, ylabel: str, title: str) -> None:
     """Per-epoch curves (epochs counted from 1), one line per named series."""
     from matplotlib.ticker import MaxNLocator
@@ -52,9 +59,7 @@ def kernel_grid(weight: torch.Tensor) -> torch.Tensor:
 def save_kernels(weight: torch.Tensor, path: Path, title: str) -> None:
     grid = kernel_grid(weight)
     fig, ax = plt.subplots(figsize=(5, 5))
-    img = grid.permute(1, 2, 0).numpy()
-    ax.imshow(img if img.shape[2] == 3 else img[:, :, 0], cmap=None if img.shape[2] == 3 else "gray",
-              interpolation="none")
+    _show_grid(ax, grid)
     ax.set_title(title, fontsize=10)
     ax.axis("off")
     _save(fig, path)
@@ -66,9 +71,7 @@ def save_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor,
     both = torch.cat([originals.float().cpu(), reconstructions.float().cpu().clamp(0, 1)])
     grid = make_grid(both, nrow=n, padding=2, pad_value=1.0)
     fig, ax = plt.subplots(figsize=(max(6, n * 0.6), 2))
-    img = grid.permute(1, 2, 0).numpy()
-    ax.imshow(img if img.shape[2] == 3 else img[:, :, 0], cmap=None if img.shape[2] == 3 else "gray",
-              interpolation="none")
+    _show_grid(ax, grid)
     ax.set_title("validation images (top) and their reconstructions (bottom)", fontsize=9)
     ax.axis("off")
     _save(fig, path)
