@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from .ops import can_fuse, upsample_conv
+
 UPSAMPLE_MODES = ("bilinear", "nearest", "transposed", "unpool")
 
 
@@ -130,6 +132,10 @@ class Encoder(nn.Module):
 # ----------------------------------------------------------------------------- decoder
 
 
+def _narrow(conv: nn.Conv2d) -> bool:
+    return conv.out_channels <= 8 and 8 * conv.out_channels <= conv.in_channels
+
+
 class Decoder(nn.Module):
     """Latent vector -> image of exactly the encoder's input size. (B, 1024) -> (B, 3, 32, 32)."""
 
@@ -159,12 +165,33 @@ class Decoder(nn.Module):
         # (B, 128, 4, 4) -> (B, 128, 8, 8) -> (B, 64, 16, 16) -> (B, 64, 32, 32) -> (B, 3, 32, 32)
         layers += [nn.Conv2d(w[0], cfg.in_channels, kernel_size=3, stride=1, padding=1), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
+        # Upsample -> Conv2d pairs that ops.upsample_conv computes on CPU: same function and
+        # parameters, measured (fwd + bwd, 200 images) 2.5x faster for 64 -> 3 and 1.6x for
+        # 64 -> 8, even for 64 -> 16 and 128 -> 16, slower for wider outputs: narrow ones only.
+        self.fuse_upsample = True
+        self._fusable = {
+            i for i in range(len(layers) - 1)
+            if can_fuse(layers[i], layers[i + 1]) and _narrow(layers[i + 1])
+        }
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        # tracers and exporters see the plain layers; other devices are not measured
+        return (self.fuse_upsample and x.device.type == "cpu" and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling())
 
     def forward(self, z: torch.Tensor, indices: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = self.fc(z).view(-1, *self._volume)
         stage = 0
-        for layer in self.conv:
-            if isinstance(layer, nn.MaxUnpool2d):
+        fused = self._fused(x)
+        skip = False
+        for i, layer in enumerate(self.conv):
+            if skip:  # the conv already applied with the upsample before it
+                skip = False
+            elif fused and i in self._fusable:
+                conv = self.conv[i + 1]
+                x = upsample_conv(x, conv.weight, conv.bias, layer.mode)
+                skip = True
+            elif isinstance(layer, nn.MaxUnpool2d):
                 assert indices is not None, "unpool decoder needs the encoder's pooling indices"
                 x = layer(x, indices[-1 - stage], output_size=self._targets[stage])
                 stage += 1
