@@ -27,7 +27,8 @@ from _common import CIFARLike, Model, PeakRSS, autoencoder, load_images, print_t
 
 from convae.data import DeviceBatches  # noqa: E402
 from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
-from convae.train import classification_loss, reconstruction_loss, train_step  # noqa: E402
+from convae.config import Config  # noqa: E402
+from convae.train import classification_loss, micro_batch_size, reconstruction_loss, train_step  # noqa: E402
 
 
 def reference_loop(phase: str, images, labels, batch_size: int, warmup: int, steps: int, device, workers: int):
@@ -65,17 +66,23 @@ def reference_loop(phase: str, images, labels, batch_size: int, warmup: int, ste
 
 
 def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps: int, device, precision: str,
-                compile: bool = False):
-    """convae's training step over on-device uint8 batches; returns images/s over the timed steps."""
+                compile: bool = False, micro: int = 0, fuse: bool = True):
+    """convae's training step over on-device uint8 batches; returns images/s over the timed steps.
+
+    ``micro`` 0 picks the micro-batch as ``convae run`` does; ``fuse=False`` computes the
+    decoder's upsample and last conv as two plain layers (to measure what fusing them gives).
+    """
     torch.manual_seed(0)
     cfg = ModelConfig()
     model = AutoEncoder(cfg) if phase == "pretrain" else Classifier(cfg)
+    if phase == "pretrain":
+        model.decoder.fuse_upsample = fuse
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     if compile:
         model = torch.compile(model)
     loss_fn = reconstruction_loss if phase == "pretrain" else classification_loss
-    micro = 200 if device.type == "cpu" else None
+    micro = micro_batch_size(Config(micro_batch=micro, precision=precision), device)
     batches = DeviceBatches(images.to(device), labels.to(device), batch_size, shuffle=True, seed=0)
     total = torch.zeros((), device=device, dtype=torch.float64)
     done, epoch, start = 0, 0, None
@@ -107,6 +114,10 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=4, help="the reference DataLoader's workers (the lecture: 4)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--compile", action="store_true", help="also measure convae's loop under torch.compile")
+    p.add_argument("--plain", action="store_true",
+                   help="also measure convae's loop with the decoder's upsample and last conv unfused")
+    p.add_argument("--micro-batch", nargs="+", type=int, default=[0],
+                   help="convae's micro-batch sizes to measure (0 = auto, as convae run)")
     p.add_argument("--json", help="output file (default benchmarks/results/train_throughput.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -114,39 +125,46 @@ def main(argv=None) -> dict:
     images, labels = load_images(args.data, None if args.data != "random" else max(need, 10_000), args.cache_dir)
     if len(images) < need:
         sys.exit(f"need {need} images for {args.warmup}+{args.steps} steps of {args.batch_size}; have {len(images)}")
-    loops = [] if args.skip_reference else [("lecture", None)]
-    loops += [("convae", prec) for prec in args.precision]
-    if args.compile:
-        loops += [("compiled", prec) for prec in args.precision]
+    loops = [] if args.skip_reference else [("lecture", "fp32", None)]
+    for prec in args.precision:
+        for mb in args.micro_batch:
+            mb = micro_batch_size(Config(micro_batch=mb, precision=prec), device)
+            loops += [("convae", prec, mb)] + ([("plain", prec, mb)] if args.plain else [])
+            loops += [("compiled", prec, mb)] if args.compile else []
     results: dict[tuple, list[float]] = {}
     peaks: dict[tuple, float] = {}
     for r in range(args.rounds):
         for phase in args.phases:
-            for name, prec in loops:
+            for name, prec, mb in loops:
+                if name == "plain" and phase != "pretrain":
+                    continue  # the classifier has no decoder
                 with PeakRSS() as mem:
                     if name == "lecture":
                         ips = reference_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device,
                                              args.workers)
                     else:
                         ips = convae_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device,
-                                          prec, compile=name == "compiled")
-                key = (phase, name, prec or "fp32")
+                                          prec, compile=name == "compiled", micro=mb or args.batch_size,
+                                          fuse=name != "plain")
+                key = (phase, name, prec, mb)
                 results.setdefault(key, []).append(ips)
                 peaks[key] = max(peaks.get(key, 0.0), mem.peak)
-                print(f"round {r + 1}: {phase:<8} {name:<7} {prec or 'fp32':<5} {ips:8.0f} images/s", flush=True)
+                print(f"round {r + 1}: {phase:<8} {name:<8} {prec:<5} micro {mb or '-':<5} {ips:8.0f} images/s",
+                      flush=True)
     rows, out = [], []
-    for (phase, name, prec), vals in results.items():
+    for (phase, name, prec, mb), vals in results.items():
         mean = statistics.mean(vals)
-        ref = results.get((phase, "lecture", "fp32"))
+        ref = results.get((phase, "lecture", "fp32", None))
         ratio = mean / statistics.mean(ref) if ref else None
-        rows.append([phase, name, prec, f"{mean:.0f}", " ".join(f"{v:.0f}" for v in vals),
-                     f"{ratio:.2f}x" if ratio else "-", f"{peaks[(phase, name, prec)]:.0f}", f"{50_000 / mean:.2f}"])
-        out.append({"phase": phase, "loop": name, "precision": prec, "images_per_s": mean, "rounds": vals,
-                    "seconds_per_50k_epoch": 50_000 / mean,
-                    "ratio_vs_lecture": ratio, "peak_rss_mib": peaks[(phase, name, prec)]})
+        rows.append([phase, name, prec, str(mb or "-"), f"{mean:.0f}", " ".join(f"{v:.0f}" for v in vals),
+                     f"{ratio:.2f}x" if ratio else "-", f"{peaks[(phase, name, prec, mb)]:.0f}",
+                     f"{50_000 / mean:.2f}"])
+        out.append({"phase": phase, "loop": name, "precision": prec, "micro_batch": mb, "images_per_s": mean,
+                    "rounds": vals, "seconds_per_50k_epoch": 50_000 / mean,
+                    "ratio_vs_lecture": ratio, "peak_rss_mib": peaks[(phase, name, prec, mb)]})
     print()
-    print_table(["phase", "loop", "precision", "images/s", "per round", "vs lecture", "peak RSS MiB",
-                 "s per 50k epoch"], rows)
+    print_table(["phase", "loop", "precision", "micro-batch", "images/s", "per round", "vs lecture",
+                 "peak RSS MiB", "s per 50k epoch"], rows)
     payload = {"args": vars(args), "device": str(device), "results": out}
     write_json(args.json, "train_throughput.json", payload)
     return payload

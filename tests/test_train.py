@@ -45,6 +45,9 @@ def test_micro_batch_auto_and_schedules():
     cfg = build_config("seed")
     assert micro_batch_size(cfg, torch.device("cpu")) == 200
     assert micro_batch_size(cfg, torch.device("cuda")) is None
+    cfg.precision = "bf16"
+    assert micro_batch_size(cfg, torch.device("cpu")) == 500
+    assert micro_batch_size(cfg, torch.device("cuda")) is None
     cfg.micro_batch = 64
     assert micro_batch_size(cfg, torch.device("cuda")) == 64
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)

@@ -47,7 +47,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--init": dict(choices=INITS, help="classifier encoder: transferred from the autoencoder, or random (default pretrained)"),
     "--freeze-encoder": dict(action="store_true", help="train only the linear head (linear probe)"),
     "--micro-batch": dict(type=int, metavar="N", help="accumulate each batch's gradient over chunks of N images "
-                          "(same update, faster on CPU); 0 = auto: 200 on CPU, whole batch on GPU"),
+                          "(same update, faster on CPU); 0 = auto: on CPU 200 (fp32) or 500 (bf16), "
+                          "whole batch on GPU"),
     "--compile": dict(action="store_true", help="torch.compile the training model (pays on GPUs; slower on CPU)"),
     "--precision": dict(choices=PRECISIONS, help="fp32, or bfloat16 autocast (default fp32)"),
     "--seed": dict(type=int, metavar="N", help="seed for weights, split and batch order (default 0)"),

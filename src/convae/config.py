@@ -55,7 +55,7 @@ class Config:
     tensorboard: bool = True  # log to RUN/tensorboard when the tensorboard package is installed
     checkpoint_every: int = 1  # save the training state every N epochs (0: at phase ends only)
     compile: bool = False  # torch.compile the training model (measured slower on CPU; see BENCHMARKS.md)
-    micro_batch: int = 0  # images per forward/backward chunk; 0 = auto (200 on CPU, whole batch on GPU)
+    micro_batch: int = 0  # images per forward/backward chunk; 0 = auto (CPU: 200 fp32, 500 bf16; GPU: whole batch)
     precision: str = "fp32"
     seed: int = 0
     device: str = "auto"

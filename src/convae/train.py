@@ -58,13 +58,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, epochs: int):
 
 
 def micro_batch_size(cfg: Config, device: torch.device) -> int | None:
-    """``cfg.micro_batch`` or, when 0 (auto), 200 images on the CPU and the whole batch on a GPU.
+    """``cfg.micro_batch`` or, when 0 (auto), on the CPU 200 images in float32 and 500 in
+    bfloat16, and the whole batch on a GPU.
 
-    200 was the fastest chunk for the seed model on a 2-core AVX-512 CPU (BENCHMARKS.md).
+    These were the fastest chunks for the seed model on a 2-core AVX-512 CPU (BENCHMARKS.md).
     """
     if cfg.micro_batch:
         return cfg.micro_batch
-    return 200 if device.type == "cpu" else None
+    if device.type != "cpu":
+        return None
+    return 500 if cfg.precision == "bf16" else 200
 
 
 def freeze(module: nn.Module) -> None:
