@@ -42,6 +42,14 @@ def test_fused_upsample_conv_passes_gradcheck(mode):
     assert torch.autograd.gradcheck(lambda x, w, b: upsample_conv(x, w, b, mode), args)
 
 
+def test_second_derivatives_are_refused_not_wrong():
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(upsample_conv(x, w, None).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
 def test_fused_upsample_conv_only_for_input_gradient():
     # the weight frozen (as in a frozen decoder): only the input's gradient is asked for
     g = torch.Generator().manual_seed(2)
