@@ -166,8 +166,8 @@ class Decoder(nn.Module):
         layers += [nn.Conv2d(w[0], cfg.in_channels, kernel_size=3, stride=1, padding=1), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
         # Upsample -> Conv2d pairs that ops.upsample_conv computes on CPU: same function and
-        # parameters, measured (fwd + bwd, 200 images) 2.5x faster for 64 -> 3 and 1.6x for
-        # 64 -> 8, even for 64 -> 16 and 128 -> 16, slower for wider outputs: narrow ones only.
+        # parameters. Measured (benchmarks/fused_layer.py, fwd + bwd): 2.8x (fp32) / 3.5x (bf16)
+        # faster for 64 -> 3, 1.4x / 1.7x for 64 -> 8, mixed or slower from 16 outputs up.
         self.fuse_upsample = True
         self._fusable = {
             i for i in range(len(layers) - 1)
