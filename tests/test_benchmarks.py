@@ -1,0 +1,58 @@
+"""The benchmark scripts run as a user runs them, at toy sizes, and write what BENCHMARKS.md quotes.
+
+No timing is asserted (speed is measured by the scripts, not by tests): only that each script
+finishes, writes its JSON, and that the quantities that do not depend on the machine are right.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, cwd: Path) -> dict:
+    out = cwd / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args, "--json", str(out)],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_fused_layer_benchmark(tmp_path):
+    res = run_script("fused_layer", "--batch", "4", "--steps", "1", "--rounds", "1", "--precision", "fp32",
+                     cwd=tmp_path)["results"]
+    assert [(r["in"], r["out"]) for r in res][:2] == [(64, 3), (64, 8)]
+    # the table's last column is what the decoder really does
+    assert [r["decoder_uses"] for r in res] == ["fused", "fused", "plain", "plain", "plain", "plain"]
+    assert all(r["speedup"] > 0 and len(r["plain_ms"]) == 1 for r in res)
+
+
+def test_train_throughput_benchmark_measures_every_loop(tmp_path):
+    payload = run_script("train_throughput", "--data", "random", "--batch-size", "16", "--warmup", "1",
+                         "--steps", "1", "--rounds", "1", "--phases", "pretrain", "--precision", "fp32",
+                         "--plain", "--workers", "0", cwd=tmp_path)
+    rows = {(r["loop"], r["micro_batch"]): r for r in payload["results"]}
+    assert set(rows) == {("lecture", None), ("convae", 200), ("plain", 200)}
+    assert rows[("lecture", None)]["ratio_vs_lecture"] == pytest.approx(1.0)
+    assert all(r["images_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows.values())
+
+
+def test_flops_benchmark_counts_the_models_training_flops(tmp_path):
+    res = run_script("flops", "--data", "random", "--batch-size", "16", "--warmup", "1", "--steps", "1",
+                     cwd=tmp_path)["results"]
+    per_image = {r["phase"]: r["train_flops_per_image"] / 1e6 for r in res}
+    # the seed autoencoder, forward + backward (no input gradient for the image)
+    assert per_image["pretrain"] == pytest.approx(179.1, abs=0.05)
+    assert per_image["finetune"] == pytest.approx(56.9, abs=0.05)
+
+
+def test_end_to_end_benchmark_runs_convae(tmp_path, image_folder):
+    payload = run_script("end_to_end", "--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"),
+                         "--pretrain-epochs", "1", "--finetune-epochs", "1", "--skip-reference", cwd=tmp_path)
+    (convae,) = payload["results"]
+    assert convae["precision"] == "fp32" and convae["wall_s"] > convae["pretrain_s"] > 0
+    assert [m["phase"] for m in convae["metrics"]] == ["pretrain", "finetune"]
