@@ -76,6 +76,16 @@ def test_fused_upsample_conv_follows_bf16_autocast():
     assert w.grad is not None and w.grad.dtype == torch.float32
 
 
+def test_float64_is_left_alone_under_autocast_as_conv2d_does():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=g)
+    w = torch.randn(3, 4, 3, 3, dtype=torch.float64, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = upsample_conv(x, w, None), unfused(x, w, None, "bilinear")
+    assert out.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_only_exact_pairs_are_fused():
     conv = nn.Conv2d(8, 3, 3, padding=1)
     assert can_fuse(nn.Upsample(scale_factor=2, mode="bilinear"), conv)

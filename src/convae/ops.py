@@ -104,7 +104,8 @@ def _edges(x: torch.Tensor) -> list[torch.Tensor]:
     return [x[:, :, 0, :], x[:, :, -1, :], x[:, :, :, 0], x[:, :, :, -1]]
 
 
-def _border_terms(edges: list[torch.Tensor], weight: torch.Tensor, mode: str) -> list[torch.Tensor]:
+def _border_terms(edges: list[torch.Tensor], weight: torch.Tensor, k: torch.Tensor,
+                  mode: str) -> list[torch.Tensor]:
     """What must be added to the low-resolution output's top and bottom rows, left and right
     columns (each (B, 4 O, n)) to turn ``conv2d(x, composed, padding=1)`` into the original.
 
@@ -115,7 +116,7 @@ def _border_terms(edges: list[torch.Tensor], weight: torch.Tensor, mode: str) ->
     the edge (row phase 0 for the top, 1 for the bottom; column phase 0 left, 1 right).
     The corners of each ring belong to its top and bottom rows, so columns pad with zeros.
     """
-    both = torch.cat([_compose(weight, mode), weight])  # (5 O, C, 3, 3): low ring, then high
+    both = torch.cat([k, weight])  # (5 O, C, 3, 3): k = _compose(weight) for the low ring, then high
     o = weight.shape[0]
     terms = []
     for side, edge in enumerate(edges):
@@ -156,7 +157,7 @@ class _UpsampleConv(torch.autograd.Function):
         k = _compose(weight, mode)
         b4 = None if bias is None else bias.repeat_interleave(4)
         y4 = F.conv2d(x, k, b4, padding=1)  # (B, 4 O, H, W), channel o * 4 + 2 p + q
-        _add_borders(y4, _border_terms(_edges(x), weight, mode))
+        _add_borders(y4, _border_terms(_edges(x), weight, k, mode))
         ctx.mode, ctx.has_bias = mode, bias is not None
         ctx.save_for_backward(x, weight, k)
         return F.pixel_shuffle(y4, 2)  # (B, O, 2H, 2W)
@@ -178,7 +179,7 @@ class _UpsampleConv(torch.autograd.Function):
             with torch.enable_grad():
                 edges = [e.detach().requires_grad_(need_x) for e in _edges(x)]
                 w = weight.detach().requires_grad_(need_w)
-                terms = _border_terms(edges, w, ctx.mode)
+                terms = _border_terms(edges, w, _compose(w, ctx.mode), ctx.mode)
                 inputs = (edges if need_x else []) + ([w] if need_w else [])
                 grads = torch.autograd.grad(terms, inputs, _edges(gy4))
             if need_x:
@@ -197,7 +198,8 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     if mode not in _PHASES:
         raise ValueError(f"upsample_conv supports {sorted(_PHASES)}, not {mode!r}")
-    if torch.is_autocast_enabled(x.device.type):
+    # as autocast treats conv2d: float64 is left alone, other floating types are cast
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
