@@ -5,7 +5,7 @@
 Times forward + backward (input, weight and bias gradients) of one layer on a channels_last
 batch, for the seed decoder's last layer (64 -> 3 at 16 -> 32) and for wider outputs, the two
 ways alternating in the same process. The decoder fuses only the shapes where this pays
-(``convae.models._narrow``). Prints a table and writes JSON.
+(``convae.ops.fusion_pays``). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
-from convae.models import _narrow  # noqa: E402
-from convae.ops import upsample_conv  # noqa: E402
+from convae.ops import fusion_pays, upsample_conv  # noqa: E402
 
 # (in channels, out channels, low-resolution size): the seed's last layer first, then wider
 SHAPES = [(64, 3, 16), (64, 8, 16), (64, 16, 16), (128, 16, 8), (64, 64, 8), (128, 64, 4)]
@@ -72,7 +71,7 @@ def main(argv=None) -> dict:
                 for name, fn in (("plain", plain), ("fused", fused)):
                     times[name].append(time_layer(fn, x, w, b, precision, args.steps))
             tp, tf = statistics.mean(times["plain"]), statistics.mean(times["fused"])
-            chosen = "fused" if _narrow(torch.nn.Conv2d(c, o, 3)) else "plain"
+            chosen = "fused" if fusion_pays(torch.nn.Conv2d(c, o, 3)) else "plain"
             rows.append([precision, f"{c} -> {o}", f"{n} -> {2 * n}", f"{tp:.1f}", f"{tf:.1f}", f"{tp / tf:.2f}x",
                          chosen])
             out.append({"precision": precision, "in": c, "out": o, "size": n, "plain_ms": times["plain"],

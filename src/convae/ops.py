@@ -61,6 +61,13 @@ def can_fuse(upsample: nn.Module, conv: nn.Module) -> bool:
     )
 
 
+def fusion_pays(conv: nn.Conv2d) -> bool:
+    """Whether fusing pays on a CPU: narrow outputs, where oneDNN's channel blocking wastes most
+    of the plain convolution (measured by benchmarks/fused_layer.py: 64 -> 3 and 64 -> 8 gain,
+    16 outputs and more are mixed or slower)."""
+    return conv.out_channels <= 8 and 8 * conv.out_channels <= conv.in_channels
+
+
 def _phase_matrix(mode: str, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(_PHASES[mode], dtype=like.dtype, device=like.device)  # (2 phases, 3, 3)
 
@@ -207,4 +214,4 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return _UpsampleConv.apply(x, weight, bias, mode)
 
 
-__all__ = ["can_fuse", "upsample_conv"]
+__all__ = ["can_fuse", "fusion_pays", "upsample_conv"]
