@@ -27,8 +27,9 @@ from _common import CIFARLike, Model, PeakRSS, autoencoder, load_images, print_t
 
 from convae.data import DeviceBatches  # noqa: E402
 from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
-from convae.config import Config  # noqa: E402
-from convae.train import classification_loss, micro_batch_size, reconstruction_loss, train_step  # noqa: E402
+from convae.device import micro_batch_size  # noqa: E402
+from convae.loop import classification_criterion, train_step  # noqa: E402
+from convae.objectives import Objective, ObjectiveConfig  # noqa: E402
 
 
 def reference_loop(phase: str, images, labels, batch_size: int, warmup: int, steps: int, device, workers: int):
@@ -81,8 +82,8 @@ def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     if compile:
         model = torch.compile(model)
-    loss_fn = reconstruction_loss if phase == "pretrain" else classification_loss
-    micro = micro_batch_size(Config(micro_batch=micro, precision=precision), device)
+    loss_fn = Objective(ObjectiveConfig("reconstruct")) if phase == "pretrain" else classification_criterion
+    micro = micro_batch_size(micro, precision, device)
     batches = DeviceBatches(images.to(device), labels.to(device), batch_size, shuffle=True, seed=0)
     total = torch.zeros((), device=device, dtype=torch.float64)
     done, epoch, start = 0, 0, None
@@ -128,7 +129,7 @@ def main(argv=None) -> dict:
     loops = [] if args.skip_reference else [("lecture", "fp32", None)]
     for prec in args.precision:
         for mb in args.micro_batch:
-            mb = micro_batch_size(Config(micro_batch=mb, precision=prec), device)
+            mb = micro_batch_size(mb, prec, device)
             loops += [("convae", prec, mb)] + ([("plain", prec, mb)] if args.plain else [])
             loops += [("compiled", prec, mb)] if args.compile else []
     results: dict[tuple, list[float]] = {}

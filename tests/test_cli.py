@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder
+import convae
 from convae.cli import main
+from convae.models import Classifier
 
 SMALL = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32",
          "--batch-size", "8", "--val-fraction", "0.2", "--device", "cpu"]
@@ -55,10 +57,16 @@ def test_run_writes_the_whole_run_folder(image_folder, cache_dir, tmp_path, caps
         ckpt = torch.load(out / "checkpoints" / f"{name}.pt", weights_only=True)
         assert ckpt["kind"] == kind and ckpt["config"]["channels"] == [8, 16] and "model" in ckpt
 
-    # the classifier's encoder is the autoencoder's encoder, tensor for tensor
+    # the classifier's encoder is the autoencoder's encoder: the same tensors, transferred tensor for
+    # tensor, then changed by fine-tuning
     ae = torch.load(out / "checkpoints" / "autoencoder.pt", weights_only=True)["model"]
     clf = torch.load(out / "checkpoints" / "classifier.pt", weights_only=True)["model"]
-    assert set(k for k in clf if k.startswith("encoder.")) == set(k for k in ae if k.startswith("encoder."))
+    enc_ae = {k: v for k, v in ae.items() if k.startswith("encoder.")}
+    enc_clf = {k: v for k, v in clf.items() if k.startswith("encoder.")}
+    assert enc_ae.keys() == enc_clf.keys() and all(enc_ae[k].shape == enc_clf[k].shape for k in enc_ae)
+    transferred = Classifier.from_autoencoder(convae.load(out / "checkpoints" / "autoencoder.pt"), 3).state_dict()
+    assert all(torch.equal(transferred[k], enc_ae[k]) for k in enc_ae)
+    assert not torch.equal(enc_clf["encoder.conv.0.weight"], enc_ae["encoder.conv.0.weight"])  # fine-tuned
 
     rep = results["representation"]
     assert 0 <= rep["knn_accuracy"] <= 1 and 0 <= rep["linear_probe_accuracy"] <= 1 and rep["knn"]["k"] == 24
@@ -129,7 +137,7 @@ def test_seeded_cpu_runs_repeat_exactly(image_folder, cache_dir, tmp_path):
     (["run", "--data", "/no/such/folder"], "data source not found: /no/such/folder"),
     (["run", "--batch-size", "0"], "batch_size must be an integer > 0"),
     (["run", "--val-fraction", "1.5"], r"val_fraction must be in (0, 1)"),
-    (["finetune", "--data", "DATA"], "needs --checkpoint AE.pt"),
+    (["finetune", "--data", "DATA"], "needs an autoencoder checkpoint; pass --checkpoint AE.pt"),
     (["evaluate", "--checkpoint", "/no/such.pt", "--data", "DATA"], "checkpoint not found"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(args, message, image_folder, cache_dir, capsys):

@@ -5,10 +5,9 @@ import torch
 from PIL import Image
 
 from conftest import COLOURS, make_image, make_image_folder
-from convae.checkpoint import save_checkpoint
+import convae
 from convae.cli import main
 from convae.data import load_source
-from convae.models import Classifier, ModelConfig
 from convae.predict import predict
 
 
@@ -24,11 +23,9 @@ def _trained(tmp_path, image_folder):
 
 def test_predict_matches_the_training_preprocessing(tmp_path, image_folder, capsys):
     ckpt = _trained(tmp_path, image_folder)
-    clf = Classifier.from_autoencoder  # noqa: F841 - the API below is what is checked
     rows = predict(ckpt, [str(image_folder / "class_1")], device="cpu")
     assert len(rows) == 10 and all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
     # the same images through the training data path give the same probabilities
-    import convae
     model = convae.load(ckpt)
     ds = load_source(str(image_folder), 3, 16, 16, tmp_path / "cache", log=lambda m: None)
     idx = [i for i, f in enumerate(ds.files) if f.startswith("class_1/")]

@@ -48,7 +48,7 @@ def test_report_command_rewrites_the_page(run_dir, tmp_path, capsys):
 
 
 def test_lecture_figures_stand_beside_a_cifar10_seed_run(tmp_path):
-    from convae.html_report import CIFAR10, build_report
+    from convae.report import CIFAR10, build_report
 
     (tmp_path / "config.json").write_text(json.dumps({"preset": "seed", "data": "cifar10"}))
     per_class = {c: {"accuracy": 0.5, "correct": 50, "total": 100} for c in CIFAR10}

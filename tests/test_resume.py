@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import make_image_folder
-from convae import train as train_mod
+from convae import fit as fit_mod
+from convae.objectives import Objective
 from convae.cli import main
 
 ARGS = ["--height", "32", "--width", "32", "--channels", "64", "128", "128", "--latent-dim", "256",
@@ -100,14 +101,14 @@ def test_kill_9_at_random_points_then_resume_gives_the_same_run(dataset, referen
     rng = random.Random(1234)
     _start_then_kill(_cmd(data, cache, out), out, 0, rng)  # inside pretraining epoch 1
     for lines in (2, 3, 4):  # ... pretraining epoch 3, fine-tuning epochs 1 and 2
-        _start_then_kill(_resume_cmd(data, cache, out), out, lines, rng)
+        _start_then_kill(_resume_cmd(out), out, lines, rng)
         assert len(_metrics(out)) <= 6
-    done = subprocess.run(_resume_cmd(data, cache, out), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(_resume_cmd(out), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     _same_run(out, reference)
 
 
-def _resume_cmd(data, cache, out):
+def _resume_cmd(out):
     return [sys.executable, "-m", "convae", "run", "--out", str(out), "--resume"]
 
 
@@ -124,7 +125,7 @@ def test_sigint_finishes_the_step_saves_and_resumes(dataset, reference, tmp_path
     assert "stopped by SIGINT" in err and f"convae run --out {out} --resume" in err and "Traceback" not in err
     state = torch.load(out / "checkpoints" / "state.pt", weights_only=True)
     assert state["phase"] in ("pretrain", "finetune")
-    done = subprocess.run(_resume_cmd(data, cache, out), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(_resume_cmd(out), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     _same_run(out, reference)
 
@@ -141,14 +142,14 @@ def test_resume_of_a_finished_run_and_of_nothing(dataset, reference, tmp_path, c
 def test_nan_loss_stops_with_the_last_good_state_intact(dataset, tmp_path, monkeypatch, capsys):
     data, cache = dataset
     calls = {"n": 0}
-    real = train_mod.reconstruction_loss
+    real = Objective.__call__
 
-    def poisoned(out, x, y):
+    def poisoned(self, model, x, y=None, generator=None):
         calls["n"] += 1
-        loss = real(out, x, y)
+        loss = real(self, model, x, y, generator)
         return loss * float("nan") if calls["n"] > 26 else loss  # 24 chunks an epoch: NaN in epoch 2
 
-    monkeypatch.setattr(train_mod, "reconstruction_loss", poisoned)
+    monkeypatch.setattr(Objective, "__call__", poisoned)
     out = tmp_path / "nan"
     assert main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + ARGS) == 2
     err = capsys.readouterr().err
@@ -160,7 +161,7 @@ def test_nan_loss_stops_with_the_last_good_state_intact(dataset, tmp_path, monke
 
 def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypatch, capsys):
     data, cache = dataset
-    real = train_mod.atomic_torch_save
+    real = fit_mod.atomic_torch_save
     calls = {"n": 0}
 
     def disk_full_on_second(obj, path):
@@ -169,7 +170,7 @@ def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypa
             raise OSError(28, "No space left on device")
         real(obj, path)
 
-    monkeypatch.setattr(train_mod, "atomic_torch_save", disk_full_on_second)
+    monkeypatch.setattr(fit_mod, "atomic_torch_save", disk_full_on_second)
     out = tmp_path / "full"
     assert main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + ARGS) == 2
     err = capsys.readouterr().err

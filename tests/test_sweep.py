@@ -18,8 +18,9 @@ def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
                 + SMALL) == 0
     result = json.loads((out / "sweep.json").read_text())
     assert result["budgets"] == [2, "all"] and result["seeds"] == [0, 1]
-    methods = {"finetune", "linear_probe", "scratch", "knn", "logistic_probe"}
-    assert len(result["cells"]) == 2 * 2 * 5
+    methods = {"finetune", "linear_probe", "scratch", "knn", "logistic_probe", "knn_random", "logistic_random"}
+    assert set(result["methods"]) == methods
+    assert len(result["cells"]) == 2 * 2 * 7
     for c in result["cells"]:
         assert c["method"] in methods and 0 <= c["accuracy"] <= 1
         assert c["labelled_images"] == (6 if c["labels_per_class"] == 2 else 24)

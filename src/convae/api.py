@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .config import Config, build_config
+from .config import INFERENCE_BATCH_SIZE, Config, build_config
 from .errors import ConvaeError
 from .models import AutoEncoder, Classifier, Encoder, ModelConfig, build_model
 
@@ -62,7 +62,7 @@ def load(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def encode(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def encode(model: nn.Module, images: torch.Tensor, batch_size: int = INFERENCE_BATCH_SIZE) -> torch.Tensor:
     """Latent vectors (N, latent_dim) of ``images`` (N, C, H, W): uint8 0-255 or float in [0, 1].
 
     ``model`` is an autoencoder, a classifier or a bare encoder; it runs in eval mode on its
@@ -77,10 +77,10 @@ def encode(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> to
 
 
 def _train(phases: tuple[str, ...], checkpoint: str | None, preset: str, overrides: dict[str, Any]) -> Path:
-    from .train import main as train_main
+    from .pipeline import run_training
 
     cfg: Config = build_config(preset, None, overrides)
-    run = train_main(cfg, phases=phases, checkpoint=checkpoint, log=lambda m: None)
+    run = run_training(cfg, phases=phases, checkpoint=checkpoint, log=lambda m: None)
     return run.path
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConvaeError
+from .device import resolve_device
+from .errors import ConvaeError, first_line
+from .files import atomic_write
 from .models import ModelConfig, build_model
 
 FORMAT = "convae-checkpoint"
@@ -19,21 +19,8 @@ KINDS = ("autoencoder", "classifier")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash or a full disk leaves the previous file intact.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` whole or not at all: a crash or a full disk leaves the previous file intact."""
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(
@@ -84,8 +71,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvaeError(f"{p} is not a loadable convae checkpoint (refused by the safe loader: {first[:200]})") from None
+        raise ConvaeError(f"{p} is not a loadable convae checkpoint (refused by the safe loader: {first_line(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConvaeError(f"{p} is not a convae checkpoint (no '{FORMAT}' marker)")
     if payload.get("kind") not in KINDS or "model" not in payload or "config" not in payload:
@@ -106,3 +92,11 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[nn.Modul
         raise ConvaeError(f"{path} has a config that cannot rebuild a model: {e}") from None
     load_state_strict(model, payload["model"], source=str(path))
     return model, payload
+
+
+def open_model(path: str | Path, device: str = "auto", kind: str | None = None) -> tuple[nn.Module, dict, torch.device]:
+    """The common opening of every command that uses a trained model: the checkpoint rebuilt,
+    on the resolved device, channels_last, in eval mode; with its payload and the device."""
+    dev = resolve_device(device)
+    model, payload = load_checkpoint(path, kind=kind)
+    return model.to(dev, memory_format=torch.channels_last).eval(), payload, dev

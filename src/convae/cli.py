@@ -1,4 +1,4 @@
-"""The ``convae`` command: run, pretrain, finetune, evaluate.
+"""The ``convae`` command line: parse and dispatch to :mod:`convae.commands`, nothing else.
 
 Flags have the same names in every command where they apply. A flag left out keeps the
 value of the preset or of ``--config FILE``; user mistakes end with one line and exit 2.
@@ -11,14 +11,13 @@ import signal
 import sys
 from typing import Any, Callable, Sequence
 
-from . import __version__
-from .config import INITS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, DEVICES, build_config
-from .errors import ConvaeError
-from .models import UPSAMPLE_MODES
+from . import __version__, commands
+from .config import (DEVICES, INFERENCE_BATCH_SIZE, INITS, OPTIMIZERS, PRECISIONS, PRESETS, PROBE_FEATURES,
+                     SCHEDULES)
+from .errors import ConvaeError, Interrupted
+from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES
+from .objectives import OBJECTIVES
 from .sweep import DEFAULT_BUDGETS
-from .train import Interrupted
-
-SWEEP_BATCH_SIZE = 256  # the sweep counts steps, so small budgets get as many updates as large ones
 
 # flag -> argparse keyword arguments; dest is the Config field of the same name
 FLAGS: dict[str, dict[str, Any]] = {
@@ -35,6 +34,26 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--channels": dict(type=int, nargs="+", metavar="N", help="conv encoder widths, one per stride-2 stage (default 64 128 128)"),
     "--latent-dim": dict(type=int, metavar="N", help="size of the latent vector (default 1024)"),
     "--upsample": dict(choices=UPSAMPLE_MODES, help="decoder upsampling (default bilinear, as the lecture)"),
+    "--norm": dict(choices=NORMS, help="normalisation after every conv (default none, as the lecture)"),
+    "--convs-per-stage": dict(type=int, metavar="N", help="3x3 convs per encoder and decoder stage (default 1)"),
+    "--output-activation": dict(choices=OUTPUT_ACTIVATIONS, help="decoder output activation (default relu, as the "
+                                "lecture; none for normalised targets)"),
+    "--objective": dict(choices=OBJECTIVES, help="pretraining objective (default reconstruct, the lecture's MSE)"),
+    "--noise-std": dict(type=float, metavar="S", help="denoise: Gaussian noise std on [0, 1] pixels (default 0.1)"),
+    "--drop-prob": dict(type=float, metavar="P", help="denoise: probability a pixel is zeroed (default 0)"),
+    "--mask-ratio": dict(type=float, metavar="R", help="masked: fraction of patches hidden (default 0.6)"),
+    "--patch-size": dict(type=int, metavar="P", help="masked: patch side in pixels (default 4)"),
+    "--norm-targets": dict(action="store_true", help="masked: per-patch normalised targets (use with "
+                           "--output-activation none)"),
+    "--sparse-k": dict(type=int, metavar="K", help="sparse: code units kept per image (default 0 = all)"),
+    "--lifetime-rate": dict(type=float, metavar="R", help="sparse: fraction of the batch each unit stays active "
+                            "for (default 0.05)"),
+    "--augment": dict(action="store_true", help="random crop, flip (and --jitter) on the device, for pretraining "
+                      "and fine-tuning"),
+    "--crop-padding": dict(type=int, metavar="P", help="augment: padding of the random crop (default 4)"),
+    "--jitter": dict(type=float, metavar="J", help="augment: colour jitter strength (default 0 = off)"),
+    "--probe-features": dict(choices=PROBE_FEATURES, help="features kNN and the linear probe read: the FC latent or "
+                             "every conv stage pooled to 2x2 (default latent)"),
     "--pretrain-epochs": dict(type=int, metavar="N", help="autoencoder epochs (seed: 5)"),
     "--finetune-epochs": dict(type=int, metavar="N", help="classifier epochs (seed: 5)"),
     "--batch-size": dict(type=int, metavar="N", help="images per step (seed: 2000)"),
@@ -59,23 +78,28 @@ FLAGS: dict[str, dict[str, Any]] = {
 }
 
 DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir"]
-MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample"]
+MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample", "--norm",
+         "--convs-per-stage", "--output-activation"]
+PRETRAIN = ["--pretrain-epochs", "--objective", "--noise-std", "--drop-prob", "--mask-ratio", "--patch-size",
+            "--norm-targets", "--sparse-k", "--lifetime-rate"]
+AUGMENT = ["--augment", "--crop-padding", "--jitter"]
 OPTIM = ["--batch-size", "--lr", "--optimizer", "--weight-decay", "--schedule", "--step-size"]
 FINETUNE = ["--finetune-epochs", "--finetune-lr", "--labels-per-class", "--init", "--freeze-encoder"]
-EXEC = ["--checkpoint-every", "--micro-batch", "--compile", "--precision", "--seed", "--device", "--out"]
+EXEC = ["--probe-features", "--checkpoint-every", "--micro-batch", "--compile", "--precision", "--seed", "--device", "--out"]
 
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "run": ("pretrain the autoencoder, transfer its encoder, fine-tune and evaluate (the lecture's pipeline)",
-            DATA + MODEL + ["--pretrain-epochs"] + OPTIM + FINETUNE + EXEC),
+            DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + FINETUNE + EXEC),
     "pretrain": ("train the autoencoder by reconstruction, without labels",
-                 DATA + MODEL + ["--pretrain-epochs"] + OPTIM + EXEC),
+                 DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + EXEC),
     "finetune": ("fine-tune a classifier from an autoencoder checkpoint (or from scratch)",
-                 DATA + OPTIM + FINETUNE + EXEC),
+                 DATA + AUGMENT + OPTIM + FINETUNE + EXEC),
     "sweep": ("compare pretrained fine-tuning, linear probe, kNN and scratch over label budgets and seeds",
-              DATA + MODEL + ["--pretrain-epochs"] + OPTIM + ["--finetune-lr"] + EXEC),
+              DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + ["--finetune-lr"] + EXEC),
     "evaluate": ("evaluate a checkpoint on a labelled source: classifier accuracy, and kNN and linear probe "
                  "of its frozen encoder with --train-data",
-                 ["--data", "--train-data", "--cache-dir", "--batch-size", "--precision", "--device", "--out"]),
+                 ["--data", "--train-data", "--cache-dir", "--batch-size", "--probe-features", "--precision",
+                  "--seed", "--device", "--out"]),
 }
 
 
@@ -99,7 +123,8 @@ def _add_tool_commands(sub) -> None:
     c.add_argument("--checkpoint", metavar="CKPT", required=True, help="autoencoder or classifier checkpoint")
     c.add_argument("--out", metavar="FILE.npy", required=True, help="embeddings file to write (must not exist)")
     c.add_argument("--no-map", action="store_true", help="skip the t-SNE map")
-    for flag in ("--data", "--val-fraction", "--cache-dir", "--batch-size", "--precision", "--seed", "--device"):
+    for flag in ("--data", "--val-fraction", "--cache-dir", "--batch-size", "--probe-features", "--precision", "--seed",
+                 "--device"):
         c.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **FLAGS[flag])
     p = sub.add_parser("predict", help="class and probabilities for images, preprocessed as in training",
                        description="class and probabilities for images, preprocessed as in training")
@@ -107,7 +132,8 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto picks CUDA when available")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass (default 256)")
+    p.add_argument("--batch-size", type=int, default=INFERENCE_BATCH_SIZE, metavar="N",
+                   help=f"images per forward pass (default {INFERENCE_BATCH_SIZE})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,91 +178,37 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _run(args: argparse.Namespace) -> None:
-    from .config import load_run_config
-    from .train import main as train_main
+def _warn(msg: str) -> None:
+    print(f"convae: warning: {msg}", file=sys.stderr, flush=True)
 
-    phases = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}[args.command]
-    overrides = _overrides(args)
-    if args.resume:
-        if "out" not in overrides:
-            raise ConvaeError("--resume needs --out DIR, the run folder to continue")
-        extra = sorted(set(overrides) - {"out", "device"})
-        extra += [name for name in ("config", "checkpoint") if getattr(args, name, None)]
-        if extra:
-            raise ConvaeError("--resume continues with the run's saved config.json; drop "
-                              + ", ".join("--" + k.replace("_", "-") for k in extra))
-        cfg = load_run_config(overrides["out"])
-        cfg.device = overrides.get("device", cfg.device)
-        train_main(cfg, phases=phases, log=_log, resume=True)
-        return
-    cfg = build_config(args.preset, args.config, overrides)
-    train_main(cfg, phases=phases, checkpoint=getattr(args, "checkpoint", None), log=_log)
+
+def _train(args: argparse.Namespace) -> None:
+    commands.train(args.command, args.preset, args.config, _overrides(args), _log,
+                   checkpoint=getattr(args, "checkpoint", None), resume=args.resume)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import main as evaluate_main
-
     overrides = _overrides(args)  # --data defaults to cifar10 through the config, so a --config file can set it
     train_data = overrides.pop("train_data", None)
-    cfg = build_config(args.preset, args.config, overrides)
-    evaluate_main(cfg, args.checkpoint, train_data=train_data, log=_log)
-
-
-def _export(args: argparse.Namespace) -> None:
-    from .export import export
-
-    out = export(args.checkpoint, args.format, args.part, args.out)
-    _log(f"wrote {args.part} as {args.format}: {out}")
-
-
-def _report(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from .html_report import write_report
-
-    run = Path(args.run_dir)
-    if not (run / "config.json").is_file():
-        raise ConvaeError(f"{run} is not a convae run folder (no config.json)")
-    _log(f"wrote {write_report(run)}")
-
-
-def _encode(args: argparse.Namespace) -> None:
-    from .embed import main as encode_main
-
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "out", "no_map")}
-    overrides.setdefault("batch_size", 1024)
-    cfg = build_config("seed", None, overrides)
-    encode_main(cfg, args.checkpoint, args.out, make_map=not args.no_map, log=_log)
-
-
-def _predict(args: argparse.Namespace) -> None:
-    from .predict import format_predictions, predict
-
-    if args.batch_size <= 0:
-        raise ConvaeError(f"batch_size must be an integer > 0, got {args.batch_size}")
-    rows = predict(args.checkpoint, args.images, args.device, args.batch_size,
-                   warn=lambda m: print(f"convae: warning: {m}", file=sys.stderr, flush=True))
-    _log(format_predictions(rows, as_json=args.json))
+    commands.evaluate(args.preset, args.config, overrides, args.checkpoint, train_data, _log)
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from .sweep import main as sweep_main
-    from .sweep import parse_budgets
-
     overrides = {k: v for k, v in _overrides(args).items() if k not in ("labels_per_class", "seeds", "steps")}
-    from .config import read_config_file
+    commands.sweep(args.preset, args.config, overrides, args.labels_per_class, args.seeds, args.steps,
+                   args.checkpoint, _log)
 
-    # the sweep's own default sits below both the config file and the flags
-    if "batch_size" not in overrides and "batch_size" not in (read_config_file(args.config) if args.config else {}):
-        overrides["batch_size"] = SWEEP_BATCH_SIZE
-    cfg = build_config(args.preset, args.config, overrides)
-    sweep_main(cfg, parse_budgets(args.labels_per_class), args.seeds, args.steps, args.checkpoint, log=_log)
+
+def _encode(args: argparse.Namespace) -> None:
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "out", "no_map")}
+    commands.encode(overrides, args.checkpoint, args.out, not args.no_map, _log)
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "run": _run, "pretrain": _run, "finetune": _run, "evaluate": _evaluate, "export": _export, "predict": _predict,
-    "sweep": _sweep, "encode": _encode, "report": _report,
+    "run": _train, "pretrain": _train, "finetune": _train, "evaluate": _evaluate, "sweep": _sweep, "encode": _encode,
+    "export": lambda a: commands.export(a.checkpoint, a.format, a.part, a.out, _log),
+    "predict": lambda a: commands.predict(a.checkpoint, a.images, a.device, a.batch_size, a.json, _log, _warn),
+    "report": lambda a: commands.report(a.run_dir, _log),
 }
 
 
@@ -245,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         HANDLERS[args.command](args)
     except ConvaeError as e:
-        print(f"convae: error: {e}", file=sys.stderr, flush=True)
+        advice = f"; {e.advice}" if e.advice else ""
+        print(f"convae: error: {e}{advice}", file=sys.stderr, flush=True)
         return 2
     except Interrupted as e:
         name = signal.Signals(e.signum).name if e.signum else "a signal"

@@ -7,23 +7,35 @@ Unknown keys and invalid values are refused before any work starts.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .augment import AugmentConfig
 from .errors import ConvaeError
-from .models import UPSAMPLE_MODES, ModelConfig
+from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES, ModelConfig
+from .objectives import OBJECTIVES, ObjectiveConfig
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step")
 INITS = ("pretrained", "scratch")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+PROBE_FEATURES = ("latent", "pooled")
+
+# Every batch-size default, in one place.
+TRAIN_BATCH_SIZE = 2000  # the lecture's batch
+SWEEP_BATCH_SIZE = 256  # the sweep counts steps, so small label budgets get as many updates as large ones
+INFERENCE_BATCH_SIZE = 1024  # images per forward pass when only features or predictions are wanted
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """The full, final configuration of a run; saved as ``config.json`` in the run folder."""
+    """The full, final configuration of a run; saved as ``config.json`` in the run folder.
+
+    Frozen and validated on construction: a changed value is a new config
+    (``dataclasses.replace``), which is validated again.
+    """
 
     # data
     data: str = "cifar10"
@@ -38,10 +50,26 @@ class Config:
     channels: tuple[int, ...] = (64, 128, 128)
     latent_dim: int = 1024
     upsample: str = "bilinear"
+    norm: str = "none"
+    convs_per_stage: int = 1
+    output_activation: str = "relu"
+    # pretraining objective (see convae.objectives) and augmentation (see convae.augment)
+    objective: str = "reconstruct"
+    noise_std: float = 0.1
+    drop_prob: float = 0.0
+    mask_ratio: float = 0.6
+    patch_size: int = 4
+    norm_targets: bool = False
+    sparse_k: int = 0
+    lifetime_rate: float = 0.05
+    augment: bool = False
+    crop_padding: int = 4
+    jitter: float = 0.0
+    probe_features: str = "latent"  # what kNN and the linear probe read: the FC latent or pooled conv stages
     # optimisation, shared by both phases unless a finetune_* value is set
     pretrain_epochs: int = 5
     finetune_epochs: int = 5
-    batch_size: int = 2000
+    batch_size: int = TRAIN_BATCH_SIZE
     lr: float = 1e-3
     finetune_lr: float | None = None
     optimizer: str = "adam"
@@ -62,6 +90,11 @@ class Config:
     out: str | None = None
     preset: str = "seed"
 
+    def __post_init__(self) -> None:
+        if isinstance(self.channels, list):
+            object.__setattr__(self, "channels", tuple(self.channels))
+        validate(self)
+
     def model_config(self, num_classes: int = 10) -> ModelConfig:
         return ModelConfig(
             in_channels=self.in_channels,
@@ -71,7 +104,26 @@ class Config:
             latent_dim=self.latent_dim,
             upsample=self.upsample,
             num_classes=num_classes,
+            norm=self.norm,
+            convs_per_stage=self.convs_per_stage,
+            output_activation=self.output_activation,
         )
+
+    def with_model(self, m: ModelConfig) -> "Config":
+        """This config with the data format and architecture of a checkpoint's model."""
+        return replace(self, in_channels=m.in_channels, height=m.height, width=m.width, channels=tuple(m.channels),
+                       latent_dim=m.latent_dim, upsample=m.upsample, norm=m.norm,
+                       convs_per_stage=m.convs_per_stage, output_activation=m.output_activation)
+
+    def objective_config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(name=self.objective, noise_std=self.noise_std, drop_prob=self.drop_prob,
+                               mask_ratio=self.mask_ratio, patch_size=self.patch_size,
+                               norm_targets=self.norm_targets, sparse_k=self.sparse_k,
+                               lifetime_rate=self.lifetime_rate)
+
+    def augment_config(self) -> AugmentConfig | None:
+        """None when augmentation is off (the seed preset)."""
+        return AugmentConfig(crop_padding=self.crop_padding, flip=True, jitter=self.jitter) if self.augment else None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,7 +140,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 FIELD_NAMES = {f.name for f in fields(Config)}
-FLOAT_FIELDS = ("lr", "finetune_lr", "weight_decay", "val_fraction")
+FLOAT_FIELDS = ("lr", "finetune_lr", "weight_decay", "val_fraction", "noise_std", "drop_prob", "mask_ratio",
+                "lifetime_rate", "jitter")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -128,6 +181,8 @@ def build_config(
             raise ConvaeError(f"unknown config key(s): {', '.join(unknown)}")
         values.update(layer)
     values["preset"] = preset
+    if isinstance(values.get("channels"), list):
+        values["channels"] = tuple(values["channels"])
     for name in FLOAT_FIELDS:
         # YAML 1.1 reads "1e-3" as a string; accept any numeric spelling
         if isinstance(values.get(name), str):
@@ -135,9 +190,7 @@ def build_config(
                 values[name] = float(values[name])
             except ValueError:
                 pass  # left for validate() to refuse with the valid range
-    cfg = Config(**values)
-    validate(cfg)
-    return cfg
+    return Config(**values)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -159,7 +212,8 @@ def validate(cfg: Config) -> None:
     for name in ("pretrain_epochs", "finetune_epochs"):
         v = getattr(cfg, name)
         _check(_is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
-    for name in ("batch_size", "in_channels", "height", "width", "latent_dim", "step_size"):
+    for name in ("batch_size", "in_channels", "height", "width", "latent_dim", "step_size", "convs_per_stage",
+                 "patch_size"):
         v = getattr(cfg, name)
         _check(_is_int(v) and v > 0, f"{name} must be an integer > 0, got {v!r}")
     for name in ("lr", "finetune_lr"):
@@ -181,7 +235,18 @@ def validate(cfg: Config) -> None:
     _check(_is_int(cfg.seed) and cfg.seed >= 0, f"seed must be an integer >= 0, got {cfg.seed!r}")
     _check(isinstance(cfg.compile, bool), f"compile must be true or false, got {cfg.compile!r}")
     _check(isinstance(cfg.tensorboard, bool), f"tensorboard must be true or false, got {cfg.tensorboard!r}")
-    _check(isinstance(cfg.freeze_encoder, bool), f"freeze_encoder must be true or false, got {cfg.freeze_encoder!r}")
+    for name in ("freeze_encoder", "augment", "norm_targets"):
+        v = getattr(cfg, name)
+        _check(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
+    for name in ("noise_std", "jitter"):
+        v = getattr(cfg, name)
+        _check(_is_num(v) and v >= 0, f"{name} must be a number >= 0, got {v!r}")
+    for name in ("drop_prob", "mask_ratio", "lifetime_rate"):
+        v = getattr(cfg, name)
+        _check(_is_num(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
+    for name in ("sparse_k", "crop_padding"):
+        v = getattr(cfg, name)
+        _check(_is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
     for name, choices in (
         ("upsample", UPSAMPLE_MODES),
         ("optimizer", OPTIMIZERS),
@@ -189,6 +254,10 @@ def validate(cfg: Config) -> None:
         ("init", INITS),
         ("device", DEVICES),
         ("precision", PRECISIONS),
+        ("norm", NORMS),
+        ("output_activation", OUTPUT_ACTIVATIONS),
+        ("objective", OBJECTIVES),
+        ("probe_features", PROBE_FEATURES),
     ):
         v = getattr(cfg, name)
         _check(v in choices, f"{name} must be one of {', '.join(choices)}; got {v!r}")
@@ -196,7 +265,6 @@ def validate(cfg: Config) -> None:
     ch = cfg.channels
     _check(isinstance(ch, (list, tuple)) and len(ch) > 0 and all(_is_int(c) and c > 0 for c in ch),
            f"channels must be a non-empty list of integers > 0, got {ch!r}")
-    cfg.channels = tuple(ch)
     # every stage halves the size; below 2**stages the deepest feature map would be padding only
     smallest = 2 ** len(cfg.channels)
     _check(cfg.height >= smallest and cfg.width >= smallest,
@@ -212,11 +280,10 @@ def load_run_config(run_dir: str | Path) -> Config:
     """The config saved in an earlier run folder, to continue that run."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise ConvaeError(f"--resume needs --out DIR of an earlier run (no config.json in {run_dir})")
+        raise ConvaeError(f"{run_dir} is not a run folder to continue (no config.json)",
+                          advice="--resume needs --out DIR of an earlier run")
     try:
         values = json.loads(path.read_text())
-        cfg = Config(**values)
+        return Config(**values)
     except (json.JSONDecodeError, TypeError) as e:
         raise ConvaeError(f"{path} is not a convae config ({e})") from None
-    validate(cfg)
-    return cfg

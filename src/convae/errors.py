@@ -1,5 +1,29 @@
-"""The one exception type for user mistakes: the CLI prints its message and exits 2."""
+"""The exceptions convae raises on purpose: user mistakes and a clean stop on a signal."""
+
+from __future__ import annotations
 
 
 class ConvaeError(Exception):
-    """Bad input, bad config or a mismatched checkpoint: a user mistake, not a bug."""
+    """Bad input, bad config or a mismatched checkpoint: a user mistake, not a bug.
+
+    ``str(e)`` describes the problem in library terms; ``advice`` (optional) names the
+    command-line flag that fixes it, and the CLI prints both on one line.
+    """
+
+    def __init__(self, message: str, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.advice = advice
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving its state; ``signum`` says which."""
+
+    def __init__(self, signum: int | None, where: str, run_path: str) -> None:
+        super().__init__(where)
+        self.signum, self.where, self.run_path = signum, where, run_path
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line (its type name when it has no message), for one-line reports."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

@@ -26,8 +26,8 @@ def select_part(model: nn.Module, part: str, source: str = "checkpoint") -> nn.M
     if part == "autoencoder" and isinstance(model, AutoEncoder):
         return model
     have = "autoencoder" if isinstance(model, AutoEncoder) else "classifier"
-    raise ConvaeError(f"{source} holds a{'n' if have[0] == 'a' else ''} {have}: it has no {part} part "
-                      f"(choose --part encoder or --part {have})")
+    raise ConvaeError(f"{source} holds a{'n' if have[0] == 'a' else ''} {have}: it has no {part} part",
+                      advice=f"choose --part encoder or --part {have}")
 
 
 def _example_input(cfg: ModelConfig, batch: int = 2) -> torch.Tensor:
@@ -106,14 +106,14 @@ def load_safetensors(path: str | Path) -> nn.Module:
 def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path) -> Path:
     """``convae export``: write ``part`` of ``checkpoint`` to ``out`` in ``fmt``."""
     if fmt not in FORMATS:
-        raise ConvaeError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+        raise ConvaeError(f"the export format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if part not in PARTS:
-        raise ConvaeError(f"--part must be one of {', '.join(PARTS)}; got {part!r}")
+        raise ConvaeError(f"the part must be one of {', '.join(PARTS)}; got {part!r}")
     model, payload = load_checkpoint(checkpoint)
     module = select_part(model, part, str(checkpoint))
     out = Path(out)
     if out.exists():
-        raise ConvaeError(f"--out {out} already exists; choose a new file")
+        raise ConvaeError(f"{out} already exists; nothing is overwritten", advice="choose a new --out file")
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     if fmt == "onnx":

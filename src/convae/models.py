@@ -11,14 +11,18 @@ nothing else (timm's ``forward_features`` / ``reset_classifier`` interface).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .ops import can_fuse, fusion_pays, upsample_conv
 
 UPSAMPLE_MODES = ("bilinear", "nearest", "transposed", "unpool")
+NORMS = ("none", "batch", "group")
+OUTPUT_ACTIVATIONS = ("relu", "sigmoid", "none")
 
 
 # ----------------------------------------------------------------------------- config
@@ -36,6 +40,9 @@ class ModelConfig:
     upsample: str = "bilinear"  # one of UPSAMPLE_MODES
     negative_slope: float = 0.1
     num_classes: int = 10
+    norm: str = "none"  # one of NORMS, after every conv of the encoder and decoder (not the output conv)
+    convs_per_stage: int = 1  # extra stride-1 3x3 convs per stage, in the encoder and the decoder
+    output_activation: str = "relu"  # the lecture's ReLU; "none" for targets outside [0, 1]
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -62,7 +69,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**d)
+        return cls(**d)  # checkpoints from before norm/convs_per_stage get their defaults
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -70,6 +77,17 @@ class ModelConfig:
 
 def _act(cfg: ModelConfig) -> nn.Module:
     return nn.LeakyReLU(cfg.negative_slope)
+
+
+def _conv_block(cfg: ModelConfig, c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    """3x3 conv (no bias before a norm), norm, LeakyReLU. The seed model has no norm, so its
+    state dict keeps the lecture's layer indices."""
+    norm = {"none": [], "batch": [nn.BatchNorm2d(c_out)], "group": [nn.GroupNorm(math.gcd(c_out, 8), c_out)]}
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=cfg.norm == "none"), *norm[cfg.norm], _act(cfg)]
+
+
+def _extra_convs(cfg: ModelConfig, channels: int) -> list[nn.Module]:  # convs_per_stage - 1 stride-1 blocks
+    return [m for _ in range(cfg.convs_per_stage - 1) for m in _conv_block(cfg, channels, channels)]
 
 
 def _upsampler(mode: str, channels: int, src: tuple[int, int], dst: tuple[int, int]) -> nn.Module:
@@ -96,19 +114,19 @@ class Encoder(nn.Module):
         self.config = cfg
         pool = cfg.upsample == "unpool"  # max-unpooling needs the indices of a max-pool encoder
         layers: list[nn.Module] = []
+        stage_ends: list[int] = []  # index of each stage's last layer (its output is pooled)
         c_in = cfg.in_channels
         for c in cfg.channels:
             if pool:
-                layers += [
-                    nn.Conv2d(c_in, c, kernel_size=3, stride=1, padding=1),
-                    _act(cfg),
-                    nn.MaxPool2d(2, ceil_mode=True, return_indices=True),
-                ]
+                layers += [*_conv_block(cfg, c_in, c), *_extra_convs(cfg, c),
+                           nn.MaxPool2d(2, ceil_mode=True, return_indices=True)]
             else:
-                layers += [nn.Conv2d(c_in, c, kernel_size=3, stride=2, padding=1), _act(cfg)]
+                layers += [*_conv_block(cfg, c_in, c, stride=2), *_extra_convs(cfg, c)]
+            stage_ends.append(len(layers) - 1)
             c_in = c
         # (B, 3, 32, 32) -> (B, 64, 16, 16) -> (B, 128, 8, 8) -> (B, 128, 4, 4)
         self.conv = nn.Sequential(*layers)
+        self._stage_ends = set(stage_ends)
         # (B, 2048) -> (B, 1024)
         self.fc = nn.Sequential(nn.Linear(cfg.flat_dim, cfg.latent_dim), _act(cfg))
 
@@ -117,16 +135,32 @@ class Encoder(nn.Module):
         """The layer whose kernels the lecture visualises."""
         return self.conv[0]
 
-    def forward(self, x: torch.Tensor, return_indices: bool = False):
-        indices = []
-        for layer in self.conv:
+    def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The last conv volume, every stage's output, and the max-pool indices (unpool variant)."""
+        indices, outputs = [], []
+        for i, layer in enumerate(self.conv):
             if isinstance(layer, nn.MaxPool2d):
                 x, idx = layer(x)
                 indices.append(idx)
             else:
                 x = layer(x)
+            if i in self._stage_ends:
+                outputs.append(x)
+        return x, outputs, indices
+
+    def forward(self, x: torch.Tensor, return_indices: bool = False):
+        x, _, indices = self.stages(x)
         z = self.fc(x.flatten(1))  # flatten in NCHW order, as the lecture's view(-1, 2048)
         return (z, indices) if return_indices else z
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Every stage's output average-pooled to 2x2 and concatenated: (B, 4 * sum(channels)).
+
+        The way conv autoencoders are probed in the literature: the FC latent of a small
+        network discards most of the spatial detail that a linear classifier can use.
+        """
+        _, outputs, _ = self.stages(x)
+        return torch.cat([F.adaptive_avg_pool2d(o, 2).flatten(1) for o in outputs], 1)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -151,23 +185,19 @@ class Decoder(nn.Module):
             c_in, c_out = w[depth], w[max(depth - 1, 0)]
             if cfg.upsample == "unpool":
                 # unpool first: the indices belong to the encoder's w[depth]-channel volume
-                layers += [nn.MaxUnpool2d(2), nn.Conv2d(c_in, c_out, 3, 1, 1), _act(cfg)]
+                layers += [nn.MaxUnpool2d(2), *_extra_convs(cfg, c_in), *_conv_block(cfg, c_in, c_out)]
             else:
-                layers += [
-                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1),
-                    _act(cfg),
-                    _upsampler(cfg.upsample, c_out, sizes[depth + 1], sizes[depth]),
-                ]
+                layers += [*_extra_convs(cfg, c_in), *_conv_block(cfg, c_in, c_out),
+                           _upsampler(cfg.upsample, c_out, sizes[depth + 1], sizes[depth])]
         # (B, 128, 4, 4) -> (B, 128, 8, 8) -> (B, 64, 16, 16) -> (B, 64, 32, 32) -> (B, 3, 32, 32)
-        layers += [nn.Conv2d(w[0], cfg.in_channels, kernel_size=3, stride=1, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(w[0], cfg.in_channels, kernel_size=3, stride=1, padding=1))
+        layers += {"relu": [nn.ReLU()], "sigmoid": [nn.Sigmoid()], "none": []}[cfg.output_activation]
         self.conv = nn.Sequential(*layers)
         # Upsample -> Conv2d pairs that ops.upsample_conv computes on CPU (same function and
         # parameters), where fusing was measured to pay: the seed model's 64 -> 3 layer.
         self.fuse_upsample = True
-        self._fusable = {
-            i for i in range(len(layers) - 1)
-            if can_fuse(layers[i], layers[i + 1]) and fusion_pays(layers[i + 1])
-        }
+        self._fusable = {i for i in range(len(layers) - 1)
+                         if can_fuse(layers[i], layers[i + 1]) and fusion_pays(layers[i + 1])}
 
     def _fused(self, x: torch.Tensor) -> bool:
         # tracers and exporters see the plain layers; other devices are not measured
@@ -210,11 +240,13 @@ class AutoEncoder(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.upsample == "unpool":
-            z, indices = self.encoder(x, return_indices=True)
-            return self.decoder(z, indices)
-        return self.decoder(self.encoder(x))
+    def forward(self, x: torch.Tensor, code_fn=None) -> torch.Tensor:
+        """Reconstruction of ``x``; ``code_fn`` (latent -> latent), when given, acts on the code
+        between encoder and decoder (the sparse objective's winner-take-all)."""
+        z, indices = self.encoder(x, return_indices=True)
+        if code_fn is not None:
+            z = code_fn(z)
+        return self.decoder(z, indices if self.config.upsample == "unpool" else None)
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -251,24 +283,14 @@ class Classifier(nn.Module):
 
 def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
     """``kind`` is ``"autoencoder"`` or ``"classifier"``."""
-    if kind == "autoencoder":
-        return AutoEncoder(cfg)
-    if kind == "classifier":
-        return Classifier(cfg)
-    raise ValueError(f"unknown model kind {kind!r}")
+    if kind not in ("autoencoder", "classifier"):
+        raise ValueError(f"unknown model kind {kind!r}")
+    return AutoEncoder(cfg) if kind == "autoencoder" else Classifier(cfg)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = [
-    "UPSAMPLE_MODES",
-    "ModelConfig",
-    "Encoder",
-    "Decoder",
-    "AutoEncoder",
-    "Classifier",
-    "build_model",
-    "count_parameters",
-]
+__all__ = ["UPSAMPLE_MODES", "NORMS", "OUTPUT_ACTIVATIONS", "ModelConfig", "Encoder", "Decoder", "AutoEncoder",
+           "Classifier", "build_model", "count_parameters"]

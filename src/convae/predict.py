@@ -8,10 +8,10 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .data import is_image_file, load_image
-from .device import resolve_device
-from .errors import ConvaeError
+from .checkpoint import open_model
+from .config import INFERENCE_BATCH_SIZE
+from .data import is_image_file, load_image, to_model_input
+from .errors import ConvaeError, first_line
 
 
 def collect_images(paths: list[str]) -> list[Path]:
@@ -30,20 +30,20 @@ def collect_images(paths: list[str]) -> list[Path]:
     return files
 
 
-def predict(checkpoint: str | Path, paths: list[str], device: str = "auto", batch_size: int = 256,
+def predict(checkpoint: str | Path, paths: list[str], device: str = "auto", batch_size: int = INFERENCE_BATCH_SIZE,
             warn: Callable[[str], None] = print) -> list[dict]:
     """One dict per readable image: ``file``, ``class``, ``probability`` and ``probabilities`` per class."""
-    clf, payload = load_checkpoint(checkpoint, kind="classifier")
+    if batch_size <= 0:
+        raise ConvaeError(f"batch_size must be an integer > 0, got {batch_size}")
+    clf, payload, dev = open_model(checkpoint, device, kind="classifier")
     cfg = clf.config
     classes = payload.get("classes") or [str(i) for i in range(cfg.num_classes)]
-    dev = resolve_device(device)
-    clf = clf.to(dev, memory_format=torch.channels_last).eval()
     images, names = [], []
     for f in collect_images(paths):
         try:
             img, _, _ = load_image(f, cfg.in_channels, cfg.height, cfg.width)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
-            warn(f"skipped {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            warn(f"skipped {f}: {first_line(e, 10_000)}")
             continue
         images.append(img)
         names.append(str(f))
@@ -53,8 +53,8 @@ def predict(checkpoint: str | Path, paths: list[str], device: str = "auto", batc
     rows = []
     with torch.no_grad():
         for start in range(0, len(x_all), batch_size):
-            x = x_all[start : start + batch_size].to(dev).float().div_(255)
-            probs = torch.softmax(clf(x.contiguous(memory_format=torch.channels_last)).float(), 1).cpu()
+            x = to_model_input(x_all[start : start + batch_size].to(dev))
+            probs = torch.softmax(clf(x).float(), 1).cpu()
             for name, p in zip(names[start : start + batch_size], probs):
                 k = int(p.argmax())
                 rows.append({"file": name, "class": classes[k], "probability": float(p[k]),

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import INFERENCE_BATCH_SIZE
+from .data import to_model_input
 from .device import autocast
 
 PROBE_SETTINGS = {"model": "multinomial logistic regression", "optimizer": "full-batch L-BFGS",
@@ -17,22 +19,22 @@ PROBE_SETTINGS = {"model": "multinomial logistic regression", "optimizer": "full
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = 1024,
-                     precision: str = "fp32") -> torch.Tensor:
-    """Latent vectors (N, D), float32, on the encoder's device, of ``images`` (N, C, H, W).
+def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = INFERENCE_BATCH_SIZE,
+                     precision: str = "fp32", features: str = "latent") -> torch.Tensor:
+    """Features (N, D), float32, on the encoder's device, of ``images`` (N, C, H, W).
 
-    ``images`` are uint8 0-255 (scaled as in training) or float in [0, 1]; the encoder runs in
-    eval mode and is put back in the mode it was in.
+    ``features`` is ``latent`` (the FC code) or ``pooled`` (every conv stage averaged to 2x2,
+    :meth:`Encoder.forward_pooled`). ``images`` are uint8 0-255 (scaled as in training) or
+    float in [0, 1]; the encoder runs in eval mode and is put back in the mode it was in.
     """
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].to(device)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = to_model_input(images[start : start + batch_size].to(device))
         with autocast(device, precision):
-            out.append(encoder(x.contiguous(memory_format=torch.channels_last)).float())
+            out.append((encoder.forward_pooled(x) if features == "pooled" else encoder(x)).float())
     encoder.train(was_training)
     return torch.cat(out)
 
@@ -89,17 +91,30 @@ def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: 
 
 def representation_scores(encoder: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
                           test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
-                          precision: str = "fp32", seed: int = 0) -> dict:
-    """kNN and linear-probe accuracy of ``encoder``'s frozen features (train = the labelled bank)."""
+                          precision: str = "fp32", seed: int = 0, features: str = "latent",
+                          baseline: nn.Module | None = None) -> dict:
+    """kNN and linear-probe accuracy of ``encoder``'s frozen features (train = the labelled bank).
+
+    With ``baseline`` (the same architecture with random weights) the same probes score it on
+    the same images and features, under ``random``: what the training added is the difference.
+    """
     device = next(encoder.parameters()).device
-    ftr = extract_features(encoder, train_images, precision=precision)
-    fte = extract_features(encoder, test_images, precision=precision)
     ytr, yte = train_labels.to(device), test_labels.to(device)
-    return {
-        "knn_accuracy": knn_accuracy(ftr, ytr, fte, yte, num_classes),
+
+    def scores(enc: nn.Module) -> dict[str, float]:
+        ftr = extract_features(enc, train_images, precision=precision, features=features)
+        fte = extract_features(enc, test_images, precision=precision, features=features)
+        return {"knn_accuracy": knn_accuracy(ftr, ytr, fte, yte, num_classes),
+                "linear_probe_accuracy": linear_probe_accuracy(ftr, ytr, fte, yte, num_classes, seed=seed)}
+
+    out = {
+        **scores(encoder),
         "knn": {"k": min(200, len(ytr)), "temperature": 0.07, "similarity": "cosine"},
-        "linear_probe_accuracy": linear_probe_accuracy(ftr, ytr, fte, yte, num_classes, seed=seed),
         "linear_probe": PROBE_SETTINGS,
+        "features": features,
         "train_images": int(len(ytr)),
         "test_images": int(len(yte)),
     }
+    if baseline is not None:
+        out["random"] = scores(baseline.to(device))
+    return out

@@ -1,115 +1,159 @@
-"""The run folder: config, metrics, results, and the lines a person reads in the terminal."""
+"""``report.html``: one self-contained page per run folder (images inlined), for a person to read."""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
-import os
-import time
 from pathlib import Path
-from typing import Any
 
-from .config import Config, save_config
-from .errors import ConvaeError
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# The lecture's reported figures (one GPU, its CIFAR-10 test split).
+LECTURE = {
+    "pretrain_loss": [0.148, 0.053, 0.039],  # averaged with a 60000-image denominator
+    "finetune_accuracy": [38.23, 45.76, 50.10, 52.13, 55.72],
+    "per_class": dict(zip(CIFAR10, [66.0, 68.1, 41.3, 32.4, 31.8, 58.0, 72.8, 69.3, 63.3, 62.2])),
+}
 
-
-class RunDir:
-    """One run's folder: ``config.json``, ``metrics.jsonl``, ``results.json``, ``checkpoints/``, ``figures/``."""
-
-    def __init__(self, path: str | Path | None) -> None:
-        self.path = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        self.check_free(self.path)
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.figures.mkdir(parents=True, exist_ok=True)
-
-    @classmethod
-    def open(cls, path: str | Path | None) -> "RunDir":
-        """An existing run folder, to continue it."""
-        if path is None or not (Path(path) / "config.json").is_file():
-            raise ConvaeError(f"--resume needs --out DIR of an earlier run (no config.json in {path})")
-        run = cls.__new__(cls)
-        run.path = Path(path)
-        return run
-
-    @staticmethod
-    def check_free(path: str | Path | None) -> None:
-        """Refuse a folder that already holds files: an earlier run is never overwritten."""
-        if path is None:
-            return
-        p = Path(path)
-        if p.exists() and not p.is_dir():
-            raise ConvaeError(f"--out {p} exists and is not a folder")
-        if p.is_dir() and any(p.iterdir()):
-            raise ConvaeError(f"--out {p} already holds files; choose a new folder")
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def figures(self) -> Path:
-        return self.path / "figures"
-
-    def save_config(self, cfg: Config) -> None:
-        save_config(cfg, self.path / "config.json")
-
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def write_json(self, name: str, obj: Any) -> Path:
-        p = self.path / name
-        p.write_text(json.dumps(obj, indent=2) + "\n")
-        return p
-
-    def write_lines(self, name: str, lines: list[str]) -> Path:
-        """Replace ``name`` whole: written to a temporary file, then renamed over it."""
-        p = self.path / name
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, p)
-        return p
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .92em; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+figure { display: inline-block; margin: .4em 1em .4em 0; vertical-align: top; }
+figure img { max-width: 480px; border: 1px solid #eee; } figcaption { font-size: .85em; color: #555; }
+.note { color: #555; font-size: .9em; } .big { font-size: 1.3em; font-weight: 600; }
+"""
 
 
-def epoch_line(rec: dict[str, Any]) -> str:
-    """One line per epoch and phase, e.g. ``pretrain  epoch 2/5  train_loss 0.021 ...``."""
-    parts = [f"{rec['phase']:<8}", f"epoch {rec['epoch']}/{rec['epochs']}", f"train_loss {rec['train_loss']:.6f}"]
-    if "val_loss" in rec:
-        parts.append(f"val_loss {rec['val_loss']:.6f}")
-    if "val_accuracy" in rec:
-        parts.append(f"val_acc {100 * rec['val_accuracy']:.2f}%")
-    parts.append(f"{rec['seconds']:.1f}s")
-    parts.append(f"{rec['images_per_s']:.0f} img/s")
-    return "  ".join(parts)
+def _img(path: Path, caption: str) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-class TensorBoardLog:
-    """Scalars and images under ``RUN/tensorboard`` when the optional ``tensorboard`` package is installed."""
+def _table(headers: list[str], rows: list[list], table_id: str = "", left: int = 1) -> str:
+    attr = f' id="{table_id}"' if table_id else ""
+    head = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(str(h))}</th>' for i, h in enumerate(headers))
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(str(c))}</td>' for i, c in enumerate(r))
+        + "</tr>" for r in rows)
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-    def __init__(self, run_path: Path, enabled: bool = True) -> None:
-        self.writer = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # the optional extra is not installed: log nothing
-            return
-        self.writer = SummaryWriter(log_dir=str(run_path / "tensorboard"))
 
-    def scalars(self, rec: dict[str, Any]) -> None:
-        if self.writer is None:
-            return
-        step = rec["epoch"]
-        for key in ("train_loss", "val_loss", "val_accuracy", "images_per_s", "lr"):
-            if key in rec:
-                self.writer.add_scalar(f"{rec['phase']}/{key}", rec[key], step)
-        self.writer.flush()
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.2f} %"
 
-    def image(self, tag: str, image, step: int = 0) -> None:
-        """``image`` (C, H, W) in [0, 1]."""
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
-            self.writer.flush()
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build_report(run: Path) -> str:
+    """The page's HTML for the run folder ``run``."""
+    cfg = _read_json(run / "config.json") or {}
+    results = _read_json(run / "results.json")
+    sweep = _read_json(run / "sweep.json")
+    metrics = []
+    if (run / "metrics.jsonl").is_file():
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig = run / "figures"
+    classes = (results or sweep or {}).get("classes", [])
+    is_lecture = classes == CIFAR10 and cfg.get("preset") == "seed"
+    parts = [f"<h1>convae report: {html.escape(run.name)}</h1>"]
+
+    summary = [f"Data: <code>{html.escape(str(cfg.get('data', '')))}</code>."]
+    if results and "per_class" in results:
+        summary.append(f"Evaluated on the {html.escape(results.get('eval_set', ''))}: "
+                       f'<span class="big">{_pct(results["accuracy"])}</span> accuracy over '
+                       f"{results['num_images']} images, {len(classes)} classes.")
+        t = results.get("timing", {})
+        if t:
+            summary.append("Wall time: " + ", ".join(f"{k.replace('_s', '')} {v:.1f} s" for k, v in t.items()) + ".")
+    parts.append("<p>" + " ".join(summary) + "</p>")
+
+    train_rows = [m for m in metrics if m.get("phase") in ("pretrain", "finetune")]
+    if train_rows:
+        parts.append("<h2>Training</h2>")
+        headers = ["phase", "epoch", "train loss", "val loss", "val accuracy", "seconds", "images/s"]
+        if is_lecture:
+            headers.append("lecture (test accuracy)")
+        rows = []
+        for m in train_rows:
+            row = [m["phase"], m["epoch"], f"{m['train_loss']:.4f}", f"{m.get('val_loss', float('nan')):.4f}",
+                   _pct(m.get("val_accuracy")), f"{m['seconds']:.1f}", f"{m['images_per_s']:.0f}"]
+            if is_lecture:
+                ref = LECTURE["finetune_accuracy"]
+                row.append(f"{ref[m['epoch'] - 1]:.2f} %" if m["phase"] == "finetune" and m["epoch"] <= len(ref) else "")
+            rows.append(row)
+        parts.append(_table(headers, rows, "epochs", left=1))
+        parts.append('<p class="note">Losses are means over all training images (the lecture divided by 60000).'
+                     " Accuracy is a fraction of the evaluation set; seconds are training time of the epoch.</p>")
+        parts.append(_img(fig / "pretrain_loss.png", "pretraining loss (MSE per pixel)")
+                     + _img(fig / "finetune_loss.png", "fine-tuning loss (cross-entropy)")
+                     + _img(fig / "finetune_accuracy.png", "evaluation accuracy per fine-tuning epoch"))
+
+    kernels = [("kernels_initial.png", "initial (random)"), ("kernels_pretrained.png", "after pretraining"),
+               ("kernels_pretrain_delta.png", "change in pretraining"), ("kernels_finetuned.png", "after fine-tuning"),
+               ("kernels_finetune_delta.png", "change in fine-tuning")]
+    if any((fig / f).is_file() for f, _ in kernels):
+        parts.append("<h2>First-layer kernels</h2><p class=\"note\">64 kernels of 3×3 RGB, magnitude |w| scaled by "
+                     "each grid's maximum, as the lecture shows them.</p>")
+        parts.append("".join(_img(fig / f, c) for f, c in kernels))
+    if (fig / "reconstructions.png").is_file():
+        parts.append("<h2>Reconstructions</h2>" + _img(fig / "reconstructions.png", "evaluation images (top) over "
+                                                        "their reconstructions (bottom)"))
+
+    if results and "per_class" in results:
+        parts.append("<h2>Per-class accuracy</h2>")
+        headers = ["class", "correct", "total", "accuracy"] + (["lecture (test)"] if is_lecture else [])
+        rows = []
+        for name, r in results["per_class"].items():
+            row = [name, r["correct"], r["total"], _pct(r["accuracy"])]
+            if is_lecture:
+                row.append(f"{LECTURE['per_class'][name]:.1f} %")
+            rows.append(row)
+        parts.append(_table(headers, rows, "per-class"))
+        parts.append(_img(fig / "confusion_matrix.png", "confusion matrix (rows: true class)"))
+    rep = (results or {}).get("representation")
+    if rep:
+        parts.append("<h2>The frozen representation</h2>")
+        parts.append(_table(["probe", "accuracy", "setting"], [
+            ["kNN", _pct(rep["knn_accuracy"]),
+             f"k={rep['knn']['k']}, cosine similarity, votes weighted exp(sim/{rep['knn']['temperature']})"],
+            ["linear probe", _pct(rep["linear_probe_accuracy"]),
+             f"logistic regression, full-batch L-BFGS ({rep['linear_probe']['max_iter']} iterations, "
+             f"L2 {rep['linear_probe']['l2']}), standardised features"],
+        ], "representation"))
+        parts.append(f'<p class="note">{html.escape(rep["encoder"])} encoder; labelled bank: '
+                     f'{html.escape(rep["bank"])}; evaluated on the {html.escape(rep["eval_set"])}.</p>')
+        parts.append(_img(fig / "embedding_map.png", "t-SNE map of the evaluation images' embeddings"))
+
+    if sweep:
+        parts.append("<h2>Label efficiency</h2>")
+        cell = {(r["method"], r["labels_per_class"]): r for r in sweep["summary"]}
+        rows = [[name] + [(f"{100 * cell[(m, b)]['mean']:.2f} ± {100 * cell[(m, b)]['std']:.2f} %"
+                           if (m, b) in cell else "") for b in sweep["budgets"]] for m, name in sweep["methods"].items()]
+        parts.append(_table(["method"] + [f"{b} / class" for b in sweep["budgets"]], rows, "sweep"))
+        parts.append(f'<p class="note">Mean ± std over seeds {sweep["seeds"]}; every cell trains '
+                     f'{sweep["steps"]} steps of batch {sweep["batch_size"]} on the same labelled subset; '
+                     f'evaluated on the {html.escape(sweep["eval_set"])}.</p>')
+        parts.append(_img(fig / "label_efficiency.png", "accuracy against labelled images per class"))
+
+    if cfg:
+        parts.append("<h2>Configuration</h2>")
+        parts.append(_table(["key", "value"], [[k, json.dumps(v)] for k, v in cfg.items()], "config", left=2))
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>convae report: {html.escape(run.name)}</title><style>{STYLE}</style></head><body>"
+            + "\n".join(p for p in parts if p) + "</body></html>\n")
+
+
+def write_report(run: str | Path) -> Path:
+    """Write ``RUN/report.html`` and return its path."""
+    run = Path(run)
+    out = run / "report.html"
+    out.write_text(build_report(run))
+    return out

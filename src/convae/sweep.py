@@ -11,26 +11,29 @@ One autoencoder pretraining serves the whole sweep.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import visualise
+from .augment import augment, step_generator
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import DeviceBatches, per_class_subset
-from .device import resolve_device
+from .data import DeviceBatches, per_class_subset, prepare_data
+from .device import micro_batch_size, resolve_device
 from .errors import ConvaeError
 from .evaluate import evaluate_classifier
-from .models import AutoEncoder, Classifier
+from .fit import RunContext
+from .loop import classification_criterion, freeze, make_optimizer, train_step
+from .models import AutoEncoder, Classifier, Encoder
+from .phases import pretrain_phase
 from .probes import extract_features, knn_accuracy, linear_probe_accuracy
-from .report import RunDir
-from .train import (RunContext, adopt_model, classification_loss, freeze, make_optimizer, micro_batch_size,
-                    prepare_data, pretrain, train_step)
+from .records import Log, SweepCell
+from .report import write_report
+from .rundir import RunDir
 
 METHODS = {
     "finetune": "pretrained, fine-tuned",
@@ -38,6 +41,8 @@ METHODS = {
     "scratch": "random init (scratch)",
     "knn": "pretrained, frozen (kNN, k=200)",
     "logistic_probe": "pretrained, frozen (logistic regression)",
+    "knn_random": "random weights, frozen (kNN, k=200)",
+    "logistic_random": "random weights, frozen (logistic regression)",
 }
 DEFAULT_BUDGETS = ["25", "100", "400", "all"]
 
@@ -54,31 +59,37 @@ def parse_budgets(values: list[str]) -> list[int | None]:
         except ValueError:
             n = 0
         if n <= 0:
-            raise ConvaeError(f"--labels-per-class takes integers > 0 or 'all'; got {v!r}")
+            raise ConvaeError(f"label budgets are integers > 0 or 'all'; got {v!r}",
+                              advice="--labels-per-class takes integers > 0 or 'all'")
         out.append(n)
     return out
 
 
-def _train_cell(clf: Classifier, images, labels, val: DeviceBatches, cfg: Config, steps: int, seed: int,
-                num_classes: int) -> float:
-    """``steps`` optimizer steps of the fine-tuning recipe, then the evaluation-set accuracy."""
-    optimizer = make_optimizer(clf.parameters(), cfg, cfg.finetune_lr or cfg.lr)
+def train_cell(clf: Classifier, images, labels, val: DeviceBatches, cfg: Config, steps: int, seed: int,
+               num_classes: int) -> float:
+    """``steps`` optimizer steps of the fine-tuning recipe (with its augmentation), then the
+    evaluation-set accuracy."""
+    optimizer = make_optimizer(clf.parameters(), cfg.optimizer, cfg.finetune_lr or cfg.lr, cfg.weight_decay)
     batches = DeviceBatches(images, labels, cfg.batch_size, shuffle=True, seed=seed)
-    micro = micro_batch_size(cfg, images.device)
+    micro = micro_batch_size(cfg.micro_batch, cfg.precision, images.device)
+    aug = cfg.augment_config()
     done, epoch = 0, 0
     clf.train()
     while done < steps:
         epoch += 1
         batches.set_epoch(epoch)
         for x, y in batches:
-            train_step(clf, x, y, optimizer, classification_loss, cfg.precision, micro)
+            g = step_generator(images.device, seed, epoch, done)
+            if aug is not None:
+                x = augment(x, aug, g)
+            train_step(clf, x, y, optimizer, classification_criterion, cfg.precision, micro, generator=g)
             done += 1
             if done == steps:
                 break
     return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
 
 
-def summarise(cells: list[dict]) -> list[dict]:
+def summarise(cells: list[SweepCell]) -> list[dict]:
     """Mean and sample standard deviation of the accuracy per method and budget."""
     groups: dict[tuple, list[float]] = {}
     for c in cells:
@@ -91,40 +102,42 @@ def summarise(cells: list[dict]) -> list[dict]:
     return rows
 
 
-def main(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpoint: str | None = None,
-         log: Callable[[str], None] = print) -> RunDir:
+def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpoint: str | None = None,
+              log: Log = print) -> RunDir:
     """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png."""
     if seeds <= 0 or steps <= 0:
-        raise ConvaeError(f"--seeds and --steps must be integers > 0; got {seeds} and {steps}")
+        raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
     device = resolve_device(cfg.device)
     ae = None
     if checkpoint is not None:
         ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
-        adopt_model(cfg, ae.config)
-        cfg.init_checkpoint = str(checkpoint)
+        cfg = replace(cfg.with_model(ae.config), init_checkpoint=str(checkpoint))
     RunDir.check_free(cfg.out)
     data = prepare_data(cfg, need_labels=True, log=log)
     k = len(data.classes)
     if k < 2:
         raise ConvaeError(f"{cfg.data} has {k} class folder(s): a classifier needs at least 2")
     run = RunDir(cfg.out)
-    cfg.out = str(run.path)
+    cfg = replace(cfg, out=str(run.path))
     run.save_config(cfg)
     log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config(num_classes=k)
+    random_enc = Encoder(mcfg).to(device, memory_format=torch.channels_last)  # the random-weights baseline
     started = time.perf_counter()
     if ae is None:
         ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
-        pretrain(ae, data, RunContext(run, cfg, log), device)
+        pretrain_phase(ae, data, RunContext(run, cfg, log), device)
     ae = ae.to(device, memory_format=torch.channels_last)
     pretrain_s = time.perf_counter() - started
 
     images, labels = data.train.images.to(device), data.train.labels.to(device)
     val = DeviceBatches(data.val.images.to(device), data.val.labels.to(device), cfg.batch_size)
-    train_f = extract_features(ae.encoder, images, precision=cfg.precision)
-    val_f = extract_features(ae.encoder, val.images, precision=cfg.precision)
-    cells = []
+    feats = {}
+    for name, enc in (("pretrained", ae.encoder), ("random", random_enc)):
+        feats[name] = [extract_features(enc, x, precision=cfg.precision, features=cfg.probe_features)
+                       for x in (images, val.images)]
+    cells: list[SweepCell] = []
     for budget in budgets:
         for i in range(seeds):
             seed = cfg.seed + i
@@ -132,9 +145,10 @@ def main(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpo
                    per_class_subset(data.train.labels, torch.arange(len(labels)), budget, seed)).to(device)
             for method in METHODS:
                 start = time.perf_counter()
-                if method == "knn":
+                train_f, val_f = feats["random" if method.endswith("_random") else "pretrained"]
+                if method.startswith("knn"):
                     acc = knn_accuracy(train_f[idx], labels[idx], val_f, val.labels, k)
-                elif method == "logistic_probe":  # standardised features, fitted to convergence
+                elif method.startswith("logistic"):  # standardised features, fitted to convergence
                     acc = linear_probe_accuracy(train_f[idx], labels[idx], val_f, val.labels, k, seed=seed)
                 else:
                     torch.manual_seed(seed)
@@ -142,12 +156,13 @@ def main(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpo
                     clf = clf.to(device, memory_format=torch.channels_last)
                     if method == "linear_probe":
                         freeze(clf.encoder)
-                    acc = _train_cell(clf, images[idx], labels[idx], val, cfg, steps, seed, k)
-                cell = {"method": method, "labels_per_class": "all" if budget is None else budget, "seed": seed,
-                        "labelled_images": int(len(idx)), "accuracy": acc, "seconds": time.perf_counter() - start}
+                    acc = train_cell(clf, images[idx], labels[idx], val, cfg, steps, seed, k)
+                cell: SweepCell = {"method": method, "labels_per_class": "all" if budget is None else budget,
+                                   "seed": seed, "labelled_images": int(len(idx)), "accuracy": acc,
+                                   "seconds": time.perf_counter() - start}
                 cells.append(cell)
                 run.log_metrics({"phase": "sweep", **cell})
-                log(f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {method:<12}  "
+                log(f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {method:<15}  "
                     f"acc {100 * acc:6.2f}%  {cell['seconds']:.1f}s")
     summary = summarise(cells)
     total_s = time.perf_counter() - started
@@ -155,6 +170,7 @@ def main(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpo
         "eval_set": data.eval_name, "classes": data.classes, "budgets": ["all" if b is None else b for b in budgets],
         "seeds": [cfg.seed + i for i in range(seeds)], "steps": steps, "batch_size": cfg.batch_size,
         "lr": cfg.finetune_lr or cfg.lr, "optimizer": cfg.optimizer, "methods": METHODS,
+        "probe_features": cfg.probe_features, "augment": cfg.augment,
         "autoencoder": cfg.init_checkpoint or str(run.checkpoints / "autoencoder.pt"),
         "cells": cells, "summary": summary,
         "timing": {"pretrain_s": pretrain_s, "total_s": total_s},
@@ -163,8 +179,6 @@ def main(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpo
     run.write_json("sweep.json", result)
     write_csv(run.path / "sweep.csv", summary)
     visualise.save_label_efficiency(result, run.figures / "label_efficiency.png")
-    from .html_report import write_report
-
     write_report(run.path)
     log(format_summary(result))
     log(f"sweep: {len(cells)} cells in {total_s:.1f} s")
@@ -183,12 +197,12 @@ def format_summary(result: dict) -> str:
     """Accuracy mean +- std (%), one row per method, one column per budget."""
     budgets = result["budgets"]
     cell = {(r["method"], r["labels_per_class"]): r for r in result["summary"]}
-    head = f"{'method':<36}" + "".join(f"{str(b) + '/class':>16}" for b in budgets)
+    head = f"{'method':<44}" + "".join(f"{str(b) + '/class':>16}" for b in budgets)
     lines = [head]
-    for method, name in METHODS.items():
+    for method, name in result["methods"].items():
         vals = []
         for b in budgets:
             r = cell.get((method, b))
             vals.append(f"{100 * r['mean']:6.2f} +- {100 * r['std']:4.2f}" if r else "")
-        lines.append(f"{name:<36}" + "".join(f"{v:>16}" for v in vals))
+        lines.append(f"{name:<44}" + "".join(f"{v:>16}" for v in vals))
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Figures: curves, first-layer kernel grids, reconstructions and the confusion matrix."""
+"""Figures: curves, first-layer kernel grids, reconstructions, the confusion matrix, the
+label-efficiency plot and the embedding map; and the sets of them each phase writes."""
 
 from __future__ import annotations
 
@@ -99,13 +100,14 @@ def save_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path) -
 
 
 def save_label_efficiency(result: dict, path: Path) -> None:
-    """Accuracy against labelled images per class (log x), one line per method, std error bars."""
-    from .sweep import METHODS
+    """Accuracy against labelled images per class (log x), one line per method, std error bars.
 
+    ``result`` is ``sweep.json``'s content; its ``methods`` name the lines.
+    """
     full = result["images_per_class_all"]
     xs = {b: (full if b == "all" else b) for b in result["budgets"]}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method, name in METHODS.items():
+    for method, name in result["methods"].items():
         rows = sorted((r for r in result["summary"] if r["method"] == method), key=lambda r: xs[r["labels_per_class"]])
         if not rows:
             continue
@@ -157,3 +159,31 @@ def save_embedding_map(features, labels, classes: list[str], path: Path, title: 
     ax.set_yticks([])
     ax.set_title(f"{title} (t-SNE of {len(pick)} images)", fontsize=10)
     _save(fig, path)
+
+
+def save_pretrain_figures(folder: Path, initial: torch.Tensor, pretrained: torch.Tensor, history: list[dict],
+                          originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+    """The pretraining phase's figures: kernels before, after and their change, the loss
+    curves, and evaluation images over their reconstructions."""
+    save_kernels(initial, folder / "kernels_initial.png", "first-layer kernels, initial (random)")
+    save_kernels(pretrained, folder / "kernels_pretrained.png", "first-layer kernels after pretraining")
+    save_kernels(initial - pretrained, folder / "kernels_pretrain_delta.png",
+                 "change in pretraining (initial - pretrained)")
+    if history:
+        plot_curve({"train": [h["train_loss"] for h in history], "validation": [h["val_loss"] for h in history]},
+                   folder / "pretrain_loss.png", "loss per pixel", "autoencoder pretraining")
+    save_reconstructions(originals, reconstructions, folder / "reconstructions.png")
+
+
+def save_finetune_figures(folder: Path, before: torch.Tensor, after: torch.Tensor, origin: str, history: list[dict],
+                          eval_name: str, confusion: list[list[int]], classes: list[str]) -> None:
+    """The fine-tuning phase's figures: kernels after and their change, loss and accuracy
+    curves, and the confusion matrix."""
+    save_kernels(after, folder / "kernels_finetuned.png", "first-layer kernels after fine-tuning")
+    save_kernels(before - after, folder / "kernels_finetune_delta.png", f"change in fine-tuning ({origin} - fine-tuned)")
+    if history:
+        plot_curve({"train": [h["train_loss"] for h in history], "validation": [h["val_loss"] for h in history]},
+                   folder / "finetune_loss.png", "cross-entropy", "classifier fine-tuning")
+        plot_curve({"validation accuracy": [100 * h["val_accuracy"] for h in history]},
+                   folder / "finetune_accuracy.png", "accuracy (%)", f"accuracy on the {eval_name}")
+    save_confusion_matrix(confusion, classes, folder / "confusion_matrix.png")

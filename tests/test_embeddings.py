@@ -43,7 +43,7 @@ def test_evaluate_an_autoencoder_with_a_bank(image_folder, cache_dir, tmp_path, 
     ckpt = str(run / "checkpoints" / "autoencoder.pt")
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", ckpt, "--data", str(image_folder), "--cache-dir", str(cache_dir)]) == 2
-    assert "needs --train-data" in capsys.readouterr().err
+    assert "needs labelled training images" in capsys.readouterr().err
     out = tmp_path / "ev"
     assert main(["evaluate", "--checkpoint", ckpt, "--data", str(image_folder), "--train-data", str(image_folder),
                  "--cache-dir", str(cache_dir), "--out", str(out)]) == 0
@@ -53,5 +53,8 @@ def test_evaluate_an_autoencoder_with_a_bank(image_folder, cache_dir, tmp_path, 
     assert rep["train_images"] == 30 and rep["knn"]["k"] == 30
     # the bank contains the queries themselves: kNN on separable colours is perfect
     assert rep["knn_accuracy"] == 1.0
+    assert set(rep["random"]) == {"knn_accuracy", "linear_probe_accuracy"}  # the random-weights baseline
+    assert all(0 <= v <= 1 for v in rep["random"].values()) and rep["features"] == "latent"
     assert 'id="representation"' in (out / "report.html").read_text()
-    assert torch.cuda.is_available() or "kNN" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "frozen encoder (latent features): kNN 100.00%" in printed and "random weights: kNN" in printed

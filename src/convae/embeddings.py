@@ -1,44 +1,41 @@
-"""``convae encode``: embeddings of every image of a source, a table of where they came from, and a map."""
+"""Embeddings of every image of a source (``convae encode``), a table of where they came from, and a map."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
 
 from . import visualise
-from .checkpoint import load_checkpoint
+from .checkpoint import open_model
 from .config import Config
 from .data import load_source, split_indices
-from .device import resolve_device
 from .errors import ConvaeError
 from .probes import extract_features
+from .records import Log
 
 
-def main(cfg: Config, checkpoint: str, out: str, make_map: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Write ``out`` (.npy, N x latent float32), ``out`` with .csv (index, file, label, class, split)
-    and ``figures/embedding_map.png`` beside it."""
+def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = True, log: Log = print) -> Path:
+    """Write ``out`` (.npy, N x features float32), ``out`` with .csv (index, file, label, class, split)
+    and ``figures/embedding_map.png`` beside it; ``cfg.probe_features`` picks the features."""
     out_path = Path(out)
     if out_path.suffix != ".npy":
-        raise ConvaeError(f"--out must name a .npy file; got {out}")
+        raise ConvaeError(f"the embeddings file must be a .npy file; got {out}")
     table = out_path.with_suffix(".csv")
     for p in (out_path, table):
         if p.exists():
-            raise ConvaeError(f"{p} already exists; choose another --out")
-    model, _ = load_checkpoint(checkpoint)
+            raise ConvaeError(f"{p} already exists; nothing is overwritten", advice="choose another --out")
+    model, _, device = open_model(checkpoint, cfg.device)
     m = model.config
-    device = resolve_device(cfg.device)
     ds = load_source(cfg.data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log)
     # the same seeded split as training, so a user can tell the images the model never saw
     split = np.array(["train"] * len(ds), dtype=object)
     if len(ds) >= 2:
         _, val = split_indices(ds.labels, len(ds), cfg.val_fraction, cfg.seed)
         split[val.numpy()] = "val"
-    encoder = model.encoder.to(device, memory_format=torch.channels_last)
-    feats = extract_features(encoder, ds.images, batch_size=cfg.batch_size, precision=cfg.precision).cpu().numpy()
+    feats = extract_features(model.encoder, ds.images, batch_size=cfg.batch_size, precision=cfg.precision,
+                             features=cfg.probe_features).cpu().numpy()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.save(out_path, feats.astype(np.float32))
     with open(table, "w", newline="") as f:

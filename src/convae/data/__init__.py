@@ -1,0 +1,16 @@
+"""Data: sources decoded once into a cached uint8 tensor, splits, and on-device batches.
+
+``sources`` finds and decodes (folders, archives, CIFAR-10) with a cache; ``images`` decodes and
+converts one file and holds the one uint8 -> model-input conversion; ``archives`` extracts
+safely; ``batches`` splits and slices batches on the training device.
+"""
+
+from .archives import ARCHIVE_SUFFIXES, extract_archive, is_archive, safe_extract
+from .batches import DeviceBatches, per_class_subset, split_indices
+from .images import IMAGE_EXTENSIONS, convert_images, decode_file, is_image_file, load_image, to_model_input
+from .rundata import RunData, prepare_data
+from .sources import ImageSet, load_source, scan_folder
+
+__all__ = ["ARCHIVE_SUFFIXES", "IMAGE_EXTENSIONS", "DeviceBatches", "ImageSet", "RunData", "prepare_data", "convert_images", "decode_file",
+           "extract_archive", "is_archive", "is_image_file", "load_image", "load_source", "per_class_subset",
+           "safe_extract", "scan_folder", "split_indices", "to_model_input"]

@@ -1,0 +1,92 @@
+"""Images: one file decoded with Pillow and converted to the configured format, and the one
+uint8 -> float conversion every path into a model uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+
+def is_image_file(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def to_model_input(x: torch.Tensor) -> torch.Tensor:
+    """Images as every model here takes them: float in [0, 1] (the lecture's ``ToTensor``), channels_last.
+
+    ``x`` is uint8 0-255 (scaled) or already float in [0, 1] (kept).
+    """
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def convert_images(x: torch.Tensor, channels: int, height: int, width: int) -> tuple[torch.Tensor, bool, bool]:
+    """Bring decoded images (C, H, W) or (N, C, H, W), uint8 or uint16, to the configured format.
+
+    Returns the uint8 result and whether the mode and the size were changed.
+    """
+    mode_changed = False
+    if x.dtype == torch.uint16:  # 16-bit PNG: keep the high byte
+        x = (x.to(torch.int32) >> 8).to(torch.uint8)
+        mode_changed = True
+    elif x.dtype != torch.uint8:
+        raise ValueError(f"unsupported pixel type {x.dtype}")
+    c = x.shape[-3]
+    if c in (2, 4):  # drop alpha
+        x = x[..., : c - 1, :, :]
+        mode_changed = True
+    c = x.shape[-3]
+    if c != channels:
+        mode_changed = True
+        if c == 1:
+            x = x.expand(*x.shape[:-3], channels, *x.shape[-2:])
+        elif c == 3 and channels == 1:
+            x = TF.rgb_to_grayscale(x)
+        else:
+            raise ValueError(f"cannot convert {c} channels to {channels}")
+    resized = tuple(x.shape[-2:]) != (height, width)
+    if resized:
+        x = TF.resize(x, [height, width], antialias=True)
+    return x.contiguous(), mode_changed, resized
+
+
+def decode_file(path: Path, channels: int = 3, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, bool]:
+    """Decode one image file with Pillow to a uint8 (channels, H, W) tensor.
+
+    Returns the tensor and whether its mode had to change (grey, palette, alpha, 16-bit, ...).
+    With ``size`` (height, width) a large JPEG is decoded at a reduced scale that still
+    covers it. Runs once per file when a source is first cached, never in the training loop.
+    """
+    import numpy as np
+    from PIL import Image
+
+    target = "RGB" if channels == 3 else "L"
+    with Image.open(path) as im:
+        if size is not None and im.format == "JPEG":
+            im.draft(target, (size[1], size[0]))  # a 4000x3000 photo need not be decoded whole
+        im.load()  # truncated or corrupt files fail here, not later
+        mode = im.mode
+        if mode.startswith("I"):  # 16/32-bit integer grey: keep the high byte of 16 bits
+            im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
+        if im.mode != target:
+            im = im.convert(target)
+        arr = np.asarray(im)
+    t = torch.from_numpy(arr.copy())
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    return t, mode != target
+
+
+def load_image(path: Path, channels: int, height: int, width: int) -> tuple[torch.Tensor, bool, bool]:
+    """One file exactly as training sees it: decoded, converted and resized to (channels, height, width).
+
+    Returns the uint8 tensor and whether its mode and its size were changed.
+    """
+    img, mode_changed = decode_file(path, channels, (height, width))
+    img, _, resized = convert_images(img, channels, height, width)
+    return img, mode_changed, resized
+
+

@@ -1,0 +1,60 @@
+"""The images one training run uses: training set, labelled subset, evaluation set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config
+from ..errors import ConvaeError
+from ..records import Log
+from .batches import per_class_subset, split_indices
+from .sources import ImageSet, load_source
+
+
+@dataclass
+class RunData:
+    """The images a run trains and evaluates on (uint8, on the CPU until moved)."""
+
+    train: ImageSet  # every training image: pretraining uses all of them, without labels
+    finetune: ImageSet | None  # the labelled images for fine-tuning (maybe N per class)
+    val: ImageSet  # the evaluation set: a validation split, or the separate test source
+    eval_name: str
+    classes: list[str]
+    skipped: list[str]  # "file: reason" for every file that could not be decoded
+
+
+def prepare_data(cfg: Config, need_labels: bool, log: Log) -> RunData:
+    """Decode ``cfg.data`` (and ``cfg.test_data``), carve the validation split, pick the labelled subset."""
+    fmt = dict(channels=cfg.in_channels, height=cfg.height, width=cfg.width, cache_dir=cfg.cache_dir, log=log)
+    full = load_source(cfg.data, train=True, **fmt)
+    if need_labels and not full.labelled:
+        raise ConvaeError(f"{cfg.data} has no class folders (unlabelled): fine-tuning needs labelled data",
+                          advice="use it with 'convae pretrain', or pass labelled --data")
+    if cfg.test_data:
+        test = load_source(cfg.test_data, train=False, **fmt)
+        if need_labels and not test.labelled:
+            raise ConvaeError(f"the test data {cfg.test_data} has no class folders: evaluation needs labels")
+        if full.labelled and test.labelled and test.classes != full.classes:
+            raise ConvaeError(f"the test data's classes {test.classes} differ from the training data's {full.classes}")
+        train, val, eval_name = full, test, f"test data ({cfg.test_data})"
+        skipped = full.skipped + [f"{cfg.test_data}: {s}" for s in test.skipped]
+    else:
+        if len(full) < 2:
+            raise ConvaeError(f"{cfg.data} holds {len(full)} image(s): too few to carve a validation split")
+        tr, va = split_indices(full.labels, len(full), cfg.val_fraction, cfg.seed)
+        train, val = full.subset(tr), full.subset(va)
+        eval_name = f"validation split ({100 * cfg.val_fraction:g}% of {cfg.data}, seed {cfg.seed})"
+        skipped = full.skipped
+    finetune = None
+    if full.labelled:
+        finetune = train
+        if cfg.labels_per_class:
+            pick = per_class_subset(train.labels, torch.arange(len(train)), cfg.labels_per_class, cfg.seed)
+            finetune = train.subset(pick)
+    log(f"data: {len(train)} training and {len(val)} evaluation images"
+        + (f", {len(full.classes)} classes, {len(finetune)} labelled for fine-tuning" if finetune is not None
+           else ", unlabelled")
+        + f"; evaluating on the {eval_name}")
+    return RunData(train, finetune, val, eval_name, full.classes, skipped)

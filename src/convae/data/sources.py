@@ -1,0 +1,224 @@
+"""Sources decoded once into a cached uint8 tensor: CIFAR-10, folders and archives.
+
+A source (``--data SRC``) is ``cifar10``, a folder (ImageFolder layout = labelled, plain
+images = unlabelled) or a ``.tar``/``.tar.gz``/``.zip`` archive of either. Each is decoded
+once into a uint8 ``N x C x H x W`` tensor cached under ``cache_dir``; training then slices
+batches out of that tensor on the training device, with no per-sample Python in the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConvaeError, first_line
+from ..files import atomic_write
+from ..records import Log
+from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive
+from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, load_image
+
+CACHE_VERSION = 2  # bump when the cached tensor's meaning changes
+
+
+@dataclass
+class ImageSet:
+    """A decoded source: ``images`` uint8 (N, C, H, W); ``labels`` int64 (N,) or None."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    classes: list[str]
+    files: list[str]
+    skipped: list[str] = field(default_factory=list)  # "path: reason" for each file left out
+    source: str = ""
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        idx = index.tolist()
+        return ImageSet(
+            images=self.images[index],
+            labels=None if self.labels is None else self.labels[index],
+            classes=self.classes,
+            files=[self.files[i] for i in idx] if self.files else [],
+            source=self.source,
+        )
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if is_image_file(p) and p.is_file())
+
+
+def scan_folder(root: Path) -> tuple[Path, list[Path], list[int] | None, list[str], list[str]]:
+    """Find the images under ``root``; class folders make it labelled.
+
+    A chain of single folders with no images (``train/<class>/...`` inside an archive) is
+    descended first. Class folders without images are left out, with a note. Returns the
+    dataset root, files, labels (or None), class names and those notes.
+    """
+    if not root.is_dir():
+        raise ConvaeError(f"data folder not found: {root}")
+    while True:
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        top_images = _image_files(root, recursive=False)
+        if not top_images and len(subdirs) == 1 and not _image_files(subdirs[0], recursive=False):
+            root = subdirs[0]
+            continue
+        break
+    if top_images and subdirs:
+        raise ConvaeError(
+            f"{root} mixes images and sub-folders: use class folders only (labelled) "
+            "or images only (unlabelled)"
+        )
+    if top_images:
+        return root, top_images, None, [], []
+    files: list[Path] = []
+    labels: list[int] = []
+    classes: list[str] = []
+    notes: list[str] = []
+    for d in subdirs:
+        found = _image_files(d, recursive=True)
+        if not found:
+            notes.append(f"{d.name}/: class folder without images; left out")
+            continue
+        files += found
+        labels += [len(classes)] * len(found)
+        classes.append(d.name)
+    if not files:
+        raise ConvaeError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return root, files, labels, classes, notes
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+def _load_cifar10(train: bool, cache_dir: Path) -> tuple[torch.Tensor, list[int], list[str]]:
+    from torchvision.datasets import CIFAR10
+
+    root = cache_dir / "cifar10"
+    try:
+        ds = CIFAR10(root=str(root), train=train, download=True)
+    except Exception as e:  # offline: URLError, socket errors, checksum failures
+        raise ConvaeError(f"could not download CIFAR-10 into {root} ({first_line(e)}); offline?",
+                          advice="pass --data PATH to a folder or archive of images instead") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return images, list(ds.targets), list(ds.classes)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _decode_all(files: list[Path], root: Path, channels: int, height: int, width: int, log: Log):
+    from tqdm.auto import tqdm
+
+    out = torch.empty((len(files), channels, height, width), dtype=torch.uint8)
+    keep: list[int] = []
+    skipped: list[str] = []
+    n_mode = n_size = 0
+    for i, f in enumerate(tqdm(files, desc="decoding", unit="img", leave=False, mininterval=1.0)):
+        try:
+            img, mode_changed, resized = load_image(f, channels, height, width)
+        except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and listed
+            skipped.append(f"{f.relative_to(root)}: {first_line(e, 10_000)}")
+            continue
+        out[len(keep)] = img
+        keep.append(i)
+        n_mode += mode_changed
+        n_size += resized
+    if n_mode or n_size:
+        log(f"converted {n_mode} image(s) to {channels} channel(s), resized {n_size} to {height}x{width}")
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
+    return out[: len(keep)].clone(), keep, skipped
+
+
+def load_source(
+    src: str,
+    channels: int = 3,
+    height: int = 32,
+    width: int = 32,
+    cache_dir: str | Path = "~/.cache/convae",
+    train: bool = True,
+    log: Log = print,
+) -> ImageSet:
+    """Decode ``src`` once (cached) into an :class:`ImageSet` of the configured format.
+
+    ``train`` picks CIFAR-10's split when ``src`` is ``cifar10``; folders and archives are
+    read whole.
+    """
+    cache = Path(cache_dir).expanduser()
+    fmt = {"channels": channels, "height": height, "width": width, "version": CACHE_VERSION}
+    if src.lower() == "cifar10":
+        key = _cache_key({"kind": "cifar10", "train": train, **fmt})
+        loader = lambda: _from_cifar10(train, cache, channels, height, width, log)  # noqa: E731
+    else:
+        path = Path(src).expanduser()
+        if not path.exists():
+            raise ConvaeError(f"data source not found: {src} (expected cifar10, a folder or an archive)")
+        if path.is_file():
+            if not is_archive(path.name):
+                raise ConvaeError(f"{src} is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+            digest = file_sha256(path)
+            key = _cache_key({"kind": "archive", "sha256": digest, **fmt})
+            loader = lambda: _from_folder(extract_archive(path, cache, digest, log), channels, height, width, log)  # noqa: E731
+        else:
+            root = path.resolve()
+            listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in sorted(root.rglob("*")) if p.is_file()]
+            key = _cache_key({"kind": "folder", "path": str(root), "files": listing, **fmt})
+            loader = lambda: _from_folder(root, channels, height, width, log)  # noqa: E731
+
+    cached = cache / "tensors" / f"{key}.pt"
+    if cached.is_file():
+        try:
+            d = torch.load(cached, weights_only=True)
+            return ImageSet(d["images"], d["labels"], d["classes"], d["files"], d["skipped"], src)
+        except Exception:
+            log(f"cache file {cached} is unreadable; decoding again")
+    ds = loader()
+    ds.source = src
+    # a killed run never leaves half a cache file under the real name
+    atomic_write(cached, lambda f: torch.save({"images": ds.images, "labels": ds.labels, "classes": ds.classes,
+                                                "files": ds.files, "skipped": ds.skipped}, f))
+    return ds
+
+
+def _from_cifar10(train: bool, cache: Path, channels: int, height: int, width: int, log: Log) -> ImageSet:
+    images, labels, classes = _load_cifar10(train, cache)
+    images, mode_changed, resized = convert_images(images, channels, height, width)
+    if mode_changed or resized:
+        log(f"converted {len(images)} CIFAR-10 images to {channels}x{height}x{width}")
+    split = "train" if train else "test"
+    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes,
+                    [f"cifar10/{split}/{i}" for i in range(len(labels))])
+
+
+def _from_folder(path: Path, channels: int, height: int, width: int, log: Log) -> ImageSet:
+    root, files, labels, classes, notes = scan_folder(path)
+    for note in notes:
+        log(f"warning: {note}")
+    log(f"decoding {len(files)} images from {root}" + (f" ({len(classes)} classes)" if classes else " (unlabelled)"))
+    images, keep, skipped = _decode_all(files, root, channels, height, width, log)
+    if len(keep) == 0:
+        raise ConvaeError(f"none of the {len(files)} image files under {root} could be decoded")
+    lab = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
+    rel = [str(files[i].relative_to(root)) for i in keep]
+    return ImageSet(images, lab, classes, rel, notes + skipped)
+
+

@@ -1,0 +1,183 @@
+"""``fit``: epochs of the loop with validation, logging, resume, the NaN guard and clean stops.
+
+The run's shared state travels in a :class:`RunContext`; the training state is saved to
+``checkpoints/state.pt`` after every epoch (and on SIGINT/SIGTERM after the step in flight),
+and ``fit`` continues from it when the run is resumed.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_torch_save
+from .config import Config
+from .data import DeviceBatches
+from .device import micro_batch_size
+from .distributed import Dist
+from .errors import ConvaeError, Interrupted, first_line
+from .loop import Criterion, EpochInterrupted, make_optimizer, make_scheduler, train_one_epoch
+from .records import EpochRecord, Log, TrainingState
+from .rundir import RunDir, TensorBoardLog, epoch_line
+
+STATE_FORMAT = "convae-state"
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: training finishes the step in flight, saves, and stops."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only live in the main thread
+            return
+
+        def handler(signum, frame):
+            if self.signum is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self.signum = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+@dataclass
+class RunContext:
+    """What the phases share: the run folder, config, log, the metrics so far, resume state."""
+
+    run: RunDir
+    cfg: Config
+    log: Log
+    metrics: list[EpochRecord] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+    resume: TrainingState | None = None  # the saved state.pt, when continuing a run
+    stop: StopFlag = field(default_factory=StopFlag)
+    tb: TensorBoardLog | None = None
+    dist: Dist = field(default_factory=Dist)
+
+    def record(self, rec: EpochRecord) -> None:
+        """One epoch's metrics: kept on every rank, written and printed by rank 0."""
+        self.metrics.append(rec)
+        if self.dist.is_main:
+            self.run.log_metrics(rec)
+            self.log(epoch_line(rec))
+            if self.tb is not None:
+                self.tb.scalars(rec)
+
+    def resumed(self, phase: str) -> TrainingState | None:
+        return self.resume if self.resume is not None and self.resume["phase"] == phase else None
+
+    def history(self, phase: str) -> list[EpochRecord]:
+        return [m for m in self.metrics if m["phase"] == phase]
+
+    def save_state(self, phase: str, model: nn.Module, optimizer, scheduler, epoch: int, step: int,
+                   loss_sum: float, elapsed: float, kernels: torch.Tensor) -> None:
+        """Everything needed to continue after ``epoch`` completed epochs and ``step`` more batches."""
+        if not self.dist.is_main:
+            return
+        state: TrainingState = {
+            "format": STATE_FORMAT, "phase": phase, "epoch": epoch, "step": step, "loss_sum": loss_sum,
+            "elapsed": elapsed, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": torch.get_rng_state(), "metrics": list(self.metrics), "timing": dict(self.timing),
+            "kernels": kernels.detach().cpu(), "config": self.cfg.to_dict(),
+        }
+        path = self.run.checkpoints / "state.pt"
+        try:
+            atomic_torch_save(state, path)
+        except OSError as e:
+            raise ConvaeError(f"could not write the training state {path} ({e.strerror or e}); "
+                              "the previous state file is intact") from None
+
+
+def read_state(run: RunDir) -> TrainingState | None:
+    """The saved training state of a run folder, or None when no epoch has been saved yet."""
+    path = run.checkpoints / "state.pt"
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file is reported, not raised as a bug
+        raise ConvaeError(f"{path} cannot be read ({first_line(e)}); this run cannot be continued",
+                          advice="start a new run with another --out") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ConvaeError(f"{path} is not a convae training state")
+    return state  # type: ignore[return-value]
+
+
+def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable[[], dict], criterion: Criterion,
+        epochs: int, lr: float, ctx: RunContext, kernels: torch.Tensor) -> list[EpochRecord]:
+    """Train for ``epochs``, validating, logging and saving the state at the end of each epoch.
+
+    Continues from ``ctx.resume`` when it holds this phase. ``kernels`` (the first-layer
+    kernels before this phase) travel in the saved state for the figures drawn at the end.
+    """
+    cfg = ctx.cfg
+    net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
+    if cfg.compile:
+        net = torch.compile(net)
+    optimizer = make_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size)
+    first, step, loss_sum, elapsed = 1, 0, 0.0, 0.0
+    r = ctx.resumed(phase)
+    if r is not None:
+        model.load_state_dict(r["model"])
+        optimizer.load_state_dict(r["optimizer"])
+        if scheduler is not None and r["scheduler"] is not None:
+            scheduler.load_state_dict(r["scheduler"])
+        torch.set_rng_state(r["rng"])
+        first, step, loss_sum, elapsed = r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"]
+    micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.images.device)
+    every = cfg.checkpoint_every
+    for epoch in range(first, epochs + 1):
+        batches.set_epoch(epoch)
+        current_lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        try:
+            # under DDP the ranks agree to stop at epoch ends only: no collective per step
+            train_loss = train_one_epoch(net, batches, optimizer, criterion, cfg.precision, f"{phase} {epoch}/{epochs}",
+                                         micro, step, loss_sum, None if ctx.dist.enabled else ctx.stop,
+                                         cfg.augment_config(), cfg.seed)
+        except EpochInterrupted as e:
+            if math.isfinite(e.loss_sum):  # never save weights that went bad
+                ctx.save_state(phase, model, optimizer, scheduler, epoch - 1, e.step, e.loss_sum,
+                               elapsed + time.perf_counter() - start, kernels)
+            raise Interrupted(ctx.stop.signum, f"step {e.step}/{len(batches)} of {phase} epoch {epoch}",
+                              str(ctx.run.path)) from None
+        seconds = elapsed + time.perf_counter() - start
+        step, loss_sum, elapsed = 0, 0.0, 0.0
+        if not math.isfinite(train_loss):
+            kept = "state.pt keeps the last good epoch" if (ctx.run.checkpoints / "state.pt").exists() else \
+                "no state was saved yet"
+            raise ConvaeError(f"the {phase} loss became {train_loss} in epoch {epoch}; stopped ({kept})",
+                              advice="try a lower --lr or --precision fp32")
+        if scheduler is not None:
+            scheduler.step()
+        rec: EpochRecord = {"phase": phase, "epoch": epoch, "epochs": epochs, "train_loss": train_loss,
+                            **validate(), "seconds": seconds, "images_per_s": batches.num_images / seconds,
+                            "lr": current_lr}  # type: ignore[typeddict-item]
+        ctx.record(rec)
+        stop = ctx.dist.any(ctx.stop(), batches.images.device)
+        if epoch == epochs or (every and epoch % every == 0) or stop:
+            ctx.save_state(phase, model, optimizer, scheduler, epoch, 0, 0.0, 0.0, kernels)
+        if stop:
+            raise Interrupted(ctx.stop.signum, f"the end of {phase} epoch {epoch}", str(ctx.run.path))
+    return ctx.history(phase)

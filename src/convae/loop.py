@@ -1,0 +1,135 @@
+"""The training loop: optimiser and scheduler factories, criteria, ``train_step``, ``train_one_epoch``.
+
+Plain PyTorch, as torchvision's references: nothing here knows about run folders, phases or
+the command line. A criterion is ``criterion(model, x, y, generator) -> loss``: it runs the
+forward pass itself, so a pretraining objective can corrupt the input or act on the code.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import AugmentConfig, augment, step_generator
+from .data import DeviceBatches
+from .device import autocast
+
+Criterion = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", "torch.Generator | None"], torch.Tensor]
+
+
+def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0
+                   ) -> torch.optim.Optimizer:
+    """Adam (the lecture's), AdamW or SGD with momentum 0.9, over the parameters that train."""
+    params = [p for p in params if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, step_size: int = 30):
+    """Stepped once per epoch; ``None`` for a constant learning rate (the lecture's)."""
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1)
+    return None
+
+
+def freeze(module: nn.Module) -> None:
+    """No gradients for ``module`` (the linear probe trains the head alone)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def classification_criterion(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cross-entropy of the model's logits (computed in float32 under autocast)."""
+    return F.cross_entropy(model(x).float(), y)
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, optimizer: torch.optim.Optimizer,
+               criterion: Criterion, precision: str = "fp32", micro_batch: int | None = None,
+               global_n: int | None = None, world_size: int = 1,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """One optimizer step on batch ``x`` (and labels ``y``); returns the summed loss, on the device.
+
+    With ``micro_batch`` the gradient is accumulated over chunks of that many images before
+    the one step: the same update as the whole batch (up to float rounding), but a chunk's
+    activations stay in the CPU's caches. Under DDP ``x`` is this rank's shard of a global
+    batch of ``global_n`` images; scaling by ``world_size / global_n`` undoes DDP's averaging,
+    so the update is the global batch's mean gradient even for uneven shards.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    n = x.shape[0]
+    scale = world_size / (global_n or n)
+    chunk = micro_batch if micro_batch and micro_batch < n else n
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    starts = list(range(0, n, chunk))
+    for i in starts:
+        xc = x[i : i + chunk]
+        yc = None if y is None else y[i : i + chunk]
+        # DDP all-reduces on the last chunk's backward only
+        sync = nullcontext() if i == starts[-1] or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(x.device, precision):
+                loss = criterion(model, xc, yc, generator)
+            (loss * (xc.shape[0] * scale)).backward()
+        total += loss.detach().double() * xc.shape[0]
+    optimizer.step()
+    return total
+
+
+class EpochInterrupted(Exception):
+    """Raised by :func:`train_one_epoch` after the step in flight when a stop was asked for."""
+
+    def __init__(self, step: int, loss_sum: float) -> None:
+        super().__init__(f"stopped after step {step}")
+        self.step, self.loss_sum = step, loss_sum
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: DeviceBatches,
+    optimizer: torch.optim.Optimizer,
+    criterion: Criterion,
+    precision: str = "fp32",
+    desc: str = "train",
+    micro_batch: int | None = None,
+    start_step: int = 0,
+    loss_sum: float = 0.0,
+    should_stop: Callable[[], bool] | None = None,
+    augmentation: AugmentConfig | None = None,
+    seed: int = 0,
+) -> float:
+    """One pass over ``batches``; returns the mean loss per image over all images.
+
+    ``micro_batch`` is passed to :func:`train_step`. ``start_step`` and ``loss_sum`` continue
+    an interrupted epoch; ``should_stop`` is polled after every step. Each step's random
+    numbers (augmentation, the objective's corruption) come from a generator seeded by
+    (seed, epoch, step, rank), so a resumed epoch replays the same batches exactly.
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    device = batches.images.device
+    total = torch.full((), loss_sum, device=device, dtype=torch.float64)  # summed on the device: no sync per step
+    bar = tqdm(batches.iterate(start_step), desc=desc, unit="batch", leave=False, disable=None,
+               total=len(batches), initial=start_step)
+    for step, (x, y) in enumerate(bar, start=start_step + 1):
+        g = step_generator(device, seed + 7919 * batches.rank, batches.epoch, step)
+        if augmentation is not None:
+            x = augment(x, augmentation, g)
+        total += train_step(model, x, y, optimizer, criterion, precision, micro_batch,
+                            batches.global_size(step - 1), batches.world_size, g)
+        if should_stop is not None and should_stop():
+            bar.close()
+            raise EpochInterrupted(step, float(total))
+    if batches.world_size > 1:  # every rank saw its shard: the epoch's loss is the sum over ranks
+        torch.distributed.all_reduce(total)
+    return float(total) / batches.num_images

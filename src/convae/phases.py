@@ -1,0 +1,126 @@
+"""The two phases of the lecture's pipeline, and the measurement of the frozen representation.
+
+``pretrain_phase`` trains an autoencoder with the configured objective (no labels);
+``finetune_phase`` trains a classifier (or its head alone); ``measure_representation``
+scores the pretrained encoder's frozen features against the same network with random weights.
+Each writes its checkpoint and figures into the run folder (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torchvision.utils import make_grid
+
+from . import visualise
+from .checkpoint import save_checkpoint
+from .data import DeviceBatches, RunData, to_model_input
+from .device import autocast
+from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction
+from .fit import RunContext, fit
+from .loop import classification_criterion, freeze
+from .models import AutoEncoder, Classifier, Encoder
+from .objectives import Objective
+from .probes import extract_features, representation_scores
+from .records import EpochRecord, Representation, Results
+
+
+def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torch.device) -> list[EpochRecord]:
+    """Training without labels; validation reports the objective's loss on the evaluation set."""
+    cfg, run = ctx.cfg, ctx.run
+    r = ctx.resumed("pretrain")
+    initial = r["kernels"].to(device) if r is not None else ae.encoder.first_conv.weight.detach().clone()
+    train = DeviceBatches(data.train.images.to(device), None, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                          rank=ctx.dist.rank, world_size=ctx.dist.world_size)
+    val = DeviceBatches(data.val.images.to(device), None, cfg.batch_size)
+    objective = Objective(cfg.objective_config())
+
+    def validate() -> dict:
+        return {"val_loss": evaluate_reconstruction(ae, val, cfg.precision, objective, cfg.seed)}
+
+    history = fit(ae, "pretrain", train, validate, objective, cfg.pretrain_epochs, cfg.lr, ctx, initial)
+    if not ctx.dist.is_main:
+        return history
+    save_checkpoint(run.checkpoints / "autoencoder.pt", ae, "autoencoder", data.classes, cfg.to_dict())
+    # spread over the evaluation set: it is ordered by class, and one class says little
+    pick = torch.linspace(0, len(data.val) - 1, min(16, len(data.val))).long()
+    x = to_model_input(data.val.images[pick].to(device))
+    ae.eval()
+    with torch.no_grad(), autocast(device, cfg.precision):
+        recon = ae(x).float()
+    pretrained = ae.encoder.first_conv.weight.detach()
+    visualise.save_pretrain_figures(run.figures, initial, pretrained, history, x, recon)
+    if ctx.tb is not None:
+        for tag, w in (("kernels/initial", initial), ("kernels/pretrained", pretrained)):
+            ctx.tb.image(tag, visualise.kernel_grid(w))
+        ctx.tb.image("reconstructions", make_grid(torch.cat([x, recon.clamp(0, 1)]).cpu(), nrow=len(x)))
+    return history
+
+
+def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torch.device) -> Results:
+    """Supervised fine-tuning (or a linear probe with ``freeze_encoder``); returns results.json's record."""
+    cfg, run = ctx.cfg, ctx.run
+    r = ctx.resumed("finetune")
+    before = r["kernels"].to(device) if r is not None else clf.encoder.first_conv.weight.detach().clone()
+    if cfg.freeze_encoder:
+        freeze(clf.encoder)
+    k = len(data.classes)
+    ft = data.finetune
+    assert ft is not None, "fine-tuning needs labelled data (checked by prepare_data)"
+    train = DeviceBatches(ft.images.to(device), ft.labels.to(device), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                          rank=ctx.dist.rank, world_size=ctx.dist.world_size)
+    val = DeviceBatches(data.val.images.to(device), data.val.labels.to(device), cfg.batch_size)
+
+    last: dict = {}  # the final epoch's evaluation is the result: no second pass over the evaluation set
+
+    def validate() -> dict:
+        last["eval"] = evaluate_classifier(clf, val, k, cfg.precision)
+        return {"val_loss": last["eval"]["loss"], "val_accuracy": last["eval"]["accuracy"]}
+
+    lr = cfg.finetune_lr or cfg.lr
+    history = fit(clf, "finetune", train, validate, classification_criterion, cfg.finetune_epochs, lr, ctx, before)
+    # a resumed run whose epochs were all done before has not evaluated in this process
+    final = last.get("eval") or evaluate_classifier(clf, val, k, cfg.precision)
+    results = class_results(final["confusion_matrix"], data.classes)
+    if not ctx.dist.is_main:
+        return results
+    save_checkpoint(run.checkpoints / "classifier.pt", clf, "classifier", data.classes, cfg.to_dict())
+    after = clf.encoder.first_conv.weight.detach()
+    origin = "pretrained" if cfg.init == "pretrained" else "initial"
+    visualise.save_finetune_figures(run.figures, before, after, origin, history, data.eval_name.split(" (")[0],
+                                    results["confusion_matrix"], data.classes)
+    if ctx.tb is not None:
+        ctx.tb.image("kernels/finetuned", visualise.kernel_grid(after))
+    results.update({"eval_set": data.eval_name, "loss": final["loss"], "init": cfg.init,
+                    "freeze_encoder": cfg.freeze_encoder, "labelled_images": len(ft)})
+    return results
+
+
+def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torch.device) -> Representation:
+    """kNN and linear-probe accuracy of the pretrained (frozen) encoder next to the same
+    architecture with random weights (seeded), and the embedding map of the evaluation set."""
+    cfg = ctx.cfg
+    start = time.perf_counter()
+    enc = ae.encoder.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        random_enc = Encoder(ae.config).to(device, memory_format=torch.channels_last)
+    bank, queries = data.finetune, data.val
+    assert bank is not None and bank.labels is not None and queries.labels is not None
+    rep: Representation = representation_scores(  # type: ignore[assignment]
+        enc, bank.images, bank.labels, queries.images, queries.labels, len(data.classes), cfg.precision, cfg.seed,
+        features=cfg.probe_features, baseline=random_enc)
+    rep.update({"encoder": "pretrained autoencoder's, frozen", "bank": f"the {len(bank)} labelled fine-tuning images",
+                "eval_set": data.eval_name})
+    features = extract_features(enc, queries.images, precision=cfg.precision, features=cfg.probe_features)
+    visualise.save_embedding_map(features.cpu().numpy(), queries.labels.numpy(), data.classes,
+                                 ctx.run.figures / "embedding_map.png", "pretrained encoder, evaluation images",
+                                 max_points=2000, seed=cfg.seed)
+    rep["seconds"] = time.perf_counter() - start
+    rand = rep["random"]
+    ctx.log(f"frozen pretrained encoder ({cfg.probe_features} features): kNN {100 * rep['knn_accuracy']:.2f}%, "
+            f"linear probe {100 * rep['linear_probe_accuracy']:.2f}%; random weights: kNN "
+            f"{100 * rand['knn_accuracy']:.2f}%, linear probe {100 * rand['linear_probe_accuracy']:.2f}% "
+            f"on the {data.eval_name}")
+    return rep

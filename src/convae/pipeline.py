@@ -1,0 +1,127 @@
+"""The lecture's pipeline: pretrain -> transfer -> fine-tune -> evaluate, as one function.
+
+``run_training`` serves ``convae run`` (both phases), ``convae pretrain`` and ``convae
+finetune``; it resumes a stopped run, and under ``torchrun`` every rank trains its shard
+while rank 0 alone writes the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data import prepare_data
+from .distributed import Dist, setup_distributed, teardown_distributed
+from .errors import ConvaeError
+from .evaluate import format_class_table
+from .fit import RunContext, read_state
+from .models import AutoEncoder, Classifier, ModelConfig
+from .phases import finetune_phase, measure_representation, pretrain_phase
+from .records import Log
+from .report import write_report
+from .rundir import RunDir, TensorBoardLog
+
+PHASES = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}
+
+
+def run_training(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune"), checkpoint: str | None = None,
+                 log: Log = print, resume: bool = False) -> RunDir:
+    """Both phases, pretraining only, or fine-tuning from ``checkpoint`` (an autoencoder).
+
+    With ``resume`` the run folder ``cfg.out`` is continued from its saved state; ``cfg`` must
+    be the one in its ``config.json``.
+    """
+    dist, device = setup_distributed(cfg.device)
+    try:
+        return _run(cfg, phases, checkpoint, log if dist.is_main else (lambda m: None), resume, dist, device)
+    finally:
+        teardown_distributed()
+
+
+def _open_run(cfg: Config, dist: Dist) -> tuple[RunDir, Config]:
+    """Rank 0 makes the run folder (a timestamp when ``out`` is not set) and saves the config."""
+    if dist.is_main:
+        run = RunDir(cfg.out)
+        cfg = replace(cfg, out=str(run.path))
+        run.save_config(cfg)
+    cfg = replace(cfg, out=dist.broadcast(cfg.out))
+    return (run if dist.is_main else RunDir.open(cfg.out)), cfg
+
+
+def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log, resume: bool, dist: Dist,
+         device: torch.device) -> RunDir:
+    do_pretrain = "pretrain" in phases and not ("finetune" in phases and cfg.init == "scratch")
+    do_finetune = "finetune" in phases
+    state = None
+    if resume:
+        run = RunDir.open(cfg.out)
+        state = read_state(run)
+        done = (run.path / "results.json").exists() if do_finetune else (run.checkpoints / "autoencoder.pt").exists()
+        if done and (state is None or state["phase"] == phases[-1]):
+            raise ConvaeError(f"{run.path} has already finished; nothing to resume")
+    if checkpoint is not None:
+        cfg = replace(cfg, init_checkpoint=str(checkpoint))
+    ae = None
+    finetune_resumed = state is not None and state["phase"] == "finetune"
+    if do_finetune and not do_pretrain and cfg.init == "pretrained" and not finetune_resumed:
+        if cfg.init_checkpoint is None:
+            raise ConvaeError("fine-tuning a pretrained encoder needs an autoencoder checkpoint",
+                              advice="pass --checkpoint AE.pt, or --init scratch")
+        ae, _ = load_checkpoint(cfg.init_checkpoint, kind="autoencoder")
+        cfg = cfg.with_model(ae.config)  # the data format and architecture follow the checkpoint
+    if not resume:
+        RunDir.check_free(cfg.out)
+    data = prepare_data(cfg, need_labels=do_finetune, log=log)
+    if do_finetune and len(data.classes) < 2:
+        raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
+    if not resume:
+        run, cfg = _open_run(cfg, dist)
+    ctx = RunContext(run, cfg, log, resume=state, dist=dist,
+                     tb=TensorBoardLog(run.path, cfg.tensorboard and dist.is_main))
+    if dist.is_main:
+        if data.skipped:
+            run.write_lines("skipped.txt", data.skipped)
+        if resume:
+            run.write_lines("metrics.jsonl", [json.dumps(m) for m in (state or {}).get("metrics", [])])
+    if state is not None:
+        ctx.metrics, ctx.timing = list(state["metrics"]), dict(state["timing"])
+        log(f"resuming {run.path} after {state['phase']} epoch {state['epoch']}"
+            + (f" and {state['step']} batch(es)" if state["step"] else ""))
+    ranks = f", {dist.world_size} processes" if dist.enabled else ""
+    log(f"run folder: {run.path}  (device {device}{ranks}, precision {cfg.precision})")
+
+    torch.manual_seed(cfg.seed)
+    mcfg: ModelConfig = cfg.model_config(num_classes=len(data.classes) or 1)
+    with ctx.stop.installed():
+        if do_pretrain and not finetune_resumed:
+            ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
+            start = time.perf_counter()
+            pretrain_phase(ae, data, ctx, device)
+            ctx.timing["pretrain_s"] = ctx.timing.get("pretrain_s", 0.0) + time.perf_counter() - start
+            log(f"pretraining: {cfg.pretrain_epochs} epoch(s) in {ctx.timing['pretrain_s']:.1f} s")
+        if do_finetune:
+            if finetune_resumed or cfg.init == "scratch":
+                clf = Classifier(mcfg)  # weights come from the state when resuming
+            else:
+                clf = Classifier.from_autoencoder(ae, len(data.classes))
+            clf = clf.to(device, memory_format=torch.channels_last)
+            start = time.perf_counter()
+            results = finetune_phase(clf, data, ctx, device)
+            ctx.timing["finetune_s"] = ctx.timing.get("finetune_s", 0.0) + time.perf_counter() - start
+            if dist.is_main:
+                if cfg.init == "pretrained" and ae is not None:
+                    results["representation"] = measure_representation(ae, data, ctx, device)
+                results["timing"] = ctx.timing
+                run.write_json("results.json", results)
+                log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
+                log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(results))
+    if dist.is_main:
+        ctx.tb.close()
+        log(f"report: {write_report(run.path)}")
+        log(f"done: {run.path}")
+    return run

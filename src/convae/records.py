@@ -1,0 +1,109 @@
+"""The records modules exchange: typed, so a renamed key is a type error, not a gap in a report.
+
+Each is a ``TypedDict`` because it is written to JSON as it is (``metrics.jsonl``,
+``results.json``, ``sweep.json``, ``state.pt``) and read back by the report.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypedDict
+
+import torch
+
+Log = Callable[[str], None]  # where progress lines go: print for the CLI, a no-op when quiet
+
+
+class _EpochRequired(TypedDict):
+    phase: str  # "pretrain" or "finetune"
+    epoch: int
+    epochs: int
+    train_loss: float  # mean over every training image of the epoch
+    seconds: float
+    images_per_s: float
+    lr: float
+
+
+class EpochRecord(_EpochRequired, total=False):
+    """One line of ``metrics.jsonl``."""
+
+    val_loss: float
+    val_accuracy: float
+
+
+class ClassScore(TypedDict):
+    accuracy: float | None
+    correct: int
+    total: int
+
+
+class Evaluation(TypedDict):
+    """A classifier over an evaluation set (:func:`convae.evaluate.evaluate_classifier`)."""
+
+    loss: float
+    accuracy: float
+    confusion_matrix: list[list[int]]
+
+
+class Representation(TypedDict, total=False):
+    """kNN and linear probe of a frozen encoder (``results.json``'s ``representation``)."""
+
+    knn_accuracy: float
+    knn: dict[str, Any]
+    linear_probe_accuracy: float
+    linear_probe: dict[str, Any]
+    train_images: int
+    test_images: int
+    features: str  # "latent" or "pooled"
+    random: dict[str, float]  # the same probes on the same architecture with random weights
+    encoder: str
+    bank: str
+    eval_set: str
+    seconds: float
+
+
+class Results(TypedDict, total=False):
+    """``results.json``: overall and per-class accuracy and everything measured beside it."""
+
+    accuracy: float | None
+    num_images: int
+    classes: list[str]
+    per_class: dict[str, ClassScore]
+    confusion_matrix: list[list[int]]
+    eval_set: str
+    loss: float
+    init: str
+    freeze_encoder: bool
+    labelled_images: int
+    checkpoint: str
+    representation: Representation
+    timing: dict[str, float]
+
+
+class SweepCell(TypedDict):
+    """One (method, budget, seed) of a sweep."""
+
+    method: str
+    labels_per_class: int | str
+    seed: int
+    labelled_images: int
+    accuracy: float
+    seconds: float
+
+
+class TrainingState(TypedDict):
+    """``checkpoints/state.pt``: everything needed to continue a run where it stopped."""
+
+    format: str
+    phase: str
+    epoch: int  # completed epochs of ``phase``
+    step: int  # batches done in the epoch after those
+    loss_sum: float
+    elapsed: float
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    rng: torch.Tensor
+    metrics: list[EpochRecord]
+    timing: dict[str, float]
+    kernels: torch.Tensor
+    config: dict[str, Any]

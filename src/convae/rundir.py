@@ -1,0 +1,112 @@
+"""The run folder (config, metrics, results, figures), the epoch line, and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, save_config
+from .errors import ConvaeError
+from .files import atomic_write_text
+from .records import EpochRecord
+
+
+class RunDir:
+    """One run's folder: ``config.json``, ``metrics.jsonl``, ``results.json``, ``checkpoints/``, ``figures/``."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        self.check_free(self.path)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.figures.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def open(cls, path: str | Path | None) -> "RunDir":
+        """An existing run folder, to continue it."""
+        if path is None or not (Path(path) / "config.json").is_file():
+            raise ConvaeError(f"{path} is not a run folder to continue (no config.json)",
+                              advice="--resume needs --out DIR of an earlier run")
+        run = cls.__new__(cls)
+        run.path = Path(path)
+        return run
+
+    @staticmethod
+    def check_free(path: str | Path | None) -> None:
+        """Refuse a folder that already holds files: an earlier run is never overwritten."""
+        if path is None:
+            return
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise ConvaeError(f"the output folder {p} exists and is not a folder", advice="choose a new --out")
+        if p.is_dir() and any(p.iterdir()):
+            raise ConvaeError(f"the output folder {p} already holds files; an earlier run is never overwritten",
+                              advice="choose a new --out")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    def save_config(self, cfg: Config) -> None:
+        save_config(cfg, self.path / "config.json")
+
+    def log_metrics(self, record: EpochRecord | dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return atomic_write_text(self.path / name, json.dumps(obj, indent=2) + "\n")
+
+    def write_lines(self, name: str, lines: list[str]) -> Path:
+        """Replace ``name`` whole (or not at all)."""
+        return atomic_write_text(self.path / name, "".join(line + "\n" for line in lines))
+
+
+def epoch_line(rec: EpochRecord) -> str:
+    """One line per epoch and phase, e.g. ``pretrain  epoch 2/5  train_loss 0.021 ...``."""
+    parts = [f"{rec['phase']:<8}", f"epoch {rec['epoch']}/{rec['epochs']}", f"train_loss {rec['train_loss']:.6f}"]
+    if "val_loss" in rec:
+        parts.append(f"val_loss {rec['val_loss']:.6f}")
+    if "val_accuracy" in rec:
+        parts.append(f"val_acc {100 * rec['val_accuracy']:.2f}%")
+    parts.append(f"{rec['seconds']:.1f}s")
+    parts.append(f"{rec['images_per_s']:.0f} img/s")
+    return "  ".join(parts)
+
+
+class TensorBoardLog:
+    """Scalars and images under ``RUN/tensorboard`` when the optional ``tensorboard`` package is installed."""
+
+    def __init__(self, run_path: Path, enabled: bool = True) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the optional extra is not installed: log nothing
+            return
+        self.writer = SummaryWriter(log_dir=str(run_path / "tensorboard"))
+
+    def scalars(self, rec: EpochRecord) -> None:
+        if self.writer is None:
+            return
+        step = rec["epoch"]
+        for key in ("train_loss", "val_loss", "val_accuracy", "images_per_s", "lr"):
+            if key in rec:
+                self.writer.add_scalar(f"{rec['phase']}/{key}", rec[key], step)
+        self.writer.flush()
+
+    def image(self, tag: str, image, step: int = 0) -> None:
+        """``image`` (C, H, W) in [0, 1]."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

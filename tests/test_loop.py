@@ -1,0 +1,76 @@
+"""The loop (convae.loop): micro-batching, learning, schedules."""
+
+import copy
+
+import pytest
+import torch
+
+from convae.data import DeviceBatches
+from convae.device import micro_batch_size
+from convae.loop import classification_criterion, make_optimizer, make_scheduler, train_one_epoch
+from convae.models import AutoEncoder, Classifier, ModelConfig
+from convae.objectives import Objective, ObjectiveConfig
+
+reconstruction = Objective(ObjectiveConfig("reconstruct"))
+
+SMALL = ModelConfig(channels=(8, 16, 16), latent_dim=32, num_classes=3)
+
+
+def test_micro_batches_give_the_whole_batch_update():
+    torch.manual_seed(0)
+    a = AutoEncoder(SMALL)
+    b = copy.deepcopy(a)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    la = train_one_epoch(a, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(a.parameters(), 0.5),
+                         reconstruction)
+    lb = train_one_epoch(b, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(b.parameters(), 0.5),
+                         reconstruction, micro_batch=7)
+    assert la == pytest.approx(lb, rel=1e-6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    clf = Classifier(SMALL)
+    images = torch.zeros(60, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.arange(60) % 3
+    for k in range(3):
+        images[labels == k, k] = 200  # class k is bright in channel k
+    batches = DeviceBatches(images, labels, 20, True, 0)
+    opt = torch.optim.Adam(clf.parameters(), 1e-3)
+    losses = []
+    for epoch in range(10):
+        batches.set_epoch(epoch)
+        losses.append(train_one_epoch(clf, batches, opt, classification_criterion))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_micro_batch_auto_and_schedules():
+    assert micro_batch_size(0, "fp32", torch.device("cpu")) == 200
+    assert micro_batch_size(0, "fp32", torch.device("cuda")) is None
+    assert micro_batch_size(0, "bf16", torch.device("cpu")) == 500
+    assert micro_batch_size(0, "bf16", torch.device("cuda")) is None
+    assert micro_batch_size(64, "bf16", torch.device("cuda")) == 64
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    assert make_scheduler(opt, "none", 5) is None
+    sched = make_scheduler(opt, "cosine", 4)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    step = make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), "step", 10, step_size=2)
+    for _ in range(2):
+        step.optimizer.step()
+        step.step()
+    assert step.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_optimizers_train_only_parameters_that_require_grad():
+    clf = Classifier(SMALL)
+    for p in clf.encoder.parameters():
+        p.requires_grad_(False)
+    for name, kind in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)):
+        opt = make_optimizer(clf.parameters(), name, 1e-3, 0.01)
+        assert isinstance(opt, kind) and opt.param_groups[0]["weight_decay"] == 0.01
+        assert sum(p.numel() for p in opt.param_groups[0]["params"]) == SMALL.latent_dim * 3 + 3
