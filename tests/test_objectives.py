@@ -1,0 +1,105 @@
+"""Each pretraining objective means what it says."""
+
+import pytest
+import torch
+from torch import nn
+
+from convae.models import AutoEncoder, ModelConfig
+from convae.objectives import (OBJECTIVES, Objective, ObjectiveConfig, masked_mse, normalise_patches, patch_mask,
+                               winner_take_all)
+
+
+class Echo(nn.Module):
+    """Returns a fixed prediction, whatever the input: the loss then depends on the target only."""
+
+    def __init__(self, prediction):
+        super().__init__()
+        self.prediction = prediction
+
+    def forward(self, x, code_fn=None):
+        return self.prediction
+
+
+def test_reconstruct_is_the_lecture_mse_exactly():
+    torch.manual_seed(0)
+    ae = AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16))
+    x = torch.rand(4, 3, 32, 32)
+    loss = Objective(ObjectiveConfig("reconstruct"))(ae, x)
+    assert torch.equal(loss, nn.functional.mse_loss(ae(x), x))
+
+
+def test_the_masked_loss_ignores_visible_pixels():
+    x = torch.rand(2, 3, 16, 16)
+    obj = Objective(ObjectiveConfig("masked", mask_ratio=0.5, patch_size=4))
+    inp, mask = obj.corrupt(x, torch.Generator().manual_seed(1))
+    assert mask.shape == (2, 1, 16, 16) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert (mask.view(2, -1).mean(1) == 0.5).all()  # 8 of 16 patches hidden in every image
+    assert torch.equal(inp * mask, torch.zeros_like(inp))  # hidden pixels are zero in the input
+    assert torch.equal(inp * (1 - mask), x * (1 - mask))  # visible pixels are untouched
+    pred = torch.rand(2, 3, 16, 16)
+    changed = pred + 5 * (1 - mask)  # change the prediction on visible pixels only
+    assert masked_mse(pred, x, mask) == masked_mse(changed, x, mask)
+    assert masked_mse(pred + 5 * mask, x, mask) > masked_mse(pred, x, mask)
+    # through the objective: the same generator gives the same mask, so the loss is unchanged too
+    a = obj(Echo(pred), x, None, torch.Generator().manual_seed(1))
+    b = obj(Echo(changed), x, None, torch.Generator().manual_seed(1))
+    assert a == b
+
+
+def test_patch_masks_cover_odd_sizes_with_whole_patches():
+    m = patch_mask(torch.Size([3, 1, 7, 10]), 4, 0.75, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert m.shape == (3, 1, 7, 10)
+    grid = m[:, :, ::4, ::4]  # one value per 4x4 patch: 2 x 3 patches, the border ones partial
+    assert grid.shape == (3, 1, 2, 3) and (grid.sum((1, 2, 3)) == round(0.75 * 6)).all()
+    whole = grid.repeat_interleave(4, 2).repeat_interleave(4, 3)[:, :, :7, :10]
+    assert torch.equal(m, whole)  # every patch is hidden or visible as a whole
+
+
+def test_normalised_patch_targets_have_zero_mean_and_unit_std():
+    x = torch.rand(2, 3, 8, 8) * 0.3 + 0.5
+    t = normalise_patches(x, 4).view(2, 3, 2, 4, 2, 4)
+    assert t.mean(dim=(1, 3, 5)).abs().max() < 1e-5
+    assert (t.var(dim=(1, 3, 5), unbiased=False) - 1).abs().max() < 1e-3
+
+
+def test_denoise_targets_the_clean_image():
+    x = torch.rand(3, 1, 8, 8)
+    obj = Objective(ObjectiveConfig("denoise", noise_std=0.5, drop_prob=0.5))
+    noisy, weight = obj.corrupt(x, torch.Generator().manual_seed(0))
+    assert weight is None and not torch.allclose(noisy, x)
+    assert (noisy == 0).float().mean() > 0.3  # about half the pixels dropped
+    assert obj(Echo(x), x, None, torch.Generator().manual_seed(0)) == 0  # a perfect denoiser has zero loss
+
+
+def test_winner_take_all_keeps_exactly_k_winners_per_image_and_the_lifetime_top():
+    torch.manual_seed(0)
+    z = torch.rand(20, 32) + 0.1  # positive, distinct
+    kept = winner_take_all(z, 5, 0.0)
+    assert ((kept != 0).sum(1) == 5).all()
+    assert torch.equal(kept.topk(5, 1).values, z.topk(5, 1).values)  # the largest five survive
+    life = winner_take_all(z, 0, 0.1)
+    assert ((life != 0).sum(0) == 2).all()  # ceil(0.1 * 20) images per unit
+    assert torch.equal(life.max(0).values, z.max(0).values)
+    both = winner_take_all(z, 5, 0.1)
+    assert ((both != 0).sum(0) <= 2).all() and ((both != 0).sum(1) <= 5).all()
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+@pytest.mark.parametrize("shape, upsample", [((1, 28, 28), "nearest"), ((3, 32, 32), "bilinear"),
+                                             ((3, 32, 32), "unpool"), ((1, 28, 28), "transposed")])
+def test_every_objective_trains_every_shape_and_upsample(name, shape, upsample):
+    torch.manual_seed(0)
+    c, h, w = shape
+    ae = AutoEncoder(ModelConfig(in_channels=c, height=h, width=w, channels=(8, 16), latent_dim=32,
+                                 upsample=upsample, norm="batch", output_activation="none"))
+    obj = Objective(ObjectiveConfig(name, sparse_k=8, lifetime_rate=0.5, drop_prob=0.2))  # 4 of 8 images per unit
+    x = torch.rand(8, c, h, w)
+    opt = torch.optim.Adam(ae.parameters(), 3e-3)
+    losses = []
+    for step in range(15):
+        loss = obj(ae, x, None, torch.Generator().manual_seed(step % 2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and min(losses[-5:]) < losses[0]
