@@ -176,3 +176,23 @@ def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "could not write the training state" in err and "No space left on device" in err
     assert torch.load(out / "checkpoints" / "state.pt", weights_only=True)["epoch"] == 1
+
+
+def test_augmentation_and_masking_replay_exactly_after_a_mid_epoch_stop(dataset, tmp_path):
+    """The augmented batches and the masks of a resumed epoch are those of the uninterrupted run."""
+    data, cache = dataset
+    extra = ("--augment", "--jitter", "0.2", "--objective", "masked", "--norm", "batch", "--output-activation", "none")
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(data, cache, ref, *extra), check=True, env=_env(), capture_output=True)
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(_cmd(data, cache, out, *extra), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert _wait_for_lines(proc, out, 1)
+    proc.send_signal(signal.SIGINT)  # inside pretraining epoch 2: the state holds a step within the epoch
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    state = torch.load(out / "checkpoints" / "state.pt", weights_only=True)
+    assert state["phase"] == "pretrain" and state["epoch"] == 1
+    done = subprocess.run(_resume_cmd(out), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _same_run(out, ref)
