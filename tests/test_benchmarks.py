@@ -56,3 +56,19 @@ def test_end_to_end_benchmark_runs_convae(tmp_path, image_folder):
     (convae,) = payload["results"]
     assert convae["precision"] == "fp32" and convae["wall_s"] > convae["pretrain_s"] > 0
     assert [m["phase"] for m in convae["metrics"]] == ["pretrain", "finetune"]
+
+
+def test_learning_quality_benchmark_runs_the_protocol(tmp_path, image_folder):
+    payload = run_script("learning_quality", "--data", str(image_folder), "--presets", "seed",
+                         "--set", "pretrain_epochs=1", "height=16", "width=16", "channels=[8,16]", "latent_dim=32",
+                         "batch_size=8", "val_fraction=0.2", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
+                         "--budgets", "2", "all", "--seeds", "2", "--steps", "2", "--sweep-batch-size", "8",
+                         "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    (res,) = payload["results"]
+    assert res["preset"] == "seed" and res["pretrain_s"] > 0 and "cpu" in payload["machine"]
+    methods = {r["method"] for r in res["summary"]}
+    assert {"finetune", "scratch", "logistic_probe", "logistic_random", "knn", "knn_random"} <= methods
+    assert all(r["n"] == 2 for r in res["summary"])
+    for features in ("latent", "pooled"):
+        for weights in ("pretrained", "random"):
+            assert set(res["probes_all_labels"][features][weights]) == {"logistic", "knn"}

@@ -1,0 +1,119 @@
+"""Does pretraining pay? One table per recipe, measured with convae's own protocol.
+
+For every preset named (a pretraining recipe: objective, architecture, augmentation), this
+pretrains once through convae's pipeline (wall time measured), then runs ``convae sweep``'s
+protocol on that checkpoint: for every label budget and seed, the pretrained encoder fine-tuned
+and the same network from scratch (same recipe, same augmentation), the frozen features scored
+by logistic regression and kNN, and the same architecture with random weights through the same
+probes. Both feature kinds (the FC latent and the pooled conv stages) are probed with every
+labelled training image. Evaluation: the stratified validation split of ``--data``.
+
+    python benchmarks/learning_quality.py --data ../shared/data/cifar10-train-jpeg.tar.gz \\
+        --presets masked --out runs/lq --json benchmarks/results/learning_quality.json
+
+Prints the table (mean +- std over seeds, %) and writes JSON; the machine is named in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, print_table  # noqa: E402
+
+from convae.checkpoint import load_checkpoint  # noqa: E402
+from convae.config import SWEEP_BATCH_SIZE, build_config  # noqa: E402
+from convae.data import prepare_data  # noqa: E402
+from convae.models import Encoder  # noqa: E402
+from convae.pipeline import run_training  # noqa: E402
+from convae.probes import representation_scores  # noqa: E402
+from convae.sweep import parse_budgets, run_sweep  # noqa: E402
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def probes_all_labels(cfg, checkpoint: Path, log) -> dict:
+    """Logistic and kNN on latent and pooled features, every labelled training image as the bank."""
+    ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
+    data = prepare_data(cfg, need_labels=True, log=log)
+    torch.manual_seed(cfg.seed)
+    random_enc = Encoder(ae.config)
+    out = {}
+    for features in ("latent", "pooled"):
+        r = representation_scores(ae.encoder, data.train.images, data.train.labels, data.val.images,
+                                  data.val.labels, len(data.classes), cfg.precision, cfg.seed, features=features,
+                                  baseline=random_enc)
+        out[features] = {"pretrained": {"logistic": r["linear_probe_accuracy"], "knn": r["knn_accuracy"]},
+                         "random": {"logistic": r["random"]["linear_probe_accuracy"],
+                                    "knn": r["random"]["knn_accuracy"]}}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--presets", nargs="+", required=True, help="pretraining recipes (convae presets)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys for every preset")
+    p.add_argument("--budgets", nargs="+", default=["25", "100", "400", "all"])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--sweep-batch-size", type=int, default=SWEEP_BATCH_SIZE)
+    p.add_argument("--out", required=True, help="folder for the runs (one pretraining and one sweep per preset)")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+
+    log = print
+    extra = {k.replace("-", "_"): _value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    info = machine()
+    print(f"machine: {info}")
+    rows, results = [], []
+    for preset in args.presets:
+        base = build_config(preset, None, {"data": args.data, **extra})
+        out = Path(args.out) / preset
+        start = time.perf_counter()
+        run_training(replace(base, out=str(out / "pretrain")), phases=("pretrain",), log=log)
+        pretrain_s = time.perf_counter() - start
+        ckpt = out / "pretrain" / "checkpoints" / "autoencoder.pt"
+        sweep_cfg = replace(base, out=str(out / "sweep"), batch_size=args.sweep_batch_size)
+        run_sweep(sweep_cfg, parse_budgets(args.budgets), args.seeds, args.steps, str(ckpt), log=log)
+        sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+        probes = probes_all_labels(base, ckpt, log)
+        cell = {(r["method"], str(r["labels_per_class"])): r for r in sweep["summary"]}
+        results.append({"preset": preset, "config": base.to_dict(), "pretrain_s": pretrain_s,
+                        "summary": sweep["summary"], "probes_all_labels": probes, "cells": sweep["cells"]})
+
+        def ms(method, budget):
+            r = cell.get((method, str(budget)))
+            return f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" if r else ""
+
+        for method in ("finetune", "scratch", "logistic_probe", "logistic_random", "knn", "knn_random"):
+            rows.append([preset if method == "finetune" else "", sweep["methods"][method]]
+                        + [ms(method, b) for b in sweep["budgets"]])
+        for features in ("latent", "pooled"):
+            pr = probes[features]
+            rows.append(["", f"{features} features, all labels: logistic / kNN",
+                         f"pretrained {100 * pr['pretrained']['logistic']:.2f} / {100 * pr['pretrained']['knn']:.2f}",
+                         f"random {100 * pr['random']['logistic']:.2f} / {100 * pr['random']['knn']:.2f}", "", ""])
+        rows.append(["", f"pretraining wall time: {pretrain_s:.0f} s", "", "", "", ""])
+    headers = ["preset", "method"] + [f"{b}/class" for b in args.budgets]
+    print_table(headers, [r[: len(headers)] + [""] * (len(headers) - len(r)) for r in rows])
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": info, "seeds": args.seeds, "steps": args.steps,
+                                           "budgets": args.budgets, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
