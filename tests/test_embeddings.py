@@ -33,6 +33,14 @@ def test_encode_writes_embeddings_sources_and_a_map(image_folder, cache_dir, tmp
     assert main(["encode", "--checkpoint", str(ckpt), "--data", str(image_folder), "--cache-dir", str(cache_dir),
                  "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    # pooled features: every stage averaged to 2x2 and concatenated, 4 * (8 + 16) per image
+    pooled = tmp_path / "emb" / "pooled.npy"
+    assert main(["encode", "--checkpoint", str(ckpt), "--data", str(image_folder), "--cache-dir", str(cache_dir),
+                 "--out", str(pooled), "--probe-features", "pooled", "--no-map", "--device", "cpu"]) == 0
+    with torch.no_grad():
+        expected = model.encoder.forward_pooled(ds.images.float() / 255)
+    assert np.load(pooled).shape == (30, 96)
+    np.testing.assert_allclose(np.load(pooled), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_an_autoencoder_with_a_bank(image_folder, cache_dir, tmp_path, capsys):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from convae.models import UPSAMPLE_MODES, AutoEncoder, Classifier, ModelConfig, count_parameters
+from convae.models import UPSAMPLE_MODES, AutoEncoder, Classifier, Encoder, ModelConfig, count_parameters
 from convae.reference import Model as LectureClassifier
 from convae.reference import autoencoder as LectureAutoencoder
 
@@ -90,3 +90,28 @@ def test_reset_classifier_replaces_the_head_only():
     clf.reset_classifier(7)
     assert clf(torch.rand(2, 3, 32, 32)).shape == (2, 7) and clf.config.num_classes == 7
     assert all(torch.equal(enc[k], v) for k, v in clf.encoder.state_dict().items())
+
+
+def test_pooled_features_average_every_stage_to_2x2():
+    torch.manual_seed(0)
+    enc = Encoder(ModelConfig(channels=(4, 8, 8), latent_dim=16))
+    x = torch.rand(2, 3, 32, 32)
+    stage1 = enc.conv[1](enc.conv[0](x))  # (2, 4, 16, 16)
+    pooled = enc.forward_pooled(x)
+    assert pooled.shape == (2, 4 * (4 + 8 + 8))
+    # the first 16 features are stage 1's quadrant means, channel by channel
+    quadrant = stage1[:, :, :8, :8].mean((2, 3))
+    torch.testing.assert_close(pooled[:, 0:16:4], quadrant)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_norm_and_deeper_stages_keep_the_interface_and_transfer(norm):
+    cfg = ModelConfig(channels=(8, 16, 16), latent_dim=32, norm=norm, convs_per_stage=2, output_activation="none")
+    ae = AutoEncoder(cfg)
+    x = torch.rand(3, 3, 32, 32)
+    assert ae(x).shape == x.shape and ae.encoder(x).shape == (3, 32)
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in ae.encoder.conv)
+    assert n_convs == 6 and all(m.bias is None for m in ae.encoder.conv if isinstance(m, torch.nn.Conv2d))
+    clf = Classifier.from_autoencoder(ae, 5)
+    assert all(torch.equal(a, b) for a, b in zip(clf.encoder.state_dict().values(), ae.encoder.state_dict().values()))
+    assert (ae(x) < 0).any()  # no output ReLU: normalised targets are reachable

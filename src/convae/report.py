@@ -121,13 +121,19 @@ def build_report(run: Path) -> str:
     rep = (results or {}).get("representation")
     if rep:
         parts.append("<h2>The frozen representation</h2>")
-        parts.append(_table(["probe", "accuracy", "setting"], [
-            ["kNN", _pct(rep["knn_accuracy"]),
+        rand = rep.get("random") or {}
+        gain = lambda key: (f"{100 * (rep[key] - rand[key]):+.2f} points" if key in rand else "")  # noqa: E731
+        parts.append(_table(["probe", "trained encoder", "random weights", "training added", "setting"], [
+            ["kNN", _pct(rep["knn_accuracy"]), _pct(rand.get("knn_accuracy")), gain("knn_accuracy"),
              f"k={rep['knn']['k']}, cosine similarity, votes weighted exp(sim/{rep['knn']['temperature']})"],
-            ["linear probe", _pct(rep["linear_probe_accuracy"]),
+            ["linear probe", _pct(rep["linear_probe_accuracy"]), _pct(rand.get("linear_probe_accuracy")),
+             gain("linear_probe_accuracy"),
              f"logistic regression, full-batch L-BFGS ({rep['linear_probe']['max_iter']} iterations, "
              f"L2 {rep['linear_probe']['l2']}), standardised features"],
-        ], "representation"))
+        ], "representation", left=1))
+        parts.append(f'<p class="note">Features: {html.escape(rep.get("features", "latent"))}. The random-weights '
+                     "column is the same architecture, untrained (seeded), through the same probes on the same "
+                     "images: what pretraining bought is the difference.</p>")
         parts.append(f'<p class="note">{html.escape(rep["encoder"])} encoder; labelled bank: '
                      f'{html.escape(rep["bank"])}; evaluated on the {html.escape(rep["eval_set"])}.</p>')
         parts.append(_img(fig / "embedding_map.png", "t-SNE map of the evaluation images' embeddings"))
