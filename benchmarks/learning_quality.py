@@ -64,7 +64,11 @@ def probes_all_labels(cfg, checkpoint: Path, log) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--presets", nargs="+", required=True, help="pretraining recipes (convae presets)")
+    p.add_argument("--presets", nargs="+", required=True, metavar="PRESET[:KEY=VALUE,...]",
+                   help="pretraining recipes: convae presets, each optionally with its own config keys "
+                        "(denoise:objective=masked)")
+    p.add_argument("--probes-only", action="store_true",
+                   help="pretrain and probe (all labels, latent and pooled, pretrained and random); no sweep")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys for every preset")
     p.add_argument("--budgets", nargs="+", default=["25", "100", "400", "all"])
     p.add_argument("--seeds", type=int, default=3)
@@ -79,27 +83,38 @@ def main() -> int:
     info = machine()
     print(f"machine: {info}")
     rows, results = [], []
-    for preset in args.presets:
-        base = build_config(preset, None, {"data": args.data, **extra})
-        out = Path(args.out) / preset
+    for spec in args.presets:
+        preset, _, own = spec.partition(":")
+        own_keys = {k.replace("-", "_"): _value(v) for k, v in (kv.split("=", 1) for kv in own.split(",") if kv)}
+        base = build_config(preset, None, {"data": args.data, **extra, **own_keys})
+        out = Path(args.out) / spec.replace(":", "_").replace(",", "_").replace("=", "-")
         start = time.perf_counter()
         run_training(replace(base, out=str(out / "pretrain")), phases=("pretrain",), log=log)
         pretrain_s = time.perf_counter() - start
         ckpt = out / "pretrain" / "checkpoints" / "autoencoder.pt"
+        probes = probes_all_labels(base, ckpt, log)
+        row = {"preset": spec, "config": base.to_dict(), "pretrain_s": pretrain_s, "probes_all_labels": probes}
+        results.append(row)
+        if args.probes_only:
+            for features in ("latent", "pooled"):
+                pr = probes[features]
+                rows.append([spec, f"{features}: logistic / kNN",
+                             f"pretrained {100 * pr['pretrained']['logistic']:.2f} / {100 * pr['pretrained']['knn']:.2f}",
+                             f"random {100 * pr['random']['logistic']:.2f} / {100 * pr['random']['knn']:.2f}",
+                             f"{pretrain_s:.0f} s"])
+            continue
         sweep_cfg = replace(base, out=str(out / "sweep"), batch_size=args.sweep_batch_size)
         run_sweep(sweep_cfg, parse_budgets(args.budgets), args.seeds, args.steps, str(ckpt), log=log)
         sweep = json.loads((out / "sweep" / "sweep.json").read_text())
-        probes = probes_all_labels(base, ckpt, log)
         cell = {(r["method"], str(r["labels_per_class"])): r for r in sweep["summary"]}
-        results.append({"preset": preset, "config": base.to_dict(), "pretrain_s": pretrain_s,
-                        "summary": sweep["summary"], "probes_all_labels": probes, "cells": sweep["cells"]})
+        row.update({"summary": sweep["summary"], "cells": sweep["cells"]})
 
         def ms(method, budget):
             r = cell.get((method, str(budget)))
             return f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" if r else ""
 
         for method in ("finetune", "scratch", "logistic_probe", "logistic_random", "knn", "knn_random"):
-            rows.append([preset if method == "finetune" else "", sweep["methods"][method]]
+            rows.append([spec if method == "finetune" else "", sweep["methods"][method]]
                         + [ms(method, b) for b in sweep["budgets"]])
         for features in ("latent", "pooled"):
             pr = probes[features]
@@ -107,7 +122,8 @@ def main() -> int:
                          f"pretrained {100 * pr['pretrained']['logistic']:.2f} / {100 * pr['pretrained']['knn']:.2f}",
                          f"random {100 * pr['random']['logistic']:.2f} / {100 * pr['random']['knn']:.2f}", "", ""])
         rows.append(["", f"pretraining wall time: {pretrain_s:.0f} s", "", "", "", ""])
-    headers = ["preset", "method"] + [f"{b}/class" for b in args.budgets]
+    headers = (["recipe", "features", "trained encoder", "random weights", "pretraining"] if args.probes_only
+               else ["preset", "method"] + [f"{b}/class" for b in args.budgets])
     print_table(headers, [r[: len(headers)] + [""] * (len(headers) - len(r)) for r in rows])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"machine": info, "seeds": args.seeds, "steps": args.steps,
