@@ -59,6 +59,10 @@ def _same_run(a, b):
     assert strip(_metrics(a)) == strip(_metrics(b))
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     assert ra["confusion_matrix"] == rb["confusion_matrix"]
+    # a run resumed inside fine-tuning still measures the pretrained representation
+    for key in ("knn_accuracy", "linear_probe_accuracy", "random"):
+        assert ra["representation"][key] == rb["representation"][key]
+    assert (a / "figures" / "embedding_map.png").is_file() and (b / "figures" / "embedding_map.png").is_file()
 
 
 @pytest.fixture(scope="module")

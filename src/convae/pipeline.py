@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -114,7 +115,9 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
             results = finetune_phase(clf, data, ctx, device)
             ctx.timing["finetune_s"] = ctx.timing.get("finetune_s", 0.0) + time.perf_counter() - start
             if dist.is_main:
-                if cfg.init == "pretrained" and ae is not None:
+                if cfg.init == "pretrained" and ae is None:  # resumed inside fine-tuning: the pretrained one
+                    ae = _pretrained_autoencoder(run, cfg)
+                if ae is not None:
                     results["representation"] = measure_representation(ae, data, ctx, device)
                 results["timing"] = ctx.timing
                 run.write_json("results.json", results)
@@ -125,3 +128,11 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
         log(f"report: {write_report(run.path)}")
         log(f"done: {run.path}")
     return run
+
+
+def _pretrained_autoencoder(run: RunDir, cfg: Config) -> AutoEncoder | None:
+    """The autoencoder a fine-tuning run started from: this run's pretraining, or its checkpoint."""
+    for path in (run.checkpoints / "autoencoder.pt", cfg.init_checkpoint):
+        if path is not None and Path(path).is_file():
+            return load_checkpoint(path, kind="autoencoder")[0]
+    return None
