@@ -72,3 +72,25 @@ def test_config_round_trips_through_json():
     again = build_config("seed", None, {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items()
                                          if k != "preset"})
     assert again == cfg and isinstance(cfg, Config)
+
+
+def test_a_config_is_frozen_and_every_new_one_is_validated():
+    import dataclasses
+
+    cfg = build_config("seed")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 0.5
+    assert dataclasses.replace(cfg, lr=0.5).lr == 0.5 and cfg.lr == 1e-3
+    with pytest.raises(ConvaeError, match="lr must be a number > 0"):
+        dataclasses.replace(cfg, lr=-1.0)
+    with pytest.raises(ConvaeError, match="objective must be one of reconstruct, denoise, masked, sparse"):
+        build_config("seed", overrides={"objective": "contrastive"})
+    with pytest.raises(ConvaeError, match=r"mask_ratio must be in \[0, 1\)"):
+        build_config("seed", overrides={"mask_ratio": 1.0})
+
+
+def test_the_denoise_preset_keeps_the_lecture_widths_and_changes_only_the_recipe():
+    d, seed = build_config("denoise"), build_config("seed")
+    assert d.model_config().channels == seed.model_config().channels and d.latent_dim == seed.latent_dim
+    assert (d.objective, d.norm, d.augment, d.probe_features) == ("denoise", "batch", True, "pooled")
+    assert seed.objective == "reconstruct" and not seed.augment and seed.norm == "none"

@@ -74,3 +74,19 @@ def test_optimizers_train_only_parameters_that_require_grad():
         opt = make_optimizer(clf.parameters(), name, 1e-3, 0.01)
         assert isinstance(opt, kind) and opt.param_groups[0]["weight_decay"] == 0.01
         assert sum(p.numel() for p in opt.param_groups[0]["params"]) == SMALL.latent_dim * 3 + 3
+
+
+def test_a_frozen_encoder_keeps_its_batch_norm_statistics():
+    from convae.loop import freeze
+
+    torch.manual_seed(0)
+    clf = Classifier(ModelConfig(channels=(8, 16), latent_dim=16, num_classes=3, norm="batch"))
+    freeze(clf.encoder)
+    before = {k: v.clone() for k, v in clf.encoder.state_dict().items()}
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(24) % 3
+    opt = make_optimizer(clf.parameters(), "adam", 1e-2)
+    train_one_epoch(clf, DeviceBatches(images, labels, 8, True, 0), opt, classification_criterion)
+    after = clf.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running means and variances too
+    assert any(m.training for m in clf.modules()) and not clf.encoder.conv[1].training

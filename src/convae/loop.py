@@ -47,6 +47,15 @@ def freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, except that frozen batch norms stay in eval mode: a frozen encoder keeps
+    its running statistics and gives the same features in training as in evaluation."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
 def classification_criterion(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
                              generator: torch.Generator | None = None) -> torch.Tensor:
     """Cross-entropy of the model's logits (computed in float32 under autocast)."""
@@ -116,7 +125,7 @@ def train_one_epoch(
     """
     from tqdm.auto import tqdm
 
-    model.train()
+    train_mode(model)
     device = batches.images.device
     total = torch.full((), loss_sum, device=device, dtype=torch.float64)  # summed on the device: no sync per step
     bar = tqdm(batches.iterate(start_step), desc=desc, unit="batch", leave=False, disable=None,

@@ -27,7 +27,7 @@ from .device import micro_batch_size, resolve_device
 from .errors import ConvaeError
 from .evaluate import evaluate_classifier
 from .fit import RunContext
-from .loop import classification_criterion, freeze, make_optimizer, train_step
+from .loop import classification_criterion, freeze, make_optimizer, train_mode, train_step
 from .models import AutoEncoder, Classifier, Encoder
 from .phases import pretrain_phase
 from .probes import extract_features, knn_accuracy, linear_probe_accuracy
@@ -74,7 +74,7 @@ def train_cell(clf: Classifier, images, labels, val: DeviceBatches, cfg: Config,
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, images.device)
     aug = cfg.augment_config()
     done, epoch = 0, 0
-    clf.train()
+    train_mode(clf)
     while done < steps:
         epoch += 1
         batches.set_epoch(epoch)
