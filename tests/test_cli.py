@@ -206,3 +206,11 @@ def test_a_single_class_cannot_be_fine_tuned(tmp_path, cache_dir, capsys):
     root = make_image_folder(tmp_path / "one", classes=1)
     assert main(["run", "--data", str(root), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "r")] + TINY) == 2
     assert "1 class folder(s): a classifier needs at least 2" in capsys.readouterr().err
+
+
+def test_help_states_each_commands_own_batch_size_default(capsys):
+    for command, expected in (("sweep", "default 256 for the sweep"), ("encode", "default 1024")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"--batch-size N images per {'step' if command == 'sweep' else 'forward pass'} ({expected})" in text

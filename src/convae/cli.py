@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__, commands
 from .config import (DEVICES, INFERENCE_BATCH_SIZE, INITS, OPTIMIZERS, PRECISIONS, PRESETS, PROBE_FEATURES,
-                     SCHEDULES)
+                     SCHEDULES, SWEEP_BATCH_SIZE)
 from .errors import ConvaeError, Interrupted
 from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES
 from .objectives import OBJECTIVES
@@ -123,9 +123,12 @@ def _add_tool_commands(sub) -> None:
     c.add_argument("--checkpoint", metavar="CKPT", required=True, help="autoencoder or classifier checkpoint")
     c.add_argument("--out", metavar="FILE.npy", required=True, help="embeddings file to write (must not exist)")
     c.add_argument("--no-map", action="store_true", help="skip the t-SNE map")
+    own_help = {"--batch-size": f"images per forward pass (default {INFERENCE_BATCH_SIZE})",
+                "--seed": "seed of the train/val column of the CSV, as in training (default 0)"}
     for flag in ("--data", "--val-fraction", "--cache-dir", "--batch-size", "--probe-features", "--precision", "--seed",
                  "--device"):
-        c.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **FLAGS[flag])
+        spec = {**FLAGS[flag], "help": own_help[flag]} if flag in own_help else FLAGS[flag]
+        c.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **spec)
     p = sub.add_parser("predict", help="class and probabilities for images, preprocessed as in training",
                        description="class and probabilities for images, preprocessed as in training")
     p.add_argument("--checkpoint", metavar="CKPT", required=True, help="classifier checkpoint")
@@ -164,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--steps", type=int, default=300, metavar="S",
                            help="optimizer steps per cell, the same for every method (default 300)")
         for flag in flags:
-            p.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **FLAGS[flag])
+            spec = FLAGS[flag]
+            if name == "sweep" and flag == "--batch-size":  # the sweep's own default (commands.sweep)
+                spec = {**spec, "help": f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)"}
+            p.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **spec)
     _add_tool_commands(sub)
     return parser
 
