@@ -214,3 +214,22 @@ def test_help_states_each_commands_own_batch_size_default(capsys):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert f"--batch-size N images per {'step' if command == 'sweep' else 'forward pass'} ({expected})" in text
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["run", "--epochs", "3"], "(did you mean --finetune-epochs or --pretrain-epochs?)"),
+    (["sweep", "--epochs", "3"], "(did you mean --steps?)"),
+    (["pretrain", "--latentdim", "3"], "(did you mean --latent-dim?)"),
+    (["run", "--channel", "8", "16"], "(did you mean --channels?)"),  # no prefix matching
+])
+def test_unknown_flags_name_the_flags_meant(args, hint, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"convae {args[0]}: error: unrecognized arguments" in err and hint in err
+
+
+def test_unknown_config_keys_name_the_key_meant(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("latentdim: 64\n")
+    assert main(["pretrain", "--config", str(cfg)]) == 2
+    assert "unknown config key(s): latentdim (did you mean latent_dim?)" in capsys.readouterr().err

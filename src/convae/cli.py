@@ -17,6 +17,8 @@ from .config import (DEVICES, INFERENCE_BATCH_SIZE, INITS, OPTIMIZERS, PRECISION
 from .errors import ConvaeError, Interrupted
 from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES
 from .objectives import OBJECTIVES
+from .export import FORMATS as EXPORT_FORMATS
+from .export import PARTS as EXPORT_PARTS
 from .sweep import DEFAULT_BUDGETS
 
 # flag -> argparse keyword arguments; dest is the Config field of the same name
@@ -87,91 +89,94 @@ OPTIM = ["--batch-size", "--lr", "--optimizer", "--weight-decay", "--schedule", 
 FINETUNE = ["--finetune-epochs", "--finetune-lr", "--labels-per-class", "--init", "--freeze-encoder"]
 EXEC = ["--probe-features", "--checkpoint-every", "--micro-batch", "--compile", "--precision", "--seed", "--device", "--out"]
 
-COMMANDS: dict[str, tuple[str, list[str]]] = {
+PRESET = ("--preset", dict(default="seed", choices=list(PRESETS),
+                           help="named recipe; seed = the lecture's exact recipe (default seed)"))
+CONFIG = ("--config", dict(metavar="FILE", help="YAML or JSON file of config keys; flags given here win"))
+RESUME = ("--resume", dict(action="store_true",
+                           help="continue the run in --out DIR where it stopped, with its saved config.json"))
+
+
+def _checkpoint(help_text: str, required: bool = True) -> tuple[str, dict]:
+    return ("--checkpoint", dict(metavar="CKPT", required=required, help=help_text))
+
+
+def _batch(help_text: str) -> tuple[str, dict]:
+    """--batch-size with a command's own default stated (the value itself is set in commands.py)."""
+    return ("--batch-size", {**FLAGS["--batch-size"], "help": help_text})
+
+
+# Every command: (help, arguments). A string is a config flag of FLAGS (left out = the preset's or
+# the config file's value); a (flag, kwargs) pair is an argument of the command's own.
+COMMANDS: dict[str, tuple[str, list]] = {
     "run": ("pretrain the autoencoder, transfer its encoder, fine-tune and evaluate (the lecture's pipeline)",
-            DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + FINETUNE + EXEC),
+            [PRESET, CONFIG, RESUME] + DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + FINETUNE + EXEC),
     "pretrain": ("train the autoencoder by reconstruction, without labels",
-                 DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + EXEC),
+                 [PRESET, CONFIG, RESUME] + DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + EXEC),
     "finetune": ("fine-tune a classifier from an autoencoder checkpoint (or from scratch)",
-                 DATA + AUGMENT + OPTIM + FINETUNE + EXEC),
+                 [PRESET, CONFIG, RESUME, _checkpoint("autoencoder checkpoint to transfer from", False)]
+                 + DATA + AUGMENT + OPTIM + FINETUNE + EXEC),
     "sweep": ("compare pretrained fine-tuning, linear probe, kNN and scratch over label budgets and seeds",
-              DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + ["--finetune-lr"] + EXEC),
+              [PRESET, CONFIG, _checkpoint("autoencoder checkpoint to transfer from (default: pretrain once)", False),
+               ("--labels-per-class", dict(nargs="+", default=DEFAULT_BUDGETS, metavar="N",
+                                           help="label budgets per class; 'all' = every training image "
+                                                "(default 25 100 400 all)")),
+               ("--seeds", dict(type=int, default=3, metavar="K", help="seeds per budget (default 3)")),
+               ("--steps", dict(type=int, default=300, metavar="S",
+                                help="optimizer steps per cell, the same for every method (default 300)")),
+               _batch(f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)")]
+              + DATA + MODEL + PRETRAIN + AUGMENT + [f for f in OPTIM if f != "--batch-size"] + ["--finetune-lr"]
+              + EXEC),
     "evaluate": ("evaluate a checkpoint on a labelled source: classifier accuracy, and kNN and linear probe "
                  "of its frozen encoder with --train-data",
-                 ["--data", "--train-data", "--cache-dir", "--batch-size", "--probe-features", "--precision",
-                  "--seed", "--device", "--out"]),
+                 [PRESET, CONFIG, _checkpoint("classifier checkpoint to evaluate")]
+                 + ["--data", "--train-data", "--cache-dir", "--batch-size", "--probe-features", "--precision",
+                    "--seed", "--device", "--out"]),
+    "encode": ("embeddings of every image to .npy, a CSV of their sources, and a t-SNE map",
+               [_checkpoint("autoencoder or classifier checkpoint"),
+                ("--out", dict(metavar="FILE.npy", required=True, help="embeddings file to write (must not exist)")),
+                ("--no-map", dict(action="store_true", help="skip the t-SNE map")),
+                "--data", "--val-fraction", "--cache-dir",
+                _batch(f"images per forward pass (default {INFERENCE_BATCH_SIZE})"),
+                "--probe-features", "--precision",
+                ("--seed", {**FLAGS["--seed"], "help": "seed of the train/val column of the CSV, as in training "
+                                                       "(default 0)"}),
+                "--device"]),
+    "report": ("(re)write RUN_DIR/report.html, one self-contained page",
+               [("run_dir", dict(metavar="RUN_DIR"))]),
+    "export": ("write a trained part to ONNX (dynamic batch), TorchScript or safetensors",
+               [_checkpoint("autoencoder or classifier checkpoint"),
+                ("--format", dict(required=True, choices=EXPORT_FORMATS)),
+                ("--part", dict(default="encoder", choices=EXPORT_PARTS, help="which part (default encoder)")),
+                ("--out", dict(metavar="FILE", required=True, help="file to write (must not exist)"))]),
+    "predict": ("class and probabilities for images, preprocessed as in training",
+                [_checkpoint("classifier checkpoint"),
+                 ("images", dict(nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")),
+                 ("--json", dict(action="store_true", help="print JSON instead of a table")),
+                 ("--device", dict(choices=DEVICES, default="auto", help="auto picks CUDA when available")),
+                 ("--batch-size", dict(type=int, default=INFERENCE_BATCH_SIZE, metavar="N",
+                                       help=f"images per forward pass (default {INFERENCE_BATCH_SIZE})"))]),
 }
-
-
-def _add_tool_commands(sub) -> None:
-    """Commands that work on a trained checkpoint rather than a config: export, predict."""
-    from .export import FORMATS, PARTS
-
-    e = sub.add_parser("export", help="write a trained part to ONNX, TorchScript or safetensors",
-                       description="write a trained part to ONNX (dynamic batch), TorchScript or safetensors")
-    e.add_argument("--checkpoint", metavar="CKPT", required=True, help="autoencoder or classifier checkpoint")
-    e.add_argument("--format", required=True, choices=FORMATS)
-    e.add_argument("--part", default="encoder", choices=PARTS, help="which part (default encoder)")
-    e.add_argument("--out", metavar="FILE", required=True, help="file to write (must not exist)")
-    r = sub.add_parser("report", help="(re)write RUN_DIR/report.html, one self-contained page",
-                       description="(re)write RUN_DIR/report.html: config, curves, kernels, reconstructions, "
-                                   "per-class table, confusion matrix, probes and sweep, images inlined")
-    r.add_argument("run_dir", metavar="RUN_DIR")
-    c = sub.add_parser("encode", help="embeddings of every image to .npy, a CSV of their sources, and a t-SNE map",
-                       description="embeddings of every image to .npy (N x latent), a CSV (index, file, label, "
-                                   "class, split) beside it, and figures/embedding_map.png")
-    c.add_argument("--checkpoint", metavar="CKPT", required=True, help="autoencoder or classifier checkpoint")
-    c.add_argument("--out", metavar="FILE.npy", required=True, help="embeddings file to write (must not exist)")
-    c.add_argument("--no-map", action="store_true", help="skip the t-SNE map")
-    own_help = {"--batch-size": f"images per forward pass (default {INFERENCE_BATCH_SIZE})",
-                "--seed": "seed of the train/val column of the CSV, as in training (default 0)"}
-    for flag in ("--data", "--val-fraction", "--cache-dir", "--batch-size", "--probe-features", "--precision", "--seed",
-                 "--device"):
-        spec = {**FLAGS[flag], "help": own_help[flag]} if flag in own_help else FLAGS[flag]
-        c.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **spec)
-    p = sub.add_parser("predict", help="class and probabilities for images, preprocessed as in training",
-                       description="class and probabilities for images, preprocessed as in training")
-    p.add_argument("--checkpoint", metavar="CKPT", required=True, help="classifier checkpoint")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto picks CUDA when available")
-    p.add_argument("--batch-size", type=int, default=INFERENCE_BATCH_SIZE, metavar="N",
-                   help=f"images per forward pass (default {INFERENCE_BATCH_SIZE})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="convae",
+        prog="convae", allow_abbrev=False,
         description="Convolutional autoencoders for representation learning: pretrain without labels, "
                     "look inside, transfer, fine-tune with few labels.",
     )
     parser.add_argument("--version", action="version", version=f"convae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, flags) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--preset", default="seed", choices=list(PRESETS),
-                       help="named recipe; seed = the lecture's exact recipe (default seed)")
-        p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys; flags given here win")
-        if name in ("run", "pretrain", "finetune"):
-            p.add_argument("--resume", action="store_true",
-                           help="continue the run in --out DIR where it stopped, with its saved config.json")
-        if name in ("finetune", "evaluate", "sweep"):
-            p.add_argument("--checkpoint", metavar="CKPT", required=(name == "evaluate"),
-                           help="classifier checkpoint to evaluate" if name == "evaluate"
-                           else "autoencoder checkpoint to transfer from" + (" (default: pretrain once)"
-                                                                              if name == "sweep" else ""))
-        if name == "sweep":
-            p.add_argument("--labels-per-class", nargs="+", default=DEFAULT_BUDGETS, metavar="N",
-                           help="label budgets per class; 'all' = every training image (default 25 100 400 all)")
-            p.add_argument("--seeds", type=int, default=3, metavar="K", help="seeds per budget (default 3)")
-            p.add_argument("--steps", type=int, default=300, metavar="S",
-                           help="optimizer steps per cell, the same for every method (default 300)")
-        for flag in flags:
-            spec = FLAGS[flag]
-            if name == "sweep" and flag == "--batch-size":  # the sweep's own default (commands.sweep)
-                spec = {**spec, "help": f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)"}
-            p.add_argument(flag, default=argparse.SUPPRESS, dest=flag[2:].replace("-", "_"), **spec)
-    _add_tool_commands(sub)
+    for name, (help_text, arguments) in COMMANDS.items():
+        # no prefix matching: --channel must not silently mean --channels
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        for arg in arguments:
+            if isinstance(arg, str):  # a config flag: absent unless given, so lower layers keep their value
+                p.add_argument(arg, default=argparse.SUPPRESS, dest=arg[2:].replace("-", "_"), **FLAGS[arg])
+                continue
+            flag, spec = arg
+            if flag.startswith("--") and flag in FLAGS and "default" not in spec:
+                spec = {**spec, "default": argparse.SUPPRESS, "dest": flag[2:].replace("-", "_")}
+            p.add_argument(flag, **spec)
     return parser
 
 
@@ -218,8 +223,33 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
 }
 
 
+# flags users reach for that convae spells otherwise, per command
+MEANT = {"--epochs": {"sweep": ["--steps"], "*": ["--pretrain-epochs", "--finetune-epochs"]},
+         "--bs": {"*": ["--batch-size"]}, "--learning-rate": {"*": ["--lr"]}}
+
+
+def did_you_mean(command: str, unknown: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The flags of ``command`` that ``unknown`` probably meant."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    own = [o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    flag = unknown.split("=", 1)[0]
+    meant = MEANT.get(flag, {})
+    hints = meant.get(command, meant.get("*", []))
+    return [h for h in hints if h in own] or difflib.get_close_matches(flag, own, n=1, cutoff=0.8)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        flags = [a for a in extra if a.startswith("-")]
+        hints = sorted({h for f in flags for h in did_you_mean(args.command, f, parser)})
+        meant = f" (did you mean {' or '.join(hints)}?)" if hints else ""
+        print(f"convae {args.command}: error: unrecognized arguments: {' '.join(extra)}{meant}; "
+              f"see convae {args.command} --help", file=sys.stderr, flush=True)
+        return 2
     try:
         HANDLERS[args.command](args)
     except ConvaeError as e:

@@ -185,7 +185,12 @@ def build_config(
     for layer in layers:
         unknown = sorted(set(layer) - FIELD_NAMES)
         if unknown:
-            raise ConvaeError(f"unknown config key(s): {', '.join(unknown)}")
+            import difflib
+
+            names = sorted(FIELD_NAMES - {"preset"})
+            hints = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1, cutoff=0.6)]
+            raise ConvaeError(f"unknown config key(s): {', '.join(unknown)}"
+                              + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
         values.update(layer)
     values["preset"] = preset
     if isinstance(values.get("channels"), list):
