@@ -6,6 +6,7 @@ Unknown keys and invalid values are refused before any work starts.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -185,10 +186,7 @@ def build_config(
     for layer in layers:
         unknown = sorted(set(layer) - FIELD_NAMES)
         if unknown:
-            import difflib
-
-            names = sorted(FIELD_NAMES - {"preset"})
-            hints = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1, cutoff=0.6)]
+            hints = [m for k in unknown for m in difflib.get_close_matches(k, sorted(FIELD_NAMES), n=1, cutoff=0.6)]
             raise ConvaeError(f"unknown config key(s): {', '.join(unknown)}"
                               + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
         values.update(layer)

@@ -1,0 +1,51 @@
+"""The package's layering (docs/architecture.md) holds: no import goes up, no cycle, no module over 300 lines."""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "convae"
+
+# highest last, as in docs/architecture.md
+LAYERS = [
+    {"errors", "files", "records", "device", "distributed"},
+    {"models", "ops", "objectives", "augment"},
+    {"config"},
+    {"data", "data.images", "data.archives", "data.sources", "data.batches", "data.rundata"},
+    {"checkpoint", "rundir", "report", "visualise", "reference"},
+    {"loop", "evaluate", "probes", "fit"},
+    {"phases", "pipeline", "sweep", "embeddings", "predict", "export"},
+    {"commands", "api", "cli", "__main__", "__init__"},
+]
+
+
+def _name(path: Path) -> str:
+    parts = [p for p in path.relative_to(PKG).with_suffix("").parts if p != "__init__"]
+    return ".".join(parts) or "__init__"
+
+
+def _imports(path: Path, names: set[str]) -> set[str]:
+    pkg = _name(path).split(".") if path.name == "__init__.py" and path.parent != PKG else _name(path).split(".")[:-1]
+    if path == PKG / "__init__.py":
+        pkg = []
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = pkg[: len(pkg) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+            for cand in [target] + [f"{target}.{a.name}" if target else a.name for a in node.names]:
+                if cand in names:
+                    found.add(cand)
+    return found
+
+
+def test_every_module_has_a_layer_and_imports_only_downward():
+    files = {_name(p): p for p in PKG.rglob("*.py")}
+    layer = {m: i for i, mods in enumerate(LAYERS) for m in mods}
+    assert set(files) == set(layer), "a module is missing from the layers (add it here and to docs/architecture.md)"
+    upward = [(m, i) for m, p in files.items() for i in _imports(p, set(files)) - {m} if layer[i] > layer[m]]
+    assert upward == []
+
+
+def test_no_module_is_over_300_lines():
+    long = {_name(p): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
+    assert long == {}
