@@ -114,13 +114,16 @@ def save_label_efficiency(result: dict, path: Path) -> None:
         ax.errorbar([xs[r["labels_per_class"]] for r in rows], [100 * r["mean"] for r in rows],
                     yerr=[100 * r["std"] for r in rows], marker="o", capsize=3, label=name)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the budgets are the ticks; no 2x10^1 labels
     ticks = sorted(xs.values())
     ax.set_xticks(ticks, [f"all ({full})" if t == full and "all" in xs else str(t) for t in ticks])
     ax.set_xlabel("labelled images per class (log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"label efficiency, mean ± std over {len(result['seeds'])} seed(s)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside, not over, the lines
     _save(fig, path)
 
 
