@@ -353,3 +353,9 @@ def test_hard_links_and_mixed_layouts_and_damaged_archives(tmp_path, image_folde
     broken.write_bytes(b"\x1f\x8b\x08garbage")
     with pytest.raises(ConvaeError, match="could not be read"):
         load_source(str(broken), cache_dir=cache_dir)
+
+
+def test_no_progress_bar_fragments_when_stderr_is_not_a_terminal(image_folder, cache_dir, monkeypatch, capsys):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    load_source(str(image_folder), cache_dir=cache_dir, log=lambda m: None)
+    assert "decoding" not in capsys.readouterr().err

@@ -131,7 +131,8 @@ def _decode_all(files: list[Path], root: Path, channels: int, height: int, width
     keep: list[int] = []
     skipped: list[str] = []
     n_mode = n_size = 0
-    for i, f in enumerate(tqdm(files, desc="decoding", unit="img", leave=False, mininterval=1.0)):
+    # disable=None: no bar when stderr is not a terminal (a log file gets no fragments), as in training
+    for i, f in enumerate(tqdm(files, desc="decoding", unit="img", leave=False, mininterval=1.0, disable=None)):
         try:
             img, mode_changed, resized = load_image(f, channels, height, width)
         except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and listed
