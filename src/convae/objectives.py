@@ -14,6 +14,7 @@ mode because it only calls the autoencoder's ``forward``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,7 @@ def winner_take_all(z: torch.Tensor, k: int, lifetime_rate: float) -> torch.Tens
         keep = torch.zeros_like(z, dtype=torch.bool).scatter_(1, z.topk(k, dim=1).indices, True)
         z = z * keep
     if 0 < lifetime_rate < 1:
-        winners = max(1, int(-(-lifetime_rate * z.shape[0] // 1)))
+        winners = max(1, math.ceil(lifetime_rate * z.shape[0]))
         keep = torch.zeros_like(z, dtype=torch.bool).scatter_(0, z.topk(winners, dim=0).indices, True)
         z = z * keep
     return z
