@@ -23,17 +23,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table  # noqa: E402
 
 from convae.checkpoint import load_checkpoint  # noqa: E402
 from convae.config import SWEEP_BATCH_SIZE, build_config  # noqa: E402
 from convae.data import prepare_data  # noqa: E402
-from convae.models import Encoder  # noqa: E402
 from convae.pipeline import run_training  # noqa: E402
-from convae.probes import representation_scores  # noqa: E402
+from convae.probes import random_encoder, representation_scores  # noqa: E402
 from convae.sweep import parse_budgets, run_sweep  # noqa: E402
 
 
@@ -48,8 +45,7 @@ def probes_all_labels(cfg, checkpoint: Path, log) -> dict:
     """Logistic and kNN on latent and pooled features, every labelled training image as the bank."""
     ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
     data = prepare_data(cfg, need_labels=True, log=log)
-    torch.manual_seed(cfg.seed)
-    random_enc = Encoder(ae.config)
+    random_enc = random_encoder(ae.config, cfg.seed)
     out = {}
     for features in ("latent", "pooled"):
         r = representation_scores(ae.encoder, data.train.images, data.train.labels, data.val.images,

@@ -2,10 +2,9 @@ import json
 
 import numpy as np
 import torch
-from PIL import Image
 
-from conftest import COLOURS, make_image, make_image_folder
 import convae
+from conftest import COLOURS, make_image
 from convae.cli import main
 from convae.data import load_source
 from convae.predict import predict

@@ -1,9 +1,7 @@
 """report.html: structure, TensorBoard logs, and a real browser rendering the page."""
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 

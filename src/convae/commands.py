@@ -57,14 +57,11 @@ def evaluate(preset: str, config_file: str | None, overrides: dict[str, Any], ch
     frozen encoder is also scored by kNN and a linear probe trained on ``train_data``'s
     features, next to the same architecture with random weights. With ``out`` it is all written there.
     """
-    import torch
-
     from . import visualise
     from .checkpoint import open_model
     from .data import DeviceBatches, load_source
     from .evaluate import class_results, evaluate_classifier, format_class_table
-    from .models import Encoder
-    from .probes import representation_scores
+    from .probes import random_encoder, representation_scores
     from .report import write_report
 
     cfg = build_config(preset, config_file, overrides)
@@ -94,8 +91,7 @@ def evaluate(preset: str, config_file: str | None, overrides: dict[str, Any], ch
         bank = load_source(train_data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log)
         if not bank.labelled or bank.classes != ds.classes:
             raise ConvaeError(f"the training data {train_data} must be labelled with the classes of {cfg.data}")
-        torch.manual_seed(cfg.seed)
-        baseline = Encoder(m).to(device, memory_format=torch.channels_last)
+        baseline = random_encoder(m, cfg.seed, device)
         rep = representation_scores(model.encoder, bank.images, bank.labels, ds.images, ds.labels, len(ds.classes),
                                     cfg.precision, cfg.seed, features=cfg.probe_features, baseline=baseline)
         rep.update({"encoder": f"{payload['kind']}'s, frozen", "bank": f"--train-data {train_data}",

@@ -130,8 +130,11 @@ def train_one_epoch(
     total = torch.full((), loss_sum, device=device, dtype=torch.float64)  # summed on the device: no sync per step
     bar = tqdm(batches.iterate(start_step), desc=desc, unit="batch", leave=False, disable=None,
                total=len(batches), initial=start_step)
+    # a generator only when something draws from it: the seed recipe's loop stays as it was
+    needs_rng = augmentation is not None or getattr(criterion, "random", False)
     for step, (x, y) in enumerate(bar, start=start_step + 1):
-        g = step_generator(device, seed + 7919 * batches.rank, batches.epoch, step)
+        # ranks draw different numbers for their different shards (7919: any prime apart from 1)
+        g = step_generator(device, seed + 7919 * batches.rank, batches.epoch, step) if needs_rng else None
         if augmentation is not None:
             x = augment(x, augmentation, g)
         total += train_step(model, x, y, optimizer, criterion, precision, micro_batch,

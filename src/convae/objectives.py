@@ -1,8 +1,8 @@
 """Pretraining objectives: how the input is corrupted, what the target is, which pixels count.
 
 Every objective is a criterion ``objective(model, x, y, generator) -> loss`` on a batch ``x``
-of clean images in [0, 1] (``y`` is ignored: no labels); it works with every architecture, size, channel count and upsample
-mode because it only calls the autoencoder's ``forward``.
+of clean images in [0, 1] (``y`` is ignored: no labels); it works with every architecture,
+size, channel count and upsample mode because it only calls the autoencoder's ``forward``.
 
 - ``reconstruct``: the lecture's MSE on the whole image (the seed preset).
 - ``denoise``: Gaussian noise and/or pixels dropped from the input; the target is the clean image.
@@ -98,6 +98,7 @@ class Objective:
         if cfg.name not in OBJECTIVES:
             raise ValueError(f"unknown objective {cfg.name!r}")
         self.cfg = cfg
+        self.random = cfg.name in ("denoise", "masked")  # draws from the step's generator
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The network's input and the loss weight (1 on pixels that count; None = all)."""

@@ -20,9 +20,9 @@ from .device import autocast
 from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction
 from .fit import RunContext, fit
 from .loop import classification_criterion, freeze
-from .models import AutoEncoder, Classifier, Encoder
+from .models import AutoEncoder, Classifier
 from .objectives import Objective
-from .probes import extract_features, representation_scores
+from .probes import extract_features, random_encoder, representation_scores
 from .records import EpochRecord, Representation, Results
 
 
@@ -103,9 +103,7 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     cfg = ctx.cfg
     start = time.perf_counter()
     enc = ae.encoder.to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        random_enc = Encoder(ae.config).to(device, memory_format=torch.channels_last)
+    random_enc = random_encoder(ae.config, cfg.seed, device)
     bank, queries = data.finetune, data.val
     assert bank is not None and bank.labels is not None and queries.labels is not None
     rep: Representation = representation_scores(  # type: ignore[assignment]

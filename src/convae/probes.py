@@ -89,6 +89,20 @@ def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: 
         return float((head(xte).argmax(1) == test_y).float().mean())
 
 
+def random_encoder(config, seed: int, device: torch.device | str = "cpu") -> nn.Module:
+    """The random-weights baseline: an untrained :class:`Encoder` of ``config``, seeded by ``seed``.
+
+    Drawn from a forked RNG, so it is the same network in every run, evaluation and sweep with
+    that seed, and making it leaves the caller's random stream (the weights it trains) untouched.
+    """
+    from .models import Encoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc = Encoder(config)
+    return enc.to(device, memory_format=torch.channels_last)
+
+
 def representation_scores(encoder: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
                           test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
                           precision: str = "fp32", seed: int = 0, features: str = "latent",

@@ -28,9 +28,9 @@ from .errors import ConvaeError
 from .evaluate import evaluate_classifier
 from .fit import RunContext
 from .loop import classification_criterion, freeze, make_optimizer, train_mode, train_step
-from .models import AutoEncoder, Classifier, Encoder
+from .models import AutoEncoder, Classifier
 from .phases import pretrain_phase
-from .probes import extract_features, knn_accuracy, linear_probe_accuracy
+from .probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
 from .records import Log, SweepCell
 from .report import write_report
 from .rundir import RunDir
@@ -79,10 +79,9 @@ def train_cell(clf: Classifier, images, labels, val: DeviceBatches, cfg: Config,
         epoch += 1
         batches.set_epoch(epoch)
         for x, y in batches:
-            g = step_generator(images.device, seed, epoch, done)
             if aug is not None:
-                x = augment(x, aug, g)
-            train_step(clf, x, y, optimizer, classification_criterion, cfg.precision, micro, generator=g)
+                x = augment(x, aug, step_generator(images.device, seed, epoch, done))
+            train_step(clf, x, y, optimizer, classification_criterion, cfg.precision, micro)
             done += 1
             if done == steps:
                 break
@@ -123,12 +122,12 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
     log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config(num_classes=k)
-    random_enc = Encoder(mcfg).to(device, memory_format=torch.channels_last)  # the random-weights baseline
     started = time.perf_counter()
     if ae is None:
         ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
         pretrain_phase(ae, data, RunContext(run, cfg, log), device)
     ae = ae.to(device, memory_format=torch.channels_last)
+    random_enc = random_encoder(mcfg, cfg.seed, device)
     pretrain_s = time.perf_counter() - started
 
     images, labels = data.train.images.to(device), data.train.labels.to(device)
