@@ -64,16 +64,22 @@ def test_foreign_and_missing_files(tmp_path):
         read_checkpoint(tmp_path / "junk.pt")
 
 
-def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure, reason", [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    # what torch.save really raises on a full disk: its stream writer's RuntimeError
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2048 vs 1024; "
+                  "PytorchStreamWriter failed writing file data/0: file write failed"), "disk full"),
+])
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure, reason):
     path = tmp_path / "ae.pt"
     save_checkpoint(path, AutoEncoder(SMALL), "autoencoder")
     before = path.read_bytes()
 
     def full_disk(*a, **k):
-        raise OSError(28, "No space left on device")
+        raise failure
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(ConvaeError, match=f"could not write .*ae.pt: .*{reason}"):
         save_checkpoint(path, AutoEncoder(SMALL), "autoencoder")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ae.pt"]  # no temporary file left behind

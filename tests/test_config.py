@@ -52,7 +52,7 @@ def test_bad_config_files(tmp_path, content, match):
     ({"upsample": "cubic"}, "upsample must be one of bilinear, nearest, transposed, unpool"),
     ({"optimizer": "lbfgs"}, "optimizer must be one of"),
     ({"height": 4}, "too small for 3 encoder stages: height and width must be >= 8"),
-    ({"channels": []}, "channels must be a non-empty list"),
+    ({"channels": []}, "channels must be a list of 1 to 8 integers > 0"),
     ({"nonsense": 1}, "unknown config key"),
 ])
 def test_invalid_values_are_refused_with_the_valid_range(overrides, match):

@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "convae"
 LAYERS = [
     {"errors", "files", "records", "device", "distributed"},
     {"models", "ops", "objectives", "augment"},
-    {"config"},
+    {"config", "validation"},
     {"data", "data.images", "data.archives", "data.sources", "data.batches", "data.rundata"},
     {"checkpoint", "rundir", "report", "visualise", "reference"},
     {"loop", "evaluate", "probes", "fit"},

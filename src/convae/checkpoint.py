@@ -11,7 +11,8 @@ from torch import nn
 from .device import resolve_device
 from .errors import ConvaeError, first_line
 from .files import atomic_write
-from .models import ModelConfig, build_model
+from .models import build_model
+from .validation import model_config_from_dict
 
 FORMAT = "convae-checkpoint"
 VERSION = 1
@@ -76,6 +77,15 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ConvaeError(f"{p} is not a convae checkpoint (no '{FORMAT}' marker)")
     if payload.get("kind") not in KINDS or "model" not in payload or "config" not in payload:
         raise ConvaeError(f"{p} is a damaged convae checkpoint (kind, model or config missing)")
+    state = payload["model"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ConvaeError(f"{p} is a damaged convae checkpoint (its model is not a mapping of names to tensors)")
+    classes = payload.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ConvaeError(f"{p} is a damaged convae checkpoint (its classes are not a list of names)")
+    if not isinstance(payload.get("run_config", {}), dict):
+        raise ConvaeError(f"{p} is a damaged convae checkpoint (its run config is not a mapping)")
     return payload
 
 
@@ -85,11 +95,9 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[nn.Modul
     if kind is not None and payload["kind"] != kind:
         raise ConvaeError(f"{path} holds a{'n' if payload['kind'][0] in 'aeiou' else ''} {payload['kind']}; "
                           f"this command needs a{'n' if kind[0] in 'aeiou' else ''} {kind} checkpoint")
-    try:
-        cfg = ModelConfig.from_dict(payload["config"])
-        model = build_model(payload["kind"], cfg)
-    except (TypeError, ValueError) as e:
-        raise ConvaeError(f"{path} has a config that cannot rebuild a model: {e}") from None
+    # the config inside a checkpoint is as untrusted as the file: validated before any allocation
+    cfg = model_config_from_dict(payload["config"], where=f"{path}: ")
+    model = build_model(payload["kind"], cfg)
     load_state_strict(model, payload["model"], source=str(path))
     return model, payload
 

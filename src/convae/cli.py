@@ -12,9 +12,9 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import __version__, commands
-from .config import (DEVICES, INFERENCE_BATCH_SIZE, INITS, OPTIMIZERS, PRECISIONS, PRESETS, PROBE_FEATURES,
-                     SCHEDULES, SWEEP_BATCH_SIZE)
-from .errors import ConvaeError, Interrupted
+from .config import INFERENCE_BATCH_SIZE, PRESETS, SWEEP_BATCH_SIZE
+from .validation import DEVICES, INITS, OPTIMIZERS, PRECISIONS, PROBE_FEATURES, SCHEDULES
+from .errors import ConvaeError, Interrupted, first_line
 from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES
 from .objectives import OBJECTIVES
 from .export import FORMATS as EXPORT_FORMATS
@@ -240,6 +240,11 @@ def did_you_mean(command: str, unknown: str, parser: argparse.ArgumentParser) ->
     return [h for h in hints if h in own] or difflib.get_close_matches(flag, own, n=1, cutoff=0.8)
 
 
+def one_line(text: str) -> str:
+    """An error as one printable line whatever it quotes (file names may hold newlines or bad bytes)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n").encode("utf-8", "backslashreplace").decode()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -254,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         HANDLERS[args.command](args)
     except ConvaeError as e:
         advice = f"; {e.advice}" if e.advice else ""
-        print(f"convae: error: {e}{advice}", file=sys.stderr, flush=True)
+        print(f"convae: error: {one_line(str(e))}{advice}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:  # the environment, not convae: a full disk, a vanished file, a dead mount
+        where = f": {one_line(str(e.filename))}" if e.filename else ""
+        print(f"convae: error: {e.strerror or first_line(e)}{where}", file=sys.stderr, flush=True)
         return 2
     except Interrupted as e:
         name = signal.Signals(e.signum).name if e.signum else "a signal"

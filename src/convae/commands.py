@@ -14,7 +14,7 @@ from typing import Any, Callable
 from .config import INFERENCE_BATCH_SIZE, SWEEP_BATCH_SIZE, build_config, load_run_config, read_config_file
 from .errors import ConvaeError
 from .records import Log, Results
-from .rundir import RunDir
+from .rundir import RunDir, locked
 
 
 def train(command: str, preset: str, config_file: str | None, overrides: dict[str, Any], log: Log,
@@ -143,6 +143,7 @@ def report(run_dir: str, log: Log) -> Path:
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise ConvaeError(f"{run} is not a convae run folder (no config.json)")
-    path = write_report(run)
+    with locked(run, "writing the report"):
+        path = write_report(run)
     log(f"wrote {path}")
     return path

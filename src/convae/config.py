@@ -13,16 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .augment import AugmentConfig
-from .errors import ConvaeError
-from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES, ModelConfig
-from .objectives import OBJECTIVES, ObjectiveConfig
+from .errors import ConvaeError, clip, first_line
+from .models import ModelConfig
+from .objectives import ObjectiveConfig
+from .validation import validate
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "cosine", "step")
-INITS = ("pretrained", "scratch")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
-PROBE_FEATURES = ("latent", "pooled")
 
 # Every batch-size default, in one place.
 TRAIN_BATCH_SIZE = 2000  # the lecture's batch
@@ -147,6 +142,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "schedule": "cosine", "pretrain_epochs": 20, "finetune_epochs": 30, "probe_features": "pooled"},
 }
 
+MAX_CONFIG_BYTES = 2**20
 FIELD_NAMES = {f.name for f in fields(Config)}
 FLOAT_FIELDS = ("lr", "finetune_lr", "weight_decay", "val_fraction", "noise_std", "drop_prob", "mask_ratio",
                 "lifetime_rate", "jitter")
@@ -157,7 +153,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConvaeError(f"config file not found: {p}")
-    text = p.read_text()
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConvaeError(f"config file {p} is over {MAX_CONFIG_BYTES // 2**20} MiB: not a convae config")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConvaeError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConvaeError(f"config file {p} could not be read ({e.strerror})") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -166,7 +169,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as e:  # a parse error is the user's file, not our bug
-        raise ConvaeError(f"config file {p} could not be parsed: {str(e).splitlines()[0]}") from None
+        raise ConvaeError(f"config file {p} could not be parsed: {clip(first_line(e), 120)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -187,7 +190,7 @@ def build_config(
         unknown = sorted(set(layer) - FIELD_NAMES)
         if unknown:
             hints = [m for k in unknown for m in difflib.get_close_matches(k, sorted(FIELD_NAMES), n=1, cutoff=0.6)]
-            raise ConvaeError(f"unknown config key(s): {', '.join(unknown)}"
+            raise ConvaeError(f"unknown config key(s): {clip(', '.join(unknown), 100)}"
                               + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
         values.update(layer)
     values["preset"] = preset
@@ -203,97 +206,25 @@ def build_config(
     return Config(**values)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConvaeError(message)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def validate(cfg: Config) -> None:
-    """Refuse every invalid value with the valid range in the message."""
-    _check(cfg.in_channels in (1, 3), f"in_channels must be 1 (grey) or 3 (RGB), got {cfg.in_channels!r}")
-    for name in ("pretrain_epochs", "finetune_epochs"):
-        v = getattr(cfg, name)
-        _check(_is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
-    for name in ("batch_size", "in_channels", "height", "width", "latent_dim", "step_size", "convs_per_stage",
-                 "patch_size"):
-        v = getattr(cfg, name)
-        _check(_is_int(v) and v > 0, f"{name} must be an integer > 0, got {v!r}")
-    for name in ("lr", "finetune_lr"):
-        v = getattr(cfg, name)
-        if v is None and name == "finetune_lr":
-            continue
-        _check(_is_num(v) and v > 0, f"{name} must be a number > 0, got {v!r}")
-    _check(_is_num(cfg.weight_decay) and cfg.weight_decay >= 0,
-           f"weight_decay must be a number >= 0, got {cfg.weight_decay!r}")
-    _check(_is_num(cfg.val_fraction) and 0 < cfg.val_fraction < 1,
-           f"val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
-    if cfg.labels_per_class is not None:
-        _check(_is_int(cfg.labels_per_class) and cfg.labels_per_class > 0,
-               f"labels_per_class must be an integer > 0, got {cfg.labels_per_class!r}")
-    _check(_is_int(cfg.checkpoint_every) and cfg.checkpoint_every >= 0,
-           f"checkpoint_every must be an integer >= 0 (0 = at phase ends only), got {cfg.checkpoint_every!r}")
-    _check(_is_int(cfg.micro_batch) and cfg.micro_batch >= 0,
-           f"micro_batch must be an integer >= 0 (0 = auto), got {cfg.micro_batch!r}")
-    _check(_is_int(cfg.seed) and cfg.seed >= 0, f"seed must be an integer >= 0, got {cfg.seed!r}")
-    _check(isinstance(cfg.compile, bool), f"compile must be true or false, got {cfg.compile!r}")
-    _check(isinstance(cfg.tensorboard, bool), f"tensorboard must be true or false, got {cfg.tensorboard!r}")
-    for name in ("freeze_encoder", "augment", "norm_targets"):
-        v = getattr(cfg, name)
-        _check(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
-    for name in ("noise_std", "jitter"):
-        v = getattr(cfg, name)
-        _check(_is_num(v) and v >= 0, f"{name} must be a number >= 0, got {v!r}")
-    for name in ("drop_prob", "mask_ratio", "lifetime_rate"):
-        v = getattr(cfg, name)
-        _check(_is_num(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
-    for name in ("sparse_k", "crop_padding"):
-        v = getattr(cfg, name)
-        _check(_is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
-    for name, choices in (
-        ("upsample", UPSAMPLE_MODES),
-        ("optimizer", OPTIMIZERS),
-        ("schedule", SCHEDULES),
-        ("init", INITS),
-        ("device", DEVICES),
-        ("precision", PRECISIONS),
-        ("norm", NORMS),
-        ("output_activation", OUTPUT_ACTIVATIONS),
-        ("objective", OBJECTIVES),
-        ("probe_features", PROBE_FEATURES),
-    ):
-        v = getattr(cfg, name)
-        _check(v in choices, f"{name} must be one of {', '.join(choices)}; got {v!r}")
-    _check(isinstance(cfg.data, str) and cfg.data != "", "data must be a source: cifar10, a folder or an archive")
-    ch = cfg.channels
-    _check(isinstance(ch, (list, tuple)) and len(ch) > 0 and all(_is_int(c) and c > 0 for c in ch),
-           f"channels must be a non-empty list of integers > 0, got {ch!r}")
-    # every stage halves the size; below 2**stages the deepest feature map would be padding only
-    smallest = 2 ** len(cfg.channels)
-    _check(cfg.height >= smallest and cfg.width >= smallest,
-           f"input size {cfg.height}x{cfg.width} is too small for {len(cfg.channels)} encoder stages: "
-           f"height and width must be >= {smallest}")
-
-
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def load_run_config(run_dir: str | Path) -> Config:
-    """The config saved in an earlier run folder, to continue that run."""
+    """The config saved in an earlier run folder, to continue that run; ``out`` is ``run_dir``
+    itself (a folder that was moved or copied continues where it is now)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConvaeError(f"{run_dir} is not a run folder to continue (no config.json)",
                           advice="--resume needs --out DIR of an earlier run")
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:
+        raise ConvaeError(f"{path} is not a readable convae config ({clip(first_line(e), 100)})") from None
+    if not isinstance(values, dict) or set(values) - FIELD_NAMES:
+        raise ConvaeError(f"{path} is not a convae config (a mapping of known keys)")
+    values["out"] = str(run_dir)
+    try:
         return Config(**values)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ConvaeError(f"{path} is not a convae config ({e})") from None
+    except ConvaeError as e:
+        raise ConvaeError(f"{path}: {e}") from None

@@ -27,3 +27,13 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """An exception's first line (its type name when it has no message), for one-line reports."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters: untrusted input never makes an error line unbounded."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short(v: object, limit: int = 60) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for error messages about untrusted values."""
+    return clip(repr(v), limit)

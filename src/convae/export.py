@@ -11,6 +11,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .errors import ConvaeError
 from .models import AutoEncoder, Classifier, Encoder, ModelConfig
+from .validation import model_config_from_dict
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 PARTS = ("encoder", "classifier", "autoencoder")
@@ -95,11 +96,15 @@ def load_safetensors(path: str | Path) -> nn.Module:
         raise ConvaeError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != SAFETENSORS_MARKER or meta.get("part") not in PARTS:
         raise ConvaeError(f"{path} is not a convae safetensors export (no convae metadata)")
-    cfg = ModelConfig.from_dict(json.loads(meta["config"]))
+    try:
+        config, classes = json.loads(meta.get("config", "")), json.loads(meta.get("classes", "[]"))
+    except ValueError:
+        raise ConvaeError(f"{path} has damaged convae metadata (config or classes)") from None
+    cfg = model_config_from_dict(config, where=f"{path}: ")
     part = meta["part"]
     model: nn.Module = {"encoder": Encoder, "classifier": Classifier, "autoencoder": AutoEncoder}[part](cfg)
     load_state_strict(model, state, source=str(path))
-    model.classes = json.loads(meta.get("classes", "[]"))
+    model.classes = classes
     return model.eval()
 
 

@@ -1,29 +1,87 @@
-"""Files written whole or not at all."""
+"""Files written whole or not at all, and temporaries that never outlive their process."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from .errors import ConvaeError
+
+
+def write_failure(path: Path, e: BaseException) -> ConvaeError | None:
+    """The one-line error for a failed write of ``path``, or None when ``e`` is not a write failure.
+
+    ``torch.save`` reports a full disk as a RuntimeError from its stream writer, not an OSError.
+    """
+    if isinstance(e, OSError):
+        reason = e.strerror or type(e).__name__
+    elif isinstance(e, RuntimeError) and "write" in str(e).lower():
+        reason = "the write failed (disk full?)"
+    else:
+        return None
+    return ConvaeError(f"could not write {path}: {reason}; the previous file, if any, is intact")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or not a pid at all: leave its files alone
+    return True
+
+
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Delete ``folder/<prefix><pid>.*`` temporaries whose process is gone (a kill -9 mid-write)."""
+    try:
+        entries = list(Path(folder).glob(f"{prefix}*"))
+    except OSError:
+        return
+    for p in entries:
+        pid = p.name[len(prefix):].split(".", 1)[0].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvaeError(f"could not create the folder {path.parent}: {e.strerror or type(e).__name__}") from None
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write`` on a temporary file in ``path``'s folder, fsync it, then rename it over ``path``.
 
-    A crash, a kill or a full disk leaves the previous file intact and no temporary file behind.
+    A crash, a kill or a full disk leaves the previous file intact; a failure removes the
+    temporary file and raises one :class:`ConvaeError`; temporaries of killed processes are
+    removed by the next write to the same name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_parent(path)
+    prefix = f".{path.name}."
+    remove_stale(path.parent, prefix)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        err = write_failure(path, e)
+        if err is not None:
+            raise err from None
         raise
     return path
 

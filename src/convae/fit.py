@@ -101,11 +101,7 @@ class RunContext:
             "kernels": kernels.detach().cpu(), "config": self.cfg.to_dict(),
         }
         path = self.run.checkpoints / "state.pt"
-        try:
-            atomic_torch_save(state, path)
-        except OSError as e:
-            raise ConvaeError(f"could not write the training state {path} ({e.strerror or e}); "
-                              "the previous state file is intact") from None
+        atomic_torch_save(state, path)  # a failed write: one ConvaeError, the previous state intact
 
 
 def read_state(run: RunDir) -> TrainingState | None:

@@ -7,8 +7,10 @@ while rank 0 alone writes the run folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import prepare_data
+from .data import RunData, file_sha256, prepare_data
 from .distributed import Dist, setup_distributed, teardown_distributed
 from .errors import ConvaeError
 from .evaluate import format_class_table
@@ -25,7 +27,7 @@ from .models import AutoEncoder, Classifier, ModelConfig
 from .phases import finetune_phase, measure_representation, pretrain_phase
 from .records import Log
 from .report import write_report
-from .rundir import RunDir, TensorBoardLog
+from .rundir import RunDir, TensorBoardLog, locked
 
 PHASES = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}
 
@@ -39,9 +41,40 @@ def run_training(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune")
     """
     dist, device = setup_distributed(cfg.device)
     try:
-        return _run(cfg, phases, checkpoint, log if dist.is_main else (lambda m: None), resume, dist, device)
+        with ExitStack() as hold:  # the run folder's lock, held by rank 0 until the run ends
+            return _run(cfg, phases, checkpoint, log if dist.is_main else (lambda m: None), resume, dist, device,
+                        hold)
     finally:
         teardown_distributed()
+
+
+INPUTS = "inputs.json"
+
+
+def _fingerprints(cfg: Config, data: RunData) -> dict[str, str]:
+    """What the run depends on: the config (less where it runs), each source's cache key
+    (its files, sizes and times, or its archive's hash) and the initial checkpoint's hash."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "device")}
+    out = {"config": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24], **data.keys}
+    if cfg.init_checkpoint and Path(cfg.init_checkpoint).is_file():
+        out["init_checkpoint"] = file_sha256(Path(cfg.init_checkpoint))[:24]
+    return out
+
+
+def _check_unchanged(run: RunDir, cfg: Config, data: RunData) -> None:
+    """Refuse to resume a run whose inputs changed: it would not continue the same run."""
+    try:
+        saved = json.loads((run.path / INPUTS).read_text())
+    except (OSError, ValueError):
+        return  # a run folder from before fingerprints: nothing to compare
+    now = _fingerprints(cfg, data)
+    what = {"config": f"{run.path / 'config.json'} was edited", "data": f"the training data {cfg.data} changed",
+            "test_data": f"the test data {cfg.test_data} changed",
+            "init_checkpoint": f"the initial checkpoint {cfg.init_checkpoint} changed"}
+    changed = [what.get(k, k) for k in saved if k in now and saved[k] != now[k]]
+    if changed:
+        raise ConvaeError(f"cannot resume {run.path}: {'; '.join(changed)} since the run started, so it would not "
+                          "continue the same run", advice="start a new run")
 
 
 def _open_run(cfg: Config, dist: Dist) -> tuple[RunDir, Config]:
@@ -55,12 +88,14 @@ def _open_run(cfg: Config, dist: Dist) -> tuple[RunDir, Config]:
 
 
 def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log, resume: bool, dist: Dist,
-         device: torch.device) -> RunDir:
+         device: torch.device, hold: ExitStack) -> RunDir:
     do_pretrain = "pretrain" in phases and not ("finetune" in phases and cfg.init == "scratch")
     do_finetune = "finetune" in phases
     state = None
     if resume:
         run = RunDir.open(cfg.out)
+        if dist.is_main:
+            hold.enter_context(locked(run.path, "resuming a run"))
         state = read_state(run)
         done = (run.path / "results.json").exists() if do_finetune else (run.checkpoints / "autoencoder.pt").exists()
         if done and (state is None or state["phase"] == phases[-1]):
@@ -81,8 +116,13 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
     data = prepare_data(cfg, need_labels=do_finetune, log=log)
     if do_finetune and len(data.classes) < 2:
         raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
-    if not resume:
+    if resume:
+        _check_unchanged(run, cfg, data)
+    else:
         run, cfg = _open_run(cfg, dist)
+        if dist.is_main:
+            hold.enter_context(locked(run.path, "training"))
+            run.write_json(INPUTS, _fingerprints(cfg, data))
     ctx = RunContext(run, cfg, log, resume=state, dist=dist,
                      tb=TensorBoardLog(run.path, cfg.tensorboard and dist.is_main))
     if dist.is_main:

@@ -7,6 +7,9 @@ import html
 import json
 from pathlib import Path
 
+from .errors import ConvaeError, clip, first_line
+from .files import atomic_write_text
+
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The lecture's reported figures (one GPU, its CIFAR-10 test split).
 LECTURE = {
@@ -48,8 +51,33 @@ def _pct(v) -> str:
     return "" if v is None else f"{100 * v:.2f} %"
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read_json(path: Path) -> dict | None:
+    """A run-folder JSON file (untrusted: it may be truncated, edited or from another tool)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:
+        raise ConvaeError(f"{path} is not readable JSON ({clip(first_line(e), 80)})") from None
+    if not isinstance(data, dict):
+        raise ConvaeError(f"{path} is not a convae file (it holds a {type(data).__name__}, not a mapping)")
+    return data
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            raise ConvaeError(f"{path} line {n} is not JSON (a damaged metrics file)") from None
+        if row is not None:
+            if not isinstance(row, dict):
+                raise ConvaeError(f"{path} line {n} is not a metrics record")
+            rows.append(row)
+    return rows
 
 
 def build_report(run: Path) -> str:
@@ -57,9 +85,7 @@ def build_report(run: Path) -> str:
     cfg = _read_json(run / "config.json") or {}
     results = _read_json(run / "results.json")
     sweep = _read_json(run / "sweep.json")
-    metrics = []
-    if (run / "metrics.jsonl").is_file():
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = _read_metrics(run / "metrics.jsonl")
     fig = run / "figures"
     classes = (results or sweep or {}).get("classes", [])
     is_lecture = classes == CIFAR10 and cfg.get("preset") == "seed"
@@ -160,6 +186,10 @@ def build_report(run: Path) -> str:
 def write_report(run: str | Path) -> Path:
     """Write ``RUN/report.html`` and return its path."""
     run = Path(run)
-    out = run / "report.html"
-    out.write_text(build_report(run))
-    return out
+    try:
+        page = build_report(run)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # the files parsed but do not hold what convae writes: edited, or from another version
+        raise ConvaeError(f"the run folder {run} holds damaged results ({type(e).__name__}: "
+                          f"{clip(first_line(e), 60)}); the report was not written") from None
+    return atomic_write_text(run / "report.html", page)

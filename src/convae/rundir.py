@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import Config, save_config
 from .errors import ConvaeError
@@ -19,8 +22,12 @@ class RunDir:
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         self.check_free(self.path)
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.figures.mkdir(parents=True, exist_ok=True)
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            self.figures.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConvaeError(f"could not create the run folder {self.path}: {e.strerror}",
+                              advice="choose another --out") from None
 
     @classmethod
     def open(cls, path: str | Path | None) -> "RunDir":
@@ -43,6 +50,7 @@ class RunDir:
         if p.is_dir() and any(p.iterdir()):
             raise ConvaeError(f"the output folder {p} already holds files; an earlier run is never overwritten",
                               advice="choose a new --out")
+        check_writable(p)
 
     @property
     def checkpoints(self) -> Path:
@@ -65,6 +73,54 @@ class RunDir:
     def write_lines(self, name: str, lines: list[str]) -> Path:
         """Replace ``name`` whole (or not at all)."""
         return atomic_write_text(self.path / name, "".join(line + "\n" for line in lines))
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output path that cannot be created: a path component that
+    is a file, a read-only file system, a folder without write permission."""
+    parent = Path(os.path.abspath(path))
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConvaeError(f"cannot create {path}: {parent} is a file, not a folder", advice="choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConvaeError(f"cannot create {path}: {parent} is not writable (permissions or a read-only file system)",
+                          advice="choose another --out")
+
+
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def locked(path: str | Path, what: str) -> Iterator[None]:
+    """Hold ``path``'s exclusive lock while a process uses the run folder (train, resume, report).
+
+    A second process is refused with one line naming the holder. The lock is the kernel's
+    (``flock``): it goes with the process, so a killed run never leaves its folder locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one process per folder is on the user
+        yield
+        return
+    lock = Path(path) / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConvaeError(f"could not lock the run folder {path}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
+            raise ConvaeError(f"the run folder {path} is in use by {holder}",
+                              advice="wait for it to finish, or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({what}, since {time.strftime('%H:%M:%S')})"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def epoch_line(rec: EpochRecord) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -11,10 +12,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..errors import ConvaeError
+from ..errors import ConvaeError, clip, first_line
+from ..files import remove_stale
 from ..records import Log
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES)
 
 
 def is_archive(src: str) -> bool:
@@ -71,7 +74,10 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 if os.path.isabs(info.filename) or not _inside(dest, info.filename):
                     raise ConvaeError(f"archive {archive.name}: member {info.filename!r} lands outside the target; refused")
             _check_expansion(archive, len(infos), sum(i.file_size for i in infos), dest)
-            zf.extractall(dest)
+            try:
+                zf.extractall(dest)
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:  # bad CRC, truncated
+                raise ConvaeError(f"archive {archive.name} is damaged: {clip(first_line(e), 120)}") from None
         return
     try:
         with tarfile.open(archive) as tf:
@@ -87,8 +93,12 @@ def safe_extract(archive: Path, dest: Path) -> None:
                     raise ConvaeError(f"archive {archive.name}: member {m.name!r} lands outside the target; refused")
             _check_expansion(archive, len(members), sum(m.size for m in members if m.isfile()), dest)
             tf.extractall(dest, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ConvaeError(f"archive {archive} could not be read: {e}") from None
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:  # the extraction's writes, not the archive, failed
+            raise ConvaeError(f"could not extract {archive.name} into {dest}: {e.strerror}") from None
+        raise ConvaeError(f"archive {archive} could not be read: {clip(first_line(e), 120)}") from None
+    except (tarfile.TarError, EOFError) as e:
+        raise ConvaeError(f"archive {archive} could not be read: {clip(first_line(e), 120)}") from None
 
 
 def extract_archive(archive: Path, cache_dir: Path, digest: str, log: Log) -> Path:
@@ -96,8 +106,12 @@ def extract_archive(archive: Path, cache_dir: Path, digest: str, log: Log) -> Pa
     final = cache_dir / "extracted" / digest[:16]
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(final.parent, ".tmp-")  # extractions of killed processes
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=final.parent))
+    except OSError as e:
+        raise ConvaeError(f"could not use the cache folder {final.parent}: {e.strerror}") from None
     try:
         log(f"extracting {archive.name} into the cache")
         safe_extract(archive, tmp)

@@ -23,6 +23,7 @@ class RunData:
     eval_name: str
     classes: list[str]
     skipped: list[str]  # "file: reason" for every file that could not be decoded
+    keys: dict[str, str]  # each source's cache key ("data", "test_data"): what a resume must find unchanged
 
 
 def prepare_data(cfg: Config, need_labels: bool, log: Log) -> RunData:
@@ -57,4 +58,5 @@ def prepare_data(cfg: Config, need_labels: bool, log: Log) -> RunData:
         + (f", {len(full.classes)} classes, {len(finetune)} labelled for fine-tuning" if finetune is not None
            else ", unlabelled")
         + f"; evaluating on the {eval_name}")
-    return RunData(train, finetune, val, eval_name, full.classes, skipped)
+    keys = {"data": full.key, **({"test_data": val.key} if cfg.test_data else {})}
+    return RunData(train, finetune, val, eval_name, full.classes, skipped, keys)

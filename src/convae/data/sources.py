@@ -34,6 +34,7 @@ class ImageSet:
     files: list[str]
     skipped: list[str] = field(default_factory=list)  # "path: reason" for each file left out
     source: str = ""
+    key: str = ""  # the cache key: changes when the source's files, the format or the decoder change
 
     @property
     def labelled(self) -> bool:
@@ -50,6 +51,7 @@ class ImageSet:
             classes=self.classes,
             files=[self.files[i] for i in idx] if self.files else [],
             source=self.source,
+            key=self.key,
         )
 
 
@@ -189,11 +191,11 @@ def load_source(
     if cached.is_file():
         try:
             d = torch.load(cached, weights_only=True)
-            return ImageSet(d["images"], d["labels"], d["classes"], d["files"], d["skipped"], src)
+            return ImageSet(d["images"], d["labels"], d["classes"], d["files"], d["skipped"], src, key)
         except Exception:
             log(f"cache file {cached} is unreadable; decoding again")
     ds = loader()
-    ds.source = src
+    ds.source, ds.key = src, key
     # a killed run never leaves half a cache file under the real name
     atomic_write(cached, lambda f: torch.save({"images": ds.images, "labels": ds.labels, "classes": ds.classes,
                                                 "files": ds.files, "skipped": ds.skipped}, f))
