@@ -96,7 +96,8 @@ def test_pretrain_then_finetune_then_evaluate(image_folder, cache_dir, tmp_path,
                 + ["--pretrain-epochs", "1"]) == 0
     ae = tmp_path / "pre" / "checkpoints" / "autoencoder.pt"
     assert ae.is_file() and not (tmp_path / "pre" / "checkpoints" / "classifier.pt").exists()
-    assert not (tmp_path / "pre" / "results.json").exists()
+    pre = json.loads((tmp_path / "pre" / "results.json").read_text())  # what ran, and that it finished
+    assert pre["phase"] == "pretrain" and pre["precision"] == "fp32" and "finished" in pre and "per_class" not in pre
 
     assert main(["finetune", "--checkpoint", str(ae), "--data", str(image_folder), "--out", str(tmp_path / "ft"),
                  "--finetune-epochs", "2", "--batch-size", "8", "--labels-per-class", "4", "--device", "cpu"]

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from conftest import make_image_folder
-from convae import fit as fit_mod
 from convae.objectives import Objective
 from convae.cli import main
 
@@ -164,23 +163,32 @@ def test_nan_loss_stops_with_the_last_good_state_intact(dataset, tmp_path, monke
 
 
 def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypatch, capsys):
-    data, cache = dataset
-    real = torch.save
-    calls = {"n": 0}
+    """The second state write meets a full disk at its file write (simulated; test_hostile.py fills a real one)."""
+    import convae.files as files
 
-    def disk_full_on_second_state(obj, f, *a, **k):
+    data, cache = dataset
+    real_bytes, real_fsync = files.torch_bytes, files.os.fsync
+    calls = {"n": 0, "fail": False}
+
+    def serialise(obj):
         if isinstance(obj, dict) and "optimizer" in obj:  # the training state
             calls["n"] += 1
-            if calls["n"] == 2:  # what torch.save raises on a full disk
-                raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
-        real(obj, f, *a, **k)
+            calls["fail"] = calls["n"] == 2
+        return real_bytes(obj)
 
-    monkeypatch.setattr(torch, "save", disk_full_on_second_state)
+    def fsync(fd):
+        if calls["fail"]:
+            calls["fail"] = False
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(files, "torch_bytes", serialise)
+    monkeypatch.setattr(files.os, "fsync", fsync)
     out = tmp_path / "full"
     assert main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + ARGS) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "could not write" in err and "state.pt: the write failed (disk full?)" in err
+    assert "could not write" in err and "state.pt: No space left on device" in err
     assert torch.load(out / "checkpoints" / "state.pt", weights_only=True)["epoch"] == 1
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from .device import resolve_device
 from .errors import ConvaeError, first_line
-from .files import atomic_write
+from .files import atomic_torch_save
 from .models import build_model
 from .validation import model_config_from_dict
 
 FORMAT = "convae-checkpoint"
 VERSION = 1
 KINDS = ("autoencoder", "classifier")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` whole or not at all: a crash or a full disk leaves the previous file intact."""
-    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(

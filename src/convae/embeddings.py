@@ -48,7 +48,8 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
     log(f"wrote {feats.shape[0]} x {feats.shape[1]} embeddings to {out_path} and their sources to {table}")
     if make_map:
         fig = out_path.parent / "figures" / "embedding_map.png"
-        visualise.save_embedding_map(feats, None if ds.labels is None else ds.labels.numpy(), ds.classes, fig,
-                                     f"embeddings of {Path(cfg.data).name}", seed=cfg.seed)
-        log(f"wrote {fig}")
+        if visualise.attempt(log, "the embedding map", lambda: visualise.save_embedding_map(
+                feats, None if ds.labels is None else ds.labels.numpy(), ds.classes, fig,
+                f"embeddings of {Path(cfg.data).name}", seed=cfg.seed)):
+            log(f"wrote {fig}")
     return out_path

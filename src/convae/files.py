@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from .errors import ConvaeError
 
 
 def write_failure(path: Path, e: BaseException) -> ConvaeError | None:
-    """The one-line error for a failed write of ``path``, or None when ``e`` is not a write failure.
-
-    ``torch.save`` reports a full disk as a RuntimeError from its stream writer, not an OSError.
-    """
-    if isinstance(e, OSError):
-        reason = e.strerror or type(e).__name__
-    elif isinstance(e, RuntimeError) and "write" in str(e).lower():
-        reason = "the write failed (disk full?)"
-    else:
+    """The one-line error for a failed write of ``path``, or None when ``e`` is not a write failure."""
+    if not isinstance(e, OSError):
         return None
+    reason = e.strerror or type(e).__name__
     return ConvaeError(f"could not write {path}: {reason}; the previous file, if any, is intact")
 
 
@@ -84,6 +79,25 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             raise err from None
         raise
     return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save``'s bytes. Serialised in memory first: torch reports a full disk as a
+    RuntimeError that does not say so ("unexpected pos ..."); a plain file write says ENOSPC."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """``torch.save`` whole or not at all: a crash or a full disk leaves the previous file intact."""
+    return atomic_write_bytes(Path(path), torch_bytes(obj))
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

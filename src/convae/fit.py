@@ -73,6 +73,11 @@ class RunContext:
     tb: TensorBoardLog | None = None
     dist: Dist = field(default_factory=Dist)
 
+    def check_stop(self, where: str) -> None:
+        """Stop here when a signal came in since the last epoch (the state is already saved)."""
+        if self.stop():
+            raise Interrupted(self.stop.signum, where, str(self.run.path))
+
     def record(self, rec: EpochRecord) -> None:
         """One epoch's metrics: kept on every rank, written and printed by rank 0."""
         self.metrics.append(rec)

@@ -43,6 +43,7 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     if not ctx.dist.is_main:
         return history
     save_checkpoint(run.checkpoints / "autoencoder.pt", ae, "autoencoder", data.classes, cfg.to_dict())
+    ctx.check_stop("the pretraining figures")
     # spread over the evaluation set: it is ordered by class, and one class says little
     pick = torch.linspace(0, len(data.val) - 1, min(16, len(data.val))).long()
     x = to_model_input(data.val.images[pick].to(device))
@@ -86,6 +87,7 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     if not ctx.dist.is_main:
         return results
     save_checkpoint(run.checkpoints / "classifier.pt", clf, "classifier", data.classes, cfg.to_dict())
+    ctx.check_stop("the fine-tuning figures")
     after = clf.encoder.first_conv.weight.detach()
     origin = "pretrained" if cfg.init == "pretrained" else "initial"
     visualise.save_finetune_figures(run.figures, before, after, origin, history, data.eval_name.split(" (")[0],
@@ -101,6 +103,7 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     """kNN and linear-probe accuracy of the pretrained (frozen) encoder next to the same
     architecture with random weights (seeded), and the embedding map of the evaluation set."""
     cfg = ctx.cfg
+    ctx.check_stop("the representation scores")
     start = time.perf_counter()
     enc = ae.encoder.to(device)
     random_enc = random_encoder(ae.config, cfg.seed, device)
@@ -111,10 +114,11 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
         features=cfg.probe_features, baseline=random_enc)
     rep.update({"encoder": "pretrained autoencoder's, frozen", "bank": f"the {len(bank)} labelled fine-tuning images",
                 "eval_set": data.eval_name})
+    ctx.check_stop("the embedding map")
     features = extract_features(enc, queries.images, precision=cfg.precision, features=cfg.probe_features)
-    visualise.save_embedding_map(features.cpu().numpy(), queries.labels.numpy(), data.classes,
-                                 ctx.run.figures / "embedding_map.png", "pretrained encoder, evaluation images",
-                                 max_points=2000, seed=cfg.seed)
+    visualise.attempt(ctx.log, "the embedding map", lambda: visualise.save_embedding_map(
+        features.cpu().numpy(), queries.labels.numpy(), data.classes, ctx.run.figures / "embedding_map.png",
+        "pretrained encoder, evaluation images", max_points=2000, seed=cfg.seed))
     rep["seconds"] = time.perf_counter() - start
     rand = rep["random"]
     ctx.log(f"frozen pretrained encoder ({cfg.probe_features} features): kNN {100 * rep['knn_accuracy']:.2f}%, "

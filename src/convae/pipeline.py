@@ -97,8 +97,7 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
         if dist.is_main:
             hold.enter_context(locked(run.path, "resuming a run"))
         state = read_state(run)
-        done = (run.path / "results.json").exists() if do_finetune else (run.checkpoints / "autoencoder.pt").exists()
-        if done and (state is None or state["phase"] == phases[-1]):
+        if _finished(run):
             raise ConvaeError(f"{run.path} has already finished; nothing to resume")
     if checkpoint is not None:
         cfg = replace(cfg, init_checkpoint=str(checkpoint))
@@ -156,19 +155,36 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
             results = finetune_phase(clf, data, ctx, device)
             ctx.timing["finetune_s"] = ctx.timing.get("finetune_s", 0.0) + time.perf_counter() - start
             if dist.is_main:
+                log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
                 if cfg.init == "pretrained" and ae is None:  # resumed inside fine-tuning: the pretrained one
                     ae = _pretrained_autoencoder(run, cfg)
                 if ae is not None:
                     results["representation"] = measure_representation(ae, data, ctx, device)
-                results["timing"] = ctx.timing
-                run.write_json("results.json", results)
-                log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
-                log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(results))
+        if dist.is_main:
+            # a signal after the last epoch is honoured too: stop before each remaining step, and
+            # --resume (the state holds the last epoch) redoes only what was not written
+            ctx.check_stop("writing the results and the report")
+            final = {**(results if do_finetune else {"phase": "pretrain"}), "timing": ctx.timing,
+                     "precision": cfg.precision}
+            run.write_json("results.json", final)
+            if do_finetune:
+                log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(final))
+            ctx.tb.close()
+            log(f"report: {write_report(run.path)}")
+            ctx.check_stop("the end of the run (only the completion mark is missing)")
+            run.write_json("results.json", {**final, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     if dist.is_main:
-        ctx.tb.close()
-        log(f"report: {write_report(run.path)}")
         log(f"done: {run.path}")
     return run
+
+
+def _finished(run: RunDir) -> bool:
+    """Whether a run wrote everything: results.json carries the completion mark, written last."""
+    try:
+        results = json.loads((run.path / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and "finished" in results
 
 
 def _pretrained_autoencoder(run: RunDir, cfg: Config) -> AutoEncoder | None:

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from .errors import ConvaeError, clip, first_line  # noqa: E402
+
 
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +129,9 @@ def save_label_efficiency(result: dict, path: Path) -> None:
     _save(fig, path)
 
 
+MIN_MAP_POINTS = 5
+
+
 def embedding_map(features, seed: int = 0):
     """2-D t-SNE coordinates (scikit-learn) of features (N, D); PCA to 50 dimensions first."""
     import numpy as np
@@ -140,12 +145,28 @@ def embedding_map(features, seed: int = 0):
     return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
 
 
+def attempt(log, what: str, draw) -> bool:
+    """Draw one figure; one that cannot be drawn (too few points for t-SNE, a degenerate input)
+    is skipped with a line in the log, and the run writes everything else. A failed file
+    write is not a drawing problem and still stops the run."""
+    try:
+        draw()
+        return True
+    except (OSError, ConvaeError):
+        raise
+    except Exception as e:  # noqa: BLE001 - matplotlib and scikit-learn raise many types
+        log(f"warning: {what} was not drawn ({type(e).__name__}: {clip(first_line(e), 100)})")
+        return False
+
+
 def save_embedding_map(features, labels, classes: list[str], path: Path, title: str,
                        max_points: int = 3000, seed: int = 0) -> None:
     """A t-SNE map of (at most ``max_points``, seeded) embeddings, coloured by class."""
     import numpy as np
 
     n = len(features)
+    if n < MIN_MAP_POINTS:
+        raise ValueError(f"t-SNE needs at least {MIN_MAP_POINTS} images, the set has {n}")
     pick = np.random.default_rng(seed).permutation(n)[:max_points] if n > max_points else np.arange(n)
     xy = embedding_map(np.asarray(features)[pick], seed)
     fig, ax = plt.subplots(figsize=(6, 5.5))

@@ -3,12 +3,20 @@ uint8 -> float conversion every path into a model uses."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torchvision.transforms.v2 import functional as TF
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+
+def printable(name: str | Path) -> str:
+    """A file name as text any UTF-8 file and any one-line record can hold, faithfully: bytes
+    that are not UTF-8 as ``\\xNN``, control characters (a newline in a name) escaped."""
+    text = os.fsencode(str(name)).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def is_image_file(p: Path) -> bool:
@@ -62,13 +70,14 @@ def decode_file(path: Path, channels: int = 3, size: tuple[int, int] | None = No
     covers it. Runs once per file when a source is first cached, never in the training loop.
     """
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     target = "RGB" if channels == 3 else "L"
     with Image.open(path) as im:
         if size is not None and im.format == "JPEG":
             im.draft(target, (size[1], size[0]))  # a 4000x3000 photo need not be decoded whole
         im.load()  # truncated or corrupt files fail here, not later
+        im = ImageOps.exif_transpose(im)  # a phone photo stored sideways is shown, and trained, upright
         mode = im.mode
         if mode.startswith("I"):  # 16/32-bit integer grey: keep the high byte of 16 bits
             im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ConvaeError, first_line
-from ..files import atomic_write
+from ..files import atomic_torch_save
 from ..records import Log
 from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive
-from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, load_image
+from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, load_image, printable
 
-CACHE_VERSION = 2  # bump when the cached tensor's meaning changes
+CACHE_VERSION = 3  # bump when the cached tensor's meaning changes (3: EXIF orientation, escaped names)
 
 
 @dataclass
@@ -58,24 +58,39 @@ class ImageSet:
 # ----------------------------------------------------------------------------- folders
 
 
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
+def _image_files(folder: Path, recursive: bool, notes: list[str], root: Path) -> list[Path]:
+    """Image files under ``folder``. Links to folders are never followed, at any level (a link to
+    ``.`` would duplicate every image, one outside the source would read foreign files): each is
+    left out with a note. Links to files are read, as datasets of linked files are common."""
     it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if is_image_file(p) and p.is_file())
+    files = []
+    for p in it:
+        if p.is_symlink() and p.is_dir():
+            notes.append(f"{printable(p.relative_to(root))}/: a link to a folder; left out (folder links are not followed)")
+        elif is_image_file(p) and p.is_file():
+            files.append(p)
+    return sorted(files)
+
+
+def _folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
 
 
 def scan_folder(root: Path) -> tuple[Path, list[Path], list[int] | None, list[str], list[str]]:
     """Find the images under ``root``; class folders make it labelled.
 
     A chain of single folders with no images (``train/<class>/...`` inside an archive) is
-    descended first. Class folders without images are left out, with a note. Returns the
-    dataset root, files, labels (or None), class names and those notes.
+    descended first. Class folders without images, and links to folders, are left out with a
+    note. Returns the dataset root, files, labels (or None), class names and those notes.
     """
     if not root.is_dir():
         raise ConvaeError(f"data folder not found: {root}")
+    top = root
     while True:
-        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        top_images = _image_files(root, recursive=False)
-        if not top_images and len(subdirs) == 1 and not _image_files(subdirs[0], recursive=False):
+        notes: list[str] = []
+        subdirs = _folders(root)
+        top_images = _image_files(root, False, notes, top)
+        if not top_images and len(subdirs) == 1 and not _image_files(subdirs[0], False, [], top):
             root = subdirs[0]
             continue
         break
@@ -85,19 +100,18 @@ def scan_folder(root: Path) -> tuple[Path, list[Path], list[int] | None, list[st
             "or images only (unlabelled)"
         )
     if top_images:
-        return root, top_images, None, [], []
+        return root, top_images, None, [], notes
     files: list[Path] = []
     labels: list[int] = []
     classes: list[str] = []
-    notes: list[str] = []
     for d in subdirs:
-        found = _image_files(d, recursive=True)
+        found = _image_files(d, True, notes, top)
         if not found:
-            notes.append(f"{d.name}/: class folder without images; left out")
+            notes.append(f"{printable(d.name)}/: class folder without images; left out")
             continue
         files += found
         labels += [len(classes)] * len(found)
-        classes.append(d.name)
+        classes.append(printable(d.name))
     if not files:
         raise ConvaeError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return root, files, labels, classes, notes
@@ -138,7 +152,7 @@ def _decode_all(files: list[Path], root: Path, channels: int, height: int, width
         try:
             img, mode_changed, resized = load_image(f, channels, height, width)
         except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and listed
-            skipped.append(f"{f.relative_to(root)}: {first_line(e, 10_000)}")
+            skipped.append(f"{printable(f.relative_to(root))}: {printable(first_line(e, 300))}")
             continue
         out[len(keep)] = img
         keep.append(i)
@@ -197,8 +211,8 @@ def load_source(
     ds = loader()
     ds.source, ds.key = src, key
     # a killed run never leaves half a cache file under the real name
-    atomic_write(cached, lambda f: torch.save({"images": ds.images, "labels": ds.labels, "classes": ds.classes,
-                                                "files": ds.files, "skipped": ds.skipped}, f))
+    atomic_torch_save({"images": ds.images, "labels": ds.labels, "classes": ds.classes, "files": ds.files,
+                       "skipped": ds.skipped}, cached)
     return ds
 
 
@@ -221,7 +235,7 @@ def _from_folder(path: Path, channels: int, height: int, width: int, log: Log) -
     if len(keep) == 0:
         raise ConvaeError(f"none of the {len(files)} image files under {root} could be decoded")
     lab = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
-    rel = [str(files[i].relative_to(root)) for i in keep]
+    rel = [printable(files[i].relative_to(root)) for i in keep]
     return ImageSet(images, lab, classes, rel, notes + skipped)
 
 

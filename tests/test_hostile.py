@@ -1,0 +1,506 @@
+"""Hostile input through the CLI, as a user (or an attacker) would give it.
+
+Every case must end the same way: exit code 2, one line on stderr starting ``convae: error:``,
+no traceback, nothing changed outside the named output, no temporary file left behind.
+Generated cases (hypothesis) cover config files, flags, checkpoints and run folders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_image_folder
+from convae.checkpoint import FORMAT
+from convae.cli import main
+from convae.config import Config
+from convae.errors import ConvaeError
+from convae.models import AutoEncoder, ModelConfig
+
+SMALL = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "16", "--batch-size", "8",
+         "--val-fraction", "0.5", "--device", "cpu"]
+RUN = SMALL + ["--pretrain-epochs", "1", "--finetune-epochs", "1"]
+PRE = SMALL + ["--pretrain-epochs", "1"]
+HOSTILE_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
+    st.sampled_from([math.inf, -math.inf, math.nan, -1.0, 0.0, 1e300, 10**11, 2**63, 100_000]),
+    st.text(max_size=300), st.sampled_from(["", "x" * 5000, "é\n\x00", "../../etc"]),
+    st.lists(st.integers(-5, 5), max_size=4), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+FIELDS = sorted(f for f in Config.__dataclass_fields__ if f not in ("out", "preset", "device", "data", "cache_dir"))
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``roots`` with its size and modification time."""
+    out = {}
+    for root in roots:
+        for p in Path(root).rglob("*"):
+            if p.is_file():
+                st_ = p.stat()
+                out[str(p)] = (st_.st_size, st_.st_mtime_ns)
+    return out
+
+
+def temporaries(root: Path) -> list[Path]:
+    return [p for p in Path(root).rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+
+
+def refused(argv: list[str], capsys, match: str | None = None, untouched: tuple[Path, ...] = ()) -> str:
+    """Run the CLI and assert the one-line refusal; returns the line."""
+    before = snapshot(*untouched)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert err.startswith("convae: error:") and err.count("\n") == 1, err
+    assert "Traceback" not in err and len(err) < 600, err
+    if match:
+        assert match in err, err
+    assert snapshot(*untouched) == before, "a file outside the output changed"
+    return err
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    data = make_image_folder(root / "data", classes=2, per_class=6)
+    cache = root / "cache"
+    assert main(["pretrain", "--data", str(data), "--cache-dir", str(cache), "--out", str(root / "pre")] + PRE) == 0
+    return root, data, cache
+
+
+# ----------------------------------------------------------------------------- rule 1: every read is untrusted
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(FIELDS), value=HOSTILE_VALUES, yaml_file=st.booleans())
+def test_generated_config_files_are_refused_in_one_line(world, capsys, key, value, yaml_file):
+    root, data, cache = world
+    try:
+        Config(**{key: value})
+        valid = True
+    except ConvaeError:
+        valid = False
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"Config({key}={value!r}) raised {type(e).__name__}, not ConvaeError")
+    assume(not valid)  # a valid value is not a hostile case
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        path = Path(tmp) / ("c.yaml" if yaml_file else "c.json")
+        text = json.dumps({key: value})  # JSON is YAML: both readers get the same mapping
+        path.write_text(text)
+        out = Path(tmp) / "out"
+        refused(["pretrain", "--config", str(path), "--data", str(data), "--cache-dir", str(cache), "--out", str(out)],
+                capsys, untouched=(data, cache))
+        assert not out.exists(), "a folder was made before the config was refused"
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--seed", str(10**30)], "seed must be an integer in [0, 2**32)"),
+    (["--height", "100000", "--width", "100000"], "more than this machine's"),
+    (["--latent-dim", str(10**11)], "more than this machine's"),
+    (["--lr", "inf"], "lr must be a number > 0 and finite"),
+    (["--lr", "nan"], "lr must be a number > 0 and finite"),
+    (["--weight-decay", "inf"], "weight_decay must be a number >= 0 and finite"),
+    (["--channels"] + ["8"] * 9, "channels must be a list of 1 to 8 integers"),
+    (["--patch-size", "64"], "patch_size must be at most the input size 16"),
+])
+def test_absurd_flags_are_refused_before_any_folder_is_made(world, tmp_path, capsys, flags, match):
+    root, data, cache = world
+    out = tmp_path / "out"
+    refused(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + RUN + flags, capsys,
+            match, untouched=(data, cache))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"lr: 0.01\nnote: caf\xe9\n", "is not UTF-8 text"),
+    (b"test_data: 123\n", "test_data must be a path or null"),
+    (b"cache_dir: null\n", "cache_dir must be a non-empty path"),
+    (b"out: 5\n", "out must be a path or null"),
+    (b"channels: [8, 16.5]\n", "channels must be a list of 1 to 8 integers"),
+    (b"[1, 2]\n", "must hold a mapping"),
+    (b"lr: [\n", "could not be parsed"),
+    (b"latentdim: 8\n", "did you mean latent_dim"),
+])
+def test_config_files_of_every_kind_of_wrong(world, tmp_path, capsys, content, match):
+    root, data, cache = world
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    argv = ["pretrain", "--config", str(path), "--data", str(data)]
+    argv += [] if content.startswith(b"cache_dir") else ["--cache-dir", str(cache)]  # a flag would win
+    argv += [] if content.startswith(b"out") else ["--out", str(tmp_path / "out")]
+    refused(argv, capsys, match, untouched=(data, cache))
+    assert not (tmp_path / "out").exists()
+
+
+def _payload(**change) -> dict:
+    ae = AutoEncoder(ModelConfig(in_channels=3, height=16, width=16, channels=(8, 16), latent_dim=16))
+    payload = {"format": FORMAT, "version": 1, "kind": "autoencoder", "model": ae.state_dict(),
+               "config": ae.config.to_dict(), "classes": ["class_0", "class_1"], "run_config": {}}
+    for key, value in change.items():
+        if key.startswith("config."):
+            payload["config"][key[7:]] = value
+        else:
+            payload[key] = value
+    return payload
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"config.channels": []}, "channels must be a list of 1 to 8 integers"),
+    ({"config.latent_dim": -4}, "latent_dim must be an integer > 0"),
+    ({"config.latent_dim": 10**11}, "more than this machine's"),
+    ({"config.height": "16"}, "height must be an integer > 0"),
+    ({"config.upsample": "magic"}, "upsample must be one of"),
+    ({"config.surprise": 1}, "unknown model config key"),
+    ({"config": [1, 2]}, "the model config is not a mapping"),
+    ({"model": torch.zeros(3)}, "its model is not a mapping of names to tensors"),
+    ({"classes": "ab"}, "its classes are not a list of names"),
+])
+def test_the_config_inside_a_checkpoint_is_untrusted(world, tmp_path, capsys, change, match):
+    root, data, cache = world
+    path = tmp_path / "bad.pt"
+    torch.save(_payload(**change), path)
+    for argv in (["evaluate", "--checkpoint", str(path), "--data", str(data), "--train-data", str(data),
+                  "--cache-dir", str(cache)],
+                 ["export", "--checkpoint", str(path), "--format", "safetensors", "--out", str(tmp_path / "x.st")],
+                 ["finetune", "--checkpoint", str(path), "--data", str(data), "--cache-dir", str(cache),
+                  "--out", str(tmp_path / "ft")]):
+        refused(argv, capsys, match, untouched=(data, cache, path))
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "x.st").exists()
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("results.json", '{"accuracy": 0.5, "per_cl', "is not readable JSON"),
+    ("config.json", "[1, 2, 3]", "not a mapping"),
+    ("metrics.jsonl", '{"phase": "pretrain"}\nnot json\n', "line 2 is not JSON"),
+    ("results.json", '{"per_class": {"a": 5}, "accuracy": "x", "num_images": 1, "classes": ["a"]}', "damaged results"),
+    ("results.json", b'{"eval_set": "caf\xe9"}', "is not readable JSON"),
+])
+def test_convae_report_reads_run_folders_as_untrusted(world, tmp_path, capsys, name, content, match):
+    root, data, cache = world
+    run = tmp_path / "run"
+    shutil.copytree(root / "pre", run)
+    (run / "report.html").unlink()
+    (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    refused(["report", str(run)], capsys, match)
+    assert not (run / "report.html").exists()
+
+
+# ----------------------------------------------------------------------------- rule 2: every write can fail
+
+
+def test_an_output_that_cannot_be_created_is_refused_before_decoding(world, tmp_path, capsys):
+    root, data, cache = world
+    blocker = tmp_path / "a"
+    blocker.mkdir()
+    (blocker / "config.json").write_text("{}")
+    refused(["run", "--data", str(data), "--cache-dir", str(tmp_path / "fresh-cache"),
+             "--out", str(blocker / "config.json" / "x")] + RUN, capsys, "is a file, not a folder",
+            untouched=(data,))
+    assert not (tmp_path / "fresh-cache").exists(), "the data was decoded before the output was checked"
+    refused(["export", "--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt"), "--format", "onnx",
+             "--out", str(blocker / "config.json" / "m.onnx")], capsys, "config.json", untouched=(blocker,))
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    from convae.files import atomic_write_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".state.pt.{pid}.abc123.tmp"
+    stale.write_bytes(b"x" * 1000)
+    mine = tmp_path / f".state.pt.{os.getpid()}.def456.tmp"  # a live process's write in flight
+    mine.write_bytes(b"y")
+    atomic_write_text(tmp_path / "state.pt", "new")
+    assert not stale.exists() and mine.exists()
+    assert (tmp_path / "state.pt").read_text() == "new"
+
+
+def _mount_tmpfs(path: Path, size: str, readonly: bool = False) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        return False
+    opts = f"size={size}" + (",ro" if readonly else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    if not _mount_tmpfs(mnt, "300k"):
+        pytest.skip("mounting a small tmpfs needs Linux and the right to mount")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_disk_is_one_line_and_leaves_no_temporary(world, small_disk, capsys):
+    """On a 300 KiB file system the state of a larger model does not fit: torch.save fails for real."""
+    root, data, cache = world
+    out = small_disk / "run"
+    big = ["--channels", "32", "64", "--latent-dim", "256"]  # ~1 MB of state
+    refused(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + RUN + big, capsys,
+            "could not write", untouched=(data, cache))
+    assert not temporaries(small_disk)
+    # the decoded-data cache on a full disk: the same line, and no half file left filling it
+    (small_disk / "cache" / "tensors").mkdir(parents=True)
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    refused(["pretrain", "--data", str(data), "--cache-dir", str(small_disk / "cache"), "--out",
+             str(small_disk / "never")] + PRE, capsys, "could not write", untouched=(data,))
+    assert not temporaries(small_disk)
+
+
+def test_a_read_only_file_system_is_refused_before_decoding(world, tmp_path, capsys):
+    root, data, cache = world
+    mnt = tmp_path / "ro"
+    if not _mount_tmpfs(mnt, "1m", readonly=True):
+        pytest.skip("mounting a read-only tmpfs needs Linux and the right to mount")
+    try:
+        refused(["run", "--data", str(data), "--cache-dir", str(tmp_path / "c2"), "--out", str(mnt / "run")] + RUN,
+                capsys, "is not writable", untouched=(data,))
+        assert not (tmp_path / "c2").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------- rules 3-6: one owner, exact resume
+
+
+def _stop_after_first_epoch(monkeypatch, phase: str = "pretrain", signum: int = 15):
+    """As if SIGTERM arrived during the first epoch of ``phase``: fit saves and stops at its end."""
+    from convae.fit import RunContext
+
+    real = RunContext.record
+
+    def record(self, rec):
+        real(self, rec)
+        if rec["phase"] == phase and rec["epoch"] == 1:
+            self.stop.signum = signum
+
+    monkeypatch.setattr(RunContext, "record", record)
+
+
+def _stopped_run(world, tmp_path, monkeypatch, capsys, data=None) -> Path:
+    root, data0, cache = world
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _stop_after_first_epoch(m)
+        code = main(["run", "--data", str(data or data0), "--cache-dir", str(cache), "--out", str(out)] + SMALL
+                    + ["--pretrain-epochs", "2", "--finetune-epochs", "1"])
+    assert code == 128 + 15, capsys.readouterr().err
+    capsys.readouterr()
+    return out
+
+
+def test_a_run_folder_has_one_owner(world, tmp_path, monkeypatch, capsys):
+    from convae.rundir import locked
+
+    run = _stopped_run(world, tmp_path, monkeypatch, capsys)
+    with locked(run, "a test holding it"):
+        line = refused(["report", str(run)], capsys, "is in use by pid")
+        assert f"pid {os.getpid()}" in line and "a test holding it" in line
+        refused(["run", "--out", str(run), "--resume"], capsys, "is in use by pid")
+    assert main(["report", str(run)]) == 0  # released with its holder
+
+
+def test_resume_continues_the_folder_named_even_after_a_move(world, tmp_path, monkeypatch, capsys):
+    run = _stopped_run(world, tmp_path, monkeypatch, capsys)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(run), str(moved))
+    monkeypatch.chdir(moved.parent)
+    assert main(["run", "--out", "moved", "--resume"]) == 0, capsys.readouterr().err
+    assert not run.exists(), "the path stored inside the folder was used"
+    results = json.loads((moved / "results.json").read_text())
+    assert "finished" in results and "representation" in results
+    assert (moved / "figures" / "embedding_map.png").is_file()
+
+
+def test_resume_refuses_changed_inputs(world, tmp_path, monkeypatch, capsys):
+    root, data0, cache = world
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=6)
+    run = _stopped_run(world, tmp_path, monkeypatch, capsys, data=data)
+    next(data.rglob("*.png")).unlink()
+    refused(["run", "--out", str(run), "--resume"], capsys, f"the training data {data} changed")
+    make_image_folder(tmp_path / "data", classes=2, per_class=6)  # the same files again
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["latent_dim"] = 32
+    (run / "config.json").write_text(json.dumps(cfg))
+    refused(["run", "--out", str(run), "--resume"], capsys, "config.json was edited")
+
+
+@pytest.mark.parametrize("where", ["measure_representation", "write_report"])
+def test_a_signal_after_the_last_epoch_stops_and_resume_finishes(world, tmp_path, monkeypatch, capsys, where):
+    import convae.pipeline as pipeline
+
+    root, data, cache = world
+    out = tmp_path / "run"
+    real = getattr(pipeline, where)
+    calls = []
+
+    def signalled(*a, **k):
+        if where == "write_report":
+            calls.append(1)
+            if len(calls) == 1:
+                import signal
+                os.kill(os.getpid(), signal.SIGTERM)  # a real signal, during the report
+        else:
+            a[2].stop.signum = 2  # SIGINT as the probes start
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, where, signalled)
+    code = main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + RUN)
+    err = capsys.readouterr().err
+    assert code in (128 + 2, 128 + 15) and "Resume with" in err, err
+    assert "finished" not in json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else True
+    monkeypatch.setattr(pipeline, where, real)
+    assert main(["run", "--out", str(out), "--resume"]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert "finished" in results and "representation" in results and (out / "report.html").is_file()
+    assert (out / "figures" / "embedding_map.png").is_file()
+    refused(["run", "--out", str(out), "--resume"], capsys, "has already finished")
+
+
+# ----------------------------------------------------------------------------- rule 7: data edge cases finish the run
+
+
+def test_an_evaluation_set_too_small_for_a_map_still_finishes(world, tmp_path, capsys):
+    root, data, cache = world
+    tiny = make_image_folder(tmp_path / "test", classes=2, per_class=1)  # 2 evaluation images
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(data), "--test-data", str(tiny), "--cache-dir", str(cache),
+                 "--out", str(out)] + RUN) == 0
+    assert "warning: the embedding map was not drawn" in capsys.readouterr().out
+    assert not (out / "figures" / "embedding_map.png").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert "finished" in results and "representation" in results and (out / "report.html").is_file()
+
+
+def test_file_names_of_any_bytes_are_recorded_faithfully(world, tmp_path, capsys):
+    if sys.platform != "linux":
+        pytest.skip("file names of arbitrary bytes are a POSIX matter")
+    root, _, cache = world
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=6)
+    shutil.copy(next((data / "class_0").iterdir()), data / "class_0" / os.fsdecode(b"ok_\xfe.png"))
+    (data / "class_0" / os.fsdecode(b"bad_\xff.png")).write_bytes(b"not an image")
+    (data / "class_1" / "bad\nline.png").write_bytes(b"not an image either")
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + RUN) == 0
+    skipped = (out / "skipped.txt").read_text(encoding="utf-8").splitlines()
+    assert len(skipped) == 2, skipped  # one line per file, whatever its name holds
+    assert any(line.startswith("class_0/bad_\\xff.png: ") for line in skipped)
+    assert any(line.startswith("class_1/bad\\nline.png: ") for line in skipped)
+    npy = tmp_path / "emb.npy"
+    assert main(["encode", "--checkpoint", str(out / "checkpoints" / "autoencoder.pt"), "--data", str(data),
+                 "--cache-dir", str(cache), "--out", str(npy), "--device", "cpu"]) == 0
+    table = npy.with_suffix(".csv").read_text(encoding="utf-8")
+    assert "class_0/ok_\\xfe.png" in table
+
+
+def test_links_to_folders_are_never_followed_at_any_level(tmp_path):
+    from convae.data import load_source
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=3)
+    outside = make_image_folder(tmp_path / "outside", classes=1, per_class=3, labelled=False)
+    os.symlink(".", data / "loop")  # would duplicate every image under a fake class
+    os.symlink(outside, data / "foreign")  # a class read from outside the source
+    os.symlink(outside, data / "class_0" / "nested")  # deeper down too
+    ds = load_source(str(data), 3, 16, 16, cache_dir=tmp_path / "cache", log=lambda m: None)
+    assert ds.classes == ["class_0", "class_1"] and len(ds) == 6
+    notes = "\n".join(ds.skipped)
+    for name in ("loop/", "foreign/", "class_0/nested/"):
+        assert f"{name}: a link to a folder; left out" in notes
+
+
+def test_a_zip_with_a_bad_crc_is_one_line(world, tmp_path, capsys):
+    import zipfile
+
+    root, data, cache = world
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(data.rglob("*.png")):
+            zf.write(p, str(p.relative_to(data)))
+    raw = bytearray(archive.read_bytes())
+    first = zipfile.ZipFile(archive).infolist()[0]
+    raw[first.header_offset + 30 + len(first.filename) + 40] ^= 0xFF  # a byte inside the first member's data
+    archive.write_bytes(bytes(raw))
+    refused(["pretrain", "--data", str(archive), "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+            + PRE, capsys, "is damaged", untouched=(archive,))
+    assert not temporaries(tmp_path / "c")
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from convae.data import decode_file
+
+    arr = np.zeros((8, 16, 3), np.uint8)  # 16 wide, 8 high: red left half, blue right half
+    arr[:, :8] = (255, 0, 0)
+    arr[:, 8:] = (0, 0, 255)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "phone.jpg"
+    img.save(path, quality=95, exif=exif)
+    t, _ = decode_file(path, 3)
+    assert tuple(t.shape) == (3, 16, 8)  # upright: now 8 wide, 16 high
+    top, bottom = t[:, 2, 4].tolist(), t[:, 13, 4].tolist()
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red on top after the turn
+
+
+def test_a_damaged_cache_is_decoded_again_and_a_killed_extraction_is_swept(tmp_path):
+    import tarfile
+
+    from convae.data import load_source
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=3)
+    cache = tmp_path / "cache"
+    first = load_source(str(data), 3, 16, 16, cache_dir=cache, log=lambda m: None)
+    (cached,) = (cache / "tensors").glob("*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])  # a truncated cache file
+    lines = []
+    again = load_source(str(data), 3, 16, 16, cache_dir=cache, log=lines.append)
+    assert any("unreadable; decoding again" in m for m in lines) and torch.equal(first.images, again.images)
+    # the temporary folder of an extraction killed with -9: removed by the next extraction
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = cache / "extracted" / f".tmp-{int(dead.stdout)}-abcd"
+    (stale / "half").mkdir(parents=True)
+    archive = tmp_path / "d.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(data, arcname="d")
+    assert len(load_source(str(archive), 3, 16, 16, cache_dir=cache, log=lambda m: None)) == 6
+    assert not stale.exists() and not temporaries(cache)
+
+
+def test_resume_refuses_a_changed_initial_checkpoint(world, tmp_path, monkeypatch, capsys):
+    root, data, cache = world
+    ckpt = tmp_path / "ae.pt"
+    shutil.copy(root / "pre" / "checkpoints" / "autoencoder.pt", ckpt)
+    out = tmp_path / "ft"
+    with monkeypatch.context() as m:
+        _stop_after_first_epoch(m, phase="finetune")
+        code = main(["finetune", "--checkpoint", str(ckpt), "--data", str(data), "--cache-dir", str(cache),
+                     "--out", str(out), "--finetune-epochs", "2", "--batch-size", "8", "--val-fraction", "0.5",
+                     "--device", "cpu"])
+    assert code == 128 + 15
+    capsys.readouterr()
+    payload = torch.load(ckpt, weights_only=True)
+    payload["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in payload["model"].items()}
+    torch.save(payload, ckpt)  # another autoencoder under the same name
+    refused(["finetune", "--out", str(out), "--resume"], capsys, f"the initial checkpoint {ckpt} changed")
