@@ -504,3 +504,18 @@ def test_resume_refuses_a_changed_initial_checkpoint(world, tmp_path, monkeypatc
     payload["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in payload["model"].items()}
     torch.save(payload, ckpt)  # another autoencoder under the same name
     refused(["finetune", "--out", str(out), "--resume"], capsys, f"the initial checkpoint {ckpt} changed")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"phase": 5}, "damaged training state (phase)"),
+    ({"epoch": "x", "metrics": None}, "damaged training state (epoch, metrics)"),
+    ({"model": {"encoder.fc.0.weight": torch.zeros(2, 2)}}, "does not match the model architecture"),
+    ({"optimizer": {"state": {}, "param_groups": []}}, "does not match this run's optimizer"),
+])
+def test_a_hostile_training_state_is_refused_on_resume(world, tmp_path, monkeypatch, capsys, change, match):
+    run = _stopped_run(world, tmp_path, monkeypatch, capsys)
+    path = run / "checkpoints" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    state.update(change)
+    torch.save(state, path)
+    refused(["run", "--out", str(run), "--resume"], capsys, match)

@@ -18,12 +18,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import atomic_torch_save
+from .checkpoint import atomic_torch_save, load_state_strict
 from .config import Config
 from .data import DeviceBatches
 from .device import micro_batch_size
 from .distributed import Dist
-from .errors import ConvaeError, Interrupted, first_line
+from .errors import ConvaeError, Interrupted, clip, first_line
 from .loop import Criterion, EpochInterrupted, make_optimizer, make_scheduler, train_one_epoch
 from .records import EpochRecord, Log, TrainingState
 from .rundir import RunDir, TensorBoardLog, epoch_line
@@ -121,7 +121,32 @@ def read_state(run: RunDir) -> TrainingState | None:
                           advice="start a new run with another --out") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ConvaeError(f"{path} is not a convae training state")
+    bad = [key for key, ok in _STATE_CHECKS.items() if key not in state or not ok(state[key])]
+    if bad:
+        raise ConvaeError(f"{path} is a damaged training state ({', '.join(bad)}); this run cannot be continued",
+                          advice="start a new run with another --out")
     return state  # type: ignore[return-value]
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_tensors(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+# every field of a state.pt, and what it must be: the file is read back as untrusted
+_STATE_CHECKS: dict[str, Callable[[object], bool]] = {
+    "phase": lambda v: v in ("pretrain", "finetune"), "epoch": _is_count, "step": _is_count,
+    "loss_sum": lambda v: isinstance(v, float), "elapsed": lambda v: isinstance(v, float),
+    "model": _is_tensors, "optimizer": lambda v: isinstance(v, dict),
+    "scheduler": lambda v: v is None or isinstance(v, dict),
+    "rng": lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
+    "metrics": lambda v: isinstance(v, list) and all(isinstance(m, dict) and "phase" in m for m in v),
+    "timing": lambda v: isinstance(v, dict) and all(isinstance(x, float) for x in v.values()),
+    "kernels": lambda v: isinstance(v, torch.Tensor),
+}
 
 
 def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable[[], dict], criterion: Criterion,
@@ -140,11 +165,16 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
     first, step, loss_sum, elapsed = 1, 0, 0.0, 0.0
     r = ctx.resumed(phase)
     if r is not None:
-        model.load_state_dict(r["model"])
-        optimizer.load_state_dict(r["optimizer"])
-        if scheduler is not None and r["scheduler"] is not None:
-            scheduler.load_state_dict(r["scheduler"])
-        torch.set_rng_state(r["rng"])
+        where = str(ctx.run.checkpoints / "state.pt")
+        load_state_strict(model, r["model"], source=where)
+        try:
+            optimizer.load_state_dict(r["optimizer"])
+            if scheduler is not None and r["scheduler"] is not None:
+                scheduler.load_state_dict(r["scheduler"])
+            torch.set_rng_state(r["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ConvaeError(f"{where} does not match this run's optimizer ({clip(first_line(e), 80)})",
+                              advice="start a new run with another --out") from None
         first, step, loss_sum, elapsed = r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"]
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.images.device)
     every = cfg.checkpoint_every
