@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 from . import __version__, commands
 from .config import INFERENCE_BATCH_SIZE, PRESETS, SWEEP_BATCH_SIZE
 from .validation import DEVICES, INITS, OPTIMIZERS, PRECISIONS, PROBE_FEATURES, SCHEDULES
-from .errors import ConvaeError, Interrupted, first_line
+from .errors import ConvaeError, Interrupted, clip, first_line
 from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES
 from .objectives import OBJECTIVES
 from .export import FORMATS as EXPORT_FORMATS
@@ -242,7 +242,8 @@ def did_you_mean(command: str, unknown: str, parser: argparse.ArgumentParser) ->
 
 def one_line(text: str) -> str:
     """An error as one printable line whatever it quotes (file names may hold newlines or bad bytes)."""
-    return text.replace("\r", "\\r").replace("\n", "\\n").encode("utf-8", "backslashreplace").decode()
+    text = text.replace("\r", "\\r").replace("\n", "\\n").encode("utf-8", "backslashreplace").decode()
+    return clip(text, 1000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
