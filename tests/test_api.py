@@ -1,10 +1,15 @@
 import doctest
+import json
+import re
+from pathlib import Path
 
+import pytest
 import torch
 
 import convae
 import convae.api
 from conftest import make_image_folder
+from convae.errors import ConvaeError
 
 
 def test_docstring_examples_run():
@@ -32,3 +37,92 @@ def test_pretrain_and_finetune_from_code(tmp_path):
                           finetune_epochs=1, out=str(tmp_path / "ft"), **common)
     assert isinstance(clf, convae.Classifier) and clf.classes == ["class_0", "class_1", "class_2"]
     assert (tmp_path / "ft" / "results.json").is_file()
+
+
+def _common(tmp_path, **extra):
+    return dict(height=16, width=16, channels=[8, 16], latent_dim=32, batch_size=8, device="cpu",
+                cache_dir=str(tmp_path / "cache"), val_fraction=0.25, **extra)
+
+
+def _coloured(n_per_class: int, classes: int = 2, size: int = 16, seed: int = 0):
+    """uint8 (N, 3, H, W) images, one dominant colour per class, and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.tensor([[220, 40, 40], [40, 60, 230], [40, 200, 60]], dtype=torch.float32)[:classes]
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    x = colours[y][:, :, None, None] + 30 * torch.randn(len(y), 3, size, size, generator=g)
+    return x.clamp(0, 255).to(torch.uint8), y
+
+
+def test_training_from_tensors_with_a_model_object_progress_and_a_callback(tmp_path, capsys):
+    x, y = _coloured(8)
+    seen = []
+    ae = convae.pretrain(x, pretrain_epochs=2, out=str(tmp_path / "pre"), on_epoch=seen.append, **_common(tmp_path))
+    assert [r["epoch"] for r in seen] == [1, 2] and seen[0]["phase"] == "pretrain"
+    assert "pretrain  epoch 2/2" in capsys.readouterr().out  # the CLI's progress, unless quiet
+    assert ae.run_dir == tmp_path / "pre" and (ae.run_dir / "report.html").is_file()
+    # the model pretrain returned is the checkpoint; channels-last float images with labels
+    nhwc = (x.permute(0, 2, 3, 1).float() / 255).numpy()
+    clf = convae.finetune(nhwc, checkpoint=ae, labels=y.numpy(), classes=["red", "blue"], finetune_epochs=1,
+                          out=str(tmp_path / "ft"), quiet=True, **_common(tmp_path))
+    assert capsys.readouterr().out == ""
+    assert clf.classes == ["red", "blue"] and clf.run_dir == tmp_path / "ft"
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert results["num_images"] == 4 and "representation" in results
+    for k, v in ae.encoder.state_dict().items():  # fine-tuning started from the object's weights
+        assert torch.equal(torch.load(Path(json.loads((tmp_path / "ft" / "config.json").read_text())
+                                            ["init_checkpoint"]), weights_only=True)["model"]["encoder." + k], v)
+    pred = convae.predict(clf, x[:3])
+    assert len(pred.classes) == 3 and pred.probabilities.shape == (3, 2)
+    torch.testing.assert_close(pred.probabilities.sum(1), torch.ones(3))
+
+
+def test_training_from_a_torchvision_dataset(tmp_path):
+    from torchvision.datasets import FakeData
+
+    ds = FakeData(size=16, image_size=(3, 20, 20), num_classes=2, random_offset=0)  # PIL images, int labels
+    ae = convae.pretrain(ds, pretrain_epochs=1, out=str(tmp_path / "pre"), quiet=True, **_common(tmp_path))
+    clf = convae.finetune(ds, checkpoint=ae, finetune_epochs=1, out=str(tmp_path / "ft"), quiet=True,
+                          **_common(tmp_path))
+    assert clf.config.height == 16 and len(clf.classes) == 2  # resized to the model, as a decoded source
+
+
+def test_encode_converts_what_can_be_converted_and_refuses_the_rest():
+    from PIL import Image
+
+    ae = convae.build("autoencoder", channels=[8, 16], latent_dim=32)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    z = convae.encode(ae, x)
+    torch.testing.assert_close(convae.encode(ae, x.permute(0, 2, 3, 1).numpy()), z)  # channels-last numpy
+    pil = [Image.fromarray(x[i].permute(1, 2, 0).numpy()) for i in range(2)]
+    torch.testing.assert_close(convae.encode(ae, pil), z)  # PIL images
+    big = torch.nn.functional.interpolate(x.float(), size=64).to(torch.uint8)
+    assert convae.encode(ae, big).shape == (2, 32)  # a 64x64 image on a 32x32 model: resized as in training
+    assert convae.transform(ae)(pil[0]).shape == (1, 3, 32, 32)
+    for bad, match in [("images.png", "cannot read images from a str"),
+                       (torch.zeros(2, 5, 32, 32), "1 (grey) or 3 (RGB) channels"),
+                       (torch.full((1, 3, 32, 32), 2.0), "values in [0, 1]"),
+                       (torch.zeros(2, 3, 32, 32, 2), "must be (H, W), (C, H, W) or (N, C, H, W)")]:
+        with pytest.raises(ConvaeError, match=re.escape(match)):
+            convae.encode(ae, bad)
+
+
+def test_save_pretrained_and_from_pretrained_and_torch_hub(tmp_path):
+    clf = convae.build("classifier", num_classes=3, channels=[8, 16], latent_dim=32)
+    clf.classes = ["cat", "dog", "eel"]
+    folder = convae.save_pretrained(clf, tmp_path / "my-model")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    back = convae.from_pretrained(folder)
+    assert type(back) is convae.Classifier and back.classes == clf.classes and not back.training
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(back(x), clf.eval()(x))
+    # offline through torch.hub, from this repository's hubconf.py
+    repo = Path(__file__).resolve().parents[1]
+    hubbed = torch.hub.load(str(repo), "classifier", source="local", pretrained=str(folder), trust_repo=True)
+    torch.testing.assert_close(hubbed(x), back(x))
+    fresh = torch.hub.load(str(repo), "autoencoder", source="local", latent_dim=16, trust_repo=True)
+    assert fresh.config.latent_dim == 16
+    # the folder's config is untrusted, as a checkpoint's
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "latent_dim": -1}))
+    with pytest.raises(ConvaeError, match="latent_dim must be an integer > 0"):
+        convae.from_pretrained(folder)

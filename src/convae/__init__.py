@@ -1,14 +1,17 @@
 """convae: convolutional autoencoders for unsupervised representation learning.
 
 Pretrain an encoder by reconstruction, look inside it, transfer it into a classifier and
-fine-tune it with few labels. ``convae.build``, ``convae.load`` and ``convae.encode`` are the
-entry points from Python; ``convae.pretrain``/``finetune``/``run`` train as the CLI does.
+fine-tune it with few labels. ``convae.build``, ``convae.load``, ``convae.encode``,
+``convae.predict`` and ``convae.transform`` are the entry points from Python;
+``convae.pretrain``/``finetune``/``run`` train as the CLI does, on paths, tensors or Datasets.
 """
 
 __version__ = "0.1.0"
 
-from .api import build, encode, finetune, load, pretrain, run  # noqa: E402
+from .api import Prediction, build, encode, finetune, load, predict, pretrain, run, transform  # noqa: E402
+from .hub import from_pretrained, save_pretrained  # noqa: E402
 from .models import AutoEncoder, Classifier, Encoder, ModelConfig  # noqa: E402
 
-__all__ = ["__version__", "build", "load", "encode", "pretrain", "finetune", "run",
+__all__ = ["__version__", "build", "load", "encode", "transform", "predict", "Prediction", "pretrain", "finetune", "run",
+           "save_pretrained", "from_pretrained",
            "AutoEncoder", "Classifier", "Encoder", "ModelConfig"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -62,8 +62,29 @@ def load(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def encode(model: nn.Module, images: torch.Tensor, batch_size: int = INFERENCE_BATCH_SIZE) -> torch.Tensor:
-    """Latent vectors (N, latent_dim) of ``images`` (N, C, H, W): uint8 0-255 or float in [0, 1].
+def transform(model: nn.Module):
+    """The preprocessing of training as a function for ``model``'s input format (timm's
+    ``create_transform``): images as tensors, numpy arrays (CHW or HWC, uint8 or float in
+    [0, 1]), PIL images or lists of them -> uint8 (N, C, H, W) with the model's channels and size
+    (antialiased resize, grey <-> RGB, alpha dropped). Anything else is one :class:`ConvaeError`."""
+    from .data.memory import to_model_format
+
+    cfg = model.config
+    return lambda images: to_model_format(images, cfg.in_channels, cfg.height, cfg.width)
+
+
+def _model_input(model: nn.Module, images: Any) -> torch.Tensor:
+    cfg = model.config
+    if (isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point()
+            and tuple(images.shape[1:]) == (cfg.in_channels, cfg.height, cfg.width)):
+        if images.numel() and (not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1):
+            raise ConvaeError("float images must hold values in [0, 1] (uint8 images 0-255)")
+        return images  # already model input: used as given, not quantised to uint8
+    return transform(model)(images)
+
+
+def encode(model: nn.Module, images: Any, batch_size: int = INFERENCE_BATCH_SIZE) -> torch.Tensor:
+    """Latent vectors (N, latent_dim) of ``images``, anything :func:`transform` takes.
 
     ``model`` is an autoencoder, a classifier or a bare encoder; it runs in eval mode on its
     own device, and the result comes back on the CPU.
@@ -71,31 +92,110 @@ def encode(model: nn.Module, images: torch.Tensor, batch_size: int = INFERENCE_B
     from .probes import extract_features
 
     encoder = model if isinstance(model, Encoder) else model.encoder
-    if images.shape[0] == 0:
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == 0:
         return torch.empty(0, encoder.config.latent_dim)
-    return extract_features(encoder, images, batch_size).cpu()
+    return extract_features(encoder, _model_input(encoder, images), batch_size).cpu()
 
 
-def _train(phases: tuple[str, ...], checkpoint: str | None, preset: str, overrides: dict[str, Any]) -> Path:
+class Prediction(NamedTuple):
+    """What :func:`predict` returns: per image the class name, its index and every class's probability."""
+
+    classes: list[str]
+    indices: torch.Tensor  # (N,) int64
+    probabilities: torch.Tensor  # (N, num_classes) float32
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: Any, batch_size: int = INFERENCE_BATCH_SIZE) -> Prediction:
+    """Class predictions of a classifier for ``images`` (anything :func:`transform` takes)."""
+    from .data import to_model_input
+
+    if not isinstance(model, Classifier):
+        raise ConvaeError(f"predict needs a classifier, got {type(model).__name__}")
+    x_all = _model_input(model, images)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    probs = torch.cat([torch.softmax(model(to_model_input(x_all[i : i + batch_size].to(device))).float(), 1).cpu()
+                       for i in range(0, len(x_all), batch_size)])
+    model.train(was_training)
+    names = list(getattr(model, "classes", []) or [str(i) for i in range(model.config.num_classes)])
+    idx = probs.argmax(1)
+    return Prediction([names[int(k)] for k in idx], idx, probs)
+
+
+def _checkpoint_path(checkpoint: Any, cache_dir: str) -> str | None:
+    """A path for ``checkpoint``: as given, or a model object saved once, by content, in the cache."""
+    if checkpoint is None or isinstance(checkpoint, (str, Path)):
+        return None if checkpoint is None else str(checkpoint)
+    if not isinstance(checkpoint, AutoEncoder):
+        raise ConvaeError(f"checkpoint must be an autoencoder (what convae.pretrain returns) or a path; "
+                          f"got {type(checkpoint).__name__}")
+    import hashlib
+
+    from .checkpoint import save_checkpoint
+    from .files import torch_bytes
+
+    digest = hashlib.sha256(torch_bytes({k: v.detach().cpu() for k, v in checkpoint.state_dict().items()}))
+    path = Path(cache_dir).expanduser() / "models" / f"autoencoder-{digest.hexdigest()[:16]}.pt"
+    if not path.is_file():
+        save_checkpoint(path, checkpoint, "autoencoder", list(getattr(checkpoint, "classes", [])))
+    return str(path)
+
+
+def _train(phases: tuple[str, ...], data: Any, checkpoint: Any, preset: str, overrides: dict[str, Any],
+           labels: Any, classes: list[str] | None, quiet: bool, on_epoch: Callable[[dict], None] | None) -> Path:
+    from .data.memory import image_set
     from .pipeline import run_training
 
-    cfg: Config = build_config(preset, None, overrides)
-    run = run_training(cfg, phases=phases, checkpoint=checkpoint, log=lambda m: None)
-    return run.path
+    log = (lambda m: None) if quiet else print
+    cfg: Config = build_config(preset, None, {k: v for k, v in overrides.items()})
+    ckpt = _checkpoint_path(checkpoint, cfg.cache_dir)
+    source = None
+    if isinstance(data, (str, Path)):
+        if labels is not None:
+            raise ConvaeError("labels go with images in memory; a folder's labels are its class folders")
+        overrides = {**overrides, "data": str(data)}
+    else:
+        if ckpt is not None:  # the images take the checkpoint's format, as the run will
+            cfg = cfg.with_model(load_checkpoint(ckpt, kind="autoencoder")[0].config)
+        source = image_set(data, labels, classes, cfg.in_channels, cfg.height, cfg.width, log)
+        overrides = {**overrides, "data": source.source}
+    cfg = build_config(preset, None, overrides)
+    return run_training(cfg, phases=phases, checkpoint=ckpt, log=log, source=source, on_epoch=on_epoch).path
 
 
-def pretrain(data: str, preset: str = "seed", **overrides: Any) -> AutoEncoder:
-    """``convae pretrain`` from code; returns the trained autoencoder (its run folder is ``out``)."""
-    path = _train(("pretrain",), None, preset, {"data": data, **overrides})
-    return load(path / "checkpoints" / "autoencoder.pt")
+def _loaded(path: Path, name: str) -> nn.Module:
+    model = load(path / "checkpoints" / name)
+    model.run_dir = path  # where the config, metrics, figures and report.html are
+    return model
 
 
-def finetune(data: str, checkpoint: str | Path | None = None, preset: str = "seed", **overrides: Any) -> Classifier:
-    """``convae finetune`` from code; ``checkpoint`` is an autoencoder (omit it with ``init="scratch"``)."""
-    path = _train(("finetune",), None if checkpoint is None else str(checkpoint), preset, {"data": data, **overrides})
-    return load(path / "checkpoints" / "classifier.pt")
+def pretrain(data: Any, preset: str = "seed", *, labels: Any = None, classes: list[str] | None = None,
+             quiet: bool = False, on_epoch: Callable[[dict], None] | None = None, **overrides: Any) -> AutoEncoder:
+    """``convae pretrain`` from code; returns the trained autoencoder (its run folder is ``model.run_dir``).
+
+    ``data`` is a source path (``cifar10``, a folder, an archive), images in memory (a uint8 or
+    float tensor or array, N x C x H x W or N x H x W x C) or a ``torch.utils.data.Dataset``
+    whose items are ``(image, label)`` or ``image``. Progress is printed as by the CLI unless
+    ``quiet``; ``on_epoch(record)`` is called after every epoch.
+    """
+    path = _train(("pretrain",), data, None, preset, overrides, labels, classes, quiet, on_epoch)
+    return _loaded(path, "autoencoder.pt")
 
 
-def run(data: str = "cifar10", preset: str = "seed", **overrides: Any) -> Path:
+def finetune(data: Any, checkpoint: Any = None, preset: str = "seed", *, labels: Any = None,
+             classes: list[str] | None = None, quiet: bool = False, on_epoch: Callable[[dict], None] | None = None,
+             **overrides: Any) -> Classifier:
+    """``convae finetune`` from code. ``checkpoint`` is an autoencoder: the model
+    :func:`pretrain` returned, or a checkpoint path (omit it with ``init="scratch"``). ``data``
+    and ``labels`` as in :func:`pretrain` (labels are needed here). Returns the classifier, with
+    ``model.run_dir``."""
+    path = _train(("finetune",), data, checkpoint, preset, overrides, labels, classes, quiet, on_epoch)
+    return _loaded(path, "classifier.pt")
+
+
+def run(data: Any = "cifar10", preset: str = "seed", *, labels: Any = None, classes: list[str] | None = None,
+        quiet: bool = False, on_epoch: Callable[[dict], None] | None = None, **overrides: Any) -> Path:
     """``convae run`` from code; returns the run folder."""
-    return _train(("pretrain", "finetune"), None, preset, {"data": data, **overrides})
+    return _train(("pretrain", "finetune"), data, None, preset, overrides, labels, classes, quiet, on_epoch)

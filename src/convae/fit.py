@@ -72,6 +72,7 @@ class RunContext:
     stop: StopFlag = field(default_factory=StopFlag)
     tb: TensorBoardLog | None = None
     dist: Dist = field(default_factory=Dist)
+    on_epoch: Callable[[EpochRecord], None] | None = None  # the Python API's per-epoch callback
 
     def check_stop(self, where: str) -> None:
         """Stop here when a signal came in since the last epoch (the state is already saved)."""
@@ -83,6 +84,8 @@ class RunContext:
         self.metrics.append(rec)
         if self.dist.is_main:
             self.run.log_metrics(rec)
+            if self.on_epoch is not None:
+                self.on_epoch(rec)
             self.log(epoch_line(rec))
             if self.tb is not None:
                 self.tb.scalars(rec)

@@ -13,19 +13,20 @@ import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import RunData, file_sha256, prepare_data
+from .data import ImageSet, RunData, file_sha256, prepare_data
 from .distributed import Dist, setup_distributed, teardown_distributed
 from .errors import ConvaeError
 from .evaluate import format_class_table
 from .fit import RunContext, read_state
 from .models import AutoEncoder, Classifier, ModelConfig
 from .phases import finetune_phase, measure_representation, pretrain_phase
-from .records import Log
+from .records import EpochRecord, Log
 from .report import write_report
 from .rundir import RunDir, TensorBoardLog, locked
 
@@ -33,17 +34,19 @@ PHASES = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune"
 
 
 def run_training(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune"), checkpoint: str | None = None,
-                 log: Log = print, resume: bool = False) -> RunDir:
+                 log: Log = print, resume: bool = False, source: ImageSet | None = None,
+                 on_epoch: Callable[[EpochRecord], None] | None = None) -> RunDir:
     """Both phases, pretraining only, or fine-tuning from ``checkpoint`` (an autoencoder).
 
     With ``resume`` the run folder ``cfg.out`` is continued from its saved state; ``cfg`` must
-    be the one in its ``config.json``.
+    be the one in its ``config.json``. ``source`` is training data already in memory (else
+    ``cfg.data`` is decoded); ``on_epoch`` is called with every epoch's record.
     """
     dist, device = setup_distributed(cfg.device)
     try:
         with ExitStack() as hold:  # the run folder's lock, held by rank 0 until the run ends
             return _run(cfg, phases, checkpoint, log if dist.is_main else (lambda m: None), resume, dist, device,
-                        hold)
+                        hold, source, on_epoch)
     finally:
         teardown_distributed()
 
@@ -88,7 +91,8 @@ def _open_run(cfg: Config, dist: Dist) -> tuple[RunDir, Config]:
 
 
 def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log, resume: bool, dist: Dist,
-         device: torch.device, hold: ExitStack) -> RunDir:
+         device: torch.device, hold: ExitStack, source: ImageSet | None = None,
+         on_epoch: Callable[[EpochRecord], None] | None = None) -> RunDir:
     do_pretrain = "pretrain" in phases and not ("finetune" in phases and cfg.init == "scratch")
     do_finetune = "finetune" in phases
     state = None
@@ -112,7 +116,7 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
     if not resume:
         RunDir.check_free(cfg.out)
         dist.broadcast(None)  # every rank has looked before rank 0 makes the folder
-    data = prepare_data(cfg, need_labels=do_finetune, log=log)
+    data = prepare_data(cfg, need_labels=do_finetune, log=log, source=source)
     if do_finetune and len(data.classes) < 2:
         raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
     if resume:
@@ -123,7 +127,7 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
             hold.enter_context(locked(run.path, "training"))
             run.write_json(INPUTS, _fingerprints(cfg, data))
     ctx = RunContext(run, cfg, log, resume=state, dist=dist,
-                     tb=TensorBoardLog(run.path, cfg.tensorboard and dist.is_main))
+                     tb=TensorBoardLog(run.path, cfg.tensorboard and dist.is_main), on_epoch=on_epoch)
     if dist.is_main:
         if data.skipped:
             run.write_lines("skipped.txt", data.skipped)

@@ -26,10 +26,14 @@ class RunData:
     keys: dict[str, str]  # each source's cache key ("data", "test_data"): what a resume must find unchanged
 
 
-def prepare_data(cfg: Config, need_labels: bool, log: Log) -> RunData:
-    """Decode ``cfg.data`` (and ``cfg.test_data``), carve the validation split, pick the labelled subset."""
+def prepare_data(cfg: Config, need_labels: bool, log: Log, source: ImageSet | None = None) -> RunData:
+    """Decode ``cfg.data`` (and ``cfg.test_data``), carve the validation split, pick the labelled subset.
+
+    ``source``, when given, is the training set already in memory (the Python API's tensors
+    and Datasets) and ``cfg.data`` only names it.
+    """
     fmt = dict(channels=cfg.in_channels, height=cfg.height, width=cfg.width, cache_dir=cfg.cache_dir, log=log)
-    full = load_source(cfg.data, train=True, **fmt)
+    full = source if source is not None else load_source(cfg.data, train=True, **fmt)
     if need_labels and not full.labelled:
         raise ConvaeError(f"{cfg.data} has no class folders (unlabelled): fine-tuning needs labelled data",
                           advice="use it with 'convae pretrain', or pass labelled --data")
