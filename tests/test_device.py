@@ -1,5 +1,7 @@
 """Where and in which precision work runs."""
 
+import json
+
 import pytest
 import torch
 
@@ -7,8 +9,11 @@ from convae.device import autocast, micro_batch_size, resolve_device
 from convae.errors import ConvaeError
 
 
+HAS_MPS = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def test_auto_picks_cuda_only_when_present():
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "mps" if HAS_MPS else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
 
 
@@ -32,3 +37,45 @@ def test_micro_batch_defaults():
     assert micro_batch_size(0, "bf16", torch.device("cpu")) == 500
     assert micro_batch_size(0, "fp32", torch.device("cuda")) is None
     assert micro_batch_size(32, "fp32", torch.device("cpu")) == 32
+
+
+def test_precision_auto_picks_what_the_hardware_runs_fast(monkeypatch):
+    import convae.device as dev
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_flags", lambda: {"avx512f", "avx512bw"})  # Cascade Lake: AVX-512, no bf16
+    warned = []
+    assert dev.resolve_precision("auto", cpu, warned.append) == "fp32" and not warned
+    assert dev.resolve_precision("bf16", cpu, warned.append) == "bf16"  # honoured, but said to be slow
+    assert len(warned) == 1 and "no hardware support" in warned[0] and "--precision auto" in warned[0]
+    monkeypatch.setattr(dev, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert dev.resolve_precision("auto", cpu, warned.append) == "bf16" and len(warned) == 1
+    assert dev.resolve_precision("fp32", cpu, warned.append) == "fp32"
+
+
+def test_the_precision_that_ran_is_recorded(tmp_path, monkeypatch):
+    import convae.device as dev
+    from conftest import make_image_folder
+    from convae.cli import main
+
+    monkeypatch.setattr(dev, "cpu_flags", lambda: set())
+    data = make_image_folder(tmp_path / "d", classes=2, per_class=4)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--cache-dir", str(tmp_path / "c"), "--out", str(out),
+                 "--precision", "auto", "--height", "16", "--width", "16", "--channels", "8", "16",
+                 "--latent-dim", "16", "--pretrain-epochs", "1", "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["precision"] == "fp32" and results["provenance"]["precision"] == "fp32"
+    assert json.loads((out / "config.json").read_text())["precision"] == "fp32"  # a resume runs the same arithmetic
+
+
+@pytest.mark.skipif(HAS_MPS, reason="this machine has MPS")
+def test_asking_for_mps_without_it_is_one_clear_error():
+    with pytest.raises(ConvaeError, match="no Apple-silicon GPU"):
+        resolve_device("mps")
+
+
+@pytest.mark.skipif(not HAS_MPS, reason="needs Apple's MPS")
+def test_auto_picks_mps_where_there_is_no_cuda():  # pragma: no cover - runs on Apple silicon only
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "mps"

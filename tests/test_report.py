@@ -45,18 +45,43 @@ def test_report_command_rewrites_the_page(run_dir, tmp_path, capsys):
     assert "not a convae run folder" in capsys.readouterr().err
 
 
-def test_lecture_figures_stand_beside_a_cifar10_seed_run(tmp_path):
+@pytest.mark.parametrize("setting, shown", [
+    ({}, True),  # the lecture's recipe on a full validation split
+    ({"pretrain_epochs": 1, "finetune_epochs": 1}, False),  # a short run is not set beside the lecture
+    ({"num_images": 1000}, False),  # nor a run on a slice
+])
+def test_lecture_figures_stand_only_beside_the_lecture_setting(tmp_path, setting, shown):
+    from convae.config import Config
     from convae.report import CIFAR10, build_report
 
-    (tmp_path / "config.json").write_text(json.dumps({"preset": "seed", "data": "cifar10"}))
+    cfg = {**Config(data="cifar10").to_dict(), **{k: v for k, v in setting.items() if k != "num_images"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     per_class = {c: {"accuracy": 0.5, "correct": 50, "total": 100} for c in CIFAR10}
     (tmp_path / "results.json").write_text(json.dumps({
-        "accuracy": 0.5, "num_images": 1000, "classes": CIFAR10, "per_class": per_class, "eval_set": "validation"}))
+        "accuracy": 0.5, "num_images": setting.get("num_images", 5000), "classes": CIFAR10, "per_class": per_class,
+        "eval_set": "validation split (10% of cifar10, seed 0)"}))
     rec = {"phase": "finetune", "epoch": 5, "epochs": 5, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5,
            "seconds": 1.0, "images_per_s": 10.0}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
     page = build_report(tmp_path)
-    assert "55.72 %" in page and "lecture (test)" in page and "72.8 %" in page
+    assert ("55.72 %" in page and "lecture (test)" in page and "72.8 %" in page) == shown
+    assert ("The lecture's figures are not shown beside this run" in page) != shown
+
+
+def test_the_report_says_what_happened(run_dir):
+    """Captions from the model and the set used, provenance, a short run flagged, text left-aligned."""
+    from convae.report import build_report
+
+    page = build_report(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert f"{cfg['channels'][0]} kernels of 3×3 RGB" in page and "64 kernels" not in page
+    assert "images of the validation split (top)" in page and "accuracy on the validation split" in page
+    prov = json.loads((run_dir / "results.json").read_text())["provenance"]
+    assert {"convae", "torch", "date", "device", "device_name", "precision"} <= set(prov)
+    assert f"torch {prov['torch']}" in page and f"precision {prov['precision']}" in page
+    assert "optimizer step(s): the reconstructions" in page  # a few steps: the figures show an early stage
+    assert '<td class="l">bilinear</td>' in page and '"bilinear"' not in page  # config values without JSON quotes
+    assert '<td class="l">k=' in page  # the probe table's setting column is text, left-aligned
 
 
 def test_tensorboard_logs_scalars_and_images(run_dir):

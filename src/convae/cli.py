@@ -71,9 +71,10 @@ FLAGS: dict[str, dict[str, Any]] = {
                           "(same update, faster on CPU); 0 = auto: on CPU 200 (fp32) or 500 (bf16), "
                           "whole batch on GPU"),
     "--compile": dict(action="store_true", help="torch.compile the training model (pays on GPUs; slower on CPU)"),
-    "--precision": dict(choices=PRECISIONS, help="fp32, or bfloat16 autocast (default fp32)"),
+    "--precision": dict(choices=PRECISIONS, help="fp32, bf16 (bfloat16 autocast), or auto: bf16 where the CPU/GPU "
+                        "has it in hardware, else fp32 (default fp32)"),
     "--seed": dict(type=int, metavar="N", help="seed for weights, split and batch order (default 0)"),
-    "--device": dict(choices=DEVICES, help="auto picks CUDA when available (default auto)"),
+    "--device": dict(choices=DEVICES, help="auto picks CUDA, then Apple's MPS, then the CPU (default auto)"),
     "--out": dict(metavar="DIR", help="run folder (default runs/<timestamp>); must be new or empty"),
     "--checkpoint-every": dict(type=int, metavar="N", help="save the training state every N epochs (default 1; "
                                "0 = at the end of each phase only)"),
@@ -152,7 +153,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
                 [_checkpoint("classifier checkpoint"),
                  ("images", dict(nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")),
                  ("--json", dict(action="store_true", help="print JSON instead of a table")),
-                 ("--device", dict(choices=DEVICES, default="auto", help="auto picks CUDA when available")),
+                 ("--device", dict(choices=DEVICES, default="auto", help="auto picks CUDA, then Apple's MPS, then the CPU")),
                  ("--batch-size", dict(type=int, default=INFERENCE_BATCH_SIZE, metavar="N",
                                        help=f"images per forward pass (default {INFERENCE_BATCH_SIZE})"))]),
 }

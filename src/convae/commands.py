@@ -60,12 +60,14 @@ def evaluate(preset: str, config_file: str | None, overrides: dict[str, Any], ch
     from . import visualise
     from .checkpoint import open_model
     from .data import DeviceBatches, load_source
+    from .device import provenance, resolve_precision
     from .evaluate import class_results, evaluate_classifier, format_class_table
     from .probes import random_encoder, representation_scores
     from .report import write_report
 
     cfg = build_config(preset, config_file, overrides)
     model, payload, device = open_model(checkpoint, cfg.device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
     is_classifier = payload["kind"] == "classifier"
     if not is_classifier and train_data is None:
         raise ConvaeError(f"{checkpoint} holds an autoencoder: evaluating it needs labelled training images "
@@ -79,7 +81,8 @@ def evaluate(preset: str, config_file: str | None, overrides: dict[str, Any], ch
     classes = payload.get("classes") or ds.classes
     if is_classifier and ds.classes != classes:
         raise ConvaeError(f"{cfg.data} has classes {ds.classes}, the checkpoint was trained on {classes}")
-    results: Results = {"eval_set": cfg.data, "checkpoint": str(checkpoint)}
+    results: Results = {"eval_set": cfg.data, "checkpoint": str(checkpoint), "precision": cfg.precision,
+                        "provenance": provenance(device, cfg.precision)}
     if is_classifier:
         batches = DeviceBatches(ds.images.to(device), ds.labels.to(device), cfg.batch_size)
         r = evaluate_classifier(model, batches, len(classes), cfg.precision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from . import visualise
 from .checkpoint import open_model
 from .config import Config
 from .data import load_source, split_indices
+from .device import resolve_precision
 from .errors import ConvaeError
 from .probes import extract_features
 from .records import Log
@@ -27,6 +29,7 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
         if p.exists():
             raise ConvaeError(f"{p} already exists; nothing is overwritten", advice="choose another --out")
     model, _, device = open_model(checkpoint, cfg.device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
     m = model.config
     ds = load_source(cfg.data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log)
     # the same seeded split as training, so a user can tell the images the model never saw

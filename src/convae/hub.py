@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoint import load_state_strict
+from .device import convae_version
 from .errors import ConvaeError, clip, first_line
 from .files import atomic_write_bytes, atomic_write_text
 from .models import AutoEncoder, Classifier, Encoder
@@ -30,11 +31,9 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
     kind = next((k for k, c in KINDS.items() if type(model) is c), None)
     if kind is None:
         raise ConvaeError(f"save_pretrained takes a convae AutoEncoder, Classifier or Encoder, got {type(model).__name__}")
-    from . import __version__
-
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    config = {"convae_kind": kind, "convae_version": __version__, "classes": list(getattr(model, "classes", [])),
+    config = {"convae_kind": kind, "convae_version": convae_version(), "classes": list(getattr(model, "classes", [])),
               **model.config.to_dict()}
     atomic_write_bytes(folder / WEIGHTS_NAME, save(state))
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")

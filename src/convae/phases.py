@@ -51,7 +51,7 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     with torch.no_grad(), autocast(device, cfg.precision):
         recon = ae(x).float()
     pretrained = ae.encoder.first_conv.weight.detach()
-    visualise.save_pretrain_figures(run.figures, initial, pretrained, history, x, recon)
+    visualise.save_pretrain_figures(run.figures, initial, pretrained, history, x, recon, data.eval_name.split(" (")[0])
     if ctx.tb is not None:
         for tag, w in (("kernels/initial", initial), ("kernels/pretrained", pretrained)):
             ctx.tb.image(tag, visualise.kernel_grid(w))

@@ -20,6 +20,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import ImageSet, RunData, file_sha256, prepare_data
+from .device import provenance, resolve_precision
 from .distributed import Dist, setup_distributed, teardown_distributed
 from .errors import ConvaeError
 from .evaluate import format_class_table
@@ -43,6 +44,8 @@ def run_training(cfg: Config, phases: tuple[str, ...] = ("pretrain", "finetune")
     ``cfg.data`` is decoded); ``on_epoch`` is called with every epoch's record.
     """
     dist, device = setup_distributed(cfg.device)
+    # the precision that runs is recorded (config.json, results.json): auto resolved here
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log if dist.is_main else print))
     try:
         with ExitStack() as hold:  # the run folder's lock, held by rank 0 until the run ends
             return _run(cfg, phases, checkpoint, log if dist.is_main else (lambda m: None), resume, dist, device,
@@ -169,7 +172,7 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
             # --resume (the state holds the last epoch) redoes only what was not written
             ctx.check_stop("writing the results and the report")
             final = {**(results if do_finetune else {"phase": "pretrain"}), "timing": ctx.timing,
-                     "precision": cfg.precision}
+                     "precision": cfg.precision, "provenance": provenance(device, cfg.precision)}
             run.write_json("results.json", final)
             if do_finetune:
                 log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(final))

@@ -77,6 +77,9 @@ class Results(TypedDict, total=False):
     checkpoint: str
     representation: Representation
     timing: dict[str, float]
+    precision: str  # the precision that ran (auto resolved)
+    provenance: dict[str, str]  # convae and torch versions, date, device and its name, precision
+    finished: str  # written last: the run wrote everything
 
 
 class SweepCell(TypedDict):

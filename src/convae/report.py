@@ -19,32 +19,60 @@ LECTURE = {
 }
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; line-height: 1.45; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1320px; padding: 0 1.5em; color: #222;
+       line-height: 1.45; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: .6em 0; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
-figure { display: inline-block; margin: .4em 1em .4em 0; vertical-align: top; }
-figure img { max-width: 480px; border: 1px solid #eee; } figcaption { font-size: .85em; color: #555; }
+figure { display: inline-block; margin: .4em 1em .4em 0; vertical-align: top; max-width: 100%; }
+figure img { width: 600px; max-width: 100%; border: 1px solid #eee; } figcaption { font-size: .85em; color: #555; }
+figure.small img { width: 400px; } figure.wide img { width: 1280px; }
+.warn { background: #fff4d6; border-left: 4px solid #e0a800; padding: .4em .8em; }
 .note { color: #555; font-size: .9em; } .big { font-size: 1.3em; font-weight: 600; }
 """
 
 
-def _img(path: Path, caption: str) -> str:
+def _img(path: Path, caption: str, size: str = "") -> str:
+    """An inlined figure; ``size`` is "small" (kernel grids), "" or "wide" (many small numbers or thumbnails)."""
     if not path.is_file():
         return ""
     data = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+    return (f'<figure class="{size}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _table(headers: list[str], rows: list[list], table_id: str = "", left: int = 1) -> str:
+def _table(headers: list[str], rows: list[list], table_id: str = "", left: int = 1, text: tuple[int, ...] = ()) -> str:
+    """Numbers right-aligned; the first ``left`` columns and the ``text`` columns left-aligned."""
     attr = f' id="{table_id}"' if table_id else ""
-    head = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(str(h))}</th>' for i, h in enumerate(headers))
+    cls = lambda i: "l" if i < left or i in text else ""  # noqa: E731
+    head = "".join(f'<th class="{cls(i)}">{html.escape(str(h))}</th>' for i, h in enumerate(headers))
     body = "".join(
-        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(str(c))}</td>' for i, c in enumerate(r))
+        "<tr>" + "".join(f'<td class="{cls(i)}">{html.escape(str(c))}</td>' for i, c in enumerate(r))
         + "</tr>" for r in rows)
     return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+SHORT_RUN_STEPS = 200  # fewer pretraining steps than this: the figures show an early stage
+PRETRAIN_KEYS = {"pretrain_epochs", "objective", "noise_std", "drop_prob", "mask_ratio", "patch_size", "norm_targets",
+                 "sparse_k", "lifetime_rate"}
+# what makes a run the lecture's, so that its figures stand beside it
+LECTURE_SETTING = {"preset": "seed", "pretrain_epochs": 5, "finetune_epochs": 5, "batch_size": 2000, "lr": 1e-3,
+                   "labels_per_class": None, "channels": [64, 128, 128], "latent_dim": 1024, "height": 32,
+                   "width": 32, "in_channels": 3, "init": "pretrained"}
+
+
+def _lecture_setting(cfg: dict, results: dict | None) -> bool:
+    return (bool(results) and results.get("classes") == CIFAR10 and results.get("num_images", 0) >= 5000
+            and all(cfg.get(k) == v for k, v in LECTURE_SETTING.items()))
+
+
+def _provenance(p: dict | None) -> str:
+    if not isinstance(p, dict):
+        return ""
+    return (f'<p class="note">convae {html.escape(str(p.get("convae")))}, torch {html.escape(str(p.get("torch")))}, '
+            f'{html.escape(str(p.get("date")))}; {html.escape(str(p.get("device")))} '
+            f'({html.escape(str(p.get("device_name")))}), precision {html.escape(str(p.get("precision")))}.</p>')
 
 
 def _pct(v) -> str:
@@ -88,8 +116,19 @@ def build_report(run: Path) -> str:
     metrics = _read_metrics(run / "metrics.jsonl")
     fig = run / "figures"
     classes = (results or sweep or {}).get("classes", [])
-    is_lecture = classes == CIFAR10 and cfg.get("preset") == "seed"
-    parts = [f"<h1>convae report: {html.escape(run.name)}</h1>"]
+    is_lecture = _lecture_setting(cfg, results)
+    set_name = str((results or sweep or {}).get("eval_set") or "evaluation set").split(" (")[0]
+    parts = [f"<h1>convae report: {html.escape(run.name)}</h1>", _provenance((results or sweep or {}).get("provenance"))]
+    if classes == CIFAR10 and not is_lecture and cfg.get("preset") == "seed":
+        parts.append('<p class="note">The lecture\'s figures are not shown beside this run: its setting differs '
+                     "from the lecture's (the seed recipe, 5 + 5 epochs, on the full CIFAR-10 training split).</p>")
+    pretrained_here = any(m.get("phase") == "pretrain" for m in metrics)
+    steps = sum(m.get("images_per_s", 0) * m.get("seconds", 0) for m in metrics if m.get("phase") == "pretrain")
+    steps = round(steps / max(int(cfg.get("batch_size") or 1), 1))
+    if pretrained_here and steps < SHORT_RUN_STEPS:
+        parts.append(f'<p class="warn">Pretraining ran about {steps} optimizer step(s): the reconstructions and '
+                     "kernels below show an early stage (typically flat, blurred reconstructions), not what this "
+                     "recipe learns.</p>")
 
     summary = [f"Data: <code>{html.escape(str(cfg.get('data', '')))}</code>."]
     if results and "per_class" in results:
@@ -118,20 +157,22 @@ def build_report(run: Path) -> str:
         parts.append(_table(headers, rows, "epochs", left=1))
         parts.append('<p class="note">Losses are means over all training images (the lecture divided by 60000).'
                      " Accuracy is a fraction of the evaluation set; seconds are training time of the epoch.</p>")
-        parts.append(_img(fig / "pretrain_loss.png", "pretraining loss (MSE per pixel)")
+        parts.append(_img(fig / "pretrain_loss.png", "pretraining loss (per pixel)")
                      + _img(fig / "finetune_loss.png", "fine-tuning loss (cross-entropy)")
-                     + _img(fig / "finetune_accuracy.png", "evaluation accuracy per fine-tuning epoch"))
+                     + _img(fig / "finetune_accuracy.png", f"accuracy on the {set_name} per fine-tuning epoch"))
 
     kernels = [("kernels_initial.png", "initial (random)"), ("kernels_pretrained.png", "after pretraining"),
                ("kernels_pretrain_delta.png", "change in pretraining"), ("kernels_finetuned.png", "after fine-tuning"),
                ("kernels_finetune_delta.png", "change in fine-tuning")]
     if any((fig / f).is_file() for f, _ in kernels):
-        parts.append("<h2>First-layer kernels</h2><p class=\"note\">64 kernels of 3×3 RGB, magnitude |w| scaled by "
-                     "each grid's maximum, as the lecture shows them.</p>")
-        parts.append("".join(_img(fig / f, c) for f, c in kernels))
+        first = (cfg.get("channels") or [64])[0]
+        colour = "RGB" if cfg.get("in_channels", 3) == 3 else "grey"
+        parts.append(f'<h2>First-layer kernels</h2><p class="note">{first} kernels of 3×3 {colour}, magnitude |w| '
+                     "scaled by each grid's maximum, as the lecture shows them.</p>")
+        parts.append("".join(_img(fig / f, c, "small") for f, c in kernels))
     if (fig / "reconstructions.png").is_file():
-        parts.append("<h2>Reconstructions</h2>" + _img(fig / "reconstructions.png", "evaluation images (top) over "
-                                                        "their reconstructions (bottom)"))
+        parts.append("<h2>Reconstructions</h2>" + _img(fig / "reconstructions.png", f"images of the {set_name} "
+                                                        "(top) over their reconstructions (bottom)", "wide"))
 
     if results and "per_class" in results:
         parts.append("<h2>Per-class accuracy</h2>")
@@ -143,7 +184,8 @@ def build_report(run: Path) -> str:
                 row.append(f"{LECTURE['per_class'][name]:.1f} %")
             rows.append(row)
         parts.append(_table(headers, rows, "per-class"))
-        parts.append(_img(fig / "confusion_matrix.png", "confusion matrix (rows: true class)"))
+        parts.append(_img(fig / "confusion_matrix.png", f"confusion matrix on the {set_name} (rows: true class)",
+                          "wide" if len(classes) > 10 else ""))
     rep = (results or {}).get("representation")
     if rep:
         parts.append("<h2>The frozen representation</h2>")
@@ -156,13 +198,13 @@ def build_report(run: Path) -> str:
              gain("linear_probe_accuracy"),
              f"logistic regression, full-batch L-BFGS ({rep['linear_probe']['max_iter']} iterations, "
              f"L2 {rep['linear_probe']['l2']}), standardised features"],
-        ], "representation", left=1))
+        ], "representation", left=1, text=(4,)))
         parts.append(f'<p class="note">Features: {html.escape(rep.get("features", "latent"))}. The random-weights '
                      "column is the same architecture, untrained (seeded), through the same probes on the same "
                      "images: what pretraining bought is the difference.</p>")
         parts.append(f'<p class="note">{html.escape(rep["encoder"])} encoder; labelled bank: '
                      f'{html.escape(rep["bank"])}; evaluated on the {html.escape(rep["eval_set"])}.</p>')
-        parts.append(_img(fig / "embedding_map.png", "t-SNE map of the evaluation images' embeddings"))
+        parts.append(_img(fig / "embedding_map.png", f"t-SNE map of the {set_name}'s embeddings"))
 
     if sweep:
         parts.append("<h2>Label efficiency</h2>")
@@ -177,7 +219,15 @@ def build_report(run: Path) -> str:
 
     if cfg:
         parts.append("<h2>Configuration</h2>")
-        parts.append(_table(["key", "value"], [[k, json.dumps(v)] for k, v in cfg.items()], "config", left=2))
+        shown = cfg
+        if not pretrained_here:  # the autoencoder came from a checkpoint: its recipe is not this run's
+            shown = {k: v for k, v in cfg.items() if k not in PRETRAIN_KEYS}
+            source = cfg.get("init_checkpoint") or (sweep or {}).get("autoencoder")
+            if source and (sweep is None or cfg.get("init_checkpoint")):
+                parts.append(f'<p class="note">No pretraining in this run: the autoencoder came from '
+                             f"<code>{html.escape(str(source))}</code>; its own config.json holds its recipe.</p>")
+        rows = [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in shown.items()]
+        parts.append(_table(["key", "value"], rows, "config", left=2))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>convae report: {html.escape(run.name)}</title><style>{STYLE}</style></head><body>"
             + "\n".join(p for p in parts if p) + "</body></html>\n")

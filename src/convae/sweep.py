@@ -23,7 +23,7 @@ from .augment import augment, step_generator
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import DeviceBatches, per_class_subset, prepare_data
-from .device import micro_batch_size, resolve_device
+from .device import micro_batch_size, provenance, resolve_device, resolve_precision
 from .errors import ConvaeError
 from .evaluate import evaluate_classifier
 from .fit import RunContext
@@ -107,6 +107,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
     if seeds <= 0 or steps <= 0:
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
     device = resolve_device(cfg.device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
     ae = None
     if checkpoint is not None:
         ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
@@ -174,6 +175,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
         "cells": cells, "summary": summary,
         "timing": {"pretrain_s": pretrain_s, "total_s": total_s},
         "images_per_class_all": int(torch.bincount(data.train.labels).max()),
+        "provenance": provenance(device, cfg.precision),
     }
     run.write_json("sweep.json", result)
     write_csv(run.path / "sweep.csv", summary)

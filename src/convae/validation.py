@@ -18,8 +18,8 @@ from .objectives import OBJECTIVES
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step")
 INITS = ("pretrained", "scratch")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "auto")
 PROBE_FEATURES = ("latent", "pooled")
 MAX_SEED = 2**32 - 1  # every RNG convae seeds (torch, numpy, t-SNE) takes this range
 MODEL_FIELDS = {"in_channels", "height", "width", "channels", "latent_dim", "upsample", "negative_slope",

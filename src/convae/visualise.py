@@ -68,14 +68,15 @@ def save_kernels(weight: torch.Tensor, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def save_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> None:
-    """Images in [0, 1] (N, C, H, W): originals in the top row, reconstructions below."""
+def save_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path,
+                         set_name: str = "evaluation") -> None:
+    """Images in [0, 1] (N, C, H, W): originals (of ``set_name``) in the top row, reconstructions below."""
     n = originals.shape[0]
     both = torch.cat([originals.float().cpu(), reconstructions.float().cpu().clamp(0, 1)])
     grid = make_grid(both, nrow=n, padding=2, pad_value=1.0)
     fig, ax = plt.subplots(figsize=(max(6, n * 0.6), 2))
     _show_grid(ax, grid)
-    ax.set_title("validation images (top) and their reconstructions (bottom)", fontsize=9)
+    ax.set_title(f"{set_name} images (top) and their reconstructions (bottom)", fontsize=9)
     ax.axis("off")
     _save(fig, path)
 
@@ -186,7 +187,8 @@ def save_embedding_map(features, labels, classes: list[str], path: Path, title: 
 
 
 def save_pretrain_figures(folder: Path, initial: torch.Tensor, pretrained: torch.Tensor, history: list[dict],
-                          originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+                          originals: torch.Tensor, reconstructions: torch.Tensor, eval_name: str = "evaluation set"
+                          ) -> None:
     """The pretraining phase's figures: kernels before, after and their change, the loss
     curves, and evaluation images over their reconstructions."""
     save_kernels(initial, folder / "kernels_initial.png", "first-layer kernels, initial (random)")
@@ -194,9 +196,9 @@ def save_pretrain_figures(folder: Path, initial: torch.Tensor, pretrained: torch
     save_kernels(initial - pretrained, folder / "kernels_pretrain_delta.png",
                  "change in pretraining (initial - pretrained)")
     if history:
-        plot_curve({"train": [h["train_loss"] for h in history], "validation": [h["val_loss"] for h in history]},
+        plot_curve({"train": [h["train_loss"] for h in history], eval_name: [h["val_loss"] for h in history]},
                    folder / "pretrain_loss.png", "loss per pixel", "autoencoder pretraining")
-    save_reconstructions(originals, reconstructions, folder / "reconstructions.png")
+    save_reconstructions(originals, reconstructions, folder / "reconstructions.png", eval_name)
 
 
 def save_finetune_figures(folder: Path, before: torch.Tensor, after: torch.Tensor, origin: str, history: list[dict],
@@ -206,8 +208,8 @@ def save_finetune_figures(folder: Path, before: torch.Tensor, after: torch.Tenso
     save_kernels(after, folder / "kernels_finetuned.png", "first-layer kernels after fine-tuning")
     save_kernels(before - after, folder / "kernels_finetune_delta.png", f"change in fine-tuning ({origin} - fine-tuned)")
     if history:
-        plot_curve({"train": [h["train_loss"] for h in history], "validation": [h["val_loss"] for h in history]},
+        plot_curve({"train": [h["train_loss"] for h in history], eval_name: [h["val_loss"] for h in history]},
                    folder / "finetune_loss.png", "cross-entropy", "classifier fine-tuning")
-        plot_curve({"validation accuracy": [100 * h["val_accuracy"] for h in history]},
+        plot_curve({f"accuracy on the {eval_name}": [100 * h["val_accuracy"] for h in history]},
                    folder / "finetune_accuracy.png", "accuracy (%)", f"accuracy on the {eval_name}")
     save_confusion_matrix(confusion, classes, folder / "confusion_matrix.png")
