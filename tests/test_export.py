@@ -1,5 +1,6 @@
 """Export to ONNX, TorchScript and safetensors, each reloaded outside the training code."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -54,6 +55,34 @@ def test_onnx_matches_pytorch_in_onnxruntime(checkpoints, tmp_path, part):
     with torch.no_grad():
         expected = module.eval()(x)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected.numpy(), atol=1e-4, rtol=1e-4)
+    assert sorted(p.name for p in tmp_path.glob(f"{part}.onnx*")) == [f"{part}.onnx"]  # one file, no .data beside
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["classes"]) == ["a", "b", "c"] and meta["convae_part"] == part
+    assert "values in [0, 1]" in meta["preprocessing"] and json.loads(meta["convae_config"])["latent_dim"] == 32
+
+
+@pytest.mark.parametrize("part", ["encoder", "classifier", "autoencoder"])
+def test_torch_export_pt2_reloads_without_convae(checkpoints, tmp_path, part):
+    ckpt, module = _module(checkpoints, part)
+    out = tmp_path / f"{part}.pt2"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "pt2", "--part", part, "--out", str(out)]) == 0
+    code = textwrap.dedent("""
+        import json, sys, torch
+        extra = {"convae.json": ""}
+        program = torch.export.load(sys.argv[1], extra_files=extra)
+        torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3])
+        print(json.loads(extra["convae.json"])["classes"])
+    """)
+    x = torch.rand(5, 3, 32, 32)  # another batch size than the export's example
+    torch.save(x, tmp_path / "x.pt")
+    done = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          check=True, capture_output=True, text=True)
+    assert done.stdout.strip() == "['a', 'b', 'c']"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), module.eval()(x), atol=1e-5, rtol=1e-5)
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_onnx_of_the_unpool_autoencoder(tmp_path):

@@ -144,7 +144,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
                 "--device"]),
     "report": ("(re)write RUN_DIR/report.html, one self-contained page",
                [("run_dir", dict(metavar="RUN_DIR"))]),
-    "export": ("write a trained part to ONNX (dynamic batch), TorchScript or safetensors",
+    "export": ("write a trained part to ONNX (one file, dynamic batch), torch.export (.pt2), safetensors or TorchScript",
                [_checkpoint("autoencoder or classifier checkpoint"),
                 ("--format", dict(required=True, choices=EXPORT_FORMATS)),
                 ("--part", dict(default="encoder", choices=EXPORT_PARTS, help="which part (default encoder)")),

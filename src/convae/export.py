@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .errors import ConvaeError
+from .errors import ConvaeError, first_line
+from .files import make_parent
 from .models import AutoEncoder, Classifier, Encoder, ModelConfig
 from .validation import model_config_from_dict
 
-FORMATS = ("onnx", "torchscript", "safetensors")
+FORMATS = ("onnx", "pt2", "safetensors", "torchscript")  # pt2: torch.export, the successor of TorchScript
 PARTS = ("encoder", "classifier", "autoencoder")
 SAFETENSORS_MARKER = "convae"
 
@@ -39,13 +43,22 @@ def _output_name(part: str) -> str:
     return {"encoder": "features", "classifier": "logits", "autoencoder": "reconstruction"}[part]
 
 
-def export_onnx(module: nn.Module, cfg: ModelConfig, part: str, out: Path) -> None:
-    """ONNX with a dynamic batch axis (input ``images``, N x C x H x W in [0, 1])."""
+def preprocessing(cfg: ModelConfig) -> str:
+    """How images must be prepared for an exported model: what ``convae.transform`` does."""
+    colour = "RGB" if cfg.in_channels == 3 else "grey (L)"
+    return (f"float32 N x {cfg.in_channels} x {cfg.height} x {cfg.width}, {colour}, values in [0, 1] (uint8 / 255); "
+            f"images resized to {cfg.height}x{cfg.width} with antialiasing, no mean/std normalisation")
+
+
+def export_onnx(module: nn.Module, cfg: ModelConfig, part: str, out: Path, classes: list[str]) -> None:
+    """ONNX with a dynamic batch axis (input ``images``, N x C x H x W in [0, 1]), one file, with the
+    class names, the preprocessing and the config in its metadata."""
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxscript  # noqa: F401  (the exporter translates through it)
     except ImportError:
         raise ConvaeError("ONNX export needs onnx and onnxscript: pip install 'convae[export]'") from None
+
     module = module.eval()
     # torch.export-based exporter: it also covers max-unpooling, which the TorchScript one does not
     torch.onnx.export(
@@ -59,6 +72,24 @@ def export_onnx(module: nn.Module, cfg: ModelConfig, part: str, out: Path) -> No
         dynamo=True,
         verbose=False,
     )
+    # torch may write the weights beside the graph (x.onnx.data); a model this size fits in one
+    # file (protobuf's limit is 2 GB), which a user cannot separate by mistake
+    model = onnx.load(str(out))
+    for key, value in (("convae_part", part), ("classes", json.dumps(classes)),
+                       ("preprocessing", preprocessing(cfg)), ("convae_config", json.dumps(cfg.to_dict()))):
+        model.metadata_props.add(key=key, value=value)
+    data = out.with_name(out.name + ".data")
+    onnx.save(model, str(out), save_as_external_data=False)
+    data.unlink(missing_ok=True)
+
+
+def export_pt2(module: nn.Module, cfg: ModelConfig, part: str, out: Path, classes: list[str]) -> None:
+    """A ``torch.export`` program (``torch.export.load(path).module()``), dynamic batch, with the
+    class names, preprocessing and config in ``extra_files["convae.json"]``."""
+    program = torch.export.export(module.eval(), (_example_input(cfg),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    meta = {"part": part, "classes": classes, "preprocessing": preprocessing(cfg), "config": cfg.to_dict()}
+    torch.export.save(program, str(out), extra_files={"convae.json": json.dumps(meta)})
 
 
 def export_torchscript(module: nn.Module, cfg: ModelConfig, out: Path) -> None:
@@ -119,12 +150,23 @@ def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path) -> Path
     out = Path(out)
     if out.exists():
         raise ConvaeError(f"{out} already exists; nothing is overwritten", advice="choose a new --out file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    if fmt == "onnx":
-        export_onnx(module, cfg, part, out)
-    elif fmt == "torchscript":
-        export_torchscript(module, cfg, out)
-    else:
-        export_safetensors(module, cfg, part, out, payload.get("classes", []))
+    make_parent(out)
+    cfg, classes = model.config, payload.get("classes", [])
+    # written in a private folder beside ``out`` and renamed into place: never half a file under its name
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        tmp = work / out.name
+        if fmt == "onnx":
+            export_onnx(module, cfg, part, tmp, classes)
+        elif fmt == "pt2":
+            export_pt2(module, cfg, part, tmp, classes)
+        elif fmt == "torchscript":
+            export_torchscript(module, cfg, tmp)
+        else:
+            export_safetensors(module, cfg, part, tmp, classes)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ConvaeError(f"could not write {out}: {e.strerror or first_line(e)}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out
