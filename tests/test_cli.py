@@ -37,7 +37,7 @@ def test_run_writes_the_whole_run_folder(image_folder, cache_dir, tmp_path, caps
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["batch_size"] == 8 and cfg["channels"] == [8, 16] and cfg["data"] == str(image_folder)
-    assert cfg["out"] == str(out) and cfg["preset"] == "seed"
+    assert "out" not in cfg and cfg["preset"] == "seed"  # the folder is where config.json is
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in lines] == [("pretrain", 1), ("pretrain", 2),
@@ -113,7 +113,12 @@ def test_pretrain_then_finetune_then_evaluate(image_folder, cache_dir, tmp_path,
                 + common) == 0
     ev = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert ev["num_images"] == 30 and (tmp_path / "ev" / "figures" / "confusion_matrix.png").is_file()
-    assert "overall" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "overall" in printed and f"wrote {tmp_path / 'ev'}: results.json, report.html" in printed
+    assert not (tmp_path / "ev" / "checkpoints").exists()  # nothing trained, no empty folder
+    ev_cfg = json.loads((tmp_path / "ev" / "config.json").read_text())
+    assert ev_cfg["command"] == "evaluate" and ev_cfg["checkpoint"] == str(clf)
+    assert "pretrain_epochs" not in ev_cfg and "lr" not in ev_cfg  # no training defaults it never used
 
 
 def test_scratch_init_skips_pretraining(image_folder, cache_dir, tmp_path):
@@ -188,7 +193,7 @@ def test_console_script_end_to_end(image_folder, cache_dir, tmp_path):
     exe = [sys.executable, "-m", "convae"]
     version = subprocess.run(exe + ["--version"], capture_output=True, text=True, env=env)
     assert version.returncode == 0 and version.stdout.startswith("convae ")
-    for cmd in ("run", "pretrain", "finetune", "evaluate"):
+    for cmd in ("run", "pretrain", "finetune", "sweep"):
         h = subprocess.run(exe + [cmd, "--help"], capture_output=True, text=True, env=env)
         assert h.returncode == 0 and "--preset" in h.stdout and "--config" in h.stdout
     out = tmp_path / "cli"
@@ -210,11 +215,14 @@ def test_a_single_class_cannot_be_fine_tuned(tmp_path, cache_dir, capsys):
 
 
 def test_help_states_each_commands_own_batch_size_default(capsys):
-    for command, expected in (("sweep", "default 256 for the sweep"), ("encode", "default 1024")):
+    for command, expected in (("sweep", "default 256 for the sweep"), ("encode", "default 1024"),
+                              ("evaluate", "default 1024")):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert f"--batch-size N images per {'step' if command == 'sweep' else 'forward pass'} ({expected})" in text
+        if command == "evaluate":  # the architecture comes from the checkpoint: no recipe to choose
+            assert "--preset" not in text and "--config" not in text and "random-weights baseline" in text
 
 
 @pytest.mark.parametrize("args, hint", [
@@ -234,3 +242,39 @@ def test_unknown_config_keys_name_the_key_meant(tmp_path, capsys):
     cfg.write_text("latentdim: 64\n")
     assert main(["pretrain", "--config", str(cfg)]) == 2
     assert "unknown config key(s): latentdim (did you mean latent_dim?)" in capsys.readouterr().err
+
+
+def test_a_run_config_reruns_as_a_config_file(image_folder, cache_dir, tmp_path, monkeypatch, capsys):
+    first = tmp_path / "first"
+    assert main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(first)]
+                + SMALL + ["--pretrain-epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    ckpt = first / "checkpoints" / "autoencoder.pt"
+    assert f"autoencoder: {ckpt}" in printed and f"convae finetune --checkpoint {ckpt}" in printed  # the next step
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--config", str(first / "config.json")]) == 0  # a new timestamped folder
+    (again,) = (tmp_path / "runs").iterdir()
+    a, b = (json.loads((d / "config.json").read_text()) for d in (first, again))
+    assert a == b
+
+
+def test_the_best_epochs_classifier_is_kept(image_folder, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)] + TINY) == 0
+    results = json.loads((out / "results.json").read_text())
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    accs = [m["val_accuracy"] for m in metrics if m["phase"] == "finetune"]
+    best = results["best"]
+    assert best["epoch"] == accs.index(max(accs)) + 1 and best["val_accuracy"] == max(accs)
+    assert best["checkpoint"] == "checkpoints/classifier_best.pt" and best["selected_on"].startswith("validation")
+    from convae.checkpoint import load_checkpoint
+    from convae.data import DeviceBatches, load_source
+    from convae.evaluate import evaluate_classifier
+    from convae.data import split_indices
+
+    clf, _ = load_checkpoint(out / "checkpoints" / "classifier_best.pt", kind="classifier")
+    cfg = json.loads((out / "config.json").read_text())
+    ds = load_source(str(image_folder), 3, cfg["height"], cfg["width"], cache_dir, log=lambda m: None)
+    _, val = split_indices(ds.labels, len(ds), cfg["val_fraction"], cfg["seed"])
+    r = evaluate_classifier(clf, DeviceBatches(ds.images[val], ds.labels[val], 64), 3)
+    assert r["accuracy"] == best["val_accuracy"]  # the file holds the weights of that epoch

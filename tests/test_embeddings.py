@@ -22,7 +22,9 @@ def test_encode_writes_embeddings_sources_and_a_map(image_folder, cache_dir, tmp
     assert [r["index"] for r in rows] == [str(i) for i in range(30)]
     assert rows[0]["file"] == "class_0/img_0_000.png" and rows[0]["class"] == "class_0"
     assert sum(r["split"] == "val" for r in rows) == 6
-    assert (tmp_path / "emb" / "figures" / "embedding_map.png").is_file()
+    the_map = tmp_path / "emb" / "feats_map.png"  # named after the output: a second encode never overwrites it
+    assert the_map.is_file()
+    before = the_map.read_bytes()
     # the same numbers as the API on the same images
     model = convae.load(ckpt)
     from convae.data import load_source
@@ -41,6 +43,16 @@ def test_encode_writes_embeddings_sources_and_a_map(image_folder, cache_dir, tmp
         expected = model.encoder.forward_pooled(ds.images.float() / 255)
     assert np.load(pooled).shape == (30, 96)
     np.testing.assert_allclose(np.load(pooled), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert the_map.read_bytes() == before
+    # a source the checkpoint was not trained on: no train/val split is claimed for its rows
+    from conftest import make_image_folder
+
+    other = make_image_folder(tmp_path / "other", classes=2, per_class=5, seed=3)
+    test_out = tmp_path / "emb" / "other.npy"
+    assert main(["encode", "--checkpoint", str(ckpt), "--data", str(other), "--cache-dir", str(cache_dir),
+                 "--out", str(test_out), "--device", "cpu"]) == 0
+    assert {r["split"] for r in csv.DictReader(open(test_out.with_suffix(".csv")))} == {""}
+    assert (tmp_path / "emb" / "other_map.png").is_file() and the_map.read_bytes() == before
 
 
 def test_evaluate_an_autoencoder_with_a_bank(image_folder, cache_dir, tmp_path, capsys):

@@ -129,9 +129,13 @@ COMMANDS: dict[str, tuple[str, list]] = {
               + EXEC),
     "evaluate": ("evaluate a checkpoint on a labelled source: classifier accuracy, and kNN and linear probe "
                  "of its frozen encoder with --train-data",
-                 [PRESET, CONFIG, _checkpoint("classifier checkpoint to evaluate")]
-                 + ["--data", "--train-data", "--cache-dir", "--batch-size", "--probe-features", "--precision",
-                    "--seed", "--device", "--out"]),
+                 [_checkpoint("checkpoint to evaluate (a classifier; an autoencoder with --train-data)"),
+                  "--data", "--train-data", "--cache-dir",
+                  _batch(f"images per forward pass (default {INFERENCE_BATCH_SIZE})"), "--probe-features",
+                  "--precision",
+                  ("--seed", {**FLAGS["--seed"], "help": "seed of the random-weights baseline and the linear probe "
+                                                         "(default 0)"}),
+                  "--device", "--out"]),
     "encode": ("embeddings of every image to .npy, a CSV of their sources, and a t-SNE map",
                [_checkpoint("autoencoder or classifier checkpoint"),
                 ("--out", dict(metavar="FILE.npy", required=True, help="embeddings file to write (must not exist)")),
@@ -200,9 +204,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    overrides = _overrides(args)  # --data defaults to cifar10 through the config, so a --config file can set it
+    overrides = _overrides(args)
     train_data = overrides.pop("train_data", None)
-    commands.evaluate(args.preset, args.config, overrides, args.checkpoint, train_data, _log)
+    commands.evaluate(overrides, args.checkpoint, train_data, _log)
 
 
 def _sweep(args: argparse.Namespace) -> None:

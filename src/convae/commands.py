@@ -49,8 +49,10 @@ def sweep(preset: str, config_file: str | None, overrides: dict[str, Any], budge
     return run_sweep(cfg, parse_budgets(budgets), seeds, steps, checkpoint, log=log)
 
 
-def evaluate(preset: str, config_file: str | None, overrides: dict[str, Any], checkpoint: str,
-             train_data: str | None, log: Log) -> Results:
+EVALUATE_KEYS = ("data", "cache_dir", "batch_size", "probe_features", "precision", "seed", "device")
+
+
+def evaluate(overrides: dict[str, Any], checkpoint: str, train_data: str | None, log: Log) -> Results:
     """``convae evaluate``: a checkpoint on every image of ``data`` (``cifar10`` = its test split).
 
     A classifier is scored as a classifier. With ``train_data`` (labelled) the checkpoint's
@@ -65,7 +67,8 @@ def evaluate(preset: str, config_file: str | None, overrides: dict[str, Any], ch
     from .probes import random_encoder, representation_scores
     from .report import write_report
 
-    cfg = build_config(preset, config_file, overrides)
+    # the architecture comes from the checkpoint: no preset or config file, only these settings
+    cfg = build_config("seed", None, {"batch_size": INFERENCE_BATCH_SIZE, **overrides})
     model, payload, device = open_model(checkpoint, cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
     is_classifier = payload["kind"] == "classifier"
@@ -105,12 +108,16 @@ def evaluate(preset: str, config_file: str | None, overrides: dict[str, Any], ch
             f"linear probe {100 * rep['random']['linear_probe_accuracy']:.2f}% on {cfg.data}")
     if cfg.out:
         run = RunDir(cfg.out)
-        run.save_config(cfg)
+        # what this evaluation used, not a training recipe it never ran
+        used = {k: v for k, v in cfg.to_dict().items() if k in EVALUATE_KEYS}
+        run.write_json("config.json", {"command": "evaluate", "checkpoint": str(checkpoint),
+                                       "train_data": train_data, **used})
         run.write_json("results.json", results)
         if is_classifier:
             visualise.save_confusion_matrix(results["confusion_matrix"], classes, run.figures / "confusion_matrix.png")
         if ds.skipped:
             run.write_lines("skipped.txt", ds.skipped)
+        log(f"wrote {run.path}: results.json, report.html" + (", figures/confusion_matrix.png" if is_classifier else ""))
         write_report(run.path)
     return results
 

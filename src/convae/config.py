@@ -207,7 +207,11 @@ def build_config(
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    """``config.json`` of a run folder: every key but ``out`` (the folder is where the file is),
+    so ``--config RUN/config.json`` reruns the recipe into a new folder."""
+    from .files import atomic_write_text
+
+    atomic_write_text(path, json.dumps({k: v for k, v in cfg.to_dict().items() if k != "out"}, indent=2) + "\n")
 
 
 def load_run_config(run_dir: str | Path) -> Config:

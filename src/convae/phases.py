@@ -74,9 +74,13 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     val = DeviceBatches(data.val.images.to(device), data.val.labels.to(device), cfg.batch_size)
 
     last: dict = {}  # the final epoch's evaluation is the result: no second pass over the evaluation set
+    best_path = run.checkpoints / "classifier_best.pt"
 
     def validate() -> dict:
         last["eval"] = evaluate_classifier(clf, val, k, cfg.precision)
+        done = ctx.history("finetune")  # the epochs before this one (restored on resume)
+        if ctx.dist.is_main and last["eval"]["accuracy"] > max((m["val_accuracy"] for m in done), default=-1.0):
+            save_checkpoint(best_path, clf, "classifier", data.classes, cfg.to_dict())  # the best epoch so far
         return {"val_loss": last["eval"]["loss"], "val_accuracy": last["eval"]["accuracy"]}
 
     lr = cfg.finetune_lr or cfg.lr
@@ -96,6 +100,10 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
         ctx.tb.image("kernels/finetuned", visualise.kernel_grid(after))
     results.update({"eval_set": data.eval_name, "loss": final["loss"], "init": cfg.init,
                     "freeze_encoder": cfg.freeze_encoder, "labelled_images": len(ft)})
+    if history:
+        top = max(history, key=lambda m: m["val_accuracy"])  # the first epoch of the highest accuracy
+        results["best"] = {"epoch": top["epoch"], "val_accuracy": top["val_accuracy"],
+                           "checkpoint": str(best_path.relative_to(run.path)), "selected_on": data.eval_name}
     return results
 
 

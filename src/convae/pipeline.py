@@ -182,6 +182,9 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
             run.write_json("results.json", {**final, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     if dist.is_main:
         log(f"done: {run.path}")
+        if not do_finetune:
+            ckpt = run.checkpoints / "autoencoder.pt"
+            log(f"autoencoder: {ckpt}\nnext: convae finetune --checkpoint {ckpt} --data {cfg.data} --out NEW_DIR")
     return run
 
 

@@ -77,6 +77,7 @@ class Results(TypedDict, total=False):
     checkpoint: str
     representation: Representation
     timing: dict[str, float]
+    best: dict[str, Any]  # the fine-tuning epoch of the highest evaluation accuracy, saved as classifier_best.pt
     precision: str  # the precision that ran (auto resolved)
     provenance: dict[str, str]  # convae and torch versions, date, device and its name, precision
     finished: str  # written last: the run wrote everything

@@ -22,9 +22,8 @@ class RunDir:
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         self.check_free(self.path)
-        try:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            self.figures.mkdir(parents=True, exist_ok=True)
+        try:  # checkpoints/ and figures/ appear with their first file: no empty folders
+            self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConvaeError(f"could not create the run folder {self.path}: {e.strerror}",
                               advice="choose another --out") from None
