@@ -126,3 +126,13 @@ def test_save_pretrained_and_from_pretrained_and_torch_hub(tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "latent_dim": -1}))
     with pytest.raises(ConvaeError, match="latent_dim must be an integer > 0"):
         convae.from_pretrained(folder)
+
+
+def test_no_submodule_shadows_an_api_function():
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(convae.__path__, "convae."):
+        importlib.import_module(info.name)  # importing a submodule sets it as an attribute of the package
+    for name in convae.__all__:
+        assert not isinstance(getattr(convae, name), type(convae)), f"convae.{name} is shadowed by a module"

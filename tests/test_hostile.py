@@ -519,3 +519,10 @@ def test_a_hostile_training_state_is_refused_on_resume(world, tmp_path, monkeypa
     state.update(change)
     torch.save(state, path)
     refused(["run", "--out", str(run), "--resume"], capsys, match)
+
+
+def test_files_written_whole_get_the_usual_permissions(tmp_path):
+    from convae.files import UMASK, atomic_write_text
+
+    path = atomic_write_text(tmp_path / "results.json", "{}")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK  # not mkstemp's private 0600

@@ -13,7 +13,7 @@ LAYERS = [
     {"data", "data.images", "data.archives", "data.sources", "data.batches", "data.rundata", "data.memory"},
     {"checkpoint", "rundir", "report", "visualise", "reference", "hub"},
     {"loop", "evaluate", "probes", "fit"},
-    {"phases", "pipeline", "sweep", "embeddings", "predict", "export"},
+    {"phases", "pipeline", "sweep", "embeddings", "prediction", "export"},
     {"commands", "api", "cli", "__main__", "__init__"},
 ]
 

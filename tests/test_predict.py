@@ -7,7 +7,7 @@ import convae
 from conftest import COLOURS, make_image
 from convae.cli import main
 from convae.data import load_source
-from convae.predict import predict
+from convae.prediction import predict
 
 
 def _trained(tmp_path, image_folder):

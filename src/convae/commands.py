@@ -132,8 +132,8 @@ def encode(overrides: dict[str, Any], checkpoint: str, out: str, make_map: bool,
 
 def predict(checkpoint: str, images: list[str], device: str, batch_size: int, as_json: bool, log: Log,
             warn: Callable[[str], None]) -> None:
-    from .predict import format_predictions
-    from .predict import predict as predict_images
+    from .prediction import format_predictions
+    from .prediction import predict as predict_images
 
     rows = predict_images(checkpoint, images, device, batch_size, warn=warn)
     log(format_predictions(rows, as_json=as_json))

@@ -12,6 +12,10 @@ from typing import Any, BinaryIO, Callable
 from .errors import ConvaeError
 
 
+UMASK = os.umask(0o022)  # read once (the call sets it), and put back at once
+os.umask(UMASK)
+
+
 def write_failure(path: Path, e: BaseException) -> ConvaeError | None:
     """The one-line error for a failed write of ``path``, or None when ``e`` is not a write failure."""
     if not isinstance(e, OSError):
@@ -66,6 +70,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; a result file gets the mode open() would give it
+            os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
