@@ -108,13 +108,16 @@ def test_the_report_renders_in_a_real_browser(run_dir, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto((run_dir / "report.html").resolve().as_uri())
         page.wait_for_load_state("load")
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
         assert len(widths) == 11 and all(w > 0 for w in widths)
         rows = page.eval_on_selector_all("#per-class tbody tr", "rows => rows.length")
         assert rows == 3
+        # figures of many small numbers or thumbnails are never scaled down: legible at 100 % zoom
+        scale = page.eval_on_selector_all("figure.native img", "imgs => imgs.map(i => i.clientWidth / i.naturalWidth)")
+        assert len(scale) == 2 and all(s >= 0.99 for s in scale), scale
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()

@@ -126,7 +126,7 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     features = extract_features(enc, queries.images, precision=cfg.precision, features=cfg.probe_features)
     visualise.attempt(ctx.log, "the embedding map", lambda: visualise.save_embedding_map(
         features.cpu().numpy(), queries.labels.numpy(), data.classes, ctx.run.figures / "embedding_map.png",
-        "pretrained encoder, evaluation images", max_points=2000, seed=cfg.seed))
+        f"pretrained encoder, {data.eval_name.split(' (')[0]}", max_points=2000, seed=cfg.seed))
     rep["seconds"] = time.perf_counter() - start
     rand = rep["random"]
     ctx.log(f"frozen pretrained encoder ({cfg.probe_features} features): kNN {100 * rep['knn_accuracy']:.2f}%, "

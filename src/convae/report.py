@@ -27,14 +27,15 @@ th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 figure { display: inline-block; margin: .4em 1em .4em 0; vertical-align: top; max-width: 100%; }
 figure img { width: 600px; max-width: 100%; border: 1px solid #eee; } figcaption { font-size: .85em; color: #555; }
-figure.small img { width: 400px; } figure.wide img { width: 1280px; }
+figure.small img { width: 400px; } figure.native img { width: auto; }
 .warn { background: #fff4d6; border-left: 4px solid #e0a800; padding: .4em .8em; }
 .note { color: #555; font-size: .9em; } .big { font-size: 1.3em; font-weight: 600; }
 """
 
 
 def _img(path: Path, caption: str, size: str = "") -> str:
-    """An inlined figure; ``size`` is "small" (kernel grids), "" or "wide" (many small numbers or thumbnails)."""
+    """An inlined figure; ``size`` is "small" (kernel grids), "" (600 px) or "native" (drawn at its own
+    size, never scaled down: many small numbers or thumbnails)."""
     if not path.is_file():
         return ""
     data = base64.b64encode(path.read_bytes()).decode()
@@ -172,7 +173,7 @@ def build_report(run: Path) -> str:
         parts.append("".join(_img(fig / f, c, "small") for f, c in kernels))
     if (fig / "reconstructions.png").is_file():
         parts.append("<h2>Reconstructions</h2>" + _img(fig / "reconstructions.png", f"images of the {set_name} "
-                                                        "(top) over their reconstructions (bottom)", "wide"))
+                                                        "(top) over their reconstructions (bottom)", "native"))
 
     if results and "per_class" in results:
         parts.append("<h2>Per-class accuracy</h2>")
@@ -185,7 +186,7 @@ def build_report(run: Path) -> str:
             rows.append(row)
         parts.append(_table(headers, rows, "per-class"))
         parts.append(_img(fig / "confusion_matrix.png", f"confusion matrix on the {set_name} (rows: true class)",
-                          "wide" if len(classes) > 10 else ""))
+                          "native"))
     rep = (results or {}).get("representation")
     if rep:
         parts.append("<h2>The frozen representation</h2>")

@@ -92,10 +92,10 @@ def save_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path) -
     if k <= 30:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=7,
+                ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=9,
                         color="white" if rates[i, j] > 0.5 else "black")
-        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(k), classes, fontsize=8)
+        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=9)
+        ax.set_yticks(range(k), classes, fontsize=9)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (counts; colour = row rate)", fontsize=10)
