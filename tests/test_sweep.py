@@ -43,6 +43,8 @@ def test_sweep_reuses_a_given_checkpoint(image_folder, cache_dir, tmp_path):
                  "--steps", "2", "--batch-size", "8", "--val-fraction", "0.2", "--device", "cpu"]) == 0
     assert not (out / "checkpoints" / "autoencoder.pt").exists()
     assert json.loads((out / "sweep.json").read_text())["autoencoder"].endswith("autoencoder.pt")
+    page = (out / "report.html").read_text()  # the report shows what happened: no pretraining recipe it never ran
+    assert "No pretraining in this run" in page and "<td class=\"l\">pretrain_epochs</td>" not in page
 
 
 def test_budget_parsing_and_summary():
