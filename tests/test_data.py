@@ -359,3 +359,44 @@ def test_no_progress_bar_fragments_when_stderr_is_not_a_terminal(image_folder, c
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     load_source(str(image_folder), cache_dir=cache_dir, log=lambda m: None)
     assert "decoding" not in capsys.readouterr().err
+
+
+def test_parallel_decoding_gives_what_one_process_gives(tmp_path, monkeypatch):
+    import convae.data.decode as decode
+
+    data = make_image_folder(tmp_path / "d", classes=3, per_class=10)
+    (data / "class_1" / "broken.png").write_bytes(b"not a png")
+    monkeypatch.setattr(decode, "CHUNK", 7)  # 31 files: five chunks
+    monkeypatch.setattr(decode, "PARALLEL_MIN", 10)
+    one = load_source(str(data), 3, 16, 16, tmp_path / "c1", log=lambda m: None, workers=1)
+    two = load_source(str(data), 3, 16, 16, tmp_path / "c2", log=lambda m: None, workers=2)
+    assert torch.equal(one.images, two.images) and torch.equal(one.labels, two.labels)
+    assert one.files == two.files and one.skipped == two.skipped and len(one.skipped) == 1
+
+
+def test_a_killed_decode_continues_where_it_stopped(tmp_path, monkeypatch):
+    import convae.data.decode as decode
+
+    data = make_image_folder(tmp_path / "d", classes=3, per_class=10)
+    monkeypatch.setattr(decode, "CHUNK", 7)  # 30 files: five chunks
+    real, calls, kill = decode.decode_chunk, [], [True]
+
+    def killed_after_two(*a):
+        calls.append(1)
+        if kill[0] and len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill in the middle of the third chunk
+        return real(*a)
+
+    monkeypatch.setattr(decode, "decode_chunk", killed_after_two)
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        load_source(str(data), 3, 16, 16, cache, log=lambda m: None, workers=1)
+    assert len(list((cache / "tensors").glob("*.partial/*.pt"))) == 2
+    calls.clear()
+    kill[0] = False
+    lines = []
+    ds = load_source(str(data), 3, 16, 16, cache, log=lines.append, workers=1)
+    assert len(calls) == 3 and any("2 of 5 chunks already done" in m for m in lines)  # only the missing ones
+    fresh = load_source(str(data), 3, 16, 16, tmp_path / "fresh", log=lambda m: None, workers=1)
+    assert torch.equal(ds.images, fresh.images) and ds.files == fresh.files
+    assert not list((cache / "tensors").glob("*.partial"))  # gone once the source is cached whole

@@ -29,6 +29,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--test-data": dict(metavar="SRC", help="evaluate on this source instead of a validation split (cifar10 = its test split)"),
     "--val-fraction": dict(type=float, metavar="F", help="fraction of --data held out, stratified and seeded (default 0.1)"),
     "--labels-per-class": dict(type=int, metavar="N", help="fine-tune on only N labelled images per class (pretraining still uses all)"),
+    "--workers": dict(type=int, metavar="N", help="processes that decode a source the first time (default 0 = "
+                      "every core)"),
     "--cache-dir": dict(metavar="DIR", help="where downloads, extracted archives and decoded tensors are kept (default ~/.cache/convae)"),
     "--in-channels": dict(type=int, metavar="C", help="image channels (default 3); images are converted to it"),
     "--height": dict(type=int, metavar="H", help="image height (default 32); images are resized to it"),
@@ -80,7 +82,7 @@ FLAGS: dict[str, dict[str, Any]] = {
                                "0 = at the end of each phase only)"),
 }
 
-DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir"]
+DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir", "--workers"]
 MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample", "--norm",
          "--convs-per-stage", "--output-activation"]
 PRETRAIN = ["--pretrain-epochs", "--objective", "--noise-std", "--drop-prob", "--mask-ratio", "--patch-size",
@@ -130,7 +132,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
     "evaluate": ("evaluate a checkpoint on a labelled source: classifier accuracy, and kNN and linear probe "
                  "of its frozen encoder with --train-data",
                  [_checkpoint("checkpoint to evaluate (a classifier; an autoencoder with --train-data)"),
-                  "--data", "--train-data", "--cache-dir",
+                  "--data", "--train-data", "--cache-dir", "--workers",
                   _batch(f"images per forward pass (default {INFERENCE_BATCH_SIZE})"), "--probe-features",
                   "--precision",
                   ("--seed", {**FLAGS["--seed"], "help": "seed of the random-weights baseline and the linear probe "
@@ -140,7 +142,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
                [_checkpoint("autoencoder or classifier checkpoint"),
                 ("--out", dict(metavar="FILE.npy", required=True, help="embeddings file to write (must not exist)")),
                 ("--no-map", dict(action="store_true", help="skip the t-SNE map")),
-                "--data", "--val-fraction", "--cache-dir",
+                "--data", "--val-fraction", "--cache-dir", "--workers",
                 _batch(f"images per forward pass (default {INFERENCE_BATCH_SIZE})"),
                 "--probe-features", "--precision",
                 ("--seed", {**FLAGS["--seed"], "help": "seed of the train/val column of the CSV, as in training "

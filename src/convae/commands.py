@@ -49,7 +49,7 @@ def sweep(preset: str, config_file: str | None, overrides: dict[str, Any], budge
     return run_sweep(cfg, parse_budgets(budgets), seeds, steps, checkpoint, log=log)
 
 
-EVALUATE_KEYS = ("data", "cache_dir", "batch_size", "probe_features", "precision", "seed", "device")
+EVALUATE_KEYS = ("data", "cache_dir", "workers", "batch_size", "probe_features", "precision", "seed", "device")
 
 
 def evaluate(overrides: dict[str, Any], checkpoint: str, train_data: str | None, log: Log) -> Results:
@@ -78,7 +78,8 @@ def evaluate(overrides: dict[str, Any], checkpoint: str, train_data: str | None,
     if cfg.out:
         RunDir.check_free(cfg.out)
     m = model.config
-    ds = load_source(cfg.data, m.in_channels, m.height, m.width, cfg.cache_dir, train=False, log=log)
+    ds = load_source(cfg.data, m.in_channels, m.height, m.width, cfg.cache_dir, train=False, log=log,
+                     workers=cfg.workers)
     if not ds.labelled:
         raise ConvaeError(f"{cfg.data} has no class folders: evaluation needs labelled data")
     classes = payload.get("classes") or ds.classes
@@ -94,7 +95,8 @@ def evaluate(overrides: dict[str, Any], checkpoint: str, train_data: str | None,
         log(f"accuracy on {cfg.data}: {100 * results['accuracy']:.2f}% of {results['num_images']} images")
         log(format_class_table(results))
     if train_data is not None:
-        bank = load_source(train_data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log)
+        bank = load_source(train_data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log,
+                           workers=cfg.workers)
         if not bank.labelled or bank.classes != ds.classes:
             raise ConvaeError(f"the training data {train_data} must be labelled with the classes of {cfg.data}")
         baseline = random_encoder(m, cfg.seed, device)

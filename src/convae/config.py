@@ -39,6 +39,7 @@ class Config:
     cache_dir: str = "~/.cache/convae"
     val_fraction: float = 0.1
     labels_per_class: int | None = None
+    workers: int = 0  # processes that decode a source the first time (0 = every core)
     # model (the seed preset is the lecture's network)
     in_channels: int = 3
     height: int = 32

@@ -38,7 +38,8 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
     model, payload, device = open_model(checkpoint, cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
     m = model.config
-    ds = load_source(cfg.data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log)
+    ds = load_source(cfg.data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log,
+                     workers=cfg.workers)
     # the training run's seeded split, so a user can tell the images the model never saw
     split = np.array([""] * len(ds), dtype=object)
     trained_on = (payload.get("run_config") or {}).get("data")

@@ -142,6 +142,8 @@ def validate(cfg: Any) -> None:
                f"labels_per_class must be an integer > 0, got {short(cfg.labels_per_class)}")
     _check(_is_int(cfg.checkpoint_every) and cfg.checkpoint_every >= 0,
            f"checkpoint_every must be an integer >= 0 (0 = at phase ends only), got {short(cfg.checkpoint_every)}")
+    _check(_is_int(cfg.workers) and 0 <= cfg.workers <= 1024,
+           f"workers must be an integer in [0, 1024] (0 = every core), got {short(cfg.workers)}")
     _check(_is_int(cfg.micro_batch) and cfg.micro_batch >= 0,
            f"micro_batch must be an integer >= 0 (0 = auto), got {short(cfg.micro_batch)}")
     _check(_is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED, f"seed must be an integer in [0, 2**32), got {short(cfg.seed)}")

@@ -32,7 +32,8 @@ def prepare_data(cfg: Config, need_labels: bool, log: Log, source: ImageSet | No
     ``source``, when given, is the training set already in memory (the Python API's tensors
     and Datasets) and ``cfg.data`` only names it.
     """
-    fmt = dict(channels=cfg.in_channels, height=cfg.height, width=cfg.width, cache_dir=cfg.cache_dir, log=log)
+    fmt = dict(channels=cfg.in_channels, height=cfg.height, width=cfg.width, cache_dir=cfg.cache_dir, log=log,
+               workers=cfg.workers)
     full = source if source is not None else load_source(cfg.data, train=True, **fmt)
     if need_labels and not full.labelled:
         raise ConvaeError(f"{cfg.data} has no class folders (unlabelled): fine-tuning needs labelled data",

@@ -19,7 +19,8 @@ from ..errors import ConvaeError, first_line
 from ..files import atomic_torch_save
 from ..records import Log
 from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive
-from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, load_image, printable
+from .decode import decode_files, remove_partial
+from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, printable
 
 CACHE_VERSION = 3  # bump when the cached tensor's meaning changes (3: EXIF orientation, escaped names)
 
@@ -140,31 +141,6 @@ def _cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _decode_all(files: list[Path], root: Path, channels: int, height: int, width: int, log: Log):
-    from tqdm.auto import tqdm
-
-    out = torch.empty((len(files), channels, height, width), dtype=torch.uint8)
-    keep: list[int] = []
-    skipped: list[str] = []
-    n_mode = n_size = 0
-    # disable=None: no bar when stderr is not a terminal (a log file gets no fragments), as in training
-    for i, f in enumerate(tqdm(files, desc="decoding", unit="img", leave=False, mininterval=1.0, disable=None)):
-        try:
-            img, mode_changed, resized = load_image(f, channels, height, width)
-        except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and listed
-            skipped.append(f"{printable(f.relative_to(root))}: {printable(first_line(e, 300))}")
-            continue
-        out[len(keep)] = img
-        keep.append(i)
-        n_mode += mode_changed
-        n_size += resized
-    if n_mode or n_size:
-        log(f"converted {n_mode} image(s) to {channels} channel(s), resized {n_size} to {height}x{width}")
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
-    return out[: len(keep)].clone(), keep, skipped
-
-
 def load_source(
     src: str,
     channels: int = 3,
@@ -173,11 +149,12 @@ def load_source(
     cache_dir: str | Path = "~/.cache/convae",
     train: bool = True,
     log: Log = print,
+    workers: int = 0,
 ) -> ImageSet:
     """Decode ``src`` once (cached) into an :class:`ImageSet` of the configured format.
 
     ``train`` picks CIFAR-10's split when ``src`` is ``cifar10``; folders and archives are
-    read whole.
+    read whole, decoded by ``workers`` processes (0 = every core).
     """
     cache = Path(cache_dir).expanduser()
     fmt = {"channels": channels, "height": height, "width": width, "version": CACHE_VERSION}
@@ -193,15 +170,17 @@ def load_source(
                 raise ConvaeError(f"{src} is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)})")
             digest = file_sha256(path)
             key = _cache_key({"kind": "archive", "sha256": digest, **fmt})
-            loader = lambda: _from_folder(extract_archive(path, cache, digest, log), channels, height, width, log)  # noqa: E731
+            loader = lambda: _from_folder(extract_archive(path, cache, digest, log), channels, height, width, log,  # noqa: E731
+                                          workers, partial)
         else:
             root = path.resolve()
             listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                        for p in sorted(root.rglob("*")) if p.is_file()]
             key = _cache_key({"kind": "folder", "path": str(root), "files": listing, **fmt})
-            loader = lambda: _from_folder(root, channels, height, width, log)  # noqa: E731
+            loader = lambda: _from_folder(root, channels, height, width, log, workers, partial)  # noqa: E731
 
     cached = cache / "tensors" / f"{key}.pt"
+    partial = cache / "tensors" / f"{key}.partial"  # the chunks of a decode in progress (or killed)
     if cached.is_file():
         try:
             d = torch.load(cached, weights_only=True)
@@ -213,6 +192,7 @@ def load_source(
     # a killed run never leaves half a cache file under the real name
     atomic_torch_save({"images": ds.images, "labels": ds.labels, "classes": ds.classes, "files": ds.files,
                        "skipped": ds.skipped}, cached)
+    remove_partial(partial)
     return ds
 
 
@@ -226,12 +206,13 @@ def _from_cifar10(train: bool, cache: Path, channels: int, height: int, width: i
                     [f"cifar10/{split}/{i}" for i in range(len(labels))])
 
 
-def _from_folder(path: Path, channels: int, height: int, width: int, log: Log) -> ImageSet:
+def _from_folder(path: Path, channels: int, height: int, width: int, log: Log, workers: int = 0,
+                 partial: Path | None = None) -> ImageSet:
     root, files, labels, classes, notes = scan_folder(path)
     for note in notes:
         log(f"warning: {note}")
     log(f"decoding {len(files)} images from {root}" + (f" ({len(classes)} classes)" if classes else " (unlabelled)"))
-    images, keep, skipped = _decode_all(files, root, channels, height, width, log)
+    images, keep, skipped = decode_files(files, root, channels, height, width, log, workers, partial)
     if len(keep) == 0:
         raise ConvaeError(f"none of the {len(files)} image files under {root} could be decoded")
     lab = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
