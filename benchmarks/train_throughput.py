@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CIFARLike, Model, PeakRSS, autoencoder, load_images, print_table, sync, write_json  # noqa: E402
