@@ -400,3 +400,15 @@ def test_a_killed_decode_continues_where_it_stopped(tmp_path, monkeypatch):
     fresh = load_source(str(data), 3, 16, 16, tmp_path / "fresh", log=lambda m: None, workers=1)
     assert torch.equal(ds.images, fresh.images) and ds.files == fresh.files
     assert not list((cache / "tensors").glob("*.partial"))  # gone once the source is cached whole
+
+
+def test_a_cached_source_opens_as_a_memory_map(image_folder, cache_dir):
+    first = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
+    again = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    (npy,) = Path(cache_dir).glob("tensors/*/images.npy")
+    if Path("/proc/self/maps").is_file():  # mapped from images.npy, not read into memory
+        assert str(npy.resolve()) in Path("/proc/self/maps").read_text()
+    again.images[0] += 1  # copy-on-write: the cache file itself is never changed
+    third = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
+    assert torch.equal(third.images, first.images)

@@ -472,11 +472,19 @@ def test_a_damaged_cache_is_decoded_again_and_a_killed_extraction_is_swept(tmp_p
     data = make_image_folder(tmp_path / "data", classes=2, per_class=3)
     cache = tmp_path / "cache"
     first = load_source(str(data), 3, 16, 16, cache_dir=cache, log=lambda m: None)
-    (cached,) = (cache / "tensors").glob("*.pt")
-    cached.write_bytes(cached.read_bytes()[:100])  # a truncated cache file
+    (cached,) = (cache / "tensors").glob("*/images.npy")
+    cached.write_bytes(cached.read_bytes()[:200])  # a truncated cache file
     lines = []
     again = load_source(str(data), 3, 16, 16, cache_dir=cache, log=lines.append)
-    assert any("unreadable; decoding again" in m for m in lines) and torch.equal(first.images, again.images)
+    assert any("unreadable (" in m and "decoding again" in m for m in lines)
+    assert torch.equal(first.images, again.images)
+    # a cache of another format version is rebuilt with a line in the log, never misread
+    meta = cached.parent / "meta.json"
+    meta.write_text(meta.read_text().replace('"version": 4', '"version": 3'))
+    lines.clear()
+    again = load_source(str(data), 3, 16, 16, cache_dir=cache, log=lines.append)
+    assert any("is format 3, this convae reads 4: decoding again" in m for m in lines)
+    assert torch.equal(first.images, again.images) and '"version": 4' in meta.read_text()
     # the temporary folder of an extraction killed with -9: removed by the next extraction
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = cache / "extracted" / f".tmp-{int(dead.stdout)}-abcd"

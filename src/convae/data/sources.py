@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ConvaeError, first_line
-from ..files import atomic_torch_save
 from ..records import Log
 from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive
+from .cache import read_cache, write_cache
 from .decode import decode_files, remove_partial
 from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, printable
 
-CACHE_VERSION = 3  # bump when the cached tensor's meaning changes (3: EXIF orientation, escaped names)
 
 
 @dataclass
@@ -157,7 +156,7 @@ def load_source(
     read whole, decoded by ``workers`` processes (0 = every core).
     """
     cache = Path(cache_dir).expanduser()
-    fmt = {"channels": channels, "height": height, "width": width, "version": CACHE_VERSION}
+    fmt = {"channels": channels, "height": height, "width": width}  # the format version is in meta.json
     if src.lower() == "cifar10":
         key = _cache_key({"kind": "cifar10", "train": train, **fmt})
         loader = lambda: _from_cifar10(train, cache, channels, height, width, log)  # noqa: E731
@@ -179,19 +178,14 @@ def load_source(
             key = _cache_key({"kind": "folder", "path": str(root), "files": listing, **fmt})
             loader = lambda: _from_folder(root, channels, height, width, log, workers, partial)  # noqa: E731
 
-    cached = cache / "tensors" / f"{key}.pt"
+    cached = cache / "tensors" / key
     partial = cache / "tensors" / f"{key}.partial"  # the chunks of a decode in progress (or killed)
-    if cached.is_file():
-        try:
-            d = torch.load(cached, weights_only=True)
-            return ImageSet(d["images"], d["labels"], d["classes"], d["files"], d["skipped"], src, key)
-        except Exception:
-            log(f"cache file {cached} is unreadable; decoding again")
+    d = read_cache(cached, log)
+    if d is not None:
+        return ImageSet(d["images"], d["labels"], d["classes"], d["files"], d["skipped"], src, key)
     ds = loader()
     ds.source, ds.key = src, key
-    # a killed run never leaves half a cache file under the real name
-    atomic_torch_save({"images": ds.images, "labels": ds.labels, "classes": ds.classes, "files": ds.files,
-                       "skipped": ds.skipped}, cached)
+    write_cache(cached, ds.images, ds.labels, ds.classes, ds.files, ds.skipped)
     remove_partial(partial)
     return ds
 
