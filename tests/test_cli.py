@@ -278,3 +278,23 @@ def test_the_best_epochs_classifier_is_kept(image_folder, cache_dir, tmp_path):
     _, val = split_indices(ds.labels, len(ds), cfg["val_fraction"], cfg["seed"])
     r = evaluate_classifier(clf, DeviceBatches(ds.images[val], ds.labels[val], 64), 3)
     assert r["accuracy"] == best["val_accuracy"]  # the file holds the weights of that epoch
+
+
+def test_the_stl10_case_unlabelled_pretraining_then_a_small_labelled_set_at_64x64(tmp_path, cache_dir):
+    """The README's STL-10-style commands at 64x64 with four stages: pretrain on unlabelled
+    images, fine-tune from that checkpoint on a small labelled folder, evaluate on a test folder."""
+    unlabelled = make_image_folder(tmp_path / "unlabelled", classes=3, per_class=8, size=(64, 64), labelled=False)
+    labelled = make_image_folder(tmp_path / "labelled", classes=3, per_class=3, size=(64, 64), seed=1)
+    test = make_image_folder(tmp_path / "test", classes=3, per_class=2, size=(64, 64), seed=2)
+    arch = ["--height", "64", "--width", "64", "--channels", "8", "8", "16", "16", "--latent-dim", "32",
+            "--batch-size", "8", "--device", "cpu", "--cache-dir", str(cache_dir)]
+    assert main(["pretrain", "--data", str(unlabelled), "--out", str(tmp_path / "pre"), "--pretrain-epochs", "1",
+                 "--preset", "denoise"] + arch) == 0
+    ckpt = tmp_path / "pre" / "checkpoints" / "autoencoder.pt"
+    assert main(["finetune", "--checkpoint", str(ckpt), "--data", str(labelled), "--test-data", str(test),
+                 "--out", str(tmp_path / "ft"), "--finetune-epochs", "1", "--preset", "denoise", "--batch-size", "4",
+                 "--device", "cpu", "--cache-dir", str(cache_dir)]) == 0
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert results["num_images"] == 6 and results["labelled_images"] == 9 and "finished" in results
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert (cfg["height"], cfg["width"], cfg["channels"]) == (64, 64, [8, 8, 16, 16])  # from the checkpoint
