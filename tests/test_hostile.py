@@ -534,3 +534,19 @@ def test_files_written_whole_get_the_usual_permissions(tmp_path):
 
     path = atomic_write_text(tmp_path / "results.json", "{}")
     assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK  # not mkstemp's private 0600
+
+
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from convae.rundir import locked
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with locked(tmp_path, "training"):  # not "in use": the mount cannot lock at all
+        ran.append(1)
+    assert ran == [1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import Config, save_config
-from .errors import ConvaeError
+from .errors import ConvaeError, clip
 from .files import atomic_write_text
 from .records import EpochRecord
 
@@ -110,9 +111,12 @@ def locked(path: str | Path, what: str) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                yield  # a file system without locks (some network mounts): run unlocked, as before
+                return
             holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
-            raise ConvaeError(f"the run folder {path} is in use by {holder}",
+            raise ConvaeError(f"the run folder {path} is in use by {clip(holder, 200)}",
                               advice="wait for it to finish, or stop it first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({what}, since {time.strftime('%H:%M:%S')})"
