@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from convae.device import device_name
 from convae.reference import Model, autoencoder  # noqa: F401  (re-exported for the benchmarks)
 
 
@@ -111,16 +112,7 @@ class PeakRSS:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    info = {"cpu": device_name(torch.device("cpu")), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -18,7 +18,7 @@ torch.Size([3, 4])
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -149,19 +149,18 @@ def _train(phases: tuple[str, ...], data: Any, checkpoint: Any, preset: str, ove
     from .pipeline import run_training
 
     log = (lambda m: None) if quiet else print
-    cfg: Config = build_config(preset, None, {k: v for k, v in overrides.items()})
+    cfg: Config = build_config(preset, None, overrides)
     ckpt = _checkpoint_path(checkpoint, cfg.cache_dir)
     source = None
     if isinstance(data, (str, Path)):
         if labels is not None:
             raise ConvaeError("labels go with images in memory; a folder's labels are its class folders")
-        overrides = {**overrides, "data": str(data)}
+        cfg = replace(cfg, data=str(data))
     else:
         if ckpt is not None:  # the images take the checkpoint's format, as the run will
             cfg = cfg.with_model(load_checkpoint(ckpt, kind="autoencoder")[0].config)
         source = image_set(data, labels, classes, cfg.in_channels, cfg.height, cfg.width, log)
-        overrides = {**overrides, "data": source.source}
-    cfg = build_config(preset, None, overrides)
+        cfg = replace(cfg, data=source.source)  # names the images in config.json and the report
     return run_training(cfg, phases=phases, checkpoint=ckpt, log=log, source=source, on_epoch=on_epoch).path
 
 

@@ -39,6 +39,11 @@ def save_checkpoint(
     atomic_torch_save(payload, Path(path))
 
 
+def is_state_dict(v: object) -> bool:
+    """Whether untrusted ``v`` is a mapping of names to tensors."""
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """``load_state_dict`` whose failure names every tensor that differs."""
     own = model.state_dict()
@@ -71,9 +76,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ConvaeError(f"{p} is not a convae checkpoint (no '{FORMAT}' marker)")
     if payload.get("kind") not in KINDS or "model" not in payload or "config" not in payload:
         raise ConvaeError(f"{p} is a damaged convae checkpoint (kind, model or config missing)")
-    state = payload["model"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+    if not is_state_dict(payload["model"]):
         raise ConvaeError(f"{p} is a damaged convae checkpoint (its model is not a mapping of names to tensors)")
     classes = payload.get("classes", [])
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):

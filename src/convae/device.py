@@ -29,30 +29,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` of Linux's ``/proc/cpuinfo`` (None elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where the platform does not list them)."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def device_name(device: torch.device) -> str:
     """The GPU's or CPU's model name, for provenance records."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def bf16_is_fast(device: torch.device) -> bool:

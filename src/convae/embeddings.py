@@ -15,7 +15,7 @@ from .config import Config
 from .data import load_source, split_indices
 from .device import resolve_precision
 from .errors import ConvaeError
-from .files import atomic_write_bytes, atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .probes import extract_features
 from .records import Log
 
@@ -49,9 +49,7 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
         split[val.numpy()] = "val"
     feats = extract_features(model.encoder, ds.images, batch_size=cfg.batch_size, precision=cfg.precision,
                              features=cfg.probe_features).cpu().numpy()
-    buffer = io.BytesIO()
-    np.save(buffer, feats.astype(np.float32))
-    atomic_write_bytes(out_path, buffer.getvalue())
+    atomic_write(out_path, lambda f: np.save(f, feats.astype(np.float32)))
     rows = io.StringIO(newline="")
     w = csv.writer(rows)
     w.writerow(["index", "file", "label", "class", "split"])

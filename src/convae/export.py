@@ -14,8 +14,8 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .errors import ConvaeError, first_line
 from .files import make_parent
-from .models import AutoEncoder, Classifier, Encoder, ModelConfig
-from .validation import model_config_from_dict
+from .hub import rebuild
+from .models import AutoEncoder, Classifier, ModelConfig
 
 FORMATS = ("onnx", "pt2", "safetensors", "torchscript")  # pt2: torch.export, the successor of TorchScript
 PARTS = ("encoder", "classifier", "autoencoder")
@@ -117,8 +117,6 @@ def load_safetensors(path: str | Path) -> nn.Module:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .checkpoint import load_state_strict
-
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -131,12 +129,7 @@ def load_safetensors(path: str | Path) -> nn.Module:
         config, classes = json.loads(meta.get("config", "")), json.loads(meta.get("classes", "[]"))
     except ValueError:
         raise ConvaeError(f"{path} has damaged convae metadata (config or classes)") from None
-    cfg = model_config_from_dict(config, where=f"{path}: ")
-    part = meta["part"]
-    model: nn.Module = {"encoder": Encoder, "classifier": Classifier, "autoencoder": AutoEncoder}[part](cfg)
-    load_state_strict(model, state, source=str(path))
-    model.classes = classes
-    return model.eval()
+    return rebuild(meta["part"], config, state, classes, str(path))
 
 
 def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import atomic_torch_save, load_state_strict
+from .checkpoint import atomic_torch_save, is_state_dict, load_state_strict
 from .config import Config
 from .data import DeviceBatches
 from .device import micro_batch_size
@@ -135,15 +135,11 @@ def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _is_tensors(v) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
-
-
 # every field of a state.pt, and what it must be: the file is read back as untrusted
 _STATE_CHECKS: dict[str, Callable[[object], bool]] = {
     "phase": lambda v: v in ("pretrain", "finetune"), "epoch": _is_count, "step": _is_count,
     "loss_sum": lambda v: isinstance(v, float), "elapsed": lambda v: isinstance(v, float),
-    "model": _is_tensors, "optimizer": lambda v: isinstance(v, dict),
+    "model": is_state_dict, "optimizer": lambda v: isinstance(v, dict),
     "scheduler": lambda v: v is None or isinstance(v, dict),
     "rng": lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
     "metrics": lambda v: isinstance(v, list) and all(isinstance(m, dict) and "phase" in m for m in v),

@@ -56,7 +56,13 @@ def from_pretrained(folder: str | Path) -> nn.Module:
         raise ConvaeError(f"{folder / CONFIG_NAME} is not a convae model config (no convae_kind)")
     kind, classes = config.pop("convae_kind"), config.pop("classes", [])
     config.pop("convae_version", None)
-    model = KINDS[kind](model_config_from_dict(config, where=f"{folder / CONFIG_NAME}: "))
-    load_state_strict(model, state, source=str(folder / WEIGHTS_NAME))
+    return rebuild(kind, config, state, classes, str(folder))
+
+
+def rebuild(kind: str, config: object, state: dict, classes: object, source: str) -> nn.Module:
+    """The ``kind`` of model (autoencoder, classifier, encoder) that untrusted ``config`` describes,
+    with ``state`` loaded strictly and ``classes`` attached; in eval mode."""
+    model = KINDS[kind](model_config_from_dict(config, where=f"{source}: "))
+    load_state_strict(model, state, source=source)
     model.classes = [str(c) for c in classes] if isinstance(classes, list) else []
     return model.eval()

@@ -116,12 +116,10 @@ def validate(cfg: Any) -> None:
     for name in ("test_data", "out", "init_checkpoint"):
         v = getattr(cfg, name)
         _check(v is None or (isinstance(v, str) and v != ""), f"{name} must be a path or null, got {short(v)}")
+    # before model_config(): ModelConfig casts the widths with int(), which would pass 16.5 as 16
     ch = cfg.channels
     _check(isinstance(ch, (list, tuple)) and 0 < len(ch) <= 8 and all(_is_int(c) and c > 0 for c in ch),
            f"channels must be a list of 1 to 8 integers > 0, got {short(ch)}")
-    for name in ("in_channels", "height", "width", "latent_dim", "convs_per_stage"):
-        v = getattr(cfg, name)
-        _check(_is_int(v) and v > 0, f"{name} must be an integer > 0, got {short(v)}")
     for name in ("pretrain_epochs", "finetune_epochs"):
         v = getattr(cfg, name)
         _check(_is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {short(v)}")

@@ -10,7 +10,6 @@ A folder of another format version is decoded again, with a log line; it is neve
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import clip, first_line
-from ..files import atomic_write, atomic_write_bytes, atomic_write_text
+from ..files import atomic_write, atomic_write_text
 from ..records import Log
 
 CACHE_VERSION = 4  # 4: memory-mapped .npy folder; 3: EXIF orientation, escaped names (a .pt file)
@@ -54,9 +53,7 @@ def write_cache(folder: Path, images: torch.Tensor, labels: torch.Tensor | None,
     (folder / "meta.json").unlink(missing_ok=True)  # incomplete until the new mark is written
     atomic_write(folder / "images.npy", lambda f: np.save(f, images.numpy(), allow_pickle=False))
     if labels is not None:
-        buffer = io.BytesIO()
-        np.save(buffer, labels.numpy(), allow_pickle=False)
-        atomic_write_bytes(folder / "labels.npy", buffer.getvalue())
+        atomic_write(folder / "labels.npy", lambda f: np.save(f, labels.numpy(), allow_pickle=False))
     meta = {"version": CACHE_VERSION, "shape": list(images.shape), "labelled": labels is not None,
             "classes": classes, "files": files, "skipped": skipped}
     atomic_write_text(folder / "meta.json", json.dumps(meta))

@@ -81,10 +81,7 @@ _INT_TYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 def to_model_format(x: Any, channels: int, height: int, width: int) -> torch.Tensor:
     """``images_tensor(x)`` converted as training converts a decoded source: channels, then an
     antialiased resize to ``height`` x ``width``. uint8 (N, C, H, W)."""
-    t = images_tensor(x)
-    if t.shape[1] in (2, 4):  # alpha dropped, as when decoding
-        t = t[:, : t.shape[1] - 1]
-    return convert_images(t, channels, height, width)[0]
+    return convert_images(images_tensor(x), channels, height, width)[0]  # alpha dropped there too
 
 
 def _labels_tensor(labels: Any, n: int) -> torch.Tensor:
