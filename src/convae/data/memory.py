@@ -50,7 +50,11 @@ def images_tensor(x: Any) -> torch.Tensor:
             return images_tensor([x])
         raise ConvaeError(f"cannot read images from a {type(x).__name__}: give a tensor, a numpy array, "
                           "a PIL image, a list of them, a Dataset, or a path")
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x.detach().cpu()
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+        t = torch.from_numpy(x if x.flags.writeable else x.copy())  # a PIL image's array is read-only
+    else:
+        t = x.detach().cpu()
     if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_TYPES):
         raise ConvaeError(f"images must hold numbers (uint8 0-255 or float 0-1), got {t.dtype}")
     if t.ndim == 2:
