@@ -48,7 +48,7 @@ def probes_all_labels(cfg, checkpoint: Path, log) -> dict:
     random_enc = random_encoder(ae.config, cfg.seed)
     out = {}
     for features in ("latent", "pooled"):
-        r = representation_scores(ae.encoder, data.train.images, data.train.labels, data.val.images,
+        r = representation_scores(ae.encoder, data.train, data.train.labels, data.val,
                                   data.val.labels, len(data.classes), cfg.precision, cfg.seed, features=features,
                                   baseline=random_enc)
         out[features] = {"pretrained": {"logistic": r["linear_probe_accuracy"], "knn": r["knn_accuracy"]},

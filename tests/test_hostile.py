@@ -472,6 +472,7 @@ def test_a_damaged_cache_is_decoded_again_and_a_killed_extraction_is_swept(tmp_p
     data = make_image_folder(tmp_path / "data", classes=2, per_class=3)
     cache = tmp_path / "cache"
     first = load_source(str(data), 3, 16, 16, cache_dir=cache, log=lambda m: None)
+    first.store = first.images.clone()  # it maps the file that is now damaged in place
     (cached,) = (cache / "tensors").glob("*/images.npy")
     cached.write_bytes(cached.read_bytes()[:200])  # a truncated cache file
     lines = []

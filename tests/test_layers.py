@@ -11,7 +11,7 @@ LAYERS = [
     {"models", "ops", "objectives", "augment"},
     {"config", "validation"},
     {"data", "data.images", "data.archives", "data.decode", "data.cache", "data.sources", "data.batches",
-     "data.rundata",
+     "data.rundata", "data.rows",
      "data.memory"},
     {"checkpoint", "rundir", "report", "visualise", "reference", "hub"},
     {"loop", "evaluate", "probes", "fit"},

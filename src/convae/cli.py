@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__, commands
 from .config import INFERENCE_BATCH_SIZE, PRESETS, SWEEP_BATCH_SIZE
-from .validation import DEVICES, INITS, OPTIMIZERS, PRECISIONS, PROBE_FEATURES, SCHEDULES
+from .validation import DEVICES, INITS, OPTIMIZERS, PLACEMENTS, PRECISIONS, PROBE_FEATURES, SCHEDULES
 from .errors import ConvaeError, Interrupted, clip, first_line
 from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES
 from .objectives import OBJECTIVES
@@ -31,6 +31,9 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--labels-per-class": dict(type=int, metavar="N", help="fine-tune on only N labelled images per class (pretraining still uses all)"),
     "--workers": dict(type=int, metavar="N", help="processes that decode a source the first time (default 0 = "
                       "every core)"),
+    "--placement": dict(choices=PLACEMENTS, help="where the training images live: device (one tensor on the "
+                        "training device), host (batches read from the cache and prefetched), auto (default: the "
+                        "device when the set fits in half its free memory; on the CPU always host)"),
     "--cache-dir": dict(metavar="DIR", help="where downloads, extracted archives and decoded tensors are kept (default ~/.cache/convae)"),
     "--in-channels": dict(type=int, metavar="C", help="image channels (default 3); images are converted to it"),
     "--height": dict(type=int, metavar="H", help="image height (default 32); images are resized to it"),
@@ -82,7 +85,7 @@ FLAGS: dict[str, dict[str, Any]] = {
                                "0 = at the end of each phase only)"),
 }
 
-DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir", "--workers"]
+DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir", "--workers", "--placement"]
 MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample", "--norm",
          "--convs-per-stage", "--output-activation"]
 PRETRAIN = ["--pretrain-epochs", "--objective", "--noise-std", "--drop-prob", "--mask-ratio", "--patch-size",

@@ -88,7 +88,7 @@ def evaluate(overrides: dict[str, Any], checkpoint: str, train_data: str | None,
     results: Results = {"eval_set": cfg.data, "checkpoint": str(checkpoint), "precision": cfg.precision,
                         "provenance": provenance(device, cfg.precision)}
     if is_classifier:
-        batches = DeviceBatches(ds.images.to(device), ds.labels.to(device), cfg.batch_size)
+        batches = DeviceBatches.of(ds, device, cfg.batch_size)
         r = evaluate_classifier(model, batches, len(classes), cfg.precision)
         results.update(class_results(r["confusion_matrix"], classes))
         results["loss"] = r["loss"]
@@ -100,7 +100,7 @@ def evaluate(overrides: dict[str, Any], checkpoint: str, train_data: str | None,
         if not bank.labelled or bank.classes != ds.classes:
             raise ConvaeError(f"the training data {train_data} must be labelled with the classes of {cfg.data}")
         baseline = random_encoder(m, cfg.seed, device)
-        rep = representation_scores(model.encoder, bank.images, bank.labels, ds.images, ds.labels, len(ds.classes),
+        rep = representation_scores(model.encoder, bank, bank.labels, ds, ds.labels, len(ds.classes),
                                     cfg.precision, cfg.seed, features=cfg.probe_features, baseline=baseline)
         rep.update({"encoder": f"{payload['kind']}'s, frozen", "bank": f"--train-data {train_data}",
                     "eval_set": cfg.data})

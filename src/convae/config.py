@@ -40,6 +40,7 @@ class Config:
     val_fraction: float = 0.1
     labels_per_class: int | None = None
     workers: int = 0  # processes that decode a source the first time (0 = every core)
+    placement: str = "auto"  # where training images live: auto (by size), device (all on it) or host (streamed)
     # model (the seed preset is the lecture's network)
     in_channels: int = 3
     height: int = 32

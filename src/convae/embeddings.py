@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .data import load_source, split_indices
 from .device import resolve_precision
 from .errors import ConvaeError
 from .files import atomic_write, atomic_write_text
-from .probes import extract_features
+from .probes import feature_chunks
 from .records import Log
 
 
@@ -47,9 +48,20 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
         split[:] = "train"
         _, val = split_indices(ds.labels, len(ds), cfg.val_fraction, cfg.seed)
         split[val.numpy()] = "val"
-    feats = extract_features(model.encoder, ds.images, batch_size=cfg.batch_size, precision=cfg.precision,
-                             features=cfg.probe_features).cpu().numpy()
-    atomic_write(out_path, lambda f: np.save(f, feats.astype(np.float32)))
+    # written chunk by chunk: the features of a big source are never all in memory
+    chunks = feature_chunks(model.encoder, ds, batch_size=cfg.batch_size, precision=cfg.precision,
+                            features=cfg.probe_features)
+    first = next(chunks)
+
+    def write(f) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                  "shape": (len(ds), first.shape[1])}
+        np.lib.format.write_array_header_1_0(f, header)
+        for c in itertools.chain([first], chunks):
+            f.write(c.cpu().numpy().astype(np.float32, copy=False).tobytes())
+
+    atomic_write(out_path, write)
+    feats = np.load(out_path, mmap_mode="r")
     rows = io.StringIO(newline="")
     w = csv.writer(rows)
     w.writerow(["index", "file", "label", "class", "split"])

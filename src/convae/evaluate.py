@@ -19,7 +19,7 @@ def evaluate_reconstruction(model: nn.Module, batches: DeviceBatches, precision:
     """Mean loss per pixel over every image of ``batches``: the MSE of the reconstruction, or
     ``objective``'s loss with the same corruption on every call (seeded per batch)."""
     model.eval()
-    device = batches.images.device
+    device = batches.device
     total = torch.zeros((), device=device, dtype=torch.float64)
     plain = objective is None or objective.cfg.name == "reconstruct"
     for i, (x, _) in enumerate(batches):
@@ -40,7 +40,7 @@ def evaluate_classifier(model: nn.Module, batches: DeviceBatches, num_classes: i
                         ) -> Evaluation:
     """Mean cross-entropy, accuracy and confusion matrix (rows: true, columns: predicted)."""
     model.eval()
-    device = batches.images.device
+    device = batches.device
     loss = torch.zeros((), device=device, dtype=torch.float64)
     cm = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     for x, y in batches:

@@ -175,7 +175,7 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
             raise ConvaeError(f"{where} does not match this run's optimizer ({clip(first_line(e), 80)})",
                               advice="start a new run with another --out") from None
         first, step, loss_sum, elapsed = r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"]
-    micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.images.device)
+    micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.device)
     every = cfg.checkpoint_every
     for epoch in range(first, epochs + 1):
         batches.set_epoch(epoch)
@@ -205,7 +205,7 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
                             **validate(), "seconds": seconds, "images_per_s": batches.num_images / seconds,
                             "lr": current_lr}  # type: ignore[typeddict-item]
         ctx.record(rec)
-        stop = ctx.dist.any(ctx.stop(), batches.images.device)
+        stop = ctx.dist.any(ctx.stop(), batches.device)
         if epoch == epochs or (every and epoch % every == 0) or stop:
             ctx.save_state(phase, model, optimizer, scheduler, epoch, 0, 0.0, 0.0, kernels)
         if stop:

@@ -31,9 +31,9 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     cfg, run = ctx.cfg, ctx.run
     r = ctx.resumed("pretrain")
     initial = r["kernels"].to(device) if r is not None else ae.encoder.first_conv.weight.detach().clone()
-    train = DeviceBatches(data.train.images.to(device), None, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                          rank=ctx.dist.rank, world_size=ctx.dist.world_size)
-    val = DeviceBatches(data.val.images.to(device), None, cfg.batch_size)
+    train = DeviceBatches.of(data.train, device, cfg.batch_size, labels=False, shuffle=True, seed=cfg.seed,
+                             rank=ctx.dist.rank, world_size=ctx.dist.world_size, placement=cfg.placement)
+    val = DeviceBatches.of(data.val, device, cfg.batch_size, labels=False, placement=cfg.placement)
     objective = Objective(cfg.objective_config())
 
     def validate() -> dict:
@@ -46,7 +46,7 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     ctx.check_stop("the pretraining figures")
     # spread over the evaluation set: it is ordered by class, and one class says little
     pick = torch.linspace(0, len(data.val) - 1, min(16, len(data.val))).long()
-    x = to_model_input(data.val.images[pick].to(device))
+    x = to_model_input(data.val.take(pick).to(device))
     ae.eval()
     with torch.no_grad(), autocast(device, cfg.precision):
         recon = ae(x).float()
@@ -69,9 +69,9 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     k = len(data.classes)
     ft = data.finetune
     assert ft is not None, "fine-tuning needs labelled data (checked by prepare_data)"
-    train = DeviceBatches(ft.images.to(device), ft.labels.to(device), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                          rank=ctx.dist.rank, world_size=ctx.dist.world_size)
-    val = DeviceBatches(data.val.images.to(device), data.val.labels.to(device), cfg.batch_size)
+    train = DeviceBatches.of(ft, device, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ctx.dist.rank,
+                             world_size=ctx.dist.world_size, placement=cfg.placement)
+    val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
 
     last: dict = {}  # the final epoch's evaluation is the result: no second pass over the evaluation set
     best_path = run.checkpoints / "classifier_best.pt"
@@ -118,12 +118,12 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     bank, queries = data.finetune, data.val
     assert bank is not None and bank.labels is not None and queries.labels is not None
     rep: Representation = representation_scores(  # type: ignore[assignment]
-        enc, bank.images, bank.labels, queries.images, queries.labels, len(data.classes), cfg.precision, cfg.seed,
+        enc, bank, bank.labels, queries, queries.labels, len(data.classes), cfg.precision, cfg.seed,
         features=cfg.probe_features, baseline=random_enc)
     rep.update({"encoder": "pretrained autoencoder's, frozen", "bank": f"the {len(bank)} labelled fine-tuning images",
                 "eval_set": data.eval_name})
     ctx.check_stop("the embedding map")
-    features = extract_features(enc, queries.images, precision=cfg.precision, features=cfg.probe_features)
+    features = extract_features(enc, queries, precision=cfg.precision, features=cfg.probe_features)
     visualise.attempt(ctx.log, "the embedding map", lambda: visualise.save_embedding_map(
         features.cpu().numpy(), queries.labels.numpy(), data.classes, ctx.run.figures / "embedding_map.png",
         f"pretrained encoder, {data.eval_name.split(' (')[0]}", max_points=2000, seed=cfg.seed))

@@ -60,7 +60,7 @@ INPUTS = "inputs.json"
 def _fingerprints(cfg: Config, data: RunData) -> dict[str, str]:
     """What the run depends on: the config (less where it runs), each source's cache key
     (its files, sizes and times, or its archive's hash) and the initial checkpoint's hash."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "device")}
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "device", "placement", "workers")}
     out = {"config": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24], **data.keys}
     if cfg.init_checkpoint and Path(cfg.init_checkpoint).is_file():
         out["init_checkpoint"] = file_sha256(Path(cfg.init_checkpoint))[:24]

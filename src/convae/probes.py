@@ -6,37 +6,48 @@ the k = 200 nearest training features vote with weight exp(similarity / 0.07).
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import INFERENCE_BATCH_SIZE
-from .data import to_model_input
+from .data import ImageSet, to_model_input
 from .device import autocast
 
 PROBE_SETTINGS = {"model": "multinomial logistic regression", "optimizer": "full-batch L-BFGS",
                   "max_iter": 200, "l2": 1e-4, "features": "standardised"}
 
 
-@torch.no_grad()
-def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = INFERENCE_BATCH_SIZE,
-                     precision: str = "fp32", features: str = "latent") -> torch.Tensor:
-    """Features (N, D), float32, on the encoder's device, of ``images`` (N, C, H, W).
+def feature_chunks(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_size: int = INFERENCE_BATCH_SIZE,
+                   precision: str = "fp32", features: str = "latent") -> Iterator[torch.Tensor]:
+    """Features of ``images``, ``batch_size`` images at a time (float32, on the encoder's device).
 
-    ``features`` is ``latent`` (the FC code) or ``pooled`` (every conv stage averaged to 2x2,
-    :meth:`Encoder.forward_pooled`). ``images`` are uint8 0-255 (scaled as in training) or
-    float in [0, 1]; the encoder runs in eval mode and is put back in the mode it was in.
+    ``images`` is a uint8 (N, C, H, W) tensor (0-255, scaled as in training; float in [0, 1] is
+    taken as it is) or an :class:`ImageSet`, read chunk by chunk (a big source never whole in
+    memory). ``features`` is ``latent`` (the FC code) or ``pooled`` (every conv stage averaged to
+    2x2, :meth:`Encoder.forward_pooled`). The encoder runs in eval mode and is put back after.
     """
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = to_model_input(images[start : start + batch_size].to(device))
-        with autocast(device, precision):
-            out.append((encoder.forward_pooled(x) if features == "pooled" else encoder(x)).float())
-    encoder.train(was_training)
-    return torch.cat(out)
+    chunks = images.chunks(batch_size) if isinstance(images, ImageSet) else (
+        images[start : start + batch_size] for start in range(0, images.shape[0], batch_size))
+    try:
+        for x in chunks:
+            x = to_model_input(x.to(device))
+            with torch.no_grad(), autocast(device, precision):
+                f = (encoder.forward_pooled(x) if features == "pooled" else encoder(x)).float()
+            yield f  # outside the no_grad block: a suspended generator must not hold the caller's grad mode
+    finally:
+        encoder.train(was_training)
+
+
+def extract_features(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_size: int = INFERENCE_BATCH_SIZE,
+                     precision: str = "fp32", features: str = "latent") -> torch.Tensor:
+    """Features (N, D) of ``images``, as :func:`feature_chunks`, in one tensor."""
+    return torch.cat(list(feature_chunks(encoder, images, batch_size, precision, features)))
 
 
 @torch.no_grad()
@@ -103,8 +114,8 @@ def random_encoder(config, seed: int, device: torch.device | str = "cpu") -> nn.
     return enc.to(device, memory_format=torch.channels_last)
 
 
-def representation_scores(encoder: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
-                          test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
+def representation_scores(encoder: nn.Module, train_images: torch.Tensor | ImageSet, train_labels: torch.Tensor,
+                          test_images: torch.Tensor | ImageSet, test_labels: torch.Tensor, num_classes: int,
                           precision: str = "fp32", seed: int = 0, features: str = "latent",
                           baseline: nn.Module | None = None) -> dict:
     """kNN and linear-probe accuracy of ``encoder``'s frozen features (train = the labelled bank).

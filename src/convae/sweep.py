@@ -22,7 +22,7 @@ from . import visualise
 from .augment import augment, step_generator
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import DeviceBatches, per_class_subset, prepare_data
+from .data import DeviceBatches, ImageSet, per_class_subset, prepare_data
 from .device import micro_batch_size, provenance, resolve_device, resolve_precision
 from .errors import ConvaeError
 from .evaluate import evaluate_classifier
@@ -65,13 +65,14 @@ def parse_budgets(values: list[str]) -> list[int | None]:
     return out
 
 
-def train_cell(clf: Classifier, images, labels, val: DeviceBatches, cfg: Config, steps: int, seed: int,
+def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int, seed: int,
                num_classes: int) -> float:
-    """``steps`` optimizer steps of the fine-tuning recipe (with its augmentation), then the
-    evaluation-set accuracy."""
+    """``steps`` optimizer steps of the fine-tuning recipe (with its augmentation) on the labelled
+    ``train``, then the evaluation-set accuracy."""
+    device = next(clf.parameters()).device
     optimizer = make_optimizer(clf.parameters(), cfg.optimizer, cfg.finetune_lr or cfg.lr, cfg.weight_decay)
-    batches = DeviceBatches(images, labels, cfg.batch_size, shuffle=True, seed=seed)
-    micro = micro_batch_size(cfg.micro_batch, cfg.precision, images.device)
+    batches = DeviceBatches.of(train, device, cfg.batch_size, shuffle=True, seed=seed, placement=cfg.placement)
+    micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
     aug = cfg.augment_config()
     done, epoch = 0, 0
     train_mode(clf)
@@ -80,7 +81,7 @@ def train_cell(clf: Classifier, images, labels, val: DeviceBatches, cfg: Config,
         batches.set_epoch(epoch)
         for x, y in batches:
             if aug is not None:
-                x = augment(x, aug, step_generator(images.device, seed, epoch, done))
+                x = augment(x, aug, step_generator(device, seed, epoch, done))
             train_step(clf, x, y, optimizer, classification_criterion, cfg.precision, micro)
             done += 1
             if done == steps:
@@ -131,12 +132,12 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
     random_enc = random_encoder(mcfg, cfg.seed, device)
     pretrain_s = time.perf_counter() - started
 
-    images, labels = data.train.images.to(device), data.train.labels.to(device)
-    val = DeviceBatches(data.val.images.to(device), data.val.labels.to(device), cfg.batch_size)
+    labels = data.train.labels.to(device)
+    val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
     feats = {}
     for name, enc in (("pretrained", ae.encoder), ("random", random_enc)):
         feats[name] = [extract_features(enc, x, precision=cfg.precision, features=cfg.probe_features)
-                       for x in (images, val.images)]
+                       for x in (data.train, data.val)]
     cells: list[SweepCell] = []
     for budget in budgets:
         for i in range(seeds):
@@ -156,7 +157,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
                     clf = clf.to(device, memory_format=torch.channels_last)
                     if method == "linear_probe":
                         freeze(clf.encoder)
-                    acc = train_cell(clf, images[idx], labels[idx], val, cfg, steps, seed, k)
+                    acc = train_cell(clf, data.train.subset(idx.cpu()), val, cfg, steps, seed, k)
                 cell: SweepCell = {"method": method, "labels_per_class": "all" if budget is None else budget,
                                    "seed": seed, "labelled_images": int(len(idx)), "accuracy": acc,
                                    "seconds": time.perf_counter() - start}

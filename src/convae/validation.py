@@ -21,6 +21,7 @@ INITS = ("pretrained", "scratch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "auto")
 PROBE_FEATURES = ("latent", "pooled")
+PLACEMENTS = ("auto", "device", "host")
 MAX_SEED = 2**32 - 1  # every RNG convae seeds (torch, numpy, t-SNE) takes this range
 MODEL_FIELDS = {"in_channels", "height", "width", "channels", "latent_dim", "upsample", "negative_slope",
                 "num_classes", "norm", "convs_per_stage", "output_activation"}
@@ -158,7 +159,8 @@ def validate(cfg: Any) -> None:
         v = getattr(cfg, name)
         _check(_is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {short(v)}")
     for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS), ("device", DEVICES),
-                          ("precision", PRECISIONS), ("objective", OBJECTIVES), ("probe_features", PROBE_FEATURES)):
+                          ("precision", PRECISIONS), ("objective", OBJECTIVES), ("probe_features", PROBE_FEATURES),
+                          ("placement", PLACEMENTS)):
         v = getattr(cfg, name)
         _check(isinstance(v, str) and v in choices, f"{name} must be one of {', '.join(choices)}; got {short(v)}")
     validate_model(cfg.model_config())

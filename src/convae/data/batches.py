@@ -1,12 +1,17 @@
-"""Splits (seeded, stratified), few-label subsets, and batches sliced on the training device."""
+"""Splits (seeded, stratified), few-label subsets, and batches: sliced on the training device, or read
+from the source on the host and prefetched (placement by size)."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Iterator
 
 import torch
 
+from ..validation import PLACEMENTS
 from .images import to_model_input
+from .sources import ImageSet
 
 
 def split_indices(labels: torch.Tensor | None, n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +50,91 @@ def per_class_subset(labels: torch.Tensor, index: torch.Tensor, per_class: int, 
 
 # ----------------------------------------------------------------------------- batches
 
+DEVICE_SHARE = 0.5  # "auto" puts a set on the GPU when it takes at most this share of the free memory
+PREFETCH = 2  # host batches read ahead of the one training
+
+
+def resolve_placement(placement: str, nbytes: int, device: torch.device) -> str:
+    """Where a set's images live while training: ``device`` (one tensor on the training device,
+    batches sliced from it) or ``host`` (batches read from the source, prefetched, copied over).
+
+    ``auto``: on a GPU, the device when the set fits with room to spare, else the host; on the
+    CPU always the host, since a cached source is already in memory (the page cache) and a
+    second copy in the process would only double it.
+    """
+    if placement != "auto":
+        assert placement in PLACEMENTS, placement
+        return placement
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return "device" if nbytes <= DEVICE_SHARE * free else "host"
+    return "host" if device.type == "cpu" else "device"
+
+
+def on_device(ds: ImageSet, device: torch.device, chunk: int = 8192) -> torch.Tensor:
+    """The set's images as one uint8 tensor on ``device``, copied in chunks (no second full copy on the host)."""
+    if device.type == "cpu":
+        return ds.tensor()
+    out = torch.empty(ds.shape, dtype=torch.uint8, device=device)
+    for i, x in enumerate(ds.chunks(chunk)):
+        out[i * chunk : i * chunk + len(x)].copy_(x)
+    return out
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def prefetched(items: Iterator, depth: int = PREFETCH) -> Iterator:
+    """``items`` produced by a background thread up to ``depth`` ahead (reads overlap training).
+
+    An error in the thread is raised here; closing this generator stops the thread.
+    """
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(_Failed(e))
+
+    thread = threading.Thread(target=work, name="convae-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
 
 class DeviceBatches:
-    """Mini-batches sliced from a uint8 tensor that lives on the training device.
+    """Mini-batches of images on the training device.
 
     Yields float images scaled to [0, 1] (as the lecture's ToTensor) and labels (or None).
     The permutation of epoch ``e`` depends only on ``(seed, e)``, so an epoch can be replayed.
+    Built from a uint8 tensor (already where it should be), or by :meth:`of` from an
+    :class:`ImageSet` with a placement: both placements give the same batches in the same order.
     """
 
     def __init__(
@@ -63,47 +147,81 @@ class DeviceBatches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.images = images
+        self.images: torch.Tensor | None = images
+        self.source: ImageSet | None = None  # the host placement reads its batches from here
         self.labels = labels
+        self.device = images.device
+        self.n = images.shape[0]
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
         self.rank, self.world_size = rank, world_size  # each rank takes a strided shard of every batch
 
+    @classmethod
+    def of(cls, ds: ImageSet, device: torch.device, batch_size: int, labels: bool = True, shuffle: bool = False,
+           seed: int = 0, rank: int = 0, world_size: int = 1, placement: str = "auto") -> "DeviceBatches":
+        """Batches of ``ds`` on ``device``; ``placement`` as :func:`resolve_placement`. On the host
+        each rank reads only its own shard of every batch from the source."""
+        where = resolve_placement(placement, ds.nbytes, device)
+        y = ds.labels if labels else None
+        if where == "device":
+            return cls(on_device(ds, device), None if y is None else y.to(device), batch_size, shuffle, seed,
+                       rank, world_size)
+        b = cls(ds.store[:0], y, batch_size, shuffle, seed, rank, world_size)
+        b.images, b.source, b.device, b.n = None, ds, device, len(ds)
+        return b
+
+    @property
+    def placement(self) -> str:
+        return "host" if self.source is not None else "device"
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-self.images.shape[0] // self.batch_size)
+        return -(-self.n // self.batch_size)
 
     @property
     def num_images(self) -> int:
         """Images in an epoch, over all ranks."""
-        return self.images.shape[0]
+        return self.n
 
     def global_size(self, batch_index: int) -> int:
         """Images in batch ``batch_index`` over all ranks (the last batch may be short)."""
-        return min(self.batch_size, self.images.shape[0] - batch_index * self.batch_size)
+        return min(self.batch_size, self.n - batch_index * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         return self.iterate(0)
 
-    def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The epoch's batches from batch ``start_batch`` on (to continue an interrupted epoch)."""
-        n = self.images.shape[0]
+    def positions(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """The positions in the set of this rank's images of every batch from ``start_batch`` on."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g).to(self.images.device, non_blocking=True)
-        else:
-            order = None
-        for start in range(start_batch * self.batch_size, n, self.batch_size):
-            if order is None:
-                x = self.images[start : start + self.batch_size]
-                y = None if self.labels is None else self.labels[start : start + self.batch_size]
+            order = torch.randperm(self.n, generator=g)
+        for start in range(start_batch * self.batch_size, self.n, self.batch_size):
+            if self.shuffle:
+                yield order[start : start + self.batch_size][self.rank :: self.world_size]
             else:
-                idx = order[start : start + self.batch_size][self.rank :: self.world_size]
-                x = self.images[idx]
-                y = None if self.labels is None else self.labels[idx]
-            x = to_model_input(x)
-            yield x, y
+                yield torch.arange(start, min(start + self.batch_size, self.n))
+
+    def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The epoch's batches from batch ``start_batch`` on (to continue an interrupted epoch)."""
+        if self.source is None:
+            assert self.images is not None
+            for pos in self.positions(start_batch):
+                if not self.shuffle:  # a slice: a view, no copy
+                    x = self.images[int(pos[0]) : int(pos[-1]) + 1]
+                    y = None if self.labels is None else self.labels[int(pos[0]) : int(pos[-1]) + 1]
+                else:
+                    idx = pos.to(self.device, non_blocking=True)
+                    x = self.images[idx]
+                    y = None if self.labels is None else self.labels[idx]
+                yield to_model_input(x), y
+            return
+        ds, pin = self.source, self.device.type == "cuda"
+        host = ((ds.take(pos, pin=pin), None if self.labels is None else self.labels[pos])
+                for pos in self.positions(start_batch))
+        for x, y in prefetched(host):
+            x = x.to(self.device, non_blocking=True)
+            yield to_model_input(x), None if y is None else y.to(self.device, non_blocking=True)

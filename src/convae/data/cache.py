@@ -4,7 +4,8 @@
 labelled) and ``meta.json`` (format version, shape, classes, file names, skipped files), written
 in that order, each whole or not at all: ``meta.json`` is the mark that the rest is complete.
 Opening maps ``images.npy`` instead of reading it, so it takes about the same time for 10,000
-or 1,000,000 images, and on the CPU the page cache holds the images once for every process.
+or 1,000,000 images, and on the CPU the page cache holds the images once for every process;
+batches read their rows from the file (``rows.gather``), so no process holds the whole source.
 A folder of another format version is decoded again, with a log line; it is never misread.
 """
 
@@ -19,6 +20,7 @@ import torch
 from ..errors import clip, first_line
 from ..files import atomic_write, atomic_write_text
 from ..records import Log
+from .rows import MappedFile
 
 CACHE_VERSION = 4  # 4: memory-mapped .npy folder; 3: EXIF orientation, escaped names (a .pt file)
 
@@ -40,8 +42,11 @@ def read_cache(folder: Path, log: Log) -> dict | None:
         if list(images.shape) != meta["shape"] or images.dtype != np.uint8 or (
                 labels is not None and labels.shape[0] != images.shape[0]):
             raise ValueError("the arrays do not match meta.json")
+        row_bytes = int(np.prod(images.shape[1:], dtype=np.int64))
+        path = (folder / "images.npy").resolve()
+        file = MappedFile(str(path), int(images.offset), row_bytes, path.stat().st_ino)
         return {"images": torch.from_numpy(images), "labels": labels, "classes": meta["classes"],
-                "files": meta["files"], "skipped": meta["skipped"]}
+                "files": meta["files"], "skipped": meta["skipped"], "file": file}
     except Exception as e:  # noqa: BLE001 - a damaged cache is decoded again, never trusted
         log(f"the cache {folder} is unreadable ({clip(first_line(e), 80)}); decoding again")
         return None

@@ -21,37 +21,82 @@ from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive
 from .cache import read_cache, write_cache
 from .decode import decode_files, remove_partial
 from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, printable
+from .rows import MappedFile, gather
 
 
 
 @dataclass
 class ImageSet:
-    """A decoded source: ``images`` uint8 (N, C, H, W); ``labels`` int64 (N,) or None."""
+    """A decoded source, or a part of one: its images uint8 (N, C, H, W), ``labels`` int64 (N,) or None.
 
-    images: torch.Tensor
+    ``store`` is the source's uint8 tensor (a memory map of ``file`` when cached); a part
+    (:meth:`subset`: a split, a few-labels pick) is the rows ``index`` of it, nothing copied.
+    Read a big set with :meth:`take` and :meth:`chunks`; :attr:`images` is the whole set in one tensor.
+    """
+
+    store: torch.Tensor
     labels: torch.Tensor | None
     classes: list[str]
     files: list[str]
     skipped: list[str] = field(default_factory=list)  # "path: reason" for each file left out
     source: str = ""
     key: str = ""  # the cache key: changes when the source's files, the format or the decoder change
+    index: torch.Tensor | None = None  # the rows of ``store`` in this set; None: all of them
+    file: MappedFile | None = None  # the cache file ``store`` maps, read row by row by ``take``
 
     @property
     def labelled(self) -> bool:
         return self.labels is not None
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.store.shape[0] if self.index is None else len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.store.shape[1:])
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The rows of ``store`` in this set, in order."""
+        return torch.arange(self.store.shape[0]) if self.index is None else self.index
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.store[0].numel() if len(self.store) else 0
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The whole set as one uint8 tensor: the source itself (maybe its memory map), or a part's
+        rows gathered into memory."""
+        return self.tensor()
+
+    def take(self, positions: torch.Tensor, pin: bool = False) -> torch.Tensor:
+        """Images ``positions`` of this set, uint8 (len(positions), C, H, W), read from the cache file
+        when there is one (only those rows enter memory)."""
+        rows = positions.cpu() if self.index is None else self.index[positions.cpu()]
+        return gather(self.store, rows, self.file, pin)
+
+    def chunks(self, size: int):
+        """This set's images in order, ``size`` at a time (for features and predictions of big sets)."""
+        for start in range(0, len(self), size):
+            yield self.take(torch.arange(start, min(start + size, len(self))))
+
+    def tensor(self) -> torch.Tensor:
+        """:attr:`images`."""
+        return self.store if self.index is None else self.take(torch.arange(len(self)))
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
+        """The images ``index`` (positions in this set) as a set of their own, sharing the rows."""
         idx = index.tolist()
         return ImageSet(
-            images=self.images[index],
+            store=self.store,
             labels=None if self.labels is None else self.labels[index],
             classes=self.classes,
             files=[self.files[i] for i in idx] if self.files else [],
             source=self.source,
             key=self.key,
+            index=self.rows[index],
+            file=self.file,
         )
 
 
@@ -182,12 +227,20 @@ def load_source(
     partial = cache / "tensors" / f"{key}.partial"  # the chunks of a decode in progress (or killed)
     d = read_cache(cached, log)
     if d is not None:
-        return ImageSet(d["images"], d["labels"], d["classes"], d["files"], d["skipped"], src, key)
+        return _cached_set(d, src, key)
     ds = loader()
     ds.source, ds.key = src, key
     write_cache(cached, ds.images, ds.labels, ds.classes, ds.files, ds.skipped)
     remove_partial(partial)
-    return ds
+    # from the file just written, as every later run reads it: the decoded tensor is freed
+    d = read_cache(cached, log)
+    if d is None:  # pragma: no cover - written a moment ago
+        return ds
+    return _cached_set(d, src, key)
+
+
+def _cached_set(d: dict, src: str, key: str) -> ImageSet:
+    return ImageSet(d["images"], d["labels"], d["classes"], d["files"], d["skipped"], src, key, file=d["file"])
 
 
 def _from_cifar10(train: bool, cache: Path, channels: int, height: int, width: int, log: Log) -> ImageSet:
