@@ -123,7 +123,28 @@ def _read_shards(rank: int, world: int, path: str, port: int, out) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    d = read_cache(__import__("pathlib").Path(path), print)
+    import time
+    from pathlib import Path
+
+    from convae.distributed import Dist
+
+    def first_rank_first() -> None:  # rank 0 (the decoder) finishes before any other rank starts
+        if rank == 0:
+            time.sleep(0.5)
+        with open(Path(path).parent / "turns.txt", "a") as f:
+            f.write(f"{rank}\n")
+
+    Dist(rank, world, rank).in_turn(first_rank_first, torch.device("cpu"))
+
+    def fails_on_rank_0() -> None:
+        if rank == 0:
+            raise ValueError("no images")
+
+    try:  # rank 0's failure stops the others instead of leaving them waiting
+        Dist(rank, world, rank).in_turn(fails_on_rank_0, torch.device("cpu"))
+    except Exception as e:  # noqa: BLE001
+        Path(path).parent.joinpath(f"error{rank}.txt").write_text(type(e).__name__)
+    d = read_cache(Path(path), print)
     ds = ImageSet(d["images"], d["labels"], d["classes"], d["files"], file=d["file"])
     b = DeviceBatches.of(ds, torch.device("cpu"), batch_size=10, shuffle=True, seed=2, rank=rank,
                          world_size=world, placement="host")
@@ -160,3 +181,5 @@ def test_two_gloo_ranks_read_disjoint_shards_of_one_cache(tmp_path):
     for (_, y), r0, r1 in zip(whole, *every, strict=True):
         assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(y.tolist())  # disjoint, covering the batch
     assert np.unique(sum(every[0], []) + sum(every[1], [])).size == 45
+    assert (tmp_path / "turns.txt").read_text().split() == ["0", "1"]  # rank 0 prepared the data first
+    assert [(tmp_path / f"error{r}.txt").read_text() for r in range(2)] == ["ValueError", "ConvaeError"]

@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc_per_node 2 -m convae run --data ... --out runs/ddp
 
-Each rank holds the whole uint8 dataset on its device and takes a disjoint, strided shard of
-every global batch of the same epoch permutation; gradients are averaged by DDP with each
+Rank 0 decodes a source first and the others open its cache (:meth:`Dist.in_turn`). Each rank
+takes a disjoint, strided shard of every global batch of the same epoch permutation, read from
+the cache on the host (only its shard's rows) or sliced from a copy on its GPU when the set fits; gradients are averaged by DDP with each
 rank's loss scaled so that the update equals a single process's on the same global batch;
 the epoch's loss is all-reduced; rank 0 alone writes the run folder.
 """
@@ -12,12 +13,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .device import resolve_device
+from .errors import ConvaeError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,6 +62,26 @@ class Dist:
         t = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def in_turn(self, fn: Callable[[], T], device: torch.device) -> T:
+        """``fn()`` on every rank, rank 0 first, then the first rank of each other machine, then the
+        rest: a source is decoded once per cache (once in all when the cache is shared), and the
+        other ranks open what it wrote. A failure on any rank stops every rank (none waits forever)."""
+        if not self.enabled:
+            return fn()
+        result, error = None, None
+        turns = (self.rank == 0, self.rank != 0 and self.local_rank == 0, self.rank != 0 and self.local_rank != 0)
+        for mine in turns:
+            if mine:
+                try:
+                    result = fn()
+                except Exception as e:  # noqa: BLE001 - raised below, after telling the other ranks
+                    error = e
+            if self.any(error is not None, device):
+                if error is not None:
+                    raise error
+                raise ConvaeError("another rank could not prepare the data (rank 0's output says why)")
+        return result  # type: ignore[return-value]
 
     def broadcast(self, value):
         """Rank 0's ``value`` on every rank (also a barrier)."""

@@ -119,7 +119,7 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
     if not resume:
         RunDir.check_free(cfg.out)
         dist.broadcast(None)  # every rank has looked before rank 0 makes the folder
-    data = prepare_data(cfg, need_labels=do_finetune, log=log, source=source)
+    data = dist.in_turn(lambda: prepare_data(cfg, need_labels=do_finetune, log=log, source=source), device)
     if do_finetune and len(data.classes) < 2:
         raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
     if resume:
