@@ -412,3 +412,15 @@ def test_a_cached_source_opens_as_a_memory_map(image_folder, cache_dir):
     again.images[0] += 1  # copy-on-write: the cache file itself is never changed
     third = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
     assert torch.equal(third.images, first.images)
+
+
+def test_a_decode_keeps_its_chunks_on_disk_not_in_memory(tmp_path, monkeypatch):
+    from convae.data import decode
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=5)
+    files = sorted(data.rglob("*.png"))
+    monkeypatch.setattr(decode, "CHUNK", 3)  # 10 files: 4 chunks
+    kept, keep, _ = decode.decode_files(files, data, 3, 8, 8, lambda m: None, workers=1, partial=tmp_path / "part")
+    assert len(kept.parts) == 4 and all(isinstance(p, Path) for p in kept.parts)  # read back only when written
+    in_memory, keep2, _ = decode.decode_files(files, data, 3, 8, 8, lambda m: None, workers=1)
+    assert keep == keep2 and kept.shape == (10, 3, 8, 8) and torch.equal(kept.tensor(), in_memory.tensor())

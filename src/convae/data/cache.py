@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -52,11 +53,26 @@ def read_cache(folder: Path, log: Log) -> dict | None:
         return None
 
 
-def write_cache(folder: Path, images: torch.Tensor, labels: torch.Tensor | None, classes: list[str],
-                files: list[str], skipped: list[str]) -> None:
-    """Write a decoded source into ``folder``; ``meta.json`` last, as the completion mark."""
+def write_cache(folder: Path, images: torch.Tensor | Iterable[torch.Tensor], labels: torch.Tensor | None,
+                classes: list[str], files: list[str], skipped: list[str]) -> None:
+    """Write a decoded source into ``folder``; ``meta.json`` last, as the completion mark.
+
+    ``images`` is one uint8 tensor or chunks of one in order (with a ``shape``), written one at a time.
+    """
     (folder / "meta.json").unlink(missing_ok=True)  # incomplete until the new mark is written
-    atomic_write(folder / "images.npy", lambda f: np.save(f, images.numpy(), allow_pickle=False))
+    shape = tuple(images.shape)
+    chunks = [images] if isinstance(images, torch.Tensor) else images
+
+    def write(f) -> None:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        n = 0
+        for c in chunks:
+            f.write(c.contiguous().numpy().tobytes())
+            n += c.shape[0]
+        if n != shape[0]:
+            raise ValueError(f"{n} images written for a shape of {shape}")
+
+    atomic_write(folder / "images.npy", write)
     if labels is not None:
         atomic_write(folder / "labels.npy", lambda f: np.save(f, labels.numpy(), allow_pickle=False))
     meta = {"version": CACHE_VERSION, "shape": list(images.shape), "labelled": labels is not None,

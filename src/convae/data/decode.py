@@ -54,6 +54,26 @@ def decode_chunk(files: list[str], root: str, channels: int, height: int, width:
             "n_mode": n_mode, "n_size": n_size}
 
 
+class Chunks:
+    """Decoded images in file order, one chunk at a time: a chunk saved in the partial folder is
+    read back only when iterated, so a large decode never holds every image in memory."""
+
+    def __init__(self, parts: list, shape: tuple[int, ...]) -> None:
+        self.parts = parts  # each a tensor, or a path to a saved chunk
+        self.shape = shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self):
+        for p in self.parts:
+            yield p if isinstance(p, torch.Tensor) else torch.load(p, weights_only=True)["images"]
+
+    def tensor(self) -> torch.Tensor:
+        """Every image in one tensor (for small sets and tests)."""
+        return torch.cat(list(self)) if self.parts else torch.empty(self.shape, dtype=torch.uint8)
+
+
 def _saved(partial: Path | None, i: int, n: int) -> dict | None:
     """Chunk ``i`` (of ``n`` files) from an earlier, stopped decode, if it was written whole."""
     path = None if partial is None else partial / f"{i:07d}.pt"
@@ -61,15 +81,16 @@ def _saved(partial: Path | None, i: int, n: int) -> dict | None:
         return None
     try:
         r = torch.load(path, weights_only=True)
-        return r if len(r["keep"]) + len(r["skipped"]) == n else None
+        return {**r, "images": path} if len(r["keep"]) + len(r["skipped"]) == n else None  # read again when written
     except Exception:  # noqa: BLE001 - a damaged chunk is decoded again
         return None
 
 
 def decode_files(files: list[Path], root: Path, channels: int, height: int, width: int, log: Log,
-                 workers: int = 0, partial: Path | None = None) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Decode ``files`` with ``workers`` processes (0 = every core); returns the images, the
-    indices of the files they came from, and the skipped files with reasons."""
+                 workers: int = 0, partial: Path | None = None) -> tuple[Chunks, list[int], list[str]]:
+    """Decode ``files`` with ``workers`` processes (0 = every core); returns the images (in
+    chunks: with ``partial`` each is saved there and left out of memory), the indices of the files
+    they came from, and the skipped files with reasons."""
     from tqdm.auto import tqdm
 
     names = [str(f) for f in files]
@@ -84,9 +105,11 @@ def decode_files(files: list[Path], root: Path, channels: int, height: int, widt
                desc="decoding", unit="img", leave=False, mininterval=1.0, disable=None)
 
     def finished(i: int, r: dict) -> None:
-        results[i] = r
         if partial is not None:
-            atomic_torch_save(r, partial / f"{i:07d}.pt")
+            path = partial / f"{i:07d}.pt"
+            atomic_torch_save(r, path)
+            r = {**r, "images": path}
+        results[i] = r
         bar.update(len(chunks[i]))
 
     try:
@@ -105,8 +128,7 @@ def decode_files(files: list[Path], root: Path, channels: int, height: int, widt
     finally:
         bar.close()
     done = [r for r in results if r is not None]
-    images = torch.cat([r["images"] for r in done]) if done else torch.empty(0, channels, height, width,
-                                                                               dtype=torch.uint8)
+    images = Chunks([r["images"] for r in done if r["keep"]], (sum(len(r["keep"]) for r in done), channels, height, width))
     keep = [c * CHUNK + k for c, r in enumerate(done) for k in r["keep"]]
     skipped = [s for r in done for s in r["skipped"]]
     n_mode, n_size = sum(r["n_mode"] for r in done), sum(r["n_size"] for r in done)

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -19,7 +20,7 @@ from ..errors import ConvaeError, first_line
 from ..records import Log
 from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive
 from .cache import read_cache, write_cache
-from .decode import decode_files, remove_partial
+from .decode import Chunks, decode_files, remove_partial
 from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, printable
 from .rows import MappedFile, gather
 
@@ -228,14 +229,11 @@ def load_source(
     d = read_cache(cached, log)
     if d is not None:
         return _cached_set(d, src, key)
-    ds = loader()
-    ds.source, ds.key = src, key
-    write_cache(cached, ds.images, ds.labels, ds.classes, ds.files, ds.skipped)
+    write_cache(cached, *loader())
     remove_partial(partial)
-    # from the file just written, as every later run reads it: the decoded tensor is freed
-    d = read_cache(cached, log)
+    d = read_cache(cached, log)  # from the file just written, as every later run opens it
     if d is None:  # pragma: no cover - written a moment ago
-        return ds
+        raise ConvaeError(f"the cache {cached} could not be read back after writing it")
     return _cached_set(d, src, key)
 
 
@@ -243,18 +241,28 @@ def _cached_set(d: dict, src: str, key: str) -> ImageSet:
     return ImageSet(d["images"], d["labels"], d["classes"], d["files"], d["skipped"], src, key, file=d["file"])
 
 
-def _from_cifar10(train: bool, cache: Path, channels: int, height: int, width: int, log: Log) -> ImageSet:
+class Decoded(NamedTuple):
+    """A source just decoded, as the cache writes it: images (one tensor or chunks of one)."""
+
+    images: torch.Tensor | Chunks
+    labels: torch.Tensor | None
+    classes: list[str]
+    files: list[str]
+    skipped: list[str]
+
+
+def _from_cifar10(train: bool, cache: Path, channels: int, height: int, width: int, log: Log) -> Decoded:
     images, labels, classes = _load_cifar10(train, cache)
     images, mode_changed, resized = convert_images(images, channels, height, width)
     if mode_changed or resized:
         log(f"converted {len(images)} CIFAR-10 images to {channels}x{height}x{width}")
     split = "train" if train else "test"
-    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes,
-                    [f"cifar10/{split}/{i}" for i in range(len(labels))])
+    return Decoded(images, torch.tensor(labels, dtype=torch.int64), classes,
+                   [f"cifar10/{split}/{i}" for i in range(len(labels))], [])
 
 
 def _from_folder(path: Path, channels: int, height: int, width: int, log: Log, workers: int = 0,
-                 partial: Path | None = None) -> ImageSet:
+                 partial: Path | None = None) -> Decoded:
     root, files, labels, classes, notes = scan_folder(path)
     for note in notes:
         log(f"warning: {note}")
@@ -264,6 +272,6 @@ def _from_folder(path: Path, channels: int, height: int, width: int, log: Log, w
         raise ConvaeError(f"none of the {len(files)} image files under {root} could be decoded")
     lab = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
     rel = [printable(files[i].relative_to(root)) for i in keep]
-    return ImageSet(images, lab, classes, rel, notes + skipped)
+    return Decoded(images, lab, classes, rel, notes + skipped)
 
 
