@@ -86,7 +86,9 @@ def gather(images: torch.Tensor, rows: torch.Tensor, file: MappedFile | None = N
         _read_sorted(file, r, out)
         return out
     order = np.argsort(r, kind="stable")
-    sorted_rows = torch.empty_like(out)
+    sorted_rows = torch.empty(out.shape, dtype=torch.uint8)
     _read_sorted(file, r[order], sorted_rows)
-    out[torch.from_numpy(order)] = sorted_rows  # back to the order asked: the same batch as images[rows]
+    # back to the order asked (the same batch as images[rows]); numpy, not torch: this runs in the
+    # prefetch thread, and a torch op there would start a second OpenMP team next to training's
+    out.numpy()[order] = sorted_rows.numpy()
     return out
