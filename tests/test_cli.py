@@ -139,6 +139,18 @@ def test_seeded_cpu_runs_repeat_exactly(image_folder, cache_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_both_placements_train_the_same_weights(image_folder, cache_dir, tmp_path):
+    """Batches read from the cache file (host, the CPU's auto) and sliced from one in-memory tensor
+    (device) are the same batches: the runs end with the same weights."""
+    args = ["run", "--data", str(image_folder), "--cache-dir", str(cache_dir)] + TINY
+    assert main(args + ["--out", str(tmp_path / "h"), "--placement", "host"]) == 0
+    assert main(args + ["--out", str(tmp_path / "d"), "--placement", "device"]) == 0
+    h = torch.load(tmp_path / "h" / "checkpoints" / "classifier.pt", weights_only=True)["model"]
+    d = torch.load(tmp_path / "d" / "checkpoints" / "classifier.pt", weights_only=True)["model"]
+    assert all(torch.equal(h[k], d[k]) for k in h)
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["placement"] == "device"
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--data", "/no/such/folder"], "data source not found: /no/such/folder"),
     (["run", "--batch-size", "0"], "batch_size must be an integer > 0"),
