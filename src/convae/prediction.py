@@ -38,27 +38,28 @@ def predict(checkpoint: str | Path, paths: list[str], device: str = "auto", batc
     clf, payload, dev = open_model(checkpoint, device, kind="classifier")
     cfg = clf.config
     classes = payload.get("classes") or [str(i) for i in range(cfg.num_classes)]
-    images, names = [], []
-    for f in collect_images(paths):
-        try:
-            img, _, _ = load_image(f, cfg.in_channels, cfg.height, cfg.width)
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
-            warn(f"skipped {f}: {first_line(e, 10_000)}")
+    files = collect_images(paths)
+    rows: list[dict] = []
+    for start in range(0, len(files), batch_size):  # decoded a batch at a time: a big folder is never all in memory
+        images, names = [], []
+        for f in files[start : start + batch_size]:
+            try:
+                img, _, _ = load_image(f, cfg.in_channels, cfg.height, cfg.width)
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
+                warn(f"skipped {f}: {first_line(e, 10_000)}")
+                continue
+            images.append(img)
+            names.append(str(f))
+        if not images:
             continue
-        images.append(img)
-        names.append(str(f))
-    if not images:
+        with torch.no_grad():
+            probs = torch.softmax(clf(to_model_input(torch.stack(images).to(dev))).float(), 1).cpu()
+        for name, p in zip(names, probs):
+            k = int(p.argmax())
+            rows.append({"file": name, "class": classes[k], "probability": float(p[k]),
+                         "probabilities": {c: float(v) for c, v in zip(classes, p)}})
+    if not rows:
         raise ConvaeError("none of the given files could be read as an image")
-    x_all = torch.stack(images)
-    rows = []
-    with torch.no_grad():
-        for start in range(0, len(x_all), batch_size):
-            x = to_model_input(x_all[start : start + batch_size].to(dev))
-            probs = torch.softmax(clf(x).float(), 1).cpu()
-            for name, p in zip(names[start : start + batch_size], probs):
-                k = int(p.argmax())
-                rows.append({"file": name, "class": classes[k], "probability": float(p[k]),
-                             "probabilities": {c: float(v) for c, v in zip(classes, p)}})
     return rows
 
 
