@@ -34,6 +34,7 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     train = DeviceBatches.of(data.train, device, cfg.batch_size, labels=False, shuffle=True, seed=cfg.seed,
                              rank=ctx.dist.rank, world_size=ctx.dist.world_size, placement=cfg.placement)
     val = DeviceBatches.of(data.val, device, cfg.batch_size, labels=False, placement=cfg.placement)
+    ctx.log(f"pretraining batches: {train.describe()}")
     objective = Objective(cfg.objective_config())
 
     def validate() -> dict:
@@ -72,6 +73,7 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     train = DeviceBatches.of(ft, device, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ctx.dist.rank,
                              world_size=ctx.dist.world_size, placement=cfg.placement)
     val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
+    ctx.log(f"fine-tuning batches: {train.describe()}")
 
     last: dict = {}  # the final epoch's evaluation is the result: no second pass over the evaluation set
     best_path = run.checkpoints / "classifier_best.pt"

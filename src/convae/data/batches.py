@@ -72,9 +72,10 @@ def resolve_placement(placement: str, nbytes: int, device: torch.device) -> str:
 
 
 def on_device(ds: ImageSet, device: torch.device, chunk: int = 8192) -> torch.Tensor:
-    """The set's images as one uint8 tensor on ``device``, copied in chunks (no second full copy on the host)."""
+    """The set's images as one uint8 tensor on ``device``, copied in chunks (no second full copy on the host).
+    On the CPU: in the process's memory, read from the cache file when there is one."""
     if device.type == "cpu":
-        return ds.tensor()
+        return ds.tensor() if ds.file is None else ds.take(torch.arange(len(ds)))
     out = torch.empty(ds.shape, dtype=torch.uint8, device=device)
     for i, x in enumerate(ds.chunks(chunk)):
         out[i * chunk : i * chunk + len(x)].copy_(x)
@@ -175,6 +176,14 @@ class DeviceBatches:
     @property
     def placement(self) -> str:
         return "host" if self.source is not None else "device"
+
+    def describe(self) -> str:
+        """Where the batches come from, for the log."""
+        gib = self.n * (self.images if self.source is None else self.source.store)[0:1].numel() / 2**30
+        if self.source is None:
+            return f"{self.n} images ({gib:.2f} GiB) held on {self.device} (placement device)"
+        return (f"{self.n} images ({gib:.2f} GiB) read from the {'cache file' if self.source.file else 'host'} "
+                f"batch by batch, prefetched, to {self.device} (placement host)")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
