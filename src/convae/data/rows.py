@@ -77,7 +77,9 @@ def gather(images: torch.Tensor, rows: torch.Tensor, file: MappedFile | None = N
     """
     rows = rows.cpu()
     if file is None or not _HAS_PREADV or len(rows) == 0:
-        x = images[rows]
+        # numpy's indexing, not torch's: in the prefetch thread a torch op would start a second
+        # OpenMP team beside training's
+        x = torch.from_numpy(images.numpy()[rows.numpy()]) if images.device.type == "cpu" else images[rows]
         return x.pin_memory() if pin else x
     r = rows.numpy()
     in_order = bool(np.all(r[1:] >= r[:-1]))
