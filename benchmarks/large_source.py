@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, write_json  # noqa: E402
+from _common import machine, print_table, sync, write_json  # noqa: E402
 
 from convae.data.cache import read_cache, write_cache  # noqa: E402
 
@@ -56,7 +56,7 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batch: int) -> dict:
+def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batch: int, device_name: str) -> dict:
     """One arm, in its own process: open, split, train; timings and memory."""
     from convae.config import build_config
     from convae.data import DeviceBatches, ImageSet, split_indices
@@ -73,11 +73,13 @@ def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batc
     tr, _ = split_indices(full.labels, len(full), 0.1, 0)
     train = full.subset(tr)
     cfg = build_config("seed", None, {"height": size, "width": size, "batch_size": batch, "precision": "auto",
-                                      "device": "cpu", "placement": placement})
-    device = torch.device("cpu")
+                                      "device": device_name, "placement": placement})
+    from convae.device import resolve_device
+
+    device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(0)
-    model = AutoEncoder(cfg.model_config()).to(memory_format=torch.channels_last)
+    model = AutoEncoder(cfg.model_config()).to(device, memory_format=torch.channels_last)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     objective = Objective(cfg.objective_config())
     micro = micro_batch_size(cfg.micro_batch, precision, device)  # as a run computes its batches
@@ -89,15 +91,17 @@ def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batc
     for _ in range(warmup):
         x, y = next(it)
         train_step(model, x, y, opt, objective, precision, micro, len(x), 1)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         x, y = next(it)
         train_step(model, x, y, opt, objective, precision, micro, len(x), 1)
+    sync(device)
     seconds = time.perf_counter() - start
     return {"placement": batches.placement, "open_s": open_s, "place_s": place_s, "images_per_s": steps * batch / seconds,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_file_mib": _status_kib("RssFile") / 1024, "rss_anon_mib": _status_kib("RssAnon") / 1024,
-            "precision": precision, "train_images": len(train)}
+            "precision": precision, "train_images": len(train), "device": str(device)}
 
 
 def main() -> None:
@@ -108,11 +112,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dir", default=".", help="where the synthetic sources are written (needs the largest size free)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where training runs (default cpu)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "PLACEMENT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        r = child(Path(args.child[0]), args.child[1], args.size, args.steps, args.warmup, args.batch)
+        r = child(Path(args.child[0]), args.child[1], args.size, args.steps, args.warmup, args.batch, args.device)
         print("RESULT " + json.dumps(r))
         return
     print(f"machine: {machine()}")
@@ -128,7 +133,8 @@ def main() -> None:
             for placement in ("host", "device"):
                 out = subprocess.run([sys.executable, __file__, "--child", str(folder), placement, "--size",
                                       str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                      "--batch", str(args.batch)], capture_output=True, text=True)
+                                      "--batch", str(args.batch), "--device", args.device],
+                                     capture_output=True, text=True)
                 if out.returncode != 0:
                     raise SystemExit(f"the {placement} arm failed:\n{out.stderr[-3000:]}")
                 arms[placement] = json.loads(out.stdout.split("RESULT ", 1)[1])
@@ -143,6 +149,7 @@ def main() -> None:
     host = [r["host"]["peak_rss_mib"] for r in results]
     print(f"host path peak RSS, largest vs smallest source: {100 * (host[-1] / host[0] - 1):+.1f} %")
     write_json(args.json, "large_source.json", {"size": args.size, "batch": args.batch, "steps": args.steps,
+                                                "device": args.device,
                                                 "results": results})
 
 

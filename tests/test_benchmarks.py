@@ -72,3 +72,14 @@ def test_learning_quality_benchmark_runs_the_protocol(tmp_path, image_folder):
     for features in ("latent", "pooled"):
         for weights in ("pretrained", "random"):
             assert set(res["probes_all_labels"][features][weights]) == {"logistic", "knn"}
+
+
+def test_large_source_benchmark_runs_both_placements(tmp_path):
+    payload = run_script("large_source", "--gb", "0.0005", "--size", "16", "--batch", "8", "--steps", "1",
+                         "--warmup", "0", "--dir", str(tmp_path), cwd=tmp_path)
+    (r,) = payload["results"]
+    n = int(0.0005e9 // (3 * 16 * 16))
+    assert r["images"] == n and r["host"]["train_images"] == r["device"]["train_images"] == n - round(n * 0.1)
+    assert r["host"]["placement"] == "host" and r["device"]["placement"] == "device"
+    assert r["host"]["peak_rss_mib"] > 0 and r["host"]["images_per_s"] > 0
+    assert not list(tmp_path.glob("tmp*"))  # the synthetic source is removed
