@@ -68,7 +68,7 @@ class ImageSet:
     @property
     def images(self) -> torch.Tensor:
         """The whole set as one uint8 tensor: the source itself (maybe its memory map), or a part's
-        rows gathered into memory."""
+        rows gathered into memory on every access (keep the result; a big set reads :meth:`chunks`)."""
         return self.tensor()
 
     def take(self, positions: torch.Tensor, pin: bool = False) -> torch.Tensor:
