@@ -1,8 +1,9 @@
-"""Data: sources decoded once into a cached uint8 tensor, splits, and on-device batches.
+"""Data: sources decoded once into a cached uint8 array, splits, and batches on the training device.
 
 ``sources`` finds and decodes (folders, archives, CIFAR-10) with a cache; ``images`` decodes and
 converts one file and holds the one uint8 -> model-input conversion; ``archives`` extracts
-safely; ``batches`` splits and slices batches on the training device.
+safely; ``rows`` reads a set's rows from the cache file; ``batches`` splits, and makes batches
+sliced on the training device or read from the host and prefetched.
 """
 
 from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive, safe_extract

@@ -2,8 +2,9 @@
 
 A source (``--data SRC``) is ``cifar10``, a folder (ImageFolder layout = labelled, plain
 images = unlabelled) or a ``.tar``/``.tar.gz``/``.zip`` archive of either. Each is decoded
-once into a uint8 ``N x C x H x W`` tensor cached under ``cache_dir``; training then slices
-batches out of that tensor on the training device, with no per-sample Python in the loop.
+once into a uint8 ``N x C x H x W`` array cached under ``cache_dir`` and opened as an
+:class:`ImageSet`; training then takes whole batches of rows from it (``data.batches``), with no
+per-sample Python in the loop.
 """
 
 from __future__ import annotations
