@@ -203,11 +203,16 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         return self.iterate(0)
 
-    def positions(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """The positions in the set of this rank's images of every batch from ``start_batch`` on."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g)
+    def _order(self) -> torch.Tensor:
+        """The epoch's permutation: a function of (seed, epoch) only."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def positions(self, start_batch: int = 0, order: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """The positions in the set of this rank's images of every batch from ``start_batch`` on
+        (taken from ``order``, the epoch's permutation wherever it lives, when shuffling)."""
+        if self.shuffle and order is None:
+            order = self._order()
         for start in range(start_batch * self.batch_size, self.n, self.batch_size):
             if self.shuffle:
                 yield order[start : start + self.batch_size][self.rank :: self.world_size]
@@ -218,14 +223,15 @@ class DeviceBatches:
         """The epoch's batches from batch ``start_batch`` on (to continue an interrupted epoch)."""
         if self.source is None:
             assert self.images is not None
-            for pos in self.positions(start_batch):
+            # the permutation goes to the device once per epoch, not once per batch
+            order = self._order().to(self.device, non_blocking=True) if self.shuffle else None
+            for pos in self.positions(start_batch, order):
                 if not self.shuffle:  # a slice: a view, no copy
                     x = self.images[int(pos[0]) : int(pos[-1]) + 1]
                     y = None if self.labels is None else self.labels[int(pos[0]) : int(pos[-1]) + 1]
                 else:
-                    idx = pos.to(self.device, non_blocking=True)
-                    x = self.images[idx]
-                    y = None if self.labels is None else self.labels[idx]
+                    x = self.images[pos]
+                    y = None if self.labels is None else self.labels[pos]
                 yield to_model_input(x), y
             return
         ds, pin = self.source, self.device.type == "cuda"
