@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table  # noqa: E402
 
 from convae.checkpoint import load_checkpoint  # noqa: E402
 from convae.config import SWEEP_BATCH_SIZE, build_config  # noqa: E402
-from convae.data import prepare_data  # noqa: E402
+from convae.data import per_class_subset, prepare_data  # noqa: E402
 from convae.pipeline import run_training  # noqa: E402
-from convae.probes import random_encoder, representation_scores  # noqa: E402
+from convae.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder  # noqa: E402
 from convae.sweep import parse_budgets, run_sweep  # noqa: E402
 
 
@@ -41,20 +44,62 @@ def _value(text: str):
         return text
 
 
-def probes_all_labels(cfg, checkpoint: Path, log) -> dict:
-    """Logistic and kNN on latent and pooled features, every labelled training image as the bank."""
+def feature_kinds(cfg) -> tuple[str, ...]:
+    """The patch architecture's features are pooled conv features already: one kind, not two."""
+    return ("pooled",) if cfg.arch == "patch" else ("latent", "pooled")
+
+
+def probes_all_labels(cfg, checkpoint: Path, log, budgets: list[int] = (), seeds: int = 3) -> dict:
+    """Logistic and kNN on latent and pooled features, every labelled training image as the bank;
+    with ``budgets`` also on that many labelled images per class (``seeds`` seeded subsets each).
+
+    For a whitened patch encoder also random filters behind the fitted whitening: how much of
+    the gain over random weights the whitening alone gives.
+    """
     ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
     data = prepare_data(cfg, need_labels=True, log=log)
-    random_enc = random_encoder(ae.config, cfg.seed)
+    ytr, yva, k = data.train.labels, data.val.labels, len(data.classes)
+    encoders = {"pretrained": ae.encoder, "random": random_encoder(ae.config, cfg.seed)}
+    if cfg.arch == "patch" and cfg.whiten:
+        whitened = random_encoder(ae.config, cfg.seed)
+        whitened.patch_mean.copy_(ae.encoder.patch_mean)
+        whitened.whitening.copy_(ae.encoder.whitening)
+        encoders["random_filters_whitened"] = whitened
     out = {}
-    for features in ("latent", "pooled"):
-        r = representation_scores(ae.encoder, data.train, data.train.labels, data.val,
-                                  data.val.labels, len(data.classes), cfg.precision, cfg.seed, features=features,
-                                  baseline=random_enc)
-        out[features] = {"pretrained": {"logistic": r["linear_probe_accuracy"], "knn": r["knn_accuracy"]},
-                         "random": {"logistic": r["random"]["linear_probe_accuracy"],
-                                    "knn": r["random"]["knn_accuracy"]}}
+    for features in feature_kinds(cfg):
+        out[features] = {}
+        for name, enc in encoders.items():
+            if name == "random_filters_whitened" and features != "pooled":
+                continue
+            ftr, fva = (extract_features(enc, x, precision=cfg.precision, features=features)
+                        for x in (data.train, data.val))
+            r = {"logistic": linear_probe_accuracy(ftr, ytr, fva, yva, k, seed=cfg.seed),
+                 "knn": knn_accuracy(ftr, ytr, fva, yva, k)}
+            for budget in budgets:
+                cells = [per_class_subset(ytr, torch.arange(len(ytr)), budget, cfg.seed + i) for i in range(seeds)]
+                r.setdefault("budgets", {})[str(budget)] = {
+                    "logistic": [linear_probe_accuracy(ftr[i], ytr[i], fva, yva, k, seed=cfg.seed + s)
+                                 for s, i in enumerate(cells)],
+                    "knn": [knn_accuracy(ftr[i], ytr[i], fva, yva, k) for i in cells]}
+            out[features][name] = r
+            log(f"probes: {features} features, {name}: logistic {100 * r['logistic']:.2f} %, "
+                f"kNN {100 * r['knn']:.2f} %")
     return out
+
+
+def probe_rows(spec: str, probes: dict, budgets: list[int], pretrain_s: float | None) -> list[list[str]]:
+    """One table row per feature kind and weights: mean +- std over the seeds at each budget, then all labels."""
+    def ms(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
+
+    rows = []
+    for features, by_weights in probes.items():
+        for weights, r in by_weights.items():
+            cells = [f"{ms(r['budgets'][str(b)]['logistic'])} / {ms(r['budgets'][str(b)]['knn'])}" for b in budgets]
+            rows.append([spec, f"{features}: {weights}", *cells, f"{100 * r['logistic']:.2f} / {100 * r['knn']:.2f}",
+                         "" if pretrain_s is None else f"{pretrain_s:.0f} s"])
+    return rows
 
 
 def main() -> int:
@@ -64,7 +109,10 @@ def main() -> int:
                    help="pretraining recipes: convae presets, each optionally with its own config keys "
                         "(denoise:objective=masked)")
     p.add_argument("--probes-only", action="store_true",
-                   help="pretrain and probe (all labels, latent and pooled, pretrained and random); no sweep")
+                   help="pretrain and probe (latent and pooled, pretrained and random; all labels, and logistic "
+                        "regression and kNN at each numeric --budgets over --seeds subsets); no fine-tuning")
+    p.add_argument("--checkpoint", metavar="CKPT", help="with --probes-only and one preset: probe this "
+                   "autoencoder (pretrained with that preset) instead of pretraining again")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys for every preset")
     p.add_argument("--budgets", nargs="+", default=["25", "100", "400", "all"])
     p.add_argument("--seeds", type=int, default=3)
@@ -84,20 +132,20 @@ def main() -> int:
         own_keys = {k.replace("-", "_"): _value(v) for k, v in (kv.split("=", 1) for kv in own.split(",") if kv)}
         base = build_config(preset, None, {"data": args.data, **extra, **own_keys})
         out = Path(args.out) / spec.replace(":", "_").replace(",", "_").replace("=", "-")
-        start = time.perf_counter()
-        run_training(replace(base, out=str(out / "pretrain")), phases=("pretrain",), log=log)
-        pretrain_s = time.perf_counter() - start
-        ckpt = out / "pretrain" / "checkpoints" / "autoencoder.pt"
-        probes = probes_all_labels(base, ckpt, log)
-        row = {"preset": spec, "config": base.to_dict(), "pretrain_s": pretrain_s, "probes_all_labels": probes}
+        if args.checkpoint and args.probes_only and len(args.presets) == 1:
+            ckpt, pretrain_s = Path(args.checkpoint), None
+        else:
+            start = time.perf_counter()
+            run_training(replace(base, out=str(out / "pretrain")), phases=("pretrain",), log=log)
+            pretrain_s = time.perf_counter() - start
+            ckpt = out / "pretrain" / "checkpoints" / "autoencoder.pt"
+        budgets = [b for b in parse_budgets(args.budgets) if b is not None] if args.probes_only else []
+        probes = probes_all_labels(base, ckpt, log, budgets, args.seeds)
+        row = {"preset": spec, "config": base.to_dict(), "checkpoint": str(ckpt), "pretrain_s": pretrain_s,
+               "probes_all_labels": probes}
         results.append(row)
         if args.probes_only:
-            for features in ("latent", "pooled"):
-                pr = probes[features]
-                rows.append([spec, f"{features}: logistic / kNN",
-                             f"pretrained {100 * pr['pretrained']['logistic']:.2f} / {100 * pr['pretrained']['knn']:.2f}",
-                             f"random {100 * pr['random']['logistic']:.2f} / {100 * pr['random']['knn']:.2f}",
-                             f"{pretrain_s:.0f} s"])
+            rows += probe_rows(spec, probes, budgets, pretrain_s)
             continue
         sweep_cfg = replace(base, out=str(out / "sweep"), batch_size=args.sweep_batch_size)
         run_sweep(sweep_cfg, parse_budgets(args.budgets), args.seeds, args.steps, str(ckpt), log=log)
@@ -112,13 +160,14 @@ def main() -> int:
         for method in ("finetune", "scratch", "logistic_probe", "logistic_random", "knn", "knn_random"):
             rows.append([spec if method == "finetune" else "", sweep["methods"][method]]
                         + [ms(method, b) for b in sweep["budgets"]])
-        for features in ("latent", "pooled"):
+        for features in feature_kinds(base):
             pr = probes[features]
             rows.append(["", f"{features} features, all labels: logistic / kNN",
                          f"pretrained {100 * pr['pretrained']['logistic']:.2f} / {100 * pr['pretrained']['knn']:.2f}",
                          f"random {100 * pr['random']['logistic']:.2f} / {100 * pr['random']['knn']:.2f}", "", ""])
         rows.append(["", f"pretraining wall time: {pretrain_s:.0f} s", "", "", "", ""])
-    headers = (["recipe", "features", "trained encoder", "random weights", "pretraining"] if args.probes_only
+    headers = (["recipe", "features: weights"] + [f"{b}/class: logistic / kNN" for b in budgets]
+               + ["all: logistic / kNN", "pretraining"] if args.probes_only
                else ["preset", "method"] + [f"{b}/class" for b in args.budgets])
     print_table(headers, [r[: len(headers)] + [""] * (len(headers) - len(r)) for r in rows])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

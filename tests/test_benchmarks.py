@@ -74,6 +74,18 @@ def test_learning_quality_benchmark_runs_the_protocol(tmp_path, image_folder):
             assert set(res["probes_all_labels"][features][weights]) == {"logistic", "knn"}
 
 
+def test_learning_quality_probes_the_patch_network_and_its_whitening_alone(tmp_path, image_folder):
+    payload = run_script("learning_quality", "--data", str(image_folder), "--presets", "patches", "--probes-only",
+                         "--set", "pretrain_epochs=1", "height=16", "width=16", "channels=[8]", "kernel_size=4",
+                         "batch_size=8", "val_fraction=0.2", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
+                         "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    (res,) = payload["results"]
+    probes = res["probes_all_labels"]
+    assert list(probes) == ["pooled"]  # the patch network's features are pooled conv features: one kind
+    assert set(probes["pooled"]) == {"pretrained", "random", "random_filters_whitened"}
+    assert all(0 <= v["logistic"] <= 1 and 0 <= v["knn"] <= 1 for v in probes["pooled"].values())
+
+
 def test_large_source_benchmark_runs_both_placements(tmp_path):
     payload = run_script("large_source", "--gb", "0.0005", "--size", "16", "--batch", "8", "--steps", "1",
                          "--warmup", "0", "--dir", str(tmp_path), cwd=tmp_path)

@@ -310,3 +310,22 @@ def test_the_stl10_case_unlabelled_pretraining_then_a_small_labelled_set_at_64x6
     assert results["num_images"] == 6 and results["labelled_images"] == 9 and "finished" in results
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert (cfg["height"], cfg["width"], cfg["channels"]) == (64, 64, [8, 8, 16, 16])  # from the checkpoint
+
+
+def test_the_patches_preset_end_to_end(image_folder, cache_dir, tmp_path, capsys):
+    """One wide conv learned on whitened patches: pretrain, transfer, fine-tune, probe, figures."""
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "patches", "--data", str(image_folder), "--cache-dir", str(cache_dir),
+                 "--out", str(out), "--height", "16", "--width", "16", "--channels", "8", "--kernel-size", "4",
+                 "--batch-size", "8", "--pretrain-epochs", "2", "--finetune-epochs", "2", "--val-fraction", "0.2",
+                 "--device", "cpu"]) == 0
+    assert "whitening fitted" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["arch"], cfg["whiten"], cfg["objective"], cfg["channels"]) == ("patch", True, "patches", [8])
+    ae, clf = (convae.load(out / "checkpoints" / f"{n}.pt") for n in ("autoencoder", "classifier"))
+    assert not torch.equal(ae.encoder.whitening, torch.eye(48))  # fitted, saved, and rebuilt from the file
+    assert torch.equal(clf.encoder.whitening, ae.encoder.whitening)  # transferred with the filters
+    assert clf.head.in_features == 32  # 4 quadrants x 8 filters
+    rep = json.loads((out / "results.json").read_text())["representation"]
+    assert rep["features"] == "pooled" and set(rep["random"]) == {"knn_accuracy", "linear_probe_accuracy"}
+    assert all(_png_ok(out / "figures" / f) for f in ("kernels_pretrained.png", "reconstructions.png"))

@@ -100,6 +100,24 @@ def test_onnx_of_the_unpool_autoencoder(tmp_path):
         np.testing.assert_allclose(got, ae.eval()(x).numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("part", ["encoder", "autoencoder"])
+def test_onnx_of_the_whitened_patch_network(tmp_path, part):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    ae = AutoEncoder(ModelConfig(arch="patch", channels=(16,), kernel_size=5, whiten=True))
+    ae.encoder.fit_whitening(torch.rand(40, 3, 32, 32), torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "ae.pt", ae, "autoencoder")
+    out = tmp_path / "patch.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "ae.pt"), "--format", "onnx", "--part", part,
+                 "--out", str(out)]) == 0
+    x = torch.rand(3, 3, 32, 32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    module = ae.encoder if part == "encoder" else ae
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module.eval()(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("part", ["encoder", "classifier", "autoencoder"])
 def test_torchscript_reloads_with_torch_jit_load(checkpoints, tmp_path, part):
     ckpt, module = _module(checkpoints, part)

@@ -8,7 +8,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "convae"
 # highest last, as in docs/architecture.md
 LAYERS = [
     {"errors", "files", "records", "device", "distributed"},
-    {"models", "ops", "objectives", "augment"},
+    {"models", "patchnet", "ops", "objectives", "augment"},
     {"config", "validation"},
     {"data", "data.images", "data.archives", "data.decode", "data.cache", "data.sources", "data.batches",
      "data.rundata", "data.rows",

@@ -28,7 +28,8 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import INFERENCE_BATCH_SIZE, Config, build_config
 from .errors import ConvaeError
-from .models import AutoEncoder, Classifier, Encoder, ModelConfig, build_model
+from .models import AutoEncoder, Classifier, Encoder, ModelConfig, build_model, make_encoder
+from .patchnet import PatchEncoder
 
 MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"num_classes", "negative_slope"}
 
@@ -41,7 +42,7 @@ def build(kind: str = "autoencoder", preset: str = "seed", num_classes: int = 10
     cfg = build_config(preset, None, overrides)
     mcfg = cfg.model_config(num_classes)
     if kind == "encoder":
-        return Encoder(mcfg)
+        return make_encoder(mcfg)
     if kind not in ("autoencoder", "classifier"):
         raise ConvaeError(f"kind must be autoencoder, classifier or encoder; got {kind!r}")
     return build_model(kind, mcfg)
@@ -91,9 +92,9 @@ def encode(model: nn.Module, images: Any, batch_size: int = INFERENCE_BATCH_SIZE
     """
     from .probes import extract_features
 
-    encoder = model if isinstance(model, Encoder) else model.encoder
+    encoder = model if isinstance(model, (Encoder, PatchEncoder)) else model.encoder
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == 0:
-        return torch.empty(0, encoder.config.latent_dim)
+        return torch.empty(0, encoder.config.feature_dim)
     return extract_features(encoder, _model_input(encoder, images), batch_size).cpu()
 
 

@@ -15,7 +15,7 @@ from . import __version__, commands
 from .config import INFERENCE_BATCH_SIZE, PRESETS, SWEEP_BATCH_SIZE
 from .validation import DEVICES, INITS, OPTIMIZERS, PLACEMENTS, PRECISIONS, PROBE_FEATURES, SCHEDULES
 from .errors import ConvaeError, Interrupted, clip, first_line
-from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES
+from .models import ARCHS, NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES
 from .objectives import OBJECTIVES
 from .export import FORMATS as EXPORT_FORMATS
 from .export import PARTS as EXPORT_PARTS
@@ -45,6 +45,12 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--convs-per-stage": dict(type=int, metavar="N", help="3x3 convs per encoder and decoder stage (default 1)"),
     "--output-activation": dict(choices=OUTPUT_ACTIVATIONS, help="decoder output activation (default relu, as the "
                                 "lecture; none for normalised targets)"),
+    "--arch": dict(choices=ARCHS, help="stages (default: the lecture's stride-2 conv stages and FC latent) or patch "
+                   "(one wide conv of --kernel-size filters, --channels of them, features pooled over quadrants)"),
+    "--kernel-size": dict(type=int, metavar="K", help="patch: filter and patch side (default 6)"),
+    "--threshold": dict(type=float, metavar="T", help="patch: features are relu(response - T) (default 0.25)"),
+    "--whiten": dict(action="store_true", help="patch: ZCA-whiten the patches, fitted on the training images "
+                     "before pretraining"),
     "--objective": dict(choices=OBJECTIVES, help="pretraining objective (default reconstruct, the lecture's MSE)"),
     "--noise-std": dict(type=float, metavar="S", help="denoise: Gaussian noise std on [0, 1] pixels (default 0.1)"),
     "--drop-prob": dict(type=float, metavar="P", help="denoise: probability a pixel is zeroed (default 0)"),
@@ -53,8 +59,9 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--norm-targets": dict(action="store_true", help="masked: per-patch normalised targets (use with "
                            "--output-activation none)"),
     "--sparse-k": dict(type=int, metavar="K", help="sparse: code units kept per image (default 0 = all)"),
-    "--lifetime-rate": dict(type=float, metavar="R", help="sparse: fraction of the batch each unit stays active "
-                            "for (default 0.05)"),
+    "--lifetime-rate": dict(type=float, metavar="R", help="sparse, patches: fraction of the batch each unit stays "
+                            "active for (default 0.05)"),
+    "--patches-per-image": dict(type=int, metavar="N", help="patches: random crops per image per step (default 16)"),
     "--augment": dict(action="store_true", help="random crop, flip (and --jitter) on the device, for pretraining "
                       "and fine-tuning"),
     "--crop-padding": dict(type=int, metavar="P", help="augment: padding of the random crop (default 4)"),
@@ -87,9 +94,10 @@ FLAGS: dict[str, dict[str, Any]] = {
 
 DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir", "--workers", "--placement"]
 MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample", "--norm",
-         "--convs-per-stage", "--output-activation"]
+         "--convs-per-stage", "--output-activation", "--arch", "--kernel-size", "--threshold",
+         "--whiten"]
 PRETRAIN = ["--pretrain-epochs", "--objective", "--noise-std", "--drop-prob", "--mask-ratio", "--patch-size",
-            "--norm-targets", "--sparse-k", "--lifetime-rate"]
+            "--norm-targets", "--sparse-k", "--lifetime-rate", "--patches-per-image"]
 AUGMENT = ["--augment", "--crop-padding", "--jitter"]
 OPTIM = ["--batch-size", "--lr", "--optimizer", "--weight-decay", "--schedule", "--step-size"]
 FINETUNE = ["--finetune-epochs", "--finetune-lr", "--labels-per-class", "--init", "--freeze-encoder"]

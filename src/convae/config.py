@@ -51,6 +51,10 @@ class Config:
     norm: str = "none"
     convs_per_stage: int = 1
     output_activation: str = "relu"
+    arch: str = "stages"  # stages (the lecture's family) or patch (one wide conv, see convae.patchnet)
+    kernel_size: int = 6
+    threshold: float = 0.25
+    whiten: bool = False
     # pretraining objective (see convae.objectives) and augmentation (see convae.augment)
     objective: str = "reconstruct"
     noise_std: float = 0.1
@@ -60,6 +64,7 @@ class Config:
     norm_targets: bool = False
     sparse_k: int = 0
     lifetime_rate: float = 0.05
+    patches_per_image: int = 16
     augment: bool = False
     crop_padding: int = 4
     jitter: float = 0.0
@@ -105,19 +110,25 @@ class Config:
             norm=self.norm,
             convs_per_stage=self.convs_per_stage,
             output_activation=self.output_activation,
+            arch=self.arch,
+            kernel_size=self.kernel_size,
+            threshold=self.threshold,
+            whiten=self.whiten,
         )
 
     def with_model(self, m: ModelConfig) -> "Config":
         """This config with the data format and architecture of a checkpoint's model."""
         return replace(self, in_channels=m.in_channels, height=m.height, width=m.width, channels=tuple(m.channels),
                        latent_dim=m.latent_dim, upsample=m.upsample, norm=m.norm,
-                       convs_per_stage=m.convs_per_stage, output_activation=m.output_activation)
+                       convs_per_stage=m.convs_per_stage, output_activation=m.output_activation, arch=m.arch,
+                       kernel_size=m.kernel_size, threshold=m.threshold, whiten=m.whiten)
 
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(name=self.objective, noise_std=self.noise_std, drop_prob=self.drop_prob,
                                mask_ratio=self.mask_ratio, patch_size=self.patch_size,
                                norm_targets=self.norm_targets, sparse_k=self.sparse_k,
-                               lifetime_rate=self.lifetime_rate)
+                               lifetime_rate=self.lifetime_rate, patches_per_image=self.patches_per_image,
+                               crop_size=self.kernel_size)
 
     def augment_config(self) -> AugmentConfig | None:
         """None when augmentation is off (the seed preset)."""
@@ -142,12 +153,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "denoise": {"norm": "batch", "output_activation": "none", "objective": "denoise", "noise_std": 0.2,
                 "drop_prob": 0.25, "augment": True, "batch_size": 256, "optimizer": "adamw", "weight_decay": 0.05,
                 "schedule": "cosine", "pretrain_epochs": 20, "finetune_epochs": 30, "probe_features": "pooled"},
+    # One wide convolution learned as a sparse autoencoder of 6x6 patches (convae.patchnet: Coates
+    # et al. 2011's single layer with Makhzani & Frey's lifetime sparsity); features are the code
+    # summed over quadrants. Pretraining takes minutes, not hours, on a 2-core CPU.
+    "patches": {"arch": "patch", "channels": (400,), "kernel_size": 6, "threshold": 0.25, "whiten": True,
+                "objective": "patches",
+                "patches_per_image": 16, "lifetime_rate": 0.05, "batch_size": 256, "pretrain_epochs": 5,
+                "finetune_epochs": 30, "augment": True, "optimizer": "adamw", "weight_decay": 0.05,
+                "schedule": "cosine", "probe_features": "pooled"},
 }
 
 MAX_CONFIG_BYTES = 2**20
 FIELD_NAMES = {f.name for f in fields(Config)}
 FLOAT_FIELDS = ("lr", "finetune_lr", "weight_decay", "val_fraction", "noise_std", "drop_prob", "mask_ratio",
-                "lifetime_rate", "jitter")
+                "lifetime_rate", "jitter", "threshold")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import can_fuse, fusion_pays, upsample_conv
+from .ops import can_fuse, fusion_pays, upsample_conv, upsampler
+from .patchnet import PatchDecoder, PatchEncoder
 
+ARCHS = ("stages", "patch")  # the lecture's family; one wide conv learned on patches (convae.patchnet)
 UPSAMPLE_MODES = ("bilinear", "nearest", "transposed", "unpool")
 NORMS = ("none", "batch", "group")
 OUTPUT_ACTIVATIONS = ("relu", "sigmoid", "none")
@@ -43,6 +45,10 @@ class ModelConfig:
     norm: str = "none"  # one of NORMS, after every conv of the encoder and decoder (not the output conv)
     convs_per_stage: int = 1  # extra stride-1 3x3 convs per stage, in the encoder and the decoder
     output_activation: str = "relu"  # the lecture's ReLU; "none" for targets outside [0, 1]
+    arch: str = "stages"  # one of ARCHS; "patch" uses channels[0], kernel_size and threshold only
+    kernel_size: int = 6  # patch: the filters' (and the patches') side
+    threshold: float = 0.25  # patch: the features are relu(response - threshold)
+    whiten: bool = False  # patch: ZCA-whiten the patches (fitted on the training data before pretraining)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -61,6 +67,10 @@ class ModelConfig:
         """Neurons in the last conv volume: 128 * 4 * 4 = 2048 for the seed model."""
         h, w = self.stage_sizes()[-1]
         return self.channels[-1] * h * w
+
+    @property
+    def feature_dim(self) -> int:  # what the encoder returns: the FC latent, or 4 quadrants x K filters
+        return 4 * self.channels[0] if self.arch == "patch" else self.latent_dim
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -88,19 +98,6 @@ def _conv_block(cfg: ModelConfig, c_in: int, c_out: int, stride: int = 1) -> lis
 
 def _extra_convs(cfg: ModelConfig, channels: int) -> list[nn.Module]:  # convs_per_stage - 1 stride-1 blocks
     return [m for _ in range(cfg.convs_per_stage - 1) for m in _conv_block(cfg, channels, channels)]
-
-
-def _upsampler(mode: str, channels: int, src: tuple[int, int], dst: tuple[int, int]) -> nn.Module:
-    """One 2x spatial step of the decoder, landing exactly on the encoder's size ``dst``."""
-    if mode in ("bilinear", "nearest"):
-        if dst == (2 * src[0], 2 * src[1]):
-            return nn.Upsample(scale_factor=2, mode=mode)  # what the lecture prints
-        return nn.Upsample(size=dst, mode=mode)  # odd sizes: 4 -> 7, not 8
-    if mode == "transposed":
-        # out = 2 * in - 1 + output_padding; the encoder gave ceil(n / 2), so padding is 0 or 1
-        pad = (dst[0] - (2 * src[0] - 1), dst[1] - (2 * src[1] - 1))
-        return nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=pad)
-    raise ValueError(f"unknown upsample mode {mode!r}")
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -188,7 +185,7 @@ class Decoder(nn.Module):
                 layers += [nn.MaxUnpool2d(2), *_extra_convs(cfg, c_in), *_conv_block(cfg, c_in, c_out)]
             else:
                 layers += [*_extra_convs(cfg, c_in), *_conv_block(cfg, c_in, c_out),
-                           _upsampler(cfg.upsample, c_out, sizes[depth + 1], sizes[depth])]
+                           upsampler(cfg.upsample, c_out, sizes[depth + 1], sizes[depth])]
         # (B, 128, 4, 4) -> (B, 128, 8, 8) -> (B, 64, 16, 16) -> (B, 64, 32, 32) -> (B, 3, 32, 32)
         layers.append(nn.Conv2d(w[0], cfg.in_channels, kernel_size=3, stride=1, padding=1))
         layers += {"relu": [nn.ReLU()], "sigmoid": [nn.Sigmoid()], "none": []}[cfg.output_activation]
@@ -234,8 +231,8 @@ class AutoEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = make_encoder(cfg)
+        self.decoder = PatchDecoder(cfg) if cfg.arch == "patch" else Decoder(cfg)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -243,6 +240,9 @@ class AutoEncoder(nn.Module):
     def forward(self, x: torch.Tensor, code_fn=None) -> torch.Tensor:
         """Reconstruction of ``x``; ``code_fn`` (latent -> latent), when given, acts on the code
         between encoder and decoder (the sparse objective's winner-take-all)."""
+        if self.config.arch == "patch":
+            h = self.encoder.code(x)
+            return self.decoder(h if code_fn is None else code_fn(h), x)
         z, indices = self.encoder(x, return_indices=True)
         if code_fn is not None:
             z = code_fn(z)
@@ -258,8 +258,8 @@ class Classifier(nn.Module):
     def __init__(self, cfg: ModelConfig, encoder: Encoder | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.encoder = encoder if encoder is not None else Encoder(cfg)
-        self.head = nn.Linear(cfg.latent_dim, cfg.num_classes)
+        self.encoder = encoder if encoder is not None else make_encoder(cfg)
+        self.head = nn.Linear(cfg.feature_dim, cfg.num_classes)
 
     @classmethod
     def from_autoencoder(cls, ae: AutoEncoder, num_classes: int) -> "Classifier":
@@ -278,7 +278,11 @@ class Classifier(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh one for ``num_classes`` classes."""
         self.config = replace(self.config, num_classes=num_classes)
-        self.head = nn.Linear(self.config.latent_dim, num_classes).to(self.head.weight.device)
+        self.head = nn.Linear(self.config.feature_dim, num_classes).to(self.head.weight.device)
+
+
+def make_encoder(cfg: ModelConfig) -> nn.Module:  # Encoder, or patchnet.PatchEncoder for arch "patch"
+    return PatchEncoder(cfg) if cfg.arch == "patch" else Encoder(cfg)
 
 
 def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
@@ -292,5 +296,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["UPSAMPLE_MODES", "NORMS", "OUTPUT_ACTIVATIONS", "ModelConfig", "Encoder", "Decoder", "AutoEncoder",
-           "Classifier", "build_model", "count_parameters"]
+__all__ = ["ARCHS", "UPSAMPLE_MODES", "NORMS", "OUTPUT_ACTIVATIONS", "ModelConfig", "Encoder", "Decoder", "AutoEncoder",
+           "Classifier", "make_encoder", "build_model", "count_parameters"]

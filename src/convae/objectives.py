@@ -10,6 +10,9 @@ size, channel count and upsample mode because it only calls the autoencoder's ``
   against per-patch normalised targets (as MAE's ``norm_pix_loss``).
 - ``sparse``: winner-take-all on the code (Makhzani & Frey): each image keeps its k largest
   units, and each unit keeps only its largest activations over the batch (lifetime sparsity).
+- ``patches``: the ``patch`` architecture's objective (:mod:`convae.patchnet`): random crops of
+  the filters' size, each unit kept for its largest responses over all crops of the batch
+  (lifetime sparsity), the loss measured on contrast-normalised patches.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OBJECTIVES = ("reconstruct", "denoise", "masked", "sparse")
+from .patchnet import patch_stats, random_patches
+
+OBJECTIVES = ("reconstruct", "denoise", "masked", "sparse", "patches")
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,9 @@ class ObjectiveConfig:
     patch_size: int = 4  # masked: patch side in pixels
     norm_targets: bool = False  # masked: each patch's target normalised to mean 0, std 1
     sparse_k: int = 0  # sparse: units kept per image (0 = no per-image sparsity)
-    lifetime_rate: float = 0.05  # sparse: fraction of the batch each unit stays active for
+    lifetime_rate: float = 0.05  # sparse, patches: fraction of the batch each unit stays active for
+    patches_per_image: int = 16  # patches: random crops taken from every image of a batch
+    crop_size: int = 6  # patches: the crops' side, the patch encoder's kernel size
 
 
 def masked_mse(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -98,7 +105,7 @@ class Objective:
         if cfg.name not in OBJECTIVES:
             raise ValueError(f"unknown objective {cfg.name!r}")
         self.cfg = cfg
-        self.random = cfg.name in ("denoise", "masked")  # draws from the step's generator
+        self.random = cfg.name in ("denoise", "masked", "patches")  # draws from the step's generator
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The network's input and the loss weight (1 on pixels that count; None = all)."""
@@ -116,6 +123,16 @@ class Objective:
             return (x * (1 - mask)).contiguous(memory_format=torch.channels_last), mask
         return x, None
 
+    def patch_loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """MSE between random crops and their reconstructions, both contrast-normalised by the
+        crop's own mean and deviation (a flat patch counts as much as an edge)."""
+        c = self.cfg
+        crops = random_patches(x, c.crop_size, c.patches_per_image, generator)  # (N, C, k, k)
+        code_fn = lambda h: winner_take_all(h.flatten(1), 0, c.lifetime_rate).view_as(h)  # noqa: E731
+        out = model(crops, code_fn=code_fn)  # through forward: DDP sees the step
+        mean, std = patch_stats(crops.float(), c.crop_size)  # (N, 1, 1, 1): one patch per crop
+        return F.mse_loss((out.float() - mean) / std, (crops.float() - mean) / std)
+
     def target(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.name == "masked" and self.cfg.norm_targets:
             return normalise_patches(x, self.cfg.patch_size)
@@ -126,6 +143,8 @@ class Objective:
         c = self.cfg
         if c.name == "reconstruct":
             return F.mse_loss(model(x).float(), x)  # the lecture's loss, exactly
+        if c.name == "patches":
+            return self.patch_loss(model, x, generator)
         inp, weight = self.corrupt(x, generator)
         if c.name == "sparse":
             out = model(inp, code_fn=lambda z: winner_take_all(z, c.sparse_k, c.lifetime_rate))

@@ -16,6 +16,8 @@ kernels see its edges replicated, so that ring's contribution is subtracted.
 
 Same parameters, same state dict, same result up to float rounding (tests compare it with the
 unfused layers in float64, forward and all gradients, to 1e-12).
+
+:func:`upsampler` builds the decoder's plain 2x step (upsample or transposed convolution).
 """
 
 from __future__ import annotations
@@ -214,4 +216,19 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return _UpsampleConv.apply(x, weight, bias, mode)
 
 
-__all__ = ["can_fuse", "fusion_pays", "upsample_conv"]
+
+
+def upsampler(mode: str, channels: int, src: tuple[int, int], dst: tuple[int, int]) -> nn.Module:
+    """One 2x spatial step of the decoder, landing exactly on the encoder's size ``dst``."""
+    if mode in ("bilinear", "nearest"):
+        if dst == (2 * src[0], 2 * src[1]):
+            return nn.Upsample(scale_factor=2, mode=mode)  # what the lecture prints
+        return nn.Upsample(size=dst, mode=mode)  # odd sizes: 4 -> 7, not 8
+    if mode == "transposed":
+        # out = 2 * in - 1 + output_padding; the encoder gave ceil(n / 2), so padding is 0 or 1
+        pad = (dst[0] - (2 * src[0] - 1), dst[1] - (2 * src[1] - 1))
+        return nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=pad)
+    raise ValueError(f"unknown upsample mode {mode!r}")
+
+
+__all__ = ["can_fuse", "fusion_pays", "upsample_conv", "upsampler"]

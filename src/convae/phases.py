@@ -22,15 +22,27 @@ from .fit import RunContext, fit
 from .loop import classification_criterion, freeze
 from .models import AutoEncoder, Classifier
 from .objectives import Objective
+from .patchnet import WHITENING_IMAGES, kernels
 from .probes import extract_features, random_encoder, representation_scores
 from .records import EpochRecord, Representation, Results
+
+
+def _fit_whitening(encoder: torch.nn.Module, images, seed: int) -> None:
+    """Fit a patch encoder's whitening on a seeded sample of the training images, on the CPU:
+    every rank draws the same sample, so every rank gets the same whitening."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(images), generator=g)[:WHITENING_IMAGES].sort().values
+    encoder.fit_whitening(to_model_input(images.take(pick)), g)
 
 
 def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torch.device) -> list[EpochRecord]:
     """Training without labels; validation reports the objective's loss on the evaluation set."""
     cfg, run = ctx.cfg, ctx.run
     r = ctx.resumed("pretrain")
-    initial = r["kernels"].to(device) if r is not None else ae.encoder.first_conv.weight.detach().clone()
+    if r is None and cfg.arch == "patch" and cfg.whiten:  # resuming: the buffers come with the weights
+        _fit_whitening(ae.encoder, data.train, cfg.seed)
+        ctx.log("whitening fitted on the training images' patches")
+    initial = r["kernels"].to(device) if r is not None else kernels(ae.encoder)
     train = DeviceBatches.of(data.train, device, cfg.batch_size, labels=False, shuffle=True, seed=cfg.seed,
                              rank=ctx.dist.rank, world_size=ctx.dist.world_size, placement=cfg.placement)
     val = DeviceBatches.of(data.val, device, cfg.batch_size, labels=False, placement=cfg.placement)
@@ -51,7 +63,7 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     ae.eval()
     with torch.no_grad(), autocast(device, cfg.precision):
         recon = ae(x).float()
-    pretrained = ae.encoder.first_conv.weight.detach()
+    pretrained = kernels(ae.encoder)
     visualise.save_pretrain_figures(run.figures, initial, pretrained, history, x, recon, data.eval_name.split(" (")[0])
     if ctx.tb is not None:
         for tag, w in (("kernels/initial", initial), ("kernels/pretrained", pretrained)):
@@ -64,7 +76,7 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     """Supervised fine-tuning (or a linear probe with ``freeze_encoder``); returns results.json's record."""
     cfg, run = ctx.cfg, ctx.run
     r = ctx.resumed("finetune")
-    before = r["kernels"].to(device) if r is not None else clf.encoder.first_conv.weight.detach().clone()
+    before = r["kernels"].to(device) if r is not None else kernels(clf.encoder)
     if cfg.freeze_encoder:
         freeze(clf.encoder)
     k = len(data.classes)
@@ -94,7 +106,7 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
         return results
     save_checkpoint(run.checkpoints / "classifier.pt", clf, "classifier", data.classes, cfg.to_dict())
     ctx.check_stop("the fine-tuning figures")
-    after = clf.encoder.first_conv.weight.detach()
+    after = kernels(clf.encoder)
     origin = "pretrained" if cfg.init == "pretrained" else "initial"
     visualise.save_finetune_figures(run.figures, before, after, origin, history, data.eval_name.split(" (")[0],
                                     results["confusion_matrix"], data.classes)

@@ -101,16 +101,16 @@ def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: 
 
 
 def random_encoder(config, seed: int, device: torch.device | str = "cpu") -> nn.Module:
-    """The random-weights baseline: an untrained :class:`Encoder` of ``config``, seeded by ``seed``.
+    """The random-weights baseline: an untrained encoder of ``config``, seeded by ``seed``.
 
     Drawn from a forked RNG, so it is the same network in every run, evaluation and sweep with
     that seed, and making it leaves the caller's random stream (the weights it trains) untouched.
     """
-    from .models import Encoder
+    from .models import make_encoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        enc = Encoder(config)
+        enc = make_encoder(config)
     return enc.to(device, memory_format=torch.channels_last)
 
 

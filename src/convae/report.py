@@ -56,7 +56,7 @@ def _table(headers: list[str], rows: list[list], table_id: str = "", left: int =
 
 SHORT_RUN_STEPS = 200  # fewer pretraining steps than this: the figures show an early stage
 PRETRAIN_KEYS = {"pretrain_epochs", "objective", "noise_std", "drop_prob", "mask_ratio", "patch_size", "norm_targets",
-                 "sparse_k", "lifetime_rate"}
+                 "sparse_k", "lifetime_rate", "patches_per_image"}
 # what makes a run the lecture's, so that its figures stand beside it
 LECTURE_SETTING = {"preset": "seed", "pretrain_epochs": 5, "finetune_epochs": 5, "batch_size": 2000, "lr": 1e-3,
                    "labels_per_class": None, "channels": [64, 128, 128], "latent_dim": 1024, "height": 32,

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from .errors import ConvaeError, clip, short
-from .models import NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES, ModelConfig
+from .models import ARCHS, NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES, ModelConfig
 from .objectives import OBJECTIVES
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -24,7 +24,8 @@ PROBE_FEATURES = ("latent", "pooled")
 PLACEMENTS = ("auto", "device", "host")
 MAX_SEED = 2**32 - 1  # every RNG convae seeds (torch, numpy, t-SNE) takes this range
 MODEL_FIELDS = {"in_channels", "height", "width", "channels", "latent_dim", "upsample", "negative_slope",
-                "num_classes", "norm", "convs_per_stage", "output_activation"}
+                "num_classes", "norm", "convs_per_stage", "output_activation", "arch", "kernel_size", "threshold",
+                "whiten"}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -50,6 +51,9 @@ def memory_bytes() -> int:
 
 def parameter_count(m: ModelConfig) -> int:
     """Parameters of the autoencoder ``m`` describes, computed without building it."""
+    if m.arch == "patch":  # filters (no bias) + the dictionary (with bias)
+        patch = m.in_channels * m.kernel_size**2
+        return m.channels[0] * patch + (m.channels[0] + 1) * patch
     convs, c_in = 0, m.in_channels
     for c in m.channels:
         convs += c_in * c * 9 + c + (m.convs_per_stage - 1) * (c * c * 9 + c)
@@ -63,7 +67,10 @@ def training_bytes(m: ModelConfig, images: int) -> int:
     """A floor on the memory training ``m`` needs for ``images`` images at once (fp32 Adam):
     weights, gradients and two moments per parameter, and the activations the backward pass keeps."""
     per_image, (h, w) = 0, (m.height, m.width)
-    for c in m.channels:
+    if m.arch == "patch":  # the code map and the per-position patches it decodes to
+        positions = (h - m.kernel_size + 1) * (w - m.kernel_size + 1)
+        per_image = (m.channels[0] + m.in_channels * m.kernel_size**2) * positions
+    for c in m.channels if m.arch == "stages" else ():
         h, w = (h + 1) // 2, (w + 1) // 2
         per_image += c * h * w * (m.convs_per_stage + 1)
     per_image = 2 * per_image + (m.channels[0] + m.in_channels) * m.height * m.width  # encoder + decoder
@@ -80,11 +87,13 @@ def validate_model(m: ModelConfig, where: str = "") -> None:
     _check(isinstance(ch, (list, tuple)) and 0 < len(ch) <= 8 and all(_is_int(c) and c > 0 for c in ch),
            f"{where}channels must be a list of 1 to 8 integers > 0, got {short(ch)}")
     _check(_is_num(m.negative_slope), f"{where}negative_slope must be a finite number, got {short(m.negative_slope)}")
-    for name, choices in (("upsample", UPSAMPLE_MODES), ("norm", NORMS), ("output_activation", OUTPUT_ACTIVATIONS)):
+    for name, choices in (("upsample", UPSAMPLE_MODES), ("norm", NORMS), ("output_activation", OUTPUT_ACTIVATIONS),
+                          ("arch", ARCHS)):
         v = getattr(m, name)
         _check(isinstance(v, str) and v in choices, f"{where}{name} must be one of {', '.join(choices)}; got {short(v)}")
+    _validate_patch(m, where)
     # every stage halves the size; below 2**stages the deepest feature map would be padding only
-    smallest = 2 ** len(ch)
+    smallest = 2 ** len(ch) if m.arch == "stages" else 2
     _check(m.height >= smallest and m.width >= smallest,
            f"{where}input size {m.height}x{m.width} is too small for {len(ch)} encoder stages: "
            f"height and width must be >= {smallest}")
@@ -94,6 +103,21 @@ def validate_model(m: ModelConfig, where: str = "") -> None:
            f"{where}the model ({m.height}x{m.width} input, widths {short(list(ch), 40)}, latent {m.latent_dim}) "
            f"needs at least {need / 2**30:.3g} GiB to train one image, more than this machine's "
            f"{ram / 2**30:.3g} GiB of memory")
+
+
+def _validate_patch(m: ModelConfig, where: str) -> None:
+    """The patch architecture's keys (checked for every arch: a config file's value is never ignored unseen)."""
+    k = m.kernel_size
+    _check(_is_int(k) and k >= 2, f"{where}kernel_size must be an integer >= 2, got {short(k)}")
+    _check(_is_num(m.threshold) and m.threshold >= 0,
+           f"{where}threshold must be a number >= 0 and finite, got {short(m.threshold)}")
+    _check(isinstance(m.whiten, bool), f"{where}whiten must be true or false, got {short(m.whiten)}")
+    if m.arch != "patch":
+        return
+    _check(len(m.channels) == 1, f"{where}the patch architecture has one layer: channels must be one width (the "
+           f"number of filters), got {short(list(m.channels), 40)}")
+    _check(k <= min(m.height, m.width), f"{where}kernel_size must be at most the input size "
+           f"{min(m.height, m.width)}, got {k}")
 
 
 def model_config_from_dict(d: Any, where: str = "") -> ModelConfig:
@@ -124,7 +148,7 @@ def validate(cfg: Any) -> None:
     for name in ("pretrain_epochs", "finetune_epochs"):
         v = getattr(cfg, name)
         _check(_is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {short(v)}")
-    for name in ("batch_size", "step_size", "patch_size"):
+    for name in ("batch_size", "step_size", "patch_size", "patches_per_image"):
         v = getattr(cfg, name)
         _check(_is_int(v) and v > 0, f"{name} must be an integer > 0, got {short(v)}")
     for name in ("lr", "finetune_lr"):
@@ -164,5 +188,8 @@ def validate(cfg: Any) -> None:
         v = getattr(cfg, name)
         _check(isinstance(v, str) and v in choices, f"{name} must be one of {', '.join(choices)}; got {short(v)}")
     validate_model(cfg.model_config())
+    _check((cfg.objective == "patches") == (cfg.arch == "patch"),
+           f"objective {cfg.objective} with arch {cfg.arch}: the patches objective trains the patch architecture, "
+           f"and only it (use --arch patch --objective patches together, or the patches preset)")
     _check(cfg.patch_size <= min(cfg.height, cfg.width),
            f"patch_size must be at most the input size {min(cfg.height, cfg.width)}, got {cfg.patch_size}")

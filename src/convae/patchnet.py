@@ -1,0 +1,147 @@
+"""The ``patch`` architecture: one wide convolution learned as a sparse autoencoder of patches.
+
+The single-layer recipe of Coates, Lee & Ng (2011) with the lifetime sparsity of Makhzani &
+Frey (2015), as a convolutional autoencoder:
+
+- every k x k receptive field is contrast-normalised on its own (mean 0, variance 1 over its
+  C * k * k values, a small floor on the variance), computed for all positions at once, and
+  (``whiten``) ZCA-whitened with statistics fitted on the training patches before pretraining;
+- ``K`` filters of unit norm respond to it (a valid convolution: 32 -> 27 for k = 6); the code
+  is the rectified response, ``relu(y)`` while pretraining, ``relu(y - threshold)`` as features;
+- the decoder is a linear dictionary: each position's code maps to the normalised patch it saw;
+- the features are the code summed over the four quadrants of the map (4 * K numbers, as in
+  Coates et al.), standardised by a batch norm without parameters for the classifier's head.
+
+Pretraining uses the ``patches`` objective (random k x k crops, winner-take-all over the
+batch); the encoder is an ordinary module: transfer, fine-tuning, probes, export and the
+kernel figures see the same ``forward`` / ``first_conv`` interface as the lecture's encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VARIANCE_FLOOR = 10 / 255**2  # Coates et al.'s "+10" on the variance of 0-255 pixels, for [0, 1] pixels
+WHITENING_EPS = 0.1  # added to the eigenvalues of the normalised patches' covariance (Coates et al.)
+WHITENING_IMAGES, WHITENING_PATCHES = 10_000, 10  # the sample the whitening is fitted on
+INFERENCE_CHUNK = 64  # images per response map when only features are computed
+
+
+def patch_stats(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and floored standard deviation of every k x k patch (all channels): (B, 1, H', W') each."""
+    d = x.shape[1] * k * k
+    ones = x.new_ones(1, x.shape[1], k, k)
+    mean = F.conv2d(x, ones) / d
+    var = (F.conv2d(x * x, ones) / d - mean * mean).clamp(min=0) * (d / (d - 1))  # unbiased, as torch.var
+    return mean, (var + VARIANCE_FLOOR).sqrt()
+
+
+class PatchEncoder(nn.Module):
+    """Image -> quadrant-pooled features. x: (B, 3, 32, 32) -> code (B, K, 27, 27) -> (B, 4 * K)."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.config = cfg
+        k, width = cfg.kernel_size, cfg.channels[0]
+        d = cfg.in_channels * k * k
+        self.conv = nn.Conv2d(cfg.in_channels, width, k, bias=False)  # used with unit-norm filters
+        # the whitening (identity until fitted: an untrained network has none); saved with the weights
+        self.register_buffer("patch_mean", torch.zeros(d))
+        self.register_buffer("whitening", torch.eye(d))
+        # standardises the features for a linear head; running stats start at (0, 1): the identity
+        self.norm = nn.BatchNorm1d(4 * width, affine=False)
+
+    @property
+    def first_conv(self) -> nn.Conv2d:
+        return self.conv
+
+    def filters(self) -> torch.Tensor:
+        """The filters as they act on normalised pixels: unit norm, then through the whitening.
+        These are the kernels the figures show: (K, C, k, k)."""
+        w = self.conv.weight.flatten(1)
+        w = w / w.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        return (w @ self.whitening).view_as(self.conv.weight)  # the whitening matrix is symmetric
+
+    def response(self, x: torch.Tensor) -> torch.Tensor:
+        """Every filter's response to every normalised patch: (B, K, H - k + 1, W - k + 1)."""
+        w = self.filters()
+        mean, std = patch_stats(x.float(), self.config.kernel_size)
+        # conv(x - mean, w) = conv(x, w) - mean * sum(w): the normalisation costs no extra pass
+        y = F.conv2d(x, w.to(x.dtype)).float() - mean * w.float().sum((1, 2, 3)).view(1, -1, 1, 1)
+        bias = -(w.flatten(1).float() @ self.patch_mean)  # the whitening centres on the patches' mean
+        return y / std + bias.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def fit_whitening(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """ZCA whitening of the normalised k x k patches of ``x`` (float images in [0, 1])."""
+        k = self.config.kernel_size
+        crops = random_patches(x.float(), k, WHITENING_PATCHES, generator)
+        mean, std = patch_stats(crops, k)
+        p = ((crops - mean) / std).flatten(1).double()  # (N, C*k*k)
+        mu = p.mean(0)
+        evals, evecs = torch.linalg.eigh(torch.cov((p - mu).T))
+        zca = evecs @ torch.diag((evals.clamp(min=0) + WHITENING_EPS).rsqrt()) @ evecs.T
+        self.patch_mean.copy_(mu.float())
+        self.whitening.copy_(((zca + zca.T) / 2).float())
+
+    def code(self, x: torch.Tensor) -> torch.Tensor:
+        """The code the decoder reads while pretraining: relu of the responses."""
+        return F.relu(self.response(x))
+
+    def quadrants(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(response - threshold) averaged over the map's four quadrants: (B, K, 2, 2) -> (B, 4K)."""
+        if torch.is_grad_enabled() or x.shape[0] <= INFERENCE_CHUNK:
+            return F.adaptive_avg_pool2d(F.relu(self.response(x) - self.config.threshold), 2).flatten(1)
+        # features only: the (B, K, 27, 27) responses of a few images at a time, not gigabytes at once
+        return torch.cat([self.quadrants(c) for c in x.split(INFERENCE_CHUNK)])
+
+    def forward(self, x: torch.Tensor, return_indices: bool = False):
+        f = self.norm(self.quadrants(x))
+        return (f, []) if return_indices else f
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)  # the features are already pooled conv features
+
+
+class PatchDecoder(nn.Module):
+    """Code -> image. (B, K, 27, 27) -> each position's normalised patch (B, C*k*k, 27, 27) ->
+    de-normalised with that patch's own mean and contrast, overlaps averaged -> (B, 3, 32, 32)."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.config = cfg
+        k = cfg.kernel_size
+        self.dictionary = nn.Conv2d(cfg.channels[0], cfg.in_channels * k * k, 1)  # linear, per position
+
+    def patches(self, h: torch.Tensor) -> torch.Tensor:
+        """The normalised patch each position's code stands for: (B, C*k*k, H', W')."""
+        return self.dictionary(h)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        k, (H, W) = self.config.kernel_size, x.shape[2:]
+        mean, std = patch_stats(x.float(), k)
+        cols = (self.patches(h).float() * std + mean).flatten(2)  # (B, C*k*k, L) in pixels
+        image = F.fold(cols, (H, W), k)
+        cover = F.fold(torch.ones_like(cols[:1]), (H, W), k)  # patches covering each pixel
+        return image / cover
+
+
+def random_patches(x: torch.Tensor, k: int, per_image: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``per_image`` random k x k crops of every image, batched: (B * per_image, C, k, k)."""
+    b, c, h, w = x.shape
+    n = b * per_image
+    top = torch.randint(0, h - k + 1, (n,), generator=generator, device=x.device)
+    left = torch.randint(0, w - k + 1, (n,), generator=generator, device=x.device)
+    img = torch.arange(b, device=x.device).repeat_interleave(per_image)
+    rows = (top.view(n, 1) + torch.arange(k, device=x.device)).view(n, 1, k, 1)
+    cols = (left.view(n, 1) + torch.arange(k, device=x.device)).view(n, 1, 1, k)
+    chans = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return x[img.view(n, 1, 1, 1), chans, rows, cols]  # one gather, no Python loop over crops
+
+
+def kernels(encoder: nn.Module) -> torch.Tensor:
+    """A copy of the first layer's kernels as they act on pixels (what the kernel figures show)."""
+    w = encoder.filters() if isinstance(encoder, PatchEncoder) else encoder.first_conv.weight
+    return w.detach().clone()

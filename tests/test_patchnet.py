@@ -1,0 +1,149 @@
+"""The patch architecture: normalised responses, the dictionary decoder, crops, whitening, transfer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convae.config import build_config
+from convae.errors import ConvaeError
+from convae.models import AutoEncoder, Classifier, ModelConfig
+from convae.objectives import Objective, ObjectiveConfig
+from convae.patchnet import VARIANCE_FLOOR, WHITENING_EPS, kernels, patch_stats, random_patches
+from convae.probes import random_encoder
+
+
+def patch_config(**kw) -> ModelConfig:
+    return ModelConfig(**{"arch": "patch", "channels": (12,), "kernel_size": 5, **kw})
+
+
+def test_the_response_is_each_filters_dot_product_with_the_normalised_patch():
+    torch.manual_seed(0)
+    enc = AutoEncoder(patch_config()).encoder
+    x = torch.rand(2, 3, 16, 16)
+    y = enc.response(x)
+    assert y.shape == (2, 12, 12, 12)
+    w = enc.conv.weight.flatten(1)
+    w = w / w.norm(dim=1, keepdim=True)
+    for b, i, j in ((0, 0, 0), (1, 7, 3), (1, 11, 11)):
+        p = x[b, :, i:i + 5, j:j + 5].flatten()
+        p = (p - p.mean()) / (p.var() + VARIANCE_FLOOR).sqrt()
+        torch.testing.assert_close(y[b, :, i, j], w @ p, rtol=1e-4, atol=1e-4)
+
+
+def test_features_are_the_thresholded_code_summed_over_quadrants():
+    torch.manual_seed(0)
+    cfg = patch_config(threshold=0.5)
+    enc = AutoEncoder(cfg).encoder.eval()
+    x = torch.rand(3, 3, 16, 16)
+    f = enc(x)
+    assert f.shape == (3, cfg.feature_dim) == (3, 48)
+    h = F.relu(enc.response(x) - 0.5)  # 12 x 12 map: quadrants of 6 x 6
+    torch.testing.assert_close(f.view(3, 12, 2, 2)[:, :, 1, 0], h[:, :, 6:, :6].mean((2, 3)), rtol=1e-4, atol=1e-5)
+    assert torch.equal(enc.forward_pooled(x), f)
+
+
+def test_perfect_patches_decode_to_the_image():
+    """De-normalising every position's true patch and averaging the overlaps gives the input back."""
+    torch.manual_seed(0)
+    ae = AutoEncoder(patch_config(in_channels=1, height=11, width=9, kernel_size=4))
+    x = torch.rand(2, 1, 11, 9)
+    mean, std = patch_stats(x, 4)
+    true = (F.unfold(x, 4) - mean.flatten(2)) / std.flatten(2)  # (B, k*k, L)
+    ae.decoder.patches = lambda h: true.view(2, 16, 8, 6)
+    torch.testing.assert_close(ae.decoder(None, x), x, rtol=1e-5, atol=1e-5)
+
+
+def test_random_patches_are_crops_of_their_own_image():
+    x = torch.rand(3, 2, 10, 12)
+    crops = random_patches(x, 4, 5, torch.Generator().manual_seed(0))
+    assert crops.shape == (15, 2, 4, 4)
+    for n, crop in enumerate(crops):
+        img = x[n // 5]
+        found = [(i, j) for i in range(7) for j in range(9) if torch.equal(img[:, i:i + 4, j:j + 4], crop)]
+        assert len(found) == 1  # random pixels: exactly one place it can come from
+    again = random_patches(x, 4, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
+
+
+def test_whitening_decorrelates_the_normalised_patches():
+    torch.manual_seed(0)
+    enc = AutoEncoder(patch_config(in_channels=1, kernel_size=3, channels=(4,))).encoder
+    # smooth images: neighbouring pixels are strongly correlated before whitening
+    x = F.avg_pool2d(torch.rand(400, 1, 20, 20), 3, 1)
+    enc.fit_whitening(x, torch.Generator().manual_seed(0))
+    crops = random_patches(x, 3, 10, torch.Generator().manual_seed(0))  # the sample it was fitted on
+    mean, std = patch_stats(crops, 3)
+    p = ((crops - mean) / std).flatten(1)
+    white = (p - enc.patch_mean) @ enc.whitening
+    # ZCA with a floor: each principal direction's variance e becomes e / (e + 0.1), in the same axes
+    evals, evecs = torch.linalg.eigh(torch.cov(p.T.double()))
+    expected = evecs @ torch.diag(evals / (evals + WHITENING_EPS)) @ evecs.T
+    torch.testing.assert_close(torch.cov(white.T.double()), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(white.mean(0), torch.zeros(9), rtol=0, atol=1e-4)
+    assert (torch.cov(p.T) - torch.cov(white.T)).abs().max() > 0.3  # the sample was far from white
+    # the filters the figures show are the unit filters through the whitening
+    w = enc.conv.weight.flatten(1)
+    torch.testing.assert_close(kernels(enc).flatten(1), (w / w.norm(dim=1, keepdim=True)) @ enc.whitening)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_the_patches_objective_trains_grey_and_colour_images(shape):
+    torch.manual_seed(0)
+    c, h, w = shape
+    ae = AutoEncoder(patch_config(in_channels=c, height=h, width=w, kernel_size=6, channels=(16,)))
+    obj = Objective(ObjectiveConfig("patches", crop_size=6, patches_per_image=8, lifetime_rate=0.25))
+    x = torch.rand(16, c, h, w)
+    opt = torch.optim.Adam(ae.parameters(), 1e-2)
+    losses = []
+    for step in range(30):
+        loss = obj(ae, x, None, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-5:]) / 5 < 0.9 * losses[0]
+
+
+def test_the_patches_objective_keeps_each_units_lifetime_winners():
+    """The decoder sees ceil(rate * crops) non-zero codes per unit: the lifetime winner-take-all."""
+    torch.manual_seed(0)
+    ae = AutoEncoder(patch_config(channels=(6,), kernel_size=4))
+    seen = {}
+    ae.decoder.register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))
+    Objective(ObjectiveConfig("patches", crop_size=4, patches_per_image=5, lifetime_rate=0.2))(
+        ae, torch.rand(4, 3, 16, 16), None, torch.Generator().manual_seed(0))
+    h = seen["h"]
+    assert h.shape == (20, 6, 1, 1)
+    assert ((h.flatten(1) > 0).sum(0) <= 4).all() and ((h.flatten(1) > 0).sum(0) == 4).any()
+
+
+def test_transfer_copies_filters_and_whitening_and_the_baseline_has_none():
+    torch.manual_seed(0)
+    ae = AutoEncoder(patch_config())
+    ae.encoder.fit_whitening(torch.rand(50, 3, 32, 32), torch.Generator().manual_seed(0))
+    clf = Classifier.from_autoencoder(ae, 4)
+    for k, v in ae.encoder.state_dict().items():
+        assert torch.equal(v, clf.encoder.state_dict()[k])
+    assert clf(torch.rand(2, 3, 32, 32)).shape == (2, 4) and clf.head.in_features == 48
+    base = random_encoder(ae.config, 1)
+    assert torch.equal(base.whitening, torch.eye(75)) and not torch.equal(base.conv.weight, ae.encoder.conv.weight)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"arch": "patch", "channels": [8, 16], "objective": "patches"}, "has one layer"),
+    ({"arch": "patch", "channels": [8], "kernel_size": 40, "objective": "patches"}, "at most the input size"),
+    ({"arch": "patch", "channels": [8]}, "patches objective trains the patch architecture"),
+    ({"objective": "patches"}, "patches objective trains the patch architecture"),
+    ({"threshold": -1.0}, "threshold must be"),
+    ({"kernel_size": 1}, "kernel_size must be"),
+])
+def test_patch_config_mistakes_are_refused(overrides, message):
+    with pytest.raises(ConvaeError, match=message):
+        build_config("seed", None, overrides)
+
+
+def test_the_preset_is_the_documented_recipe():
+    cfg = build_config("patches")
+    m = cfg.model_config()
+    assert (m.arch, m.channels, m.kernel_size, m.whiten, cfg.objective) == ("patch", (400,), 6, True, "patches")
+    assert m.feature_dim == 1600
