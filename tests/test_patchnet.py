@@ -147,3 +147,15 @@ def test_the_preset_is_the_documented_recipe():
     m = cfg.model_config()
     assert (m.arch, m.channels, m.kernel_size, m.whiten, cfg.objective) == ("patch", (400,), 6, True, "patches")
     assert m.feature_dim == 1600
+
+
+def test_the_hugging_face_folder_keeps_the_whitening(tmp_path):
+    from convae import hub
+
+    torch.manual_seed(0)
+    ae = AutoEncoder(patch_config(whiten=True))
+    ae.encoder.fit_whitening(torch.rand(30, 3, 32, 32), torch.Generator().manual_seed(0))
+    back = hub.from_pretrained(hub.save_pretrained(ae, tmp_path / "hf"))
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(back.encoder.whitening, ae.encoder.whitening)
+    assert torch.equal(back.eval()(x), ae.eval()(x)) and torch.equal(back.encoder(x), ae.encoder(x))

@@ -193,10 +193,13 @@ def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypa
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_augmentation_and_masking_replay_exactly_after_a_mid_epoch_stop(dataset, tmp_path):
-    """The augmented batches and the masks of a resumed epoch are those of the uninterrupted run."""
+@pytest.mark.parametrize("extra", [
+    ("--augment", "--jitter", "0.2", "--objective", "masked", "--norm", "batch", "--output-activation", "none"),
+    ("--preset", "patches", "--channels", "16", "--kernel-size", "5"),  # whitening fitted once, crops replayed
+], ids=["masked", "patches"])
+def test_augmentation_and_masking_replay_exactly_after_a_mid_epoch_stop(dataset, tmp_path, extra):
+    """The augmented batches and the masks (or crops) of a resumed epoch are those of the uninterrupted run."""
     data, cache = dataset
-    extra = ("--augment", "--jitter", "0.2", "--objective", "masked", "--norm", "batch", "--output-activation", "none")
     ref = tmp_path / "ref"
     subprocess.run(_cmd(data, cache, ref, *extra), check=True, env=_env(), capture_output=True)
     out = tmp_path / "stopped"
