@@ -53,3 +53,18 @@ def test_budget_parsing_and_summary():
         parse_budgets(["0"])
     rows = summarise([{"method": "knn", "labels_per_class": 5, "accuracy": a} for a in (0.5, 0.7)])
     assert rows[0]["mean"] == pytest.approx(0.6) and rows[0]["std"] == pytest.approx(0.1414213, rel=1e-5)
+
+
+def test_sweep_measures_only_the_methods_asked_for(image_folder, cache_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out),
+                 "--pretrain-epochs", "1", "--labels-per-class", "2", "--seeds", "2", "--steps", "2",
+                 "--methods", "finetune", "scratch"] + SMALL) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert list(result["methods"]) == ["finetune", "scratch"]
+    assert sorted((c["method"], c["seed"]) for c in result["cells"]) == [("finetune", 0), ("finetune", 1),
+                                                                         ("scratch", 0), ("scratch", 1)]
+    assert (out / "figures" / "label_efficiency.png").is_file()
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", "--data", str(image_folder), "--methods", "knn", "finetuned"])
+    assert stop.value.code == 2 and "invalid choice: 'finetuned'" in capsys.readouterr().err

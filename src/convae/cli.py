@@ -19,7 +19,7 @@ from .models import ARCHS, NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES
 from .objectives import OBJECTIVES
 from .export import FORMATS as EXPORT_FORMATS
 from .export import PARTS as EXPORT_PARTS
-from .sweep import DEFAULT_BUDGETS
+from .sweep import DEFAULT_BUDGETS, METHODS
 
 # flag -> argparse keyword arguments; dest is the Config field of the same name
 FLAGS: dict[str, dict[str, Any]] = {
@@ -94,8 +94,7 @@ FLAGS: dict[str, dict[str, Any]] = {
 
 DATA = ["--data", "--test-data", "--val-fraction", "--cache-dir", "--workers", "--placement"]
 MODEL = ["--in-channels", "--height", "--width", "--channels", "--latent-dim", "--upsample", "--norm",
-         "--convs-per-stage", "--output-activation", "--arch", "--kernel-size", "--threshold",
-         "--whiten"]
+         "--convs-per-stage", "--output-activation", "--arch", "--kernel-size", "--threshold", "--whiten"]
 PRETRAIN = ["--pretrain-epochs", "--objective", "--noise-std", "--drop-prob", "--mask-ratio", "--patch-size",
             "--norm-targets", "--sparse-k", "--lifetime-rate", "--patches-per-image"]
 AUGMENT = ["--augment", "--crop-padding", "--jitter"]
@@ -137,6 +136,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
                ("--seeds", dict(type=int, default=3, metavar="K", help="seeds per budget (default 3)")),
                ("--steps", dict(type=int, default=300, metavar="S",
                                 help="optimizer steps per cell, the same for every method (default 300)")),
+               ("--methods", dict(nargs="+", choices=list(METHODS), metavar="M", help=f"{', '.join(METHODS)} (default all)")),
                _batch(f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)")]
               + DATA + MODEL + PRETRAIN + AUGMENT + [f for f in OPTIM if f != "--batch-size"] + ["--finetune-lr"]
               + EXEC),
@@ -223,9 +223,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    overrides = {k: v for k, v in _overrides(args).items() if k not in ("labels_per_class", "seeds", "steps")}
+    overrides = {k: v for k, v in _overrides(args).items() if k not in ("labels_per_class", "seeds", "steps", "methods")}
     commands.sweep(args.preset, args.config, overrides, args.labels_per_class, args.seeds, args.steps,
-                   args.checkpoint, _log)
+                   args.checkpoint, _log, args.methods)
 
 
 def _encode(args: argparse.Namespace) -> None:

@@ -38,7 +38,7 @@ def train(command: str, preset: str, config_file: str | None, overrides: dict[st
 
 
 def sweep(preset: str, config_file: str | None, overrides: dict[str, Any], budgets: list[str], seeds: int,
-          steps: int, checkpoint: str | None, log: Log) -> RunDir:
+          steps: int, checkpoint: str | None, log: Log, methods: list[str] | None = None) -> RunDir:
     """``convae sweep``; its batch size defaults to SWEEP_BATCH_SIZE, below the config file and the flags."""
     from .sweep import parse_budgets, run_sweep
 
@@ -46,7 +46,7 @@ def sweep(preset: str, config_file: str | None, overrides: dict[str, Any], budge
     if "batch_size" not in overrides and "batch_size" not in (read_config_file(config_file) if config_file else {}):
         overrides["batch_size"] = SWEEP_BATCH_SIZE
     cfg = build_config(preset, config_file, overrides)
-    return run_sweep(cfg, parse_budgets(budgets), seeds, steps, checkpoint, log=log)
+    return run_sweep(cfg, parse_budgets(budgets), seeds, steps, checkpoint, log=log, methods=methods)
 
 
 EVALUATE_KEYS = ("data", "cache_dir", "workers", "batch_size", "probe_features", "precision", "seed", "device")

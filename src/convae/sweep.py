@@ -103,10 +103,16 @@ def summarise(cells: list[SweepCell]) -> list[dict]:
 
 
 def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpoint: str | None = None,
-              log: Log = print) -> RunDir:
-    """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png."""
+              log: Log = print, methods: list[str] | None = None) -> RunDir:
+    """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png.
+    ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures."""
     if seeds <= 0 or steps <= 0:
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
+    unknown = sorted(set(methods or ()) - set(METHODS))
+    if unknown or methods == []:
+        raise ConvaeError(f"unknown sweep method(s) {', '.join(unknown) or '(none given)'}; choose from "
+                          f"{', '.join(METHODS)}")
+    chosen = {m: name for m, name in METHODS.items() if methods is None or m in methods}
     device = resolve_device(cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
     ae = None
@@ -136,6 +142,8 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
     val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
     feats = {}
     for name, enc in (("pretrained", ae.encoder), ("random", random_enc)):
+        if not any(m.startswith(("knn", "logistic")) for m in chosen):
+            break  # only trained methods: no frozen features to extract
         feats[name] = [extract_features(enc, x, precision=cfg.precision, features=cfg.probe_features)
                        for x in (data.train, data.val)]
     cells: list[SweepCell] = []
@@ -144,9 +152,9 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
             seed = cfg.seed + i
             idx = (torch.arange(len(labels)) if budget is None else
                    per_class_subset(data.train.labels, torch.arange(len(labels)), budget, seed)).to(device)
-            for method in METHODS:
+            for method in chosen:
                 start = time.perf_counter()
-                train_f, val_f = feats["random" if method.endswith("_random") else "pretrained"]
+                train_f, val_f = feats.get("random" if method.endswith("_random") else "pretrained", (None, None))
                 if method.startswith("knn"):
                     acc = knn_accuracy(train_f[idx], labels[idx], val_f, val.labels, k)
                 elif method.startswith("logistic"):  # standardised features, fitted to convergence
@@ -170,7 +178,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
     result = {
         "eval_set": data.eval_name, "classes": data.classes, "budgets": ["all" if b is None else b for b in budgets],
         "seeds": [cfg.seed + i for i in range(seeds)], "steps": steps, "batch_size": cfg.batch_size,
-        "lr": cfg.finetune_lr or cfg.lr, "optimizer": cfg.optimizer, "methods": METHODS,
+        "lr": cfg.finetune_lr or cfg.lr, "optimizer": cfg.optimizer, "methods": chosen,
         "probe_features": cfg.probe_features, "augment": cfg.augment,
         "autoencoder": cfg.init_checkpoint or str(run.checkpoints / "autoencoder.pt"),
         "cells": cells, "summary": summary,
