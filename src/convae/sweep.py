@@ -141,9 +141,8 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
     labels = data.train.labels.to(device)
     val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
     feats = {}
-    for name, enc in (("pretrained", ae.encoder), ("random", random_enc)):
-        if not any(m.startswith(("knn", "logistic")) for m in chosen):
-            break  # only trained methods: no frozen features to extract
+    probed = any(m.startswith(("knn", "logistic")) for m in chosen)  # only trained methods: no features
+    for name, enc in (("pretrained", ae.encoder), ("random", random_enc)) if probed else ():
         feats[name] = [extract_features(enc, x, precision=cfg.precision, features=cfg.probe_features)
                        for x in (data.train, data.val)]
     cells: list[SweepCell] = []
