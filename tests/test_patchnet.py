@@ -159,3 +159,21 @@ def test_the_hugging_face_folder_keeps_the_whitening(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(back.encoder.whitening, ae.encoder.whitening)
     assert torch.equal(back.eval()(x), ae.eval()(x)) and torch.equal(back.encoder(x), ae.encoder(x))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_response_of_flat_patches_is_exact_in_either_precision(precision):
+    """A nearly flat patch's response is the difference of sums that almost cancel: computed in bf16
+    (autocast) it was mostly rounding error, amplified by the small contrast it is divided by."""
+    torch.manual_seed(0)
+    enc = AutoEncoder(patch_config(kernel_size=6, channels=(16,))).encoder
+    x = 0.6 + 0.01 * torch.rand(2, 3, 16, 16)  # low contrast: deviation near the variance floor
+    x[:, :, :, 8:] += 0.3 * torch.rand(2, 3, 16, 8)  # and a textured half
+    p = F.unfold(x.double(), 6)  # (B, 108, L): every patch, normalised by hand in float64
+    p = (p - p.mean(1, keepdim=True)) / (p.var(1, keepdim=True) + VARIANCE_FLOOR).sqrt()
+    w = enc.conv.weight.double().flatten(1)
+    expected = ((w / w.norm(dim=1, keepdim=True)) @ p).view(2, 16, 11, 11)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        y = enc.response(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-4)

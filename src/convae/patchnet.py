@@ -32,10 +32,19 @@ INFERENCE_CHUNK = 64  # images per response map when only features are computed
 def patch_stats(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and floored standard deviation of every k x k patch (all channels): (B, 1, H', W') each."""
     d = x.shape[1] * k * k
+    x = x.float()
+    shift = x.mean((1, 2, 3), keepdim=True)  # E[x^2] - mean^2 cancels less on pixels near 0
     ones = x.new_ones(1, x.shape[1], k, k)
-    mean = F.conv2d(x, ones) / d
-    var = (F.conv2d(x * x, ones) / d - mean * mean).clamp(min=0) * (d / (d - 1))  # unbiased, as torch.var
-    return mean, (var + VARIANCE_FLOOR).sqrt()
+    with exact(x):
+        mean = F.conv2d(x - shift, ones) / d
+        var = (F.conv2d((x - shift) ** 2, ones) / d - mean * mean).clamp(min=0) * (d / (d - 1))  # as torch.var
+    return mean + shift, (var + VARIANCE_FLOOR).sqrt()
+
+
+def exact(x: torch.Tensor):
+    """float32 inside bf16 autocast: a patch's mean and contrast, and its response, come from sums of
+    ~100 pixels that nearly cancel on a flat patch; in bf16 the result is mostly rounding error."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class PatchEncoder(nn.Module):
@@ -66,11 +75,15 @@ class PatchEncoder(nn.Module):
 
     def response(self, x: torch.Tensor) -> torch.Tensor:
         """Every filter's response to every normalised patch: (B, K, H - k + 1, W - k + 1)."""
-        w = self.filters()
-        mean, std = patch_stats(x.float(), self.config.kernel_size)
-        # conv(x - mean, w) = conv(x, w) - mean * sum(w): the normalisation costs no extra pass
-        y = F.conv2d(x, w.to(x.dtype)).float() - mean * w.float().sum((1, 2, 3)).view(1, -1, 1, 1)
-        bias = -(w.flatten(1).float() @ self.patch_mean)  # the whitening centres on the patches' mean
+        _, std = patch_stats(x, self.config.kernel_size)
+        x = x.float()
+        with exact(x):
+            w = self.filters()
+            # sum((p - mean(p)) * w) = sum(p * (w - mean(w))): centred filters subtract every patch's
+            # mean exactly, in the same pass, and a constant shift of the image changes nothing
+            w = w - w.mean((1, 2, 3), keepdim=True)
+            y = F.conv2d(x - x.mean((1, 2, 3), keepdim=True), w)
+            bias = -(w.flatten(1) @ self.patch_mean)  # the whitening centres on the patches' mean
         return y / std + bias.view(1, -1, 1, 1)
 
     @torch.no_grad()
