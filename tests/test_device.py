@@ -79,3 +79,17 @@ def test_asking_for_mps_without_it_is_one_clear_error():
 def test_auto_picks_mps_where_there_is_no_cuda():  # pragma: no cover - runs on Apple silicon only
     if not torch.cuda.is_available():
         assert resolve_device("auto").type == "mps"
+
+
+def test_version_from_a_source_tree_that_is_not_installed(monkeypatch):
+    import importlib.metadata
+
+    import convae
+    from convae.device import convae_version
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    assert convae_version() == importlib.metadata.version("convae")
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert convae_version() == f"{convae.__version__} (source tree)"

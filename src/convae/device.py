@@ -77,13 +77,16 @@ def resolve_precision(precision: str, device: torch.device, warn=print) -> str:
 
 
 def convae_version() -> str:
-    """The installed package's version (its metadata), without importing the package root."""
+    """The installed package's version (its metadata); from a source tree that is not installed
+    (``PYTHONPATH=src``), the package's ``__version__`` marked as such."""
+    import sys
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("convae")
     except PackageNotFoundError:
-        return "unknown"
+        root = sys.modules.get(__package__)  # imported already: this module is part of it
+        return f"{root.__version__} (source tree)" if hasattr(root, "__version__") else "unknown"
 
 
 def provenance(device: torch.device, precision: str) -> dict[str, str]:
