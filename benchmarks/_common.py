@@ -111,6 +111,18 @@ class PeakRSS:
 # ----------------------------------------------------------------------------- output
 
 
+def config_overrides(pairs) -> dict:
+    """``["pretrain_epochs=1", "channels=[8]"]`` -> config keys, values read as JSON where they parse."""
+    out = {}
+    for pair in pairs:
+        key, text = pair.split("=", 1)
+        try:
+            out[key.replace("-", "_")] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = text
+    return out
+
+
 def machine() -> dict:
     info = {"cpu": device_name(torch.device("cpu")), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}

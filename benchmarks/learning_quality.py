@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table  # noqa: E402
+from _common import config_overrides, machine, print_table  # noqa: E402
 
 from convae.checkpoint import load_checkpoint  # noqa: E402
 from convae.config import SWEEP_BATCH_SIZE, build_config  # noqa: E402
@@ -35,13 +35,6 @@ from convae.data import per_class_subset, prepare_data  # noqa: E402
 from convae.pipeline import run_training  # noqa: E402
 from convae.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder  # noqa: E402
 from convae.sweep import parse_budgets, run_sweep  # noqa: E402
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def feature_kinds(cfg) -> tuple[str, ...]:
@@ -123,13 +116,13 @@ def main() -> int:
     args = p.parse_args()
 
     log = print
-    extra = {k.replace("-", "_"): _value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    extra = config_overrides(args.set)
     info = machine()
     print(f"machine: {info}")
     rows, results = [], []
     for spec in args.presets:
         preset, _, own = spec.partition(":")
-        own_keys = {k.replace("-", "_"): _value(v) for k, v in (kv.split("=", 1) for kv in own.split(",") if kv)}
+        own_keys = config_overrides(kv for kv in own.split(",") if kv)
         base = build_config(preset, None, {"data": args.data, **extra, **own_keys})
         out = Path(args.out) / spec.replace(":", "_").replace(",", "_").replace("=", "-")
         if args.checkpoint and args.probes_only and len(args.presets) == 1:

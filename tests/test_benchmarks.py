@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -95,3 +96,30 @@ def test_large_source_benchmark_runs_both_placements(tmp_path):
     assert r["host"]["placement"] == "host" and r["device"]["placement"] == "device"
     assert r["host"]["peak_rss_mib"] > 0 and r["host"]["images_per_s"] > 0
     assert not list(tmp_path.glob("tmp*"))  # the synthetic source is removed
+
+
+def test_spherical_kmeans_finds_the_directions_the_data_clusters_around():
+    sys.path.insert(0, str(BENCH))
+    from kmeans_dictionary import spherical_kmeans
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(4, 12, generator=g), dim=1)
+    z = (centres.repeat(200, 1) + 0.05 * torch.randn(800, 12, generator=g)) * torch.rand(800, 1, generator=g).add(0.5)
+    found = spherical_kmeans(z, 8, 20, torch.Generator().manual_seed(1))
+    assert torch.allclose(found.norm(dim=1), torch.ones(8))
+    assert (centres @ found.T).max(1).values.min() > 0.99  # every planted direction has a centroid on it
+
+
+def test_kmeans_dictionary_benchmark_scores_three_dictionaries_in_one_encoder(tmp_path, image_folder):
+    from convae.checkpoint import save_checkpoint
+    from convae.models import AutoEncoder, ModelConfig
+
+    torch.manual_seed(0)
+    ae = AutoEncoder(ModelConfig(arch="patch", channels=(8,), kernel_size=4, height=16, width=16, whiten=True))
+    ae.encoder.fit_whitening(torch.rand(20, 3, 16, 16), torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "ae.pt", ae, "autoencoder")
+    payload = run_script("kmeans_dictionary", "--checkpoint", str(tmp_path / "ae.pt"), "--data", str(image_folder),
+                         "--set", "val_fraction=0.2", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
+                         "--images", "10", "--per-image", "4", "--iterations", "3", cwd=tmp_path)
+    assert payload["patches"] == 40 and set(payload["scores"]) == {"pretrained", "kmeans", "random"}
+    assert all(0 <= s["logistic"] <= 1 and 0 <= s["knn"] <= 1 for s in payload["scores"].values())
