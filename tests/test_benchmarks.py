@@ -5,6 +5,7 @@ finishes, writes its JSON, and that the quantities that do not depend on the mac
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,17 @@ def test_kmeans_dictionary_benchmark_scores_three_dictionaries_in_one_encoder(tm
                          "--images", "10", "--per-image", "4", "--iterations", "3", cwd=tmp_path)
     assert payload["patches"] == 40 and set(payload["scores"]) == {"pretrained", "kmeans", "random"}
     assert all(0 <= s["logistic"] <= 1 and 0 <= s["knn"] <= 1 for s in payload["scores"].values())
+
+
+def test_gpu_learning_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
+    """The GPU script as a user tries it first on a CPU: every sweep runs and its JSON is copied."""
+    extra = (f"--height 16 --width 16 --channels 8 --kernel-size 4 --pretrain-epochs 1 --steps 2 --seeds 1 "
+             f"--labels-per-class 2 --batch-size 8 --val-fraction 0.2 --cache-dir {tmp_path / 'cache'}")
+    env = {**os.environ, "DEVICE": "cpu", "SWEEP_ARGS": extra, "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_learning.sh"), str(image_folder), str(tmp_path / "results")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = {"patches", "patches_lr3e-4", "patches_lr3e-3", "patches1600"}
+    assert {p.stem for p in (tmp_path / "results").glob("*.json")} == names
+    lr = json.loads((tmp_path / "results" / "patches_lr3e-3.json").read_text())
+    assert lr["lr"] == 3e-3 and set(lr["methods"]) == {"finetune", "scratch"}
