@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed
 
-from convae.data import DeviceBatches, ImageSet, load_source, split_indices
+from convae.data import DeviceBatches, ImageSet, split_indices
 from convae.data.batches import prefetched, resolve_placement
 from convae.data.cache import read_cache, write_cache
 from convae.data.rows import gather
