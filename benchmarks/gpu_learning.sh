@@ -11,7 +11,7 @@
 #    class, on 2.'s autoencoder): is the fine-tuning gain an artefact of one learning rate?
 # 4. the same sweep with 1,600 filters (Coates et al.'s widest dictionary).
 # Each run folder lands in $RUNS; each sweep.json (or, for a run stopped by its time limit, the
-# cells it finished: metrics.jsonl) is copied to RESULTS_DIR; the log goes to stdout.
+# cells it finished: metrics.jsonl) is copied to RESULTS_DIR as learning_NAME.json; the log goes to stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: bash benchmarks/gpu_learning.sh CIFAR10_ARCHIVE [RESULTS_DIR]}
@@ -31,8 +31,8 @@ sweep() {  # NAME SECONDS ARGS...: one sweep under a time limit; its results cop
     echo "== $name (limit ${limit}s): convae sweep $*"
     timeout "$limit" $PY -m convae sweep --data "$DATA" --device "$DEVICE" --out "$RUNS/$name" "$@" "${EXTRA[@]}"
     echo "== $name: exit $? after $((SECONDS - start)) s"
-    cp "$RUNS/$name/sweep.json" "$RESULTS/$name.json" 2>/dev/null ||
-        cp "$RUNS/$name/metrics.jsonl" "$RESULTS/$name.metrics.jsonl" 2>/dev/null || true
+    cp "$RUNS/$name/sweep.json" "$RESULTS/learning_$name.json" 2>/dev/null ||
+        cp "$RUNS/$name/metrics.jsonl" "$RESULTS/learning_$name.metrics.jsonl" 2>/dev/null || true
 }
 
 echo "== smoke"

@@ -134,7 +134,7 @@ def test_gpu_learning_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
     proc = subprocess.run(["bash", str(BENCH / "gpu_learning.sh"), str(image_folder), str(tmp_path / "results")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    names = {"patches", "patches_lr3e-4", "patches_lr3e-3", "patches1600"}
-    assert {p.stem for p in (tmp_path / "results").glob("*.json")} == names
-    lr = json.loads((tmp_path / "results" / "patches_lr3e-3.json").read_text())
+    names = {"learning_patches", "learning_patches_lr3e-4", "learning_patches_lr3e-3", "learning_patches1600"}
+    assert {p.stem for p in (tmp_path / "results").glob("*.json")} == names  # the names results/gpu/ holds
+    lr = json.loads((tmp_path / "results" / "learning_patches_lr3e-3.json").read_text())
     assert lr["lr"] == 3e-3 and set(lr["methods"]) == {"finetune", "scratch"}
