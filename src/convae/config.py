@@ -155,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "schedule": "cosine", "pretrain_epochs": 20, "finetune_epochs": 30, "probe_features": "pooled"},
     # One wide convolution learned as a sparse autoencoder of 6x6 patches (convae.patchnet: Coates
     # et al. 2011's single layer with Makhzani & Frey's lifetime sparsity); features are the code
-    # summed over quadrants. Pretraining takes minutes, not hours, on a 2-core CPU.
+    # averaged over quadrants. Pretraining takes minutes, not hours, on a 2-core CPU.
     "patches": {"arch": "patch", "channels": (400,), "kernel_size": 6, "threshold": 0.25, "whiten": True,
                 "objective": "patches",
                 "patches_per_image": 16, "lifetime_rate": 0.05, "batch_size": 256, "pretrain_epochs": 5,

@@ -216,8 +216,6 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return _UpsampleConv.apply(x, weight, bias, mode)
 
 
-
-
 def upsampler(mode: str, channels: int, src: tuple[int, int], dst: tuple[int, int]) -> nn.Module:
     """One 2x spatial step of the decoder, landing exactly on the encoder's size ``dst``."""
     if mode in ("bilinear", "nearest"):

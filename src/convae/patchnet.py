@@ -9,8 +9,9 @@ Frey (2015), as a convolutional autoencoder:
 - ``K`` filters of unit norm respond to it (a valid convolution: 32 -> 27 for k = 6); the code
   is the rectified response, ``relu(y)`` while pretraining, ``relu(y - threshold)`` as features;
 - the decoder is a linear dictionary: each position's code maps to the normalised patch it saw;
-- the features are the code summed over the four quadrants of the map (4 * K numbers, as in
-  Coates et al.), standardised by a batch norm without parameters for the classifier's head.
+- the features are the code averaged over the four quadrants of the map (4 * K numbers: Coates
+  et al.'s sum pooling up to a constant), standardised by a parameter-free batch norm for the
+  classifier's head.
 
 Pretraining uses the ``patches`` objective (random k x k crops, winner-take-all over the
 batch); the encoder is an ordinary module: transfer, fine-tuning, probes, export and the
