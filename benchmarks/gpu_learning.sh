@@ -22,7 +22,8 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu SWEEP_ARGS="--pretrain-epochs 1 --steps 2 .
 read -r -a EXTRA <<< "${SWEEP_ARGS:-}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS" "$RUNS"
-$PY -c "import torch; print('torch', torch.__version__); assert '$DEVICE' != 'cuda' or torch.cuda.is_available(), 'no CUDA GPU'" || exit 1
+$PY -c "import sys, torch; print('torch', torch.__version__)
+if '$DEVICE' == 'cuda' and not torch.cuda.is_available(): sys.exit('no CUDA GPU here (DEVICE=cpu tries the script on the CPU)')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 
 sweep() {  # NAME SECONDS ARGS...: one sweep under a time limit; its results copied whatever happened
