@@ -19,7 +19,7 @@ except ImportError:  # a checkout that was not pip-installed: the package lives 
 def _entry(kind: str, pretrained: str | None, kwargs: dict):
     if pretrained:
         model = convae.from_pretrained(pretrained)
-        if convae.hub.KINDS[kind] is not type(model):
+        if convae.models.kind_of(model) != kind:
             raise convae.errors.ConvaeError(f"{pretrained} holds a {type(model).__name__}, not a {kind}")
         return model
     return convae.build(kind, **kwargs)

@@ -63,7 +63,8 @@ def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batc
     from convae.device import micro_batch_size, resolve_precision
     from convae.loop import make_optimizer, train_step
     from convae.models import AutoEncoder
-    from convae.objectives import Objective
+    from convae.objectives import make_objective
+    from convae.records import Batch
 
     start = time.perf_counter()
     d = read_cache(folder, print)
@@ -81,7 +82,7 @@ def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batc
     torch.manual_seed(0)
     model = AutoEncoder(cfg.model_config()).to(device, memory_format=torch.channels_last)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
-    objective = Objective(cfg.objective_config())
+    objective = make_objective(cfg.objective_config())
     micro = micro_batch_size(cfg.micro_batch, precision, device)  # as a run computes its batches
     start = time.perf_counter()
     batches = DeviceBatches.of(train, device, batch, labels=False, shuffle=True, seed=0, placement=placement)
@@ -90,12 +91,12 @@ def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batc
     it = iter(batches)
     for _ in range(warmup):
         x, y = next(it)
-        train_step(model, x, y, opt, objective, precision, micro, len(x), 1)
+        train_step(model, Batch(x, y), opt, objective, precision, micro, len(x), 1)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         x, y = next(it)
-        train_step(model, x, y, opt, objective, precision, micro, len(x), 1)
+        train_step(model, Batch(x, y), opt, objective, precision, micro, len(x), 1)
     sync(device)
     seconds = time.perf_counter() - start
     return {"placement": batches.placement, "open_s": open_s, "place_s": place_s, "images_per_s": steps * batch / seconds,

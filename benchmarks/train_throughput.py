@@ -28,7 +28,8 @@ from convae.data import DeviceBatches  # noqa: E402
 from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
 from convae.device import micro_batch_size  # noqa: E402
 from convae.loop import classification_criterion, train_step  # noqa: E402
-from convae.objectives import Objective, ObjectiveConfig  # noqa: E402
+from convae.objectives import ObjectiveConfig, make_objective  # noqa: E402
+from convae.records import Batch  # noqa: E402
 
 
 def reference_loop(phase: str, images, labels, batch_size: int, warmup: int, steps: int, device, workers: int):
@@ -81,7 +82,7 @@ def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     if compile:
         model = torch.compile(model)
-    loss_fn = Objective(ObjectiveConfig("reconstruct")) if phase == "pretrain" else classification_criterion
+    loss_fn = make_objective(ObjectiveConfig("reconstruct")) if phase == "pretrain" else classification_criterion
     micro = micro_batch_size(micro, precision, device)
     batches = DeviceBatches(images.to(device), labels.to(device), batch_size, shuffle=True, seed=0)
     total = torch.zeros((), device=device, dtype=torch.float64)
@@ -90,7 +91,7 @@ def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps:
         epoch += 1
         batches.set_epoch(epoch)
         for x, y in batches:
-            total += train_step(model, x, y, optimizer, loss_fn, precision, micro)
+            total += train_step(model, Batch(x, y), optimizer, loss_fn, precision, micro)
             done += 1
             if done == warmup:
                 sync(device)

@@ -9,9 +9,9 @@ from convae.data import DeviceBatches
 from convae.device import micro_batch_size
 from convae.loop import classification_criterion, make_optimizer, make_scheduler, train_one_epoch
 from convae.models import AutoEncoder, Classifier, ModelConfig
-from convae.objectives import Objective, ObjectiveConfig
+from convae.objectives import ObjectiveConfig, make_objective
 
-reconstruction = Objective(ObjectiveConfig("reconstruct"))
+reconstruction = make_objective(ObjectiveConfig("reconstruct"))
 
 SMALL = ModelConfig(channels=(8, 16, 16), latent_dim=32, num_classes=3)
 

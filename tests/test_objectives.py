@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from convae.models import AutoEncoder, ModelConfig
-from convae.objectives import (OBJECTIVES, Objective, ObjectiveConfig, masked_mse, normalise_patches, patch_mask,
+from convae.objectives import (OBJECTIVES, ObjectiveConfig, make_objective, masked_mse, normalise_patches, patch_mask,
                                winner_take_all)
 
 
@@ -24,13 +24,13 @@ def test_reconstruct_is_the_lecture_mse_exactly():
     torch.manual_seed(0)
     ae = AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16))
     x = torch.rand(4, 3, 32, 32)
-    loss = Objective(ObjectiveConfig("reconstruct"))(ae, x)
+    loss = make_objective(ObjectiveConfig("reconstruct")).loss(ae, x)
     assert torch.equal(loss, nn.functional.mse_loss(ae(x), x))
 
 
 def test_the_masked_loss_ignores_visible_pixels():
     x = torch.rand(2, 3, 16, 16)
-    obj = Objective(ObjectiveConfig("masked", mask_ratio=0.5, patch_size=4))
+    obj = make_objective(ObjectiveConfig("masked", mask_ratio=0.5, patch_size=4))
     inp, mask = obj.corrupt(x, torch.Generator().manual_seed(1))
     assert mask.shape == (2, 1, 16, 16) and set(mask.unique().tolist()) == {0.0, 1.0}
     assert (mask.view(2, -1).mean(1) == 0.5).all()  # 8 of 16 patches hidden in every image
@@ -41,8 +41,8 @@ def test_the_masked_loss_ignores_visible_pixels():
     assert masked_mse(pred, x, mask) == masked_mse(changed, x, mask)
     assert masked_mse(pred + 5 * mask, x, mask) > masked_mse(pred, x, mask)
     # through the objective: the same generator gives the same mask, so the loss is unchanged too
-    a = obj(Echo(pred), x, None, torch.Generator().manual_seed(1))
-    b = obj(Echo(changed), x, None, torch.Generator().manual_seed(1))
+    a = obj.loss(Echo(pred), x, torch.Generator().manual_seed(1))
+    b = obj.loss(Echo(changed), x, torch.Generator().manual_seed(1))
     assert a == b
 
 
@@ -64,11 +64,11 @@ def test_normalised_patch_targets_have_zero_mean_and_unit_std():
 
 def test_denoise_targets_the_clean_image():
     x = torch.rand(3, 1, 8, 8)
-    obj = Objective(ObjectiveConfig("denoise", noise_std=0.5, drop_prob=0.5))
+    obj = make_objective(ObjectiveConfig("denoise", noise_std=0.5, drop_prob=0.5))
     noisy, weight = obj.corrupt(x, torch.Generator().manual_seed(0))
     assert weight is None and not torch.allclose(noisy, x)
     assert (noisy == 0).float().mean() > 0.3  # about half the pixels dropped
-    assert obj(Echo(x), x, None, torch.Generator().manual_seed(0)) == 0  # a perfect denoiser has zero loss
+    assert obj.loss(Echo(x), x, torch.Generator().manual_seed(0)) == 0  # a perfect denoiser has zero loss
 
 
 def test_winner_take_all_keeps_exactly_k_winners_per_image_and_the_lifetime_top():
@@ -92,12 +92,12 @@ def test_every_objective_trains_every_shape_and_upsample(name, shape, upsample):
     c, h, w = shape
     ae = AutoEncoder(ModelConfig(in_channels=c, height=h, width=w, channels=(8, 16), latent_dim=32,
                                  upsample=upsample, norm="batch", output_activation="none"))
-    obj = Objective(ObjectiveConfig(name, sparse_k=8, lifetime_rate=0.5, drop_prob=0.2))  # 4 of 8 images per unit
+    obj = make_objective(ObjectiveConfig(name, sparse_k=8, lifetime_rate=0.5, drop_prob=0.2))  # 4 of 8 images per unit
     x = torch.rand(8, c, h, w)
     opt = torch.optim.Adam(ae.parameters(), 3e-3)
     losses = []
     for step in range(15):
-        loss = obj(ae, x, None, torch.Generator().manual_seed(step % 2))
+        loss = obj.loss(ae, x, torch.Generator().manual_seed(step % 2))
         opt.zero_grad()
         loss.backward()
         opt.step()

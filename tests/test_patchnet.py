@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from convae.config import build_config
 from convae.errors import ConvaeError
 from convae.models import AutoEncoder, Classifier, ModelConfig
-from convae.objectives import Objective, ObjectiveConfig
-from convae.patchnet import VARIANCE_FLOOR, WHITENING_EPS, kernels, patch_stats, random_patches
+from convae.objectives import ObjectiveConfig, make_objective
+from convae.patchnet import VARIANCE_FLOOR, WHITENING_EPS, patch_stats, random_patches
 from convae.probes import random_encoder
 
 
@@ -83,7 +83,7 @@ def test_whitening_decorrelates_the_normalised_patches():
     assert (torch.cov(p.T) - torch.cov(white.T)).abs().max() > 0.3  # the sample was far from white
     # the filters the figures show are the unit filters through the whitening
     w = enc.conv.weight.flatten(1)
-    torch.testing.assert_close(kernels(enc).flatten(1), (w / w.norm(dim=1, keepdim=True)) @ enc.whitening)
+    torch.testing.assert_close(enc.kernels().flatten(1), (w / w.norm(dim=1, keepdim=True)) @ enc.whitening)
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
@@ -91,12 +91,12 @@ def test_the_patches_objective_trains_grey_and_colour_images(shape):
     torch.manual_seed(0)
     c, h, w = shape
     ae = AutoEncoder(patch_config(in_channels=c, height=h, width=w, kernel_size=6, channels=(16,)))
-    obj = Objective(ObjectiveConfig("patches", crop_size=6, patches_per_image=8, lifetime_rate=0.25))
+    obj = make_objective(ObjectiveConfig("patches", crop_size=6, patches_per_image=8, lifetime_rate=0.25))
     x = torch.rand(16, c, h, w)
     opt = torch.optim.Adam(ae.parameters(), 1e-2)
     losses = []
     for step in range(30):
-        loss = obj(ae, x, None, torch.Generator().manual_seed(step))
+        loss = obj.loss(ae, x, torch.Generator().manual_seed(step))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -110,8 +110,8 @@ def test_the_patches_objective_keeps_each_units_lifetime_winners():
     ae = AutoEncoder(patch_config(channels=(6,), kernel_size=4))
     seen = {}
     ae.decoder.register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))
-    Objective(ObjectiveConfig("patches", crop_size=4, patches_per_image=5, lifetime_rate=0.2))(
-        ae, torch.rand(4, 3, 16, 16), None, torch.Generator().manual_seed(0))
+    make_objective(ObjectiveConfig("patches", crop_size=4, patches_per_image=5, lifetime_rate=0.2)).loss(
+        ae, torch.rand(4, 3, 16, 16), torch.Generator().manual_seed(0))
     h = seen["h"]
     assert h.shape == (20, 6, 1, 1)
     assert ((h.flatten(1) > 0).sum(0) <= 4).all() and ((h.flatten(1) > 0).sum(0) == 4).any()

@@ -147,9 +147,9 @@ def test_nan_loss_stops_with_the_last_good_state_intact(dataset, tmp_path, monke
     calls = {"n": 0}
     real = Objective.__call__
 
-    def poisoned(self, model, x, y=None, generator=None):
+    def poisoned(self, model, batch, generator=None):
         calls["n"] += 1
-        loss = real(self, model, x, y, generator)
+        loss = real(self, model, batch, generator)
         return loss * float("nan") if calls["n"] > 26 else loss  # 24 chunks an epoch: NaN in epoch 2
 
     monkeypatch.setattr(Objective, "__call__", poisoned)

@@ -18,7 +18,7 @@ torch.Size([3, 4])
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -28,10 +28,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import INFERENCE_BATCH_SIZE, Config, build_config
 from .errors import ConvaeError
-from .models import AutoEncoder, Classifier, Encoder, ModelConfig, build_model, make_encoder
-from .patchnet import PatchEncoder
-
-MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"num_classes", "negative_slope"}
+from .models import AutoEncoder, Classifier, EncoderBase, build_model
 
 
 def build(kind: str = "autoencoder", preset: str = "seed", num_classes: int = 10, **overrides: Any) -> nn.Module:
@@ -39,13 +36,9 @@ def build(kind: str = "autoencoder", preset: str = "seed", num_classes: int = 10
 
     The model's :class:`~convae.models.ModelConfig` is at ``model.config``.
     """
-    cfg = build_config(preset, None, overrides)
-    mcfg = cfg.model_config(num_classes)
-    if kind == "encoder":
-        return make_encoder(mcfg)
-    if kind not in ("autoencoder", "classifier"):
+    if kind not in ("autoencoder", "classifier", "encoder"):
         raise ConvaeError(f"kind must be autoencoder, classifier or encoder; got {kind!r}")
-    return build_model(kind, mcfg)
+    return build_model(kind, build_config(preset, None, overrides).model_config(num_classes))
 
 
 def load(path: str | Path) -> nn.Module:
@@ -92,7 +85,7 @@ def encode(model: nn.Module, images: Any, batch_size: int = INFERENCE_BATCH_SIZE
     """
     from .probes import extract_features
 
-    encoder = model if isinstance(model, (Encoder, PatchEncoder)) else model.encoder
+    encoder = model if isinstance(model, EncoderBase) else model.encoder
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == 0:
         return torch.empty(0, encoder.config.feature_dim)
     return extract_features(encoder, _model_input(encoder, images), batch_size).cpu()

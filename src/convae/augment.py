@@ -13,6 +13,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .knobs import Flag, Int, Num, knob
+
+
+@dataclass(frozen=True)
+class AugmentKnobs:
+    """The augmentation as the run config holds it (``Config`` inherits these fields)."""
+
+    augment: bool = knob(False, Flag(), "random crop, flip (and --jitter) on the device, for pretraining and "
+                         "fine-tuning", group="augment")
+    crop_padding: int = knob(4, Int(0), "augment: padding of the random crop (default 4)", group="augment",
+                             metavar="P")
+    jitter: float = knob(0.0, Num(0), "augment: colour jitter strength (default 0 = off)", group="augment",
+                         metavar="J")
+
 
 @dataclass(frozen=True)
 class AugmentConfig:

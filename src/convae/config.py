@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .augment import AugmentConfig
+from .arch import ARCHITECTURES, ModelConfig, ModelKnobs, model_knobs
+from .augment import AugmentConfig, AugmentKnobs
 from .errors import ConvaeError, clip, first_line
-from .models import ModelConfig
-from .objectives import ObjectiveConfig
+from .knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, knob
+from .objectives import ObjectiveConfig, ObjectiveKnobs
 from .validation import validate
 
 
@@ -25,72 +26,90 @@ SWEEP_BATCH_SIZE = 256  # the sweep counts steps, so small label budgets get as 
 INFERENCE_BATCH_SIZE = 1024  # images per forward pass when only features or predictions are wanted
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "step")
+INITS = ("pretrained", "scratch")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "auto")
+PROBE_FEATURES = ("latent", "pooled")
+PLACEMENTS = ("auto", "device", "host")
+MAX_SEED = 2**32 - 1  # every RNG convae seeds (torch, numpy, t-SNE) takes this range
+
+
 @dataclass(frozen=True)
-class Config:
+class DataKnobs:
+    data: str = knob("cifar10", PathRule(), "cifar10, a folder (class folders = labelled) or a .tar/.tar.gz/.zip of "
+                     "one (default: cifar10)", group="data", metavar="SRC")
+    test_data: str | None = knob(None, PathRule(optional=True), "evaluate on this source instead of a validation "
+                                 "split (cifar10 = its test split)", group="data", metavar="SRC")
+    val_fraction: float = knob(0.1, Num(0, lo_open=True, hi=1), "fraction of --data held out, stratified and seeded "
+                               "(default 0.1)", group="data", metavar="F")
+    cache_dir: str = knob("~/.cache/convae", PathRule(), "where downloads, extracted archives and decoded tensors "
+                          "are kept (default ~/.cache/convae)", group="data", metavar="DIR")
+    workers: int = knob(0, Int(0, 1024, note="0 = every core"), "processes that decode a source the first time "
+                        "(default 0 = every core)", group="data", metavar="N")
+    placement: str = knob("auto", Choice(PLACEMENTS), "where the training images live: device (one tensor on the "
+                          "training device), host (batches read from the cache and prefetched), auto (default: the "
+                          "device when the set fits in half its free memory; on the CPU always host)", group="data")
+
+
+@dataclass(frozen=True)
+class TrainKnobs:
+    """Optimisation, shared by both phases unless a finetune_* value is set."""
+
+    pretrain_epochs: int = knob(5, Int(0), "autoencoder epochs (seed: 5)", group="pretrain", metavar="N")
+    finetune_epochs: int = knob(5, Int(0), "classifier epochs (seed: 5)", group="finetune", metavar="N")
+    batch_size: int = knob(TRAIN_BATCH_SIZE, Int(1), "images per step (seed: 2000)", group="optim", metavar="N")
+    lr: float = knob(1e-3, Num(0, lo_open=True), "learning rate (seed: 1e-3)", group="optim", metavar="LR")
+    finetune_lr: float | None = knob(None, Optional(Num(0, lo_open=True)), "learning rate for fine-tuning (default: "
+                                     "--lr)", group="finetune", metavar="LR")
+    optimizer: str = knob("adam", Choice(OPTIMIZERS), "optimizer (seed: adam)", group="optim")
+    weight_decay: float = knob(0.0, Num(0), "weight decay (seed: 0)", group="optim", metavar="WD")
+    schedule: str = knob("none", Choice(SCHEDULES), "learning-rate schedule, stepped per epoch (seed: none)",
+                         group="optim")
+    step_size: int = knob(30, Int(1), "epochs between 10x decays for --schedule step (default 30)", group="optim",
+                          metavar="N")
+    labels_per_class: int | None = knob(None, Optional(Int(1)), "fine-tune on only N labelled images per class "
+                                        "(pretraining still uses all)", group="finetune", metavar="N")
+    init: str = knob("pretrained", Choice(INITS), "classifier encoder: transferred from the autoencoder, or random "
+                     "(default pretrained)", group="finetune")
+    init_checkpoint: str | None = knob(None, PathRule(optional=True), flag=False)  # the autoencoder fine-tuned from
+    freeze_encoder: bool = knob(False, Flag(), "train only the linear head (linear probe)", group="finetune")
+
+
+@dataclass(frozen=True)
+class ExecKnobs:
+    probe_features: str = knob("latent", Choice(PROBE_FEATURES), "features kNN and the linear probe read: the FC "
+                               "latent or every conv stage pooled to 2x2 (default latent)", group="exec")
+    tensorboard: bool = knob(True, Flag(), flag=False)  # log to RUN/tensorboard when the package is installed
+    checkpoint_every: int = knob(1, Int(0, note="0 = at phase ends only"), "save the training state every N epochs "
+                                 "(default 1; 0 = at the end of each phase only)", group="exec", metavar="N")
+    compile: bool = knob(False, Flag(), "torch.compile the training model (pays on GPUs; slower on CPU)",
+                         group="exec")
+    micro_batch: int = knob(0, Int(0, note="0 = auto"), "accumulate each batch's gradient over chunks of N images "
+                            "(same update, faster on CPU); 0 = auto: on CPU 200 (fp32) or 500 (bf16), whole batch "
+                            "on GPU", group="exec", metavar="N")
+    precision: str = knob("fp32", Choice(PRECISIONS), "fp32, bf16 (bfloat16 autocast), or auto: bf16 where the "
+                          "CPU/GPU has it in hardware, else fp32 (default fp32)", group="exec")
+    seed: int = knob(0, Int(0, MAX_SEED, text="an integer in [0, 2**32)"), "seed for weights, split and batch order "
+                     "(default 0)", group="exec", metavar="N")
+    device: str = knob("auto", Choice(DEVICES), "auto picks CUDA, then Apple's MPS, then the CPU (default auto)",
+                       group="exec")
+    out: str | None = knob(None, PathRule(optional=True), "run folder (default runs/<timestamp>); must be new or "
+                           "empty", group="exec", metavar="DIR")
+
+
+@dataclass(frozen=True)
+class Config(ExecKnobs, TrainKnobs, AugmentKnobs, ObjectiveKnobs, ModelKnobs, DataKnobs):
     """The full, final configuration of a run; saved as ``config.json`` in the run folder.
 
+    Its sections are declared once, each with its knobs' rules and flags: data (here), the model
+    (:class:`convae.arch.ModelKnobs`), the objective (:class:`convae.objectives.ObjectiveKnobs`),
+    the augmentation (:class:`convae.augment.AugmentKnobs`), training and execution (here).
     Frozen and validated on construction: a changed value is a new config
     (``dataclasses.replace``), which is validated again.
     """
 
-    # data
-    data: str = "cifar10"
-    test_data: str | None = None
-    cache_dir: str = "~/.cache/convae"
-    val_fraction: float = 0.1
-    labels_per_class: int | None = None
-    workers: int = 0  # processes that decode a source the first time (0 = every core)
-    placement: str = "auto"  # where training images live: auto (by size), device (all on it) or host (streamed)
-    # model (the seed preset is the lecture's network)
-    in_channels: int = 3
-    height: int = 32
-    width: int = 32
-    channels: tuple[int, ...] = (64, 128, 128)
-    latent_dim: int = 1024
-    upsample: str = "bilinear"
-    norm: str = "none"
-    convs_per_stage: int = 1
-    output_activation: str = "relu"
-    arch: str = "stages"  # stages (the lecture's family) or patch (one wide conv, see convae.patchnet)
-    kernel_size: int = 6
-    threshold: float = 0.25
-    whiten: bool = False
-    # pretraining objective (see convae.objectives) and augmentation (see convae.augment)
-    objective: str = "reconstruct"
-    noise_std: float = 0.1
-    drop_prob: float = 0.0
-    mask_ratio: float = 0.6
-    patch_size: int = 4
-    norm_targets: bool = False
-    sparse_k: int = 0
-    lifetime_rate: float = 0.05
-    patches_per_image: int = 16
-    augment: bool = False
-    crop_padding: int = 4
-    jitter: float = 0.0
-    probe_features: str = "latent"  # what kNN and the linear probe read: the FC latent or pooled conv stages
-    # optimisation, shared by both phases unless a finetune_* value is set
-    pretrain_epochs: int = 5
-    finetune_epochs: int = 5
-    batch_size: int = TRAIN_BATCH_SIZE
-    lr: float = 1e-3
-    finetune_lr: float | None = None
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    schedule: str = "none"
-    step_size: int = 30  # epochs between 10x decays with schedule "step"
-    init: str = "pretrained"
-    init_checkpoint: str | None = None  # the autoencoder a fine-tuning run started from
-    freeze_encoder: bool = False
-    # execution
-    tensorboard: bool = True  # log to RUN/tensorboard when the tensorboard package is installed
-    checkpoint_every: int = 1  # save the training state every N epochs (0: at phase ends only)
-    compile: bool = False  # torch.compile the training model (measured slower on CPU; see BENCHMARKS.md)
-    micro_batch: int = 0  # images per forward/backward chunk; 0 = auto (CPU: 200 fp32, 500 bf16; GPU: whole batch)
-    precision: str = "fp32"
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None
     preset: str = "seed"
 
     def __post_init__(self) -> None:
@@ -99,35 +118,14 @@ class Config:
         validate(self)
 
     def model_config(self, num_classes: int = 10) -> ModelConfig:
-        return ModelConfig(
-            in_channels=self.in_channels,
-            height=self.height,
-            width=self.width,
-            channels=tuple(self.channels),
-            latent_dim=self.latent_dim,
-            upsample=self.upsample,
-            num_classes=num_classes,
-            norm=self.norm,
-            convs_per_stage=self.convs_per_stage,
-            output_activation=self.output_activation,
-            arch=self.arch,
-            kernel_size=self.kernel_size,
-            threshold=self.threshold,
-            whiten=self.whiten,
-        )
+        return ModelConfig(**model_knobs(self), num_classes=num_classes)
 
     def with_model(self, m: ModelConfig) -> "Config":
         """This config with the data format and architecture of a checkpoint's model."""
-        return replace(self, in_channels=m.in_channels, height=m.height, width=m.width, channels=tuple(m.channels),
-                       latent_dim=m.latent_dim, upsample=m.upsample, norm=m.norm,
-                       convs_per_stage=m.convs_per_stage, output_activation=m.output_activation, arch=m.arch,
-                       kernel_size=m.kernel_size, threshold=m.threshold, whiten=m.whiten)
+        return replace(self, **model_knobs(m))
 
     def objective_config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(name=self.objective, noise_std=self.noise_std, drop_prob=self.drop_prob,
-                               mask_ratio=self.mask_ratio, patch_size=self.patch_size,
-                               norm_targets=self.norm_targets, sparse_k=self.sparse_k,
-                               lifetime_rate=self.lifetime_rate, patches_per_image=self.patches_per_image,
+        return ObjectiveConfig(**{f: getattr(self, f) for f in ObjectiveKnobs.__dataclass_fields__},
                                crop_size=self.kernel_size)
 
     def augment_config(self) -> AugmentConfig | None:
@@ -140,7 +138,7 @@ class Config:
         return d
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+BASE_PRESETS: dict[str, dict[str, Any]] = {
     # The lecture's exact recipe: 3x32x32, 64-128-128, latent 1024, bilinear, Adam 1e-3,
     # batch 2000, 5 epochs of MSE pretraining then 5 epochs of cross-entropy fine-tuning.
     "seed": {},
@@ -153,20 +151,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "denoise": {"norm": "batch", "output_activation": "none", "objective": "denoise", "noise_std": 0.2,
                 "drop_prob": 0.25, "augment": True, "batch_size": 256, "optimizer": "adamw", "weight_decay": 0.05,
                 "schedule": "cosine", "pretrain_epochs": 20, "finetune_epochs": 30, "probe_features": "pooled"},
-    # One wide convolution learned as a sparse autoencoder of 6x6 patches (convae.patchnet: Coates
-    # et al. 2011's single layer with Makhzani & Frey's lifetime sparsity); features are the code
-    # averaged over quadrants. Pretraining takes minutes, not hours, on a 2-core CPU.
-    "patches": {"arch": "patch", "channels": (400,), "kernel_size": 6, "threshold": 0.25, "whiten": True,
-                "objective": "patches",
-                "patches_per_image": 16, "lifetime_rate": 0.05, "batch_size": 256, "pretrain_epochs": 5,
-                "finetune_epochs": 30, "augment": True, "optimizer": "adamw", "weight_decay": 0.05,
-                "schedule": "cosine", "probe_features": "pooled"},
 }
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """Every named recipe: the base ones and those each registered architecture brings."""
+    return {**BASE_PRESETS, **{n: p for a in ARCHITECTURES.values() for n, p in a.presets.items()}}
+
+
+PRESETS = presets()  # as registered at import; presets() sees architectures registered later
 
 MAX_CONFIG_BYTES = 2**20
 FIELD_NAMES = {f.name for f in fields(Config)}
-FLOAT_FIELDS = ("lr", "finetune_lr", "weight_decay", "val_fraction", "noise_std", "drop_prob", "mask_ratio",
-                "lifetime_rate", "jitter", "threshold")
+FLOAT_FIELDS = float_fields(Config)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -202,9 +199,10 @@ def build_config(
     preset: str = "seed", file: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Config:
     """Defaults, then the preset, then the config file, then ``overrides`` (the CLI flags)."""
-    if preset not in PRESETS:
-        raise ConvaeError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    values: dict[str, Any] = dict(PRESETS[preset])
+    named = presets()
+    if preset not in named:
+        raise ConvaeError(f"unknown preset {preset!r}; choose one of: {', '.join(named)}")
+    values: dict[str, Any] = dict(named[preset])
     layers = [read_config_file(file)] if file else []
     layers.append(dict(overrides or {}))
     for layer in layers:

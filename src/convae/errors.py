@@ -16,11 +16,12 @@ class ConvaeError(Exception):
 
 
 class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after saving its state; ``signum`` says which."""
+    """Training stopped on SIGINT/SIGTERM; ``signum`` says which. ``resumable``: the state was saved
+    and ``--resume`` continues (a sweep is not resumable: it stops where it is)."""
 
-    def __init__(self, signum: int | None, where: str, run_path: str) -> None:
+    def __init__(self, signum: int | None, where: str, run_path: str, resumable: bool = True) -> None:
         super().__init__(where)
-        self.signum, self.where, self.run_path = signum, where, run_path
+        self.signum, self.where, self.run_path, self.resumable = signum, where, run_path, resumable
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -9,7 +9,7 @@ from torch import nn
 from .augment import step_generator
 from .data import DeviceBatches
 from .device import autocast
-from .objectives import Objective
+from .objectives import Objective, ObjectiveConfig, Reconstruct
 from .records import Evaluation, Results
 
 
@@ -20,18 +20,12 @@ def evaluate_reconstruction(model: nn.Module, batches: DeviceBatches, precision:
     ``objective``'s loss with the same corruption on every call (seeded per batch)."""
     model.eval()
     device = batches.device
+    objective = objective or Reconstruct(ObjectiveConfig())
     total = torch.zeros((), device=device, dtype=torch.float64)
-    plain = objective is None or objective.cfg.name == "reconstruct"
     for i, (x, _) in enumerate(batches):
+        g = step_generator(device, seed, 0, i) if objective.random else None
         with autocast(device, precision):
-            if plain:
-                out = model(x)
-            else:
-                loss = objective(model, x, None, step_generator(device, seed, 0, i))
-        if plain:
-            total += F.mse_loss(out.float(), x, reduction="sum").double() / x[0].numel()
-        else:
-            total += loss.detach().double() * x.shape[0]
+            total += objective.summed(model, x, g)
     return float(total) / batches.num_images
 
 

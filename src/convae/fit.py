@@ -24,8 +24,8 @@ from .data import DeviceBatches
 from .device import micro_batch_size
 from .distributed import Dist
 from .errors import ConvaeError, Interrupted, clip, first_line
-from .loop import Criterion, EpochInterrupted, make_optimizer, make_scheduler, train_one_epoch
-from .records import EpochRecord, Log, TrainingState
+from .loop import Criterion, EpochInterrupted, check_finite, make_optimizer, make_scheduler, train_one_epoch
+from .records import EpochRecord, Log, TrainingState, Validation
 from .rundir import RunDir, TensorBoardLog, epoch_line
 
 STATE_FORMAT = "convae-state"
@@ -148,7 +148,27 @@ _STATE_CHECKS: dict[str, Callable[[object], bool]] = {
 }
 
 
-def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable[[], dict], criterion: Criterion,
+def _restore(ctx: RunContext, phase: str, model: nn.Module, optimizer, scheduler) -> tuple[int, int, float, float]:
+    """Weights, optimizer, scheduler and RNG from the saved state when ``phase`` is resumed; the
+    first epoch to run, and the step, loss sum and seconds of the epoch the state stopped in."""
+    r = ctx.resumed(phase)
+    if r is None:
+        return 1, 0, 0.0, 0.0
+    where = str(ctx.run.checkpoints / "state.pt")
+    load_state_strict(model, r["model"], source=where)
+    try:
+        optimizer.load_state_dict(r["optimizer"])
+        if scheduler is not None and r["scheduler"] is not None:
+            scheduler.load_state_dict(r["scheduler"])
+        torch.set_rng_state(r["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ConvaeError(f"{where} does not match this run's optimizer ({clip(first_line(e), 80)})",
+                          advice="start a new run with another --out") from None
+    return r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"]
+
+
+def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable[[], Validation],
+        criterion: Criterion,
         epochs: int, lr: float, ctx: RunContext, kernels: torch.Tensor) -> list[EpochRecord]:
     """Train for ``epochs``, validating, logging and saving the state at the end of each epoch.
 
@@ -161,20 +181,7 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
         net = torch.compile(net)
     optimizer = make_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size)
-    first, step, loss_sum, elapsed = 1, 0, 0.0, 0.0
-    r = ctx.resumed(phase)
-    if r is not None:
-        where = str(ctx.run.checkpoints / "state.pt")
-        load_state_strict(model, r["model"], source=where)
-        try:
-            optimizer.load_state_dict(r["optimizer"])
-            if scheduler is not None and r["scheduler"] is not None:
-                scheduler.load_state_dict(r["scheduler"])
-            torch.set_rng_state(r["rng"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ConvaeError(f"{where} does not match this run's optimizer ({clip(first_line(e), 80)})",
-                              advice="start a new run with another --out") from None
-        first, step, loss_sum, elapsed = r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"]
+    first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.device)
     every = cfg.checkpoint_every
     for epoch in range(first, epochs + 1):
@@ -194,16 +201,13 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
                               str(ctx.run.path)) from None
         seconds = elapsed + time.perf_counter() - start
         step, loss_sum, elapsed = 0, 0.0, 0.0
-        if not math.isfinite(train_loss):
-            kept = "state.pt keeps the last good epoch" if (ctx.run.checkpoints / "state.pt").exists() else \
-                "no state was saved yet"
-            raise ConvaeError(f"the {phase} loss became {train_loss} in epoch {epoch}; stopped ({kept})",
-                              advice="try a lower --lr or --precision fp32")
+        check_finite(train_loss, phase, f"in epoch {epoch}", "state.pt keeps the last good epoch"
+                     if (ctx.run.checkpoints / "state.pt").exists() else "no state was saved yet")
         if scheduler is not None:
             scheduler.step()
         rec: EpochRecord = {"phase": phase, "epoch": epoch, "epochs": epochs, "train_loss": train_loss,
-                            **validate(), "seconds": seconds, "images_per_s": batches.num_images / seconds,
-                            "lr": current_lr}  # type: ignore[typeddict-item]
+                            "seconds": seconds, "images_per_s": batches.num_images / seconds, "lr": current_lr}
+        rec.update(validate())
         ctx.record(rec)
         stop = ctx.dist.any(ctx.stop(), batches.device)
         if epoch == epochs or (every and epoch % every == 0) or stop:

@@ -17,20 +17,19 @@ from .checkpoint import load_state_strict
 from .device import convae_version
 from .errors import ConvaeError, clip, first_line
 from .files import atomic_write_bytes, atomic_write_text
-from .models import AutoEncoder, Classifier, Encoder
+from .models import KINDS, build_model, kind_of
 from .validation import model_config_from_dict
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-KINDS = {"autoencoder": AutoEncoder, "classifier": Classifier, "encoder": Encoder}
 
 
 def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
     """Write ``model`` (with its config and class names) into ``folder``; returns the folder."""
     from safetensors.torch import save
 
-    kind = next((k for k, c in KINDS.items() if type(model) is c), None)
+    kind = kind_of(model)
     if kind is None:
-        raise ConvaeError(f"save_pretrained takes a convae AutoEncoder, Classifier or Encoder, got {type(model).__name__}")
+        raise ConvaeError(f"save_pretrained takes a convae AutoEncoder, Classifier or encoder, got {type(model).__name__}")
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {"convae_kind": kind, "convae_version": convae_version(), "classes": list(getattr(model, "classes", [])),
@@ -62,7 +61,7 @@ def from_pretrained(folder: str | Path) -> nn.Module:
 def rebuild(kind: str, config: object, state: dict, classes: object, source: str) -> nn.Module:
     """The ``kind`` of model (autoencoder, classifier, encoder) that untrusted ``config`` describes,
     with ``state`` loaded strictly and ``classes`` attached; in eval mode."""
-    model = KINDS[kind](model_config_from_dict(config, where=f"{source}: "))
+    model = build_model(kind, model_config_from_dict(config, where=f"{source}: "))
     load_state_strict(model, state, source=source)
     model.classes = [str(c) for c in classes] if isinstance(classes, list) else []
     return model.eval()

@@ -1,14 +1,16 @@
 """The training loop: optimiser and scheduler factories, criteria, ``train_step``, ``train_one_epoch``.
 
 Plain PyTorch, as torchvision's references: nothing here knows about run folders, phases or
-the command line. A criterion is ``criterion(model, x, y, generator) -> loss``: it runs the
-forward pass itself, so a pretraining objective can corrupt the input or act on the code.
+the command line. A criterion is ``criterion(model, batch, generator) -> loss`` on a
+:class:`~convae.records.Batch`: it runs the forward pass itself, so a pretraining objective can
+corrupt the input or act on the code, and a step that mixes two streams reads both.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Iterable
+import math
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,10 @@ from torch import nn
 from .augment import AugmentConfig, augment, step_generator
 from .data import DeviceBatches
 from .device import autocast
+from .errors import ConvaeError
+from .records import Batch
 
-Criterion = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", "torch.Generator | None"], torch.Tensor]
+Criterion = Callable[[nn.Module, Batch, "torch.Generator | None"], torch.Tensor]
 
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0
@@ -56,17 +60,23 @@ def train_mode(model: nn.Module) -> None:
             m.eval()
 
 
-def classification_criterion(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
+def classification_criterion(model: nn.Module, batch: Batch, generator: torch.Generator | None = None
+                             ) -> torch.Tensor:
     """Cross-entropy of the model's logits (computed in float32 under autocast)."""
-    return F.cross_entropy(model(x).float(), y)
+    return F.cross_entropy(model(batch.x).float(), batch.y)
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, optimizer: torch.optim.Optimizer,
-               criterion: Criterion, precision: str = "fp32", micro_batch: int | None = None,
-               global_n: int | None = None, world_size: int = 1,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """One optimizer step on batch ``x`` (and labels ``y``); returns the summed loss, on the device.
+def check_finite(loss: float, what: str, where: str, saved: str = "") -> None:
+    """The NaN guard: a loss that is NaN or infinite stops training with one line (never saved)."""
+    if not math.isfinite(loss):
+        raise ConvaeError(f"the {what} loss became {loss} {where}; stopped{f' ({saved})' if saved else ''}",
+                          advice="try a lower --lr or --precision fp32")
+
+
+def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, criterion: Criterion,
+               precision: str = "fp32", micro_batch: int | None = None, global_n: int | None = None,
+               world_size: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One optimizer step on ``batch``; returns the loss summed over its images, on the device.
 
     With ``micro_batch`` the gradient is accumulated over chunks of that many images before
     the one step: the same update as the whole batch (up to float rounding), but a chunk's
@@ -75,21 +85,18 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, optimi
     so the update is the global batch's mean gradient even for uneven shards.
     """
     optimizer.zero_grad(set_to_none=True)
-    n = x.shape[0]
-    scale = world_size / (global_n or n)
-    chunk = micro_batch if micro_batch and micro_batch < n else n
-    total = torch.zeros((), device=x.device, dtype=torch.float64)
-    starts = list(range(0, n, chunk))
-    for i in starts:
-        xc = x[i : i + chunk]
-        yc = None if y is None else y[i : i + chunk]
+    device = batch.x.device
+    scale = world_size / (global_n or len(batch))
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    chunks = list(batch.chunks(micro_batch or 0))
+    for i, part in enumerate(chunks):
         # DDP all-reduces on the last chunk's backward only
-        sync = nullcontext() if i == starts[-1] or not hasattr(model, "no_sync") else model.no_sync()
+        sync = nullcontext() if i == len(chunks) - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with autocast(x.device, precision):
-                loss = criterion(model, xc, yc, generator)
-            (loss * (xc.shape[0] * scale)).backward()
-        total += loss.detach().double() * xc.shape[0]
+            with autocast(device, precision):
+                loss = criterion(model, part, generator)
+            (loss * (len(part) * scale)).backward()
+        total += loss.detach().double() * len(part)
     optimizer.step()
     return total
 
@@ -115,13 +122,18 @@ def train_one_epoch(
     should_stop: Callable[[], bool] | None = None,
     augmentation: AugmentConfig | None = None,
     seed: int = 0,
+    max_steps: int | None = None,
+    labelled: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
-    """One pass over ``batches``; returns the mean loss per image over all images.
+    """One pass over ``batches`` (or its first ``max_steps`` steps); returns the mean loss per image
+    over the images it trained on.
 
     ``micro_batch`` is passed to :func:`train_step`. ``start_step`` and ``loss_sum`` continue
     an interrupted epoch; ``should_stop`` is polled after every step. Each step's random
     numbers (augmentation, the objective's corruption) come from a generator seeded by
-    (seed, epoch, step, rank), so a resumed epoch replays the same batches exactly.
+    (seed, epoch, step, rank), so a resumed epoch replays the same batches exactly. With
+    ``labelled`` (an endless iterator of labelled batches) every step's batch carries the next
+    of them too, augmented like the main one.
     """
     from tqdm.auto import tqdm
 
@@ -132,16 +144,25 @@ def train_one_epoch(
                total=len(batches), initial=start_step)
     # a generator only when something draws from it: the seed recipe's loop stays as it was
     needs_rng = augmentation is not None or getattr(criterion, "random", False)
+    images = 0
     for step, (x, y) in enumerate(bar, start=start_step + 1):
         # ranks draw different numbers for their different shards (7919: any prime apart from 1)
         g = step_generator(device, seed + 7919 * batches.rank, batches.epoch, step) if needs_rng else None
+        side = None
+        if labelled is not None:
+            lx, ly = next(labelled)
+            side = Batch(augment(lx, augmentation, g) if augmentation is not None else lx, ly)
         if augmentation is not None:
             x = augment(x, augmentation, g)
-        total += train_step(model, x, y, optimizer, criterion, precision, micro_batch,
+        total += train_step(model, Batch(x, y, side), optimizer, criterion, precision, micro_batch,
                             batches.global_size(step - 1), batches.world_size, g)
+        images += batches.global_size(step - 1)
         if should_stop is not None and should_stop():
             bar.close()
             raise EpochInterrupted(step, float(total))
+        if max_steps is not None and step - start_step >= max_steps:
+            bar.close()
+            break
     if batches.world_size > 1:  # every rank saw its shard: the epoch's loss is the sum over ranks
         torch.distributed.all_reduce(total)
-    return float(total) / batches.num_images
+    return float(total) / (batches.num_images if max_steps is None else max(images, 1))

@@ -1,8 +1,10 @@
 """Pretraining objectives: how the input is corrupted, what the target is, which pixels count.
 
-Every objective is a criterion ``objective(model, x, y, generator) -> loss`` on a batch ``x``
-of clean images in [0, 1] (``y`` is ignored: no labels); it works with every architecture,
-size, channel count and upsample mode because it only calls the autoencoder's ``forward``.
+Every objective is one class registered by name: ``objective.loss(model, x, generator)`` on a
+batch ``x`` of clean images in [0, 1] (no labels), and as a criterion of the training loop
+``objective(model, batch, generator)``. It works with every architecture, size, channel count and
+upsample mode because it only calls the autoencoder's ``forward``; an objective that only
+trains some architectures names them (``archs``).
 
 - ``reconstruct``: the lecture's MSE on the whole image (the seed preset).
 - ``denoise``: Gaussian noise and/or pixels dropped from the input; the target is the clean image.
@@ -10,39 +12,58 @@ size, channel count and upsample mode because it only calls the autoencoder's ``
   against per-patch normalised targets (as MAE's ``norm_pix_loss``).
 - ``sparse``: winner-take-all on the code (Makhzani & Frey): each image keeps its k largest
   units, and each unit keeps only its largest activations over the batch (lifetime sparsity).
-- ``patches``: the ``patch`` architecture's objective (:mod:`convae.patchnet`): random crops of
-  the filters' size, each unit kept for its largest responses over all crops of the batch
-  (lifetime sparsity), the loss measured on contrast-normalised patches.
+- ``patches`` (registered by :mod:`convae.patchnet`, the only architecture it trains): random
+  crops of the filters' size, lifetime sparsity over all crops, the loss on normalised patches.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .patchnet import patch_stats, random_patches
+from .knobs import Choice, Flag, Int, Num, knob
+from .records import Batch
 
-OBJECTIVES = ("reconstruct", "denoise", "masked", "sparse", "patches")
+OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+def objective_names() -> tuple[str, ...]:
+    return tuple(OBJECTIVES)
 
 
 @dataclass(frozen=True)
-class ObjectiveConfig:
-    """The objective's knobs; only those of the chosen objective are used."""
+class ObjectiveKnobs:
+    """The objective and its knobs as the run config holds them; only the chosen objective's are used."""
 
-    name: str = "reconstruct"
-    noise_std: float = 0.1  # denoise: Gaussian noise, in units of the [0, 1] pixel range
-    drop_prob: float = 0.0  # denoise: probability that a pixel (all its channels) is zeroed
-    mask_ratio: float = 0.6  # masked: fraction of patches hidden
-    patch_size: int = 4  # masked: patch side in pixels
-    norm_targets: bool = False  # masked: each patch's target normalised to mean 0, std 1
-    sparse_k: int = 0  # sparse: units kept per image (0 = no per-image sparsity)
-    lifetime_rate: float = 0.05  # sparse, patches: fraction of the batch each unit stays active for
-    patches_per_image: int = 16  # patches: random crops taken from every image of a batch
-    crop_size: int = 6  # patches: the crops' side, the patch encoder's kernel size
+    objective: str = knob("reconstruct", Choice(objective_names), "pretraining objective (default reconstruct, the "
+                          "lecture's MSE)", group="pretrain")
+    noise_std: float = knob(0.1, Num(0), "denoise: Gaussian noise std on [0, 1] pixels (default 0.1)",
+                            group="pretrain", metavar="S")
+    drop_prob: float = knob(0.0, Num(0, hi=1), "denoise: probability a pixel is zeroed (default 0)",
+                            group="pretrain", metavar="P")
+    mask_ratio: float = knob(0.6, Num(0, hi=1), "masked: fraction of patches hidden (default 0.6)",
+                             group="pretrain", metavar="R")
+    patch_size: int = knob(4, Int(1), "masked: patch side in pixels (default 4)", group="pretrain", metavar="P")
+    norm_targets: bool = knob(False, Flag(), "masked: per-patch normalised targets (use with --output-activation "
+                              "none)", group="pretrain")
+    sparse_k: int = knob(0, Int(0), "sparse: code units kept per image (default 0 = all)", group="pretrain",
+                         metavar="K")
+    lifetime_rate: float = knob(0.05, Num(0, hi=1), "sparse, patches: fraction of the batch each unit stays active "
+                                "for (default 0.05)", group="pretrain", metavar="R")
+    patches_per_image: int = knob(16, Int(1), "patches: random crops per image per step (default 16)",
+                                  group="pretrain", metavar="N")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(ObjectiveKnobs):
+    """What an objective is built from: the knobs, and the patch crops' side (the encoder's kernel size)."""
+
+    crop_size: int = 6
 
 
 def masked_mse(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -99,55 +120,95 @@ def winner_take_all(z: torch.Tensor, k: int, lifetime_rate: float) -> torch.Tens
 
 
 class Objective:
-    """``objective(model, x, y, generator)`` -> scalar loss; ``corrupt`` and ``target`` say how."""
+    """A pretraining objective: ``loss(model, x, generator)``, and the criterion the loop calls."""
+
+    name: ClassVar[str] = ""
+    random: ClassVar[bool] = False  # draws from the step's generator
+    archs: ClassVar[tuple[str, ...] | None] = None  # the only architectures it trains (None: any)
 
     def __init__(self, cfg: ObjectiveConfig) -> None:
-        if cfg.name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {cfg.name!r}")
         self.cfg = cfg
-        self.random = cfg.name in ("denoise", "masked", "patches")  # draws from the step's generator
 
-    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The network's input and the loss weight (1 on pixels that count; None = all)."""
-        c = self.cfg
-        if c.name == "denoise":
-            noisy = x
-            if c.noise_std > 0:
-                noisy = noisy + c.noise_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            if c.drop_prob > 0:
-                keep = torch.rand((x.shape[0], 1, *x.shape[2:]), generator=generator, device=x.device) >= c.drop_prob
-                noisy = noisy * keep
-            return noisy.contiguous(memory_format=torch.channels_last), None
-        if c.name == "masked":
-            mask = patch_mask(x.shape, c.patch_size, c.mask_ratio, generator, x.device).to(x.dtype)
-            return (x * (1 - mask)).contiguous(memory_format=torch.channels_last), mask
-        return x, None
+    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
 
-    def patch_loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """MSE between random crops and their reconstructions, both contrast-normalised by the
-        crop's own mean and deviation (a flat patch counts as much as an edge)."""
-        c = self.cfg
-        crops = random_patches(x, c.crop_size, c.patches_per_image, generator)  # (N, C, k, k)
-        code_fn = lambda h: winner_take_all(h.flatten(1), 0, c.lifetime_rate).view_as(h)  # noqa: E731
-        out = model(crops, code_fn=code_fn)  # through forward: DDP sees the step
-        mean, std = patch_stats(crops.float(), c.crop_size)  # (N, 1, 1, 1): one patch per crop
-        return F.mse_loss((out.float() - mean) / std, (crops.float() - mean) / std)
+    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.loss(model, batch.x, generator)
 
-    def target(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.name == "masked" and self.cfg.norm_targets:
-            return normalise_patches(x, self.cfg.patch_size)
-        return x
+    def summed(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The loss summed over the images of ``x`` (float64), for a mean over an evaluation set."""
+        return self.loss(model, x, generator).detach().double() * x.shape[0]
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        c = self.cfg
-        if c.name == "reconstruct":
-            return F.mse_loss(model(x).float(), x)  # the lecture's loss, exactly
-        if c.name == "patches":
-            return self.patch_loss(model, x, generator)
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: ``cls.name`` becomes a choice of ``--objective``."""
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def make_objective(cfg: ObjectiveConfig) -> Objective:
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}")
+    return OBJECTIVES[cfg.objective](cfg)
+
+
+@register_objective
+class Reconstruct(Objective):
+    """The lecture's MSE on the whole image."""
+
+    name = "reconstruct"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return F.mse_loss(model(x).float(), x)  # the lecture's loss, exactly
+
+    def summed(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return F.mse_loss(model(x).float(), x, reduction="sum").double() / x[0].numel()
+
+
+@register_objective
+class Denoise(Objective):
+    """Gaussian noise and/or dropped pixels on the input; the target is the clean image."""
+
+    name, random = "denoise", True
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, None]:
+        """The network's input and the loss weight (None: every pixel counts)."""
+        c, noisy = self.cfg, x
+        if c.noise_std > 0:
+            noisy = noisy + c.noise_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if c.drop_prob > 0:
+            keep = torch.rand((x.shape[0], 1, *x.shape[2:]), generator=generator, device=x.device) >= c.drop_prob
+            noisy = noisy * keep
+        return noisy.contiguous(memory_format=torch.channels_last), None
+
+    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return masked_mse(model(self.corrupt(x, generator)[0]), x, None)
+
+
+@register_objective
+class Masked(Objective):
+    """Random square patches hidden; the loss counts the hidden pixels only."""
+
+    name, random = "masked", True
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's input and the loss weight (1 on hidden pixels)."""
+        mask = patch_mask(x.shape, self.cfg.patch_size, self.cfg.mask_ratio, generator, x.device).to(x.dtype)
+        return (x * (1 - mask)).contiguous(memory_format=torch.channels_last), mask
+
+    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         inp, weight = self.corrupt(x, generator)
-        if c.name == "sparse":
-            out = model(inp, code_fn=lambda z: winner_take_all(z, c.sparse_k, c.lifetime_rate))
-        else:
-            out = model(inp)
-        return masked_mse(out, self.target(x), weight)
+        target = normalise_patches(x, self.cfg.patch_size) if self.cfg.norm_targets else x
+        return masked_mse(model(inp), target, weight)
+
+
+@register_objective
+class Sparse(Objective):
+    """Winner-take-all on the code: each image keeps its k largest units, each unit its largest
+    activations over the batch."""
+
+    name = "sparse"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.cfg
+        return masked_mse(model(x, code_fn=lambda z: winner_take_all(z, c.sparse_k, c.lifetime_rate)), x, None)

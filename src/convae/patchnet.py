@@ -24,6 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch import Architecture, Code, EncoderBase, ModelConfig, register_architecture
+from .errors import ConvaeError
+from .objectives import Objective, register_objective, winner_take_all
+
 VARIANCE_FLOOR = 10 / 255**2  # Coates et al.'s "+10" on the variance of 0-255 pixels, for [0, 1] pixels
 WHITENING_EPS = 0.1  # added to the eigenvalues of the normalised patches' covariance (Coates et al.)
 WHITENING_IMAGES, WHITENING_PATCHES = 10_000, 10  # the sample the whitening is fitted on
@@ -45,10 +49,12 @@ def patch_stats(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def exact(x: torch.Tensor):
     """float32 inside bf16 autocast: a patch's mean and contrast, and its response, come from sums of
     ~100 pixels that nearly cancel on a flat patch; in bf16 the result is mostly rounding error."""
+    if not torch.amp.is_autocast_available(x.device.type):  # the meta device sizes a model: no autocast there
+        return torch.autocast("cpu", enabled=False)
     return torch.autocast(x.device.type, enabled=False)
 
 
-class PatchEncoder(nn.Module):
+class PatchEncoder(EncoderBase):
     """Image -> quadrant-pooled features. x: (B, 3, 32, 32) -> code (B, K, 27, 27) -> (B, 4 * K)."""
 
     def __init__(self, cfg) -> None:
@@ -66,6 +72,17 @@ class PatchEncoder(nn.Module):
     @property
     def first_conv(self) -> nn.Conv2d:
         return self.conv
+
+    @property
+    def fit_images(self) -> int:  # type: ignore[override]
+        return WHITENING_IMAGES if self.config.whiten else 0
+
+    def fit_to_data(self, x: torch.Tensor, generator: torch.Generator) -> str | None:
+        self.fit_whitening(x, generator)
+        return "whitening fitted on the training images' patches"
+
+    def kernels(self) -> torch.Tensor:
+        return self.filters().detach().clone()
 
     def filters(self) -> torch.Tensor:
         """The filters as they act on normalised pixels: unit norm, then through the whitening.
@@ -100,9 +117,10 @@ class PatchEncoder(nn.Module):
         self.patch_mean.copy_(mu.float())
         self.whitening.copy_(((zca + zca.T) / 2).float())
 
-    def code(self, x: torch.Tensor) -> torch.Tensor:
-        """The code the decoder reads while pretraining: relu of the responses."""
-        return F.relu(self.response(x))
+    def code(self, x: torch.Tensor) -> Code:
+        """The code the decoder reads while pretraining, relu of the responses, and the image (the
+        decoder de-normalises each patch with the image's own patch statistics)."""
+        return F.relu(self.response(x)), x
 
     def quadrants(self, x: torch.Tensor) -> torch.Tensor:
         """relu(response - threshold) averaged over the map's four quadrants: (B, K, 2, 2) -> (B, 4K)."""
@@ -111,12 +129,8 @@ class PatchEncoder(nn.Module):
         # features only: the (B, K, 27, 27) responses of a few images at a time, not gigabytes at once
         return torch.cat([self.quadrants(c) for c in x.split(INFERENCE_CHUNK)])
 
-    def forward(self, x: torch.Tensor, return_indices: bool = False):
-        f = self.norm(self.quadrants(x))
-        return (f, []) if return_indices else f
-
-    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x)  # the features are already pooled conv features
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.quadrants(x))  # forward_pooled is the same: already pooled conv features
 
 
 class PatchDecoder(nn.Module):
@@ -155,7 +169,42 @@ def random_patches(x: torch.Tensor, k: int, per_image: int, generator: torch.Gen
     return x[img.view(n, 1, 1, 1), chans, rows, cols]  # one gather, no Python loop over crops
 
 
-def kernels(encoder: nn.Module) -> torch.Tensor:
-    """A copy of the first layer's kernels as they act on pixels (what the kernel figures show)."""
-    w = encoder.filters() if isinstance(encoder, PatchEncoder) else encoder.first_conv.weight
-    return w.detach().clone()
+@register_objective
+class Patches(Objective):
+    """Random crops of the filters' size; each unit kept for its largest responses over all crops of
+    the batch (lifetime sparsity); the loss on contrast-normalised patches."""
+
+    name, random, archs = "patches", True, ("patch",)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """MSE between random crops and their reconstructions, both contrast-normalised by the
+        crop's own mean and deviation (a flat patch counts as much as an edge)."""
+        c = self.cfg
+        crops = random_patches(x, c.crop_size, c.patches_per_image, generator)  # (N, C, k, k)
+        code_fn = lambda h: winner_take_all(h.flatten(1), 0, c.lifetime_rate).view_as(h)  # noqa: E731
+        out = model(crops, code_fn=code_fn)  # through forward: DDP sees the step
+        mean, std = patch_stats(crops.float(), c.crop_size)  # (N, 1, 1, 1): one patch per crop
+        return F.mse_loss((out.float() - mean) / std, (crops.float() - mean) / std)
+
+
+def _check(cfg: ModelConfig, where: str) -> None:
+    if len(cfg.channels) != 1:
+        raise ConvaeError(f"{where}the patch architecture has one layer: channels must be one width (the number of "
+                          f"filters), got {list(cfg.channels)[:8]}")
+    if cfg.kernel_size > min(cfg.height, cfg.width):
+        raise ConvaeError(f"{where}kernel_size must be at most the input size {min(cfg.height, cfg.width)}, "
+                          f"got {cfg.kernel_size}")
+
+
+PRESETS = {
+    # One wide convolution learned as a sparse autoencoder of 6x6 patches (Coates et al. 2011's single
+    # layer with Makhzani & Frey's lifetime sparsity); features are the code averaged over quadrants.
+    # Pretraining takes minutes, not hours, on a 2-core CPU.
+    "patches": {"arch": "patch", "channels": (400,), "kernel_size": 6, "threshold": 0.25, "whiten": True,
+                "objective": "patches", "patches_per_image": 16, "lifetime_rate": 0.05, "batch_size": 256,
+                "pretrain_epochs": 5, "finetune_epochs": 30, "augment": True, "optimizer": "adamw",
+                "weight_decay": 0.05, "schedule": "cosine", "probe_features": "pooled"},
+}
+
+register_architecture(Architecture("patch", PatchEncoder, PatchDecoder, feature_dim=lambda cfg: 4 * cfg.channels[0],
+                                   check=_check, objectives=("patches",), presets=PRESETS))

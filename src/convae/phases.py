@@ -15,41 +15,42 @@ from torchvision.utils import make_grid
 
 from . import visualise
 from .checkpoint import save_checkpoint
+from .arch import EncoderBase
 from .data import DeviceBatches, RunData, to_model_input
 from .device import autocast
 from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction
 from .fit import RunContext, fit
 from .loop import classification_criterion, freeze
 from .models import AutoEncoder, Classifier
-from .objectives import Objective
-from .patchnet import WHITENING_IMAGES, kernels
+from .objectives import make_objective
 from .probes import extract_features, random_encoder, representation_scores
-from .records import EpochRecord, Representation, Results
+from .records import EpochRecord, Representation, Results, Validation
 
 
-def _fit_whitening(encoder: torch.nn.Module, images, seed: int) -> None:
-    """Fit a patch encoder's whitening on a seeded sample of the training images, on the CPU:
-    every rank draws the same sample, so every rank gets the same whitening."""
+def _fit_to_data(encoder: EncoderBase, images, seed: int) -> str | None:
+    """What an encoder fits before pretraining (the patch network's whitening), on a seeded sample
+    of the training images, on the CPU: every rank draws the same sample and fits the same."""
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(images), generator=g)[:WHITENING_IMAGES].sort().values
-    encoder.fit_whitening(to_model_input(images.take(pick)), g)
+    pick = torch.randperm(len(images), generator=g)[:encoder.fit_images].sort().values
+    return encoder.fit_to_data(to_model_input(images.take(pick)), g)
 
 
 def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torch.device) -> list[EpochRecord]:
     """Training without labels; validation reports the objective's loss on the evaluation set."""
     cfg, run = ctx.cfg, ctx.run
     r = ctx.resumed("pretrain")
-    if r is None and cfg.arch == "patch" and cfg.whiten:  # resuming: the buffers come with the weights
-        _fit_whitening(ae.encoder, data.train, cfg.seed)
-        ctx.log("whitening fitted on the training images' patches")
-    initial = r["kernels"].to(device) if r is not None else kernels(ae.encoder)
+    if r is None and ae.encoder.fit_images:  # resuming: what was fitted comes with the weights
+        note = _fit_to_data(ae.encoder, data.train, cfg.seed)
+        if note:
+            ctx.log(note)
+    initial = r["kernels"].to(device) if r is not None else ae.encoder.kernels()
     train = DeviceBatches.of(data.train, device, cfg.batch_size, labels=False, shuffle=True, seed=cfg.seed,
                              rank=ctx.dist.rank, world_size=ctx.dist.world_size, placement=cfg.placement)
     val = DeviceBatches.of(data.val, device, cfg.batch_size, labels=False, placement=cfg.placement)
     ctx.log(f"pretraining batches: {train.describe()}")
-    objective = Objective(cfg.objective_config())
+    objective = make_objective(cfg.objective_config())
 
-    def validate() -> dict:
+    def validate() -> Validation:
         return {"val_loss": evaluate_reconstruction(ae, val, cfg.precision, objective, cfg.seed)}
 
     history = fit(ae, "pretrain", train, validate, objective, cfg.pretrain_epochs, cfg.lr, ctx, initial)
@@ -63,8 +64,8 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     ae.eval()
     with torch.no_grad(), autocast(device, cfg.precision):
         recon = ae(x).float()
-    pretrained = kernels(ae.encoder)
-    visualise.save_pretrain_figures(run.figures, initial, pretrained, history, x, recon, data.eval_name.split(" (")[0])
+    pretrained = ae.encoder.kernels()
+    visualise.save_pretrain_figures(run.figures, initial, pretrained, history, x, recon, data.eval_label)
     if ctx.tb is not None:
         for tag, w in (("kernels/initial", initial), ("kernels/pretrained", pretrained)):
             ctx.tb.image(tag, visualise.kernel_grid(w))
@@ -76,7 +77,7 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     """Supervised fine-tuning (or a linear probe with ``freeze_encoder``); returns results.json's record."""
     cfg, run = ctx.cfg, ctx.run
     r = ctx.resumed("finetune")
-    before = r["kernels"].to(device) if r is not None else kernels(clf.encoder)
+    before = r["kernels"].to(device) if r is not None else clf.encoder.kernels()
     if cfg.freeze_encoder:
         freeze(clf.encoder)
     k = len(data.classes)
@@ -90,7 +91,7 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     last: dict = {}  # the final epoch's evaluation is the result: no second pass over the evaluation set
     best_path = run.checkpoints / "classifier_best.pt"
 
-    def validate() -> dict:
+    def validate() -> Validation:
         last["eval"] = evaluate_classifier(clf, val, k, cfg.precision)
         done = ctx.history("finetune")  # the epochs before this one (restored on resume)
         if ctx.dist.is_main and last["eval"]["accuracy"] > max((m["val_accuracy"] for m in done), default=-1.0):
@@ -106,13 +107,13 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
         return results
     save_checkpoint(run.checkpoints / "classifier.pt", clf, "classifier", data.classes, cfg.to_dict())
     ctx.check_stop("the fine-tuning figures")
-    after = kernels(clf.encoder)
+    after = clf.encoder.kernels()
     origin = "pretrained" if cfg.init == "pretrained" else "initial"
-    visualise.save_finetune_figures(run.figures, before, after, origin, history, data.eval_name.split(" (")[0],
+    visualise.save_finetune_figures(run.figures, before, after, origin, history, data.eval_label,
                                     results["confusion_matrix"], data.classes)
     if ctx.tb is not None:
         ctx.tb.image("kernels/finetuned", visualise.kernel_grid(after))
-    results.update({"eval_set": data.eval_name, "loss": final["loss"], "init": cfg.init,
+    results.update({"eval_set": data.eval_name, "eval_label": data.eval_label, "loss": final["loss"], "init": cfg.init,
                     "freeze_encoder": cfg.freeze_encoder, "labelled_images": len(ft)})
     if history:
         top = max(history, key=lambda m: m["val_accuracy"])  # the first epoch of the highest accuracy
@@ -140,7 +141,7 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     features = extract_features(enc, queries, precision=cfg.precision, features=cfg.probe_features)
     visualise.attempt(ctx.log, "the embedding map", lambda: visualise.save_embedding_map(
         features.cpu().numpy(), queries.labels.numpy(), data.classes, ctx.run.figures / "embedding_map.png",
-        f"pretrained encoder, {data.eval_name.split(' (')[0]}", max_points=2000, seed=cfg.seed))
+        f"pretrained encoder, {data.eval_label}", max_points=2000, seed=cfg.seed))
     rep["seconds"] = time.perf_counter() - start
     rand = rep["random"]
     ctx.log(f"frozen pretrained encoder ({cfg.probe_features} features): kNN {100 * rep['knn_accuracy']:.2f}%, "

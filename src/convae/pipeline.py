@@ -27,7 +27,7 @@ from .evaluate import format_class_table
 from .fit import RunContext, read_state
 from .models import AutoEncoder, Classifier, ModelConfig
 from .phases import finetune_phase, measure_representation, pretrain_phase
-from .records import EpochRecord, Log
+from .records import EpochRecord, Log, Results
 from .report import write_report
 from .rundir import RunDir, TensorBoardLog, locked
 
@@ -98,6 +98,56 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
          on_epoch: Callable[[EpochRecord], None] | None = None) -> RunDir:
     do_pretrain = "pretrain" in phases and not ("finetune" in phases and cfg.init == "scratch")
     do_finetune = "finetune" in phases
+    ctx, data, ae = _open(cfg, checkpoint, log, resume, dist, device, hold, source, on_epoch, do_pretrain,
+                          do_finetune)
+    cfg, run = ctx.cfg, ctx.run
+    finetune_resumed = ctx.resume is not None and ctx.resume["phase"] == "finetune"
+    torch.manual_seed(cfg.seed)
+    mcfg: ModelConfig = cfg.model_config(num_classes=len(data.classes) or 1)
+    results: Results = {}
+    with ctx.stop.installed():
+        if do_pretrain and not finetune_resumed:
+            ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
+            _timed(ctx, "pretrain", lambda: pretrain_phase(ae, data, ctx, device))
+            log(f"pretraining: {cfg.pretrain_epochs} epoch(s) in {ctx.timing['pretrain_s']:.1f} s")
+        model = ae
+        if do_finetune:
+            if finetune_resumed or cfg.init == "scratch":
+                clf = Classifier(mcfg)  # weights come from the state when resuming
+            else:
+                clf = Classifier.from_autoencoder(ae, len(data.classes))
+            model = clf = clf.to(device, memory_format=torch.channels_last)
+            results = _timed(ctx, "finetune", lambda: finetune_phase(clf, data, ctx, device))
+            if dist.is_main:
+                log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
+                if cfg.init == "pretrained" and ae is None:  # resumed inside fine-tuning: the pretrained one
+                    ae = _pretrained_autoencoder(run, cfg)
+                if ae is not None:
+                    results["representation"] = measure_representation(ae, data, ctx, device)
+        if dist.is_main:
+            results["kernel_shape"] = list(model.encoder.kernels().shape)
+            _write_results(ctx, data, results, do_finetune, device)
+    if dist.is_main:
+        log(f"done: {run.path}")
+        if not do_finetune:
+            ckpt = run.checkpoints / "autoencoder.pt"
+            log(f"autoencoder: {ckpt}\nnext: convae finetune --checkpoint {ckpt} --data {cfg.data} --out NEW_DIR")
+    return run
+
+
+def _timed(ctx: RunContext, phase: str, work: Callable):
+    """``work()``, its wall time added to the run's ``timing`` (a resumed phase adds to what it had)."""
+    start = time.perf_counter()
+    out = work()
+    ctx.timing[f"{phase}_s"] = ctx.timing.get(f"{phase}_s", 0.0) + time.perf_counter() - start
+    return out
+
+
+def _open(cfg: Config, checkpoint: str | None, log: Log, resume: bool, dist: Dist, device: torch.device,
+          hold: ExitStack, source: ImageSet | None, on_epoch: Callable[[EpochRecord], None] | None,
+          do_pretrain: bool, do_finetune: bool) -> tuple[RunContext, RunData, AutoEncoder | None]:
+    """The run folder (new, or the one resumed, locked), its data, and the autoencoder fine-tuning
+    starts from when it comes from a checkpoint."""
     state = None
     if resume:
         run = RunDir.open(cfg.out)
@@ -142,50 +192,24 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
             + (f" and {state['step']} batch(es)" if state["step"] else ""))
     ranks = f", {dist.world_size} processes" if dist.enabled else ""
     log(f"run folder: {run.path}  (device {device}{ranks}, precision {cfg.precision})")
+    return ctx, data, ae
 
-    torch.manual_seed(cfg.seed)
-    mcfg: ModelConfig = cfg.model_config(num_classes=len(data.classes) or 1)
-    with ctx.stop.installed():
-        if do_pretrain and not finetune_resumed:
-            ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
-            start = time.perf_counter()
-            pretrain_phase(ae, data, ctx, device)
-            ctx.timing["pretrain_s"] = ctx.timing.get("pretrain_s", 0.0) + time.perf_counter() - start
-            log(f"pretraining: {cfg.pretrain_epochs} epoch(s) in {ctx.timing['pretrain_s']:.1f} s")
-        if do_finetune:
-            if finetune_resumed or cfg.init == "scratch":
-                clf = Classifier(mcfg)  # weights come from the state when resuming
-            else:
-                clf = Classifier.from_autoencoder(ae, len(data.classes))
-            clf = clf.to(device, memory_format=torch.channels_last)
-            start = time.perf_counter()
-            results = finetune_phase(clf, data, ctx, device)
-            ctx.timing["finetune_s"] = ctx.timing.get("finetune_s", 0.0) + time.perf_counter() - start
-            if dist.is_main:
-                log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
-                if cfg.init == "pretrained" and ae is None:  # resumed inside fine-tuning: the pretrained one
-                    ae = _pretrained_autoencoder(run, cfg)
-                if ae is not None:
-                    results["representation"] = measure_representation(ae, data, ctx, device)
-        if dist.is_main:
-            # a signal after the last epoch is honoured too: stop before each remaining step, and
-            # --resume (the state holds the last epoch) redoes only what was not written
-            ctx.check_stop("writing the results and the report")
-            final = {**(results if do_finetune else {"phase": "pretrain"}), "timing": ctx.timing,
-                     "precision": cfg.precision, "provenance": provenance(device, cfg.precision)}
-            run.write_json("results.json", final)
-            if do_finetune:
-                log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(final))
-            ctx.tb.close()
-            log(f"report: {write_report(run.path)}")
-            ctx.check_stop("the end of the run (only the completion mark is missing)")
-            run.write_json("results.json", {**final, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    if dist.is_main:
-        log(f"done: {run.path}")
-        if not do_finetune:
-            ckpt = run.checkpoints / "autoencoder.pt"
-            log(f"autoencoder: {ckpt}\nnext: convae finetune --checkpoint {ckpt} --data {cfg.data} --out NEW_DIR")
-    return run
+
+def _write_results(ctx: RunContext, data: RunData, results: Results, do_finetune: bool, device: torch.device) -> None:
+    """results.json, the per-class table and the report; the completion mark last (rank 0)."""
+    cfg, run = ctx.cfg, ctx.run
+    # a signal after the last epoch is honoured too: stop before each remaining step, and
+    # --resume (the state holds the last epoch) redoes only what was not written
+    ctx.check_stop("writing the results and the report")
+    final = {**(results if do_finetune else {"phase": "pretrain", **results}), "timing": ctx.timing,
+             "precision": cfg.precision, "provenance": provenance(device, cfg.precision)}
+    run.write_json("results.json", final)
+    if do_finetune:
+        ctx.log(f"per-class accuracy on the {data.eval_name}:\n" + format_class_table(final))
+    ctx.tb.close()
+    ctx.log(f"report: {write_report(run.path)}")
+    ctx.check_stop("the end of the run (only the completion mark is missing)")
+    run.write_json("results.json", {**final, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _finished(run: RunDir) -> bool:

@@ -6,7 +6,8 @@ Each is a ``TypedDict`` because it is written to JSON as it is (``metrics.jsonl`
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypedDict
 
 import torch
 
@@ -23,11 +24,43 @@ class _EpochRequired(TypedDict):
     lr: float
 
 
-class EpochRecord(_EpochRequired, total=False):
-    """One line of ``metrics.jsonl``."""
+class Validation(TypedDict, total=False):
+    """What a phase's evaluation at the end of an epoch measured."""
 
     val_loss: float
     val_accuracy: float
+
+
+class EpochRecord(_EpochRequired, Validation, total=False):
+    """One line of ``metrics.jsonl``."""
+
+
+@dataclass
+class Batch:
+    """What one training step reads: images ``x`` (and labels ``y``) of the stream an epoch walks,
+    and, for a step that mixes two streams, a ``labelled`` batch drawn beside it."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    labelled: "Batch | None" = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def chunks(self, size: int) -> Iterator["Batch"]:
+        """Micro-batches of ``size`` images of ``x`` (the whole batch when ``size`` >= its length);
+        a ``labelled`` batch is split into as many parts."""
+        n = len(self)
+        step = size if 0 < size < n else n
+        starts = list(range(0, n, step)) or [0]
+        side = list(self.labelled.split(len(starts))) if self.labelled is not None else [None] * len(starts)
+        for i, part in zip(starts, side):
+            yield Batch(self.x[i : i + step], None if self.y is None else self.y[i : i + step], part)
+
+    def split(self, parts: int) -> Iterator["Batch"]:
+        xs = self.x.tensor_split(parts)
+        ys = self.y.tensor_split(parts) if self.y is not None else [None] * parts
+        return (Batch(x, y) for x, y in zip(xs, ys))
 
 
 class ClassScore(TypedDict):
@@ -70,6 +103,8 @@ class Results(TypedDict, total=False):
     per_class: dict[str, ClassScore]
     confusion_matrix: list[list[int]]
     eval_set: str
+    eval_label: str  # the evaluation set's short name ("validation split", "test data")
+    kernel_shape: list[int]  # the first layer's kernels the figures show: (K, C, k, k)
     loss: float
     init: str
     freeze_encoder: bool

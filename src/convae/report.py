@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Config
 from .errors import ConvaeError, clip, first_line
 from .files import atomic_write_text
+from .knobs import group_fields
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The lecture's reported figures (one GPU, its CIFAR-10 test split).
@@ -55,8 +58,7 @@ def _table(headers: list[str], rows: list[list], table_id: str = "", left: int =
 
 
 SHORT_RUN_STEPS = 200  # fewer pretraining steps than this: the figures show an early stage
-PRETRAIN_KEYS = {"pretrain_epochs", "objective", "noise_std", "drop_prob", "mask_ratio", "patch_size", "norm_targets",
-                 "sparse_k", "lifetime_rate", "patches_per_image"}
+PRETRAIN_KEYS = set(group_fields(Config, "pretrain"))  # the pretraining recipe: its epochs and objective
 # what makes a run the lecture's, so that its figures stand beside it
 LECTURE_SETTING = {"preset": "seed", "pretrain_epochs": 5, "finetune_epochs": 5, "batch_size": 2000, "lr": 1e-3,
                    "labels_per_class": None, "channels": [64, 128, 128], "latent_dim": 1024, "height": 32,
@@ -109,29 +111,56 @@ def _read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+@dataclass
+class _Run:
+    """The files of a run folder that the page is made from (each untrusted)."""
+
+    fig: Path  # the figures folder
+    cfg: dict
+    results: dict | None
+    sweep: dict | None
+    metrics: list[dict]
+
+    @property
+    def summary(self) -> dict:
+        return self.results or self.sweep or {}
+
+    @property
+    def set_name(self) -> str:
+        return str(self.summary.get("eval_label") or "evaluation set")
+
+    @property
+    def pretrained_here(self) -> bool:
+        return any(m.get("phase") == "pretrain" for m in self.metrics)
+
+
 def build_report(run: Path) -> str:
     """The page's HTML for the run folder ``run``."""
-    cfg = _read_json(run / "config.json") or {}
-    results = _read_json(run / "results.json")
-    sweep = _read_json(run / "sweep.json")
-    metrics = _read_metrics(run / "metrics.jsonl")
-    fig = run / "figures"
-    classes = (results or sweep or {}).get("classes", [])
-    is_lecture = _lecture_setting(cfg, results)
-    set_name = str((results or sweep or {}).get("eval_set") or "evaluation set").split(" (")[0]
-    parts = [f"<h1>convae report: {html.escape(run.name)}</h1>", _provenance((results or sweep or {}).get("provenance"))]
-    if classes == CIFAR10 and not is_lecture and cfg.get("preset") == "seed":
+    r = _Run(run / "figures", _read_json(run / "config.json") or {}, _read_json(run / "results.json"),
+             _read_json(run / "sweep.json"), _read_metrics(run / "metrics.jsonl"))
+    is_lecture = _lecture_setting(r.cfg, r.results)
+    parts = [f"<h1>convae report: {html.escape(run.name)}</h1>", _provenance(r.summary.get("provenance")),
+             *_header(r, is_lecture), *_training(r, is_lecture), *_kernels(r), *_per_class(r, is_lecture),
+             *_representation(r), *_sweep(r), *_config(r)]
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>convae report: {html.escape(run.name)}</title><style>{STYLE}</style></head><body>"
+            + "\n".join(p for p in parts if p) + "</body></html>\n")
+
+
+def _header(r: _Run, is_lecture: bool) -> list[str]:
+    parts = []
+    classes = r.summary.get("classes", [])
+    if classes == CIFAR10 and not is_lecture and r.cfg.get("preset") == "seed":
         parts.append('<p class="note">The lecture\'s figures are not shown beside this run: its setting differs '
                      "from the lecture's (the seed recipe, 5 + 5 epochs, on the full CIFAR-10 training split).</p>")
-    pretrained_here = any(m.get("phase") == "pretrain" for m in metrics)
-    steps = sum(m.get("images_per_s", 0) * m.get("seconds", 0) for m in metrics if m.get("phase") == "pretrain")
-    steps = round(steps / max(int(cfg.get("batch_size") or 1), 1))
-    if pretrained_here and steps < SHORT_RUN_STEPS:
+    steps = sum(m.get("images_per_s", 0) * m.get("seconds", 0) for m in r.metrics if m.get("phase") == "pretrain")
+    steps = round(steps / max(int(r.cfg.get("batch_size") or 1), 1))
+    if r.pretrained_here and steps < SHORT_RUN_STEPS:
         parts.append(f'<p class="warn">Pretraining ran about {steps} optimizer step(s): the reconstructions and '
                      "kernels below show an early stage (typically flat, blurred reconstructions), not what this "
                      "recipe learns.</p>")
-
-    summary = [f"Data: <code>{html.escape(str(cfg.get('data', '')))}</code>."]
+    summary = [f"Data: <code>{html.escape(str(r.cfg.get('data', '')))}</code>."]
+    results = r.results
     if results and "per_class" in results:
         summary.append(f"Evaluated on the {html.escape(results.get('eval_set', ''))}: "
                        f'<span class="big">{_pct(results["accuracy"])}</span> accuracy over '
@@ -140,98 +169,120 @@ def build_report(run: Path) -> str:
         if t:
             summary.append("Wall time: " + ", ".join(f"{k.replace('_s', '')} {v:.1f} s" for k, v in t.items()) + ".")
     parts.append("<p>" + " ".join(summary) + "</p>")
+    return parts
 
-    train_rows = [m for m in metrics if m.get("phase") in ("pretrain", "finetune")]
-    if train_rows:
-        parts.append("<h2>Training</h2>")
-        headers = ["phase", "epoch", "train loss", "val loss", "val accuracy", "seconds", "images/s"]
+
+def _training(r: _Run, is_lecture: bool) -> list[str]:
+    train_rows = [m for m in r.metrics if m.get("phase") in ("pretrain", "finetune")]
+    if not train_rows:
+        return []
+    headers = ["phase", "epoch", "train loss", "val loss", "val accuracy", "seconds", "images/s"]
+    if is_lecture:
+        headers.append("lecture (test accuracy)")
+    rows = []
+    for m in train_rows:
+        row = [m["phase"], m["epoch"], f"{m['train_loss']:.4f}", f"{m.get('val_loss', float('nan')):.4f}",
+               _pct(m.get("val_accuracy")), f"{m['seconds']:.1f}", f"{m['images_per_s']:.0f}"]
         if is_lecture:
-            headers.append("lecture (test accuracy)")
-        rows = []
-        for m in train_rows:
-            row = [m["phase"], m["epoch"], f"{m['train_loss']:.4f}", f"{m.get('val_loss', float('nan')):.4f}",
-                   _pct(m.get("val_accuracy")), f"{m['seconds']:.1f}", f"{m['images_per_s']:.0f}"]
-            if is_lecture:
-                ref = LECTURE["finetune_accuracy"]
-                row.append(f"{ref[m['epoch'] - 1]:.2f} %" if m["phase"] == "finetune" and m["epoch"] <= len(ref) else "")
-            rows.append(row)
-        parts.append(_table(headers, rows, "epochs", left=1))
-        parts.append('<p class="note">Losses are means over all training images (the lecture divided by 60000).'
-                     " Accuracy is a fraction of the evaluation set; seconds are training time of the epoch.</p>")
-        parts.append(_img(fig / "pretrain_loss.png", "pretraining loss (per pixel)")
-                     + _img(fig / "finetune_loss.png", "fine-tuning loss (cross-entropy)")
-                     + _img(fig / "finetune_accuracy.png", f"accuracy on the {set_name} per fine-tuning epoch"))
+            ref = LECTURE["finetune_accuracy"]
+            row.append(f"{ref[m['epoch'] - 1]:.2f} %" if m["phase"] == "finetune" and m["epoch"] <= len(ref) else "")
+        rows.append(row)
+    return ["<h2>Training</h2>", _table(headers, rows, "epochs", left=1),
+            '<p class="note">Losses are means over all training images (the lecture divided by 60000).'
+            " Accuracy is a fraction of the evaluation set; seconds are training time of the epoch.</p>",
+            _img(r.fig / "pretrain_loss.png", "pretraining loss (per pixel)")
+            + _img(r.fig / "finetune_loss.png", "fine-tuning loss (cross-entropy)")
+            + _img(r.fig / "finetune_accuracy.png", f"accuracy on the {r.set_name} per fine-tuning epoch")]
 
-    kernels = [("kernels_initial.png", "initial (random)"), ("kernels_pretrained.png", "after pretraining"),
-               ("kernels_pretrain_delta.png", "change in pretraining"), ("kernels_finetuned.png", "after fine-tuning"),
-               ("kernels_finetune_delta.png", "change in fine-tuning")]
-    if any((fig / f).is_file() for f, _ in kernels):
-        first = (cfg.get("channels") or [64])[0]
-        colour = "RGB" if cfg.get("in_channels", 3) == 3 else "grey"
-        parts.append(f'<h2>First-layer kernels</h2><p class="note">{first} kernels of 3×3 {colour}, magnitude |w| '
+
+KERNEL_FIGURES = [("kernels_initial.png", "initial (random)"), ("kernels_pretrained.png", "after pretraining"),
+                  ("kernels_pretrain_delta.png", "change in pretraining"), ("kernels_finetuned.png", "after fine-tuning"),
+                  ("kernels_finetune_delta.png", "change in fine-tuning")]
+
+
+def _kernels(r: _Run) -> list[str]:
+    parts = []
+    if any((r.fig / f).is_file() for f, _ in KERNEL_FIGURES):
+        shape = r.summary.get("kernel_shape")
+        if isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) for v in shape):
+            what = f"{shape[0]} kernels of {shape[2]}×{shape[3]} {'RGB' if shape[1] == 3 else 'grey'}"
+        else:  # a run folder from before the shape was recorded
+            what = "The first layer's kernels"
+        parts.append(f'<h2>First-layer kernels</h2><p class="note">{what}, magnitude |w| '
                      "scaled by each grid's maximum, as the lecture shows them.</p>")
-        parts.append("".join(_img(fig / f, c, "small") for f, c in kernels))
-    if (fig / "reconstructions.png").is_file():
-        parts.append("<h2>Reconstructions</h2>" + _img(fig / "reconstructions.png", f"images of the {set_name} "
+        parts.append("".join(_img(r.fig / f, c, "small") for f, c in KERNEL_FIGURES))
+    if (r.fig / "reconstructions.png").is_file():
+        parts.append("<h2>Reconstructions</h2>" + _img(r.fig / "reconstructions.png", f"images of the {r.set_name} "
                                                         "(top) over their reconstructions (bottom)", "native"))
+    return parts
 
-    if results and "per_class" in results:
-        parts.append("<h2>Per-class accuracy</h2>")
-        headers = ["class", "correct", "total", "accuracy"] + (["lecture (test)"] if is_lecture else [])
-        rows = []
-        for name, r in results["per_class"].items():
-            row = [name, r["correct"], r["total"], _pct(r["accuracy"])]
-            if is_lecture:
-                row.append(f"{LECTURE['per_class'][name]:.1f} %")
-            rows.append(row)
-        parts.append(_table(headers, rows, "per-class"))
-        parts.append(_img(fig / "confusion_matrix.png", f"confusion matrix on the {set_name} (rows: true class)",
-                          "native"))
-    rep = (results or {}).get("representation")
-    if rep:
-        parts.append("<h2>The frozen representation</h2>")
-        rand = rep.get("random") or {}
-        gain = lambda key: (f"{100 * (rep[key] - rand[key]):+.2f} points" if key in rand else "")  # noqa: E731
-        parts.append(_table(["probe", "trained encoder", "random weights", "training added", "setting"], [
-            ["kNN", _pct(rep["knn_accuracy"]), _pct(rand.get("knn_accuracy")), gain("knn_accuracy"),
-             f"k={rep['knn']['k']}, cosine similarity, votes weighted exp(sim/{rep['knn']['temperature']})"],
-            ["linear probe", _pct(rep["linear_probe_accuracy"]), _pct(rand.get("linear_probe_accuracy")),
-             gain("linear_probe_accuracy"),
-             f"logistic regression, full-batch L-BFGS ({rep['linear_probe']['max_iter']} iterations, "
-             f"L2 {rep['linear_probe']['l2']}), standardised features"],
-        ], "representation", left=1, text=(4,)))
-        parts.append(f'<p class="note">Features: {html.escape(rep.get("features", "latent"))}. The random-weights '
-                     "column is the same architecture, untrained (seeded), through the same probes on the same "
-                     "images: what pretraining bought is the difference.</p>")
-        parts.append(f'<p class="note">{html.escape(rep["encoder"])} encoder; labelled bank: '
-                     f'{html.escape(rep["bank"])}; evaluated on the {html.escape(rep["eval_set"])}.</p>')
-        parts.append(_img(fig / "embedding_map.png", f"t-SNE map of the {set_name}'s embeddings"))
 
-    if sweep:
-        parts.append("<h2>Label efficiency</h2>")
-        cell = {(r["method"], r["labels_per_class"]): r for r in sweep["summary"]}
-        rows = [[name] + [(f"{100 * cell[(m, b)]['mean']:.2f} ± {100 * cell[(m, b)]['std']:.2f} %"
-                           if (m, b) in cell else "") for b in sweep["budgets"]] for m, name in sweep["methods"].items()]
-        parts.append(_table(["method"] + [f"{b} / class" for b in sweep["budgets"]], rows, "sweep"))
-        parts.append(f'<p class="note">Mean ± std over seeds {sweep["seeds"]}; every cell trains '
-                     f'{sweep["steps"]} steps of batch {sweep["batch_size"]} on the same labelled subset; '
-                     f'evaluated on the {html.escape(sweep["eval_set"])}.</p>')
-        parts.append(_img(fig / "label_efficiency.png", "accuracy against labelled images per class"))
+def _per_class(r: _Run, is_lecture: bool) -> list[str]:
+    results = r.results
+    if not (results and "per_class" in results):
+        return []
+    headers = ["class", "correct", "total", "accuracy"] + (["lecture (test)"] if is_lecture else [])
+    rows = []
+    for name, c in results["per_class"].items():
+        row = [name, c["correct"], c["total"], _pct(c["accuracy"])]
+        if is_lecture:
+            row.append(f"{LECTURE['per_class'][name]:.1f} %")
+        rows.append(row)
+    return ["<h2>Per-class accuracy</h2>", _table(headers, rows, "per-class"),
+            _img(r.fig / "confusion_matrix.png", f"confusion matrix on the {r.set_name} (rows: true class)", "native")]
 
-    if cfg:
-        parts.append("<h2>Configuration</h2>")
-        shown = cfg
-        if not pretrained_here:  # the autoencoder came from a checkpoint: its recipe is not this run's
-            shown = {k: v for k, v in cfg.items() if k not in PRETRAIN_KEYS}
-            source = cfg.get("init_checkpoint") or (sweep or {}).get("autoencoder")
-            if source and (sweep is None or cfg.get("init_checkpoint")):
-                parts.append(f'<p class="note">No pretraining in this run: the autoencoder came from '
-                             f"<code>{html.escape(str(source))}</code>; its own config.json holds its recipe.</p>")
-        rows = [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in shown.items()]
-        parts.append(_table(["key", "value"], rows, "config", left=2))
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>convae report: {html.escape(run.name)}</title><style>{STYLE}</style></head><body>"
-            + "\n".join(p for p in parts if p) + "</body></html>\n")
+
+def _representation(r: _Run) -> list[str]:
+    rep = (r.results or {}).get("representation")
+    if not rep:
+        return []
+    rand = rep.get("random") or {}
+    gain = lambda key: (f"{100 * (rep[key] - rand[key]):+.2f} points" if key in rand else "")  # noqa: E731
+    return ["<h2>The frozen representation</h2>", _table(["probe", "trained encoder", "random weights",
+                                                           "training added", "setting"], [
+        ["kNN", _pct(rep["knn_accuracy"]), _pct(rand.get("knn_accuracy")), gain("knn_accuracy"),
+         f"k={rep['knn']['k']}, cosine similarity, votes weighted exp(sim/{rep['knn']['temperature']})"],
+        ["linear probe", _pct(rep["linear_probe_accuracy"]), _pct(rand.get("linear_probe_accuracy")),
+         gain("linear_probe_accuracy"),
+         f"logistic regression, full-batch L-BFGS ({rep['linear_probe']['max_iter']} iterations, "
+         f"L2 {rep['linear_probe']['l2']}), standardised features"],
+    ], "representation", left=1, text=(4,)),
+        f'<p class="note">Features: {html.escape(rep.get("features", "latent"))}. The random-weights '
+        "column is the same architecture, untrained (seeded), through the same probes on the same "
+        "images: what pretraining bought is the difference.</p>",
+        f'<p class="note">{html.escape(rep["encoder"])} encoder; labelled bank: '
+        f'{html.escape(rep["bank"])}; evaluated on the {html.escape(rep["eval_set"])}.</p>',
+        _img(r.fig / "embedding_map.png", f"t-SNE map of the {r.set_name}'s embeddings")]
+
+
+def _sweep(r: _Run) -> list[str]:
+    sweep = r.sweep
+    if not sweep:
+        return []
+    cell = {(c["method"], c["labels_per_class"]): c for c in sweep["summary"]}
+    rows = [[name] + [(f"{100 * cell[(m, b)]['mean']:.2f} ± {100 * cell[(m, b)]['std']:.2f} %"
+                       if (m, b) in cell else "") for b in sweep["budgets"]] for m, name in sweep["methods"].items()]
+    return ["<h2>Label efficiency</h2>", _table(["method"] + [f"{b} / class" for b in sweep["budgets"]], rows, "sweep"),
+            f'<p class="note">Mean ± std over seeds {sweep["seeds"]}; every cell trains '
+            f'{sweep["steps"]} steps of batch {sweep["batch_size"]} on the same labelled subset; '
+            f'evaluated on the {html.escape(sweep["eval_set"])}.</p>',
+            _img(r.fig / "label_efficiency.png", "accuracy against labelled images per class")]
+
+
+def _config(r: _Run) -> list[str]:
+    if not r.cfg:
+        return []
+    parts = ["<h2>Configuration</h2>"]
+    shown = r.cfg
+    if not r.pretrained_here:  # the autoencoder came from a checkpoint: its recipe is not this run's
+        shown = {k: v for k, v in r.cfg.items() if k not in PRETRAIN_KEYS}
+        source = r.cfg.get("init_checkpoint") or (r.sweep or {}).get("autoencoder")
+        if source and (r.sweep is None or r.cfg.get("init_checkpoint")):
+            parts.append(f'<p class="note">No pretraining in this run: the autoencoder came from '
+                         f"<code>{html.escape(str(source))}</code>; its own config.json holds its recipe.</p>")
+    rows = [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in shown.items()]
+    parts.append(_table(["key", "value"], rows, "config", left=2))
+    return parts
 
 
 def write_report(run: str | Path) -> Path:

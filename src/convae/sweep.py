@@ -13,21 +13,21 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import visualise
-from .augment import augment, step_generator
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import DeviceBatches, ImageSet, per_class_subset, prepare_data
+from .data import DeviceBatches, ImageSet, RunData, per_class_subset, prepare_data
 from .device import micro_batch_size, provenance, resolve_device, resolve_precision
-from .errors import ConvaeError
+from .errors import ConvaeError, Interrupted
 from .evaluate import evaluate_classifier
-from .fit import RunContext
-from .loop import classification_criterion, freeze, make_optimizer, train_mode, train_step
+from .fit import RunContext, StopFlag
+from .loop import EpochInterrupted, check_finite, classification_criterion, freeze, make_optimizer, train_one_epoch
 from .models import AutoEncoder, Classifier
 from .phases import pretrain_phase
 from .probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
@@ -35,14 +35,24 @@ from .records import Log, SweepCell
 from .report import write_report
 from .rundir import RunDir
 
+@dataclass(frozen=True)
+class Method:
+    """One way of making a classifier from the labelled subset of a cell."""
+
+    label: str
+    probe: str  # "recipe" (the fine-tuning recipe trains a classifier), "knn" or "logistic" (frozen features)
+    weights: str  # the encoder's: "pretrained" or "random"
+    frozen: bool = False  # recipe: only the head trains (a linear probe with the recipe's steps)
+
+
 METHODS = {
-    "finetune": "pretrained, fine-tuned",
-    "linear_probe": "pretrained, frozen (linear probe)",
-    "scratch": "random init (scratch)",
-    "knn": "pretrained, frozen (kNN, k=200)",
-    "logistic_probe": "pretrained, frozen (logistic regression)",
-    "knn_random": "random weights, frozen (kNN, k=200)",
-    "logistic_random": "random weights, frozen (logistic regression)",
+    "finetune": Method("pretrained, fine-tuned", "recipe", "pretrained"),
+    "linear_probe": Method("pretrained, frozen (linear probe)", "recipe", "pretrained", frozen=True),
+    "scratch": Method("random init (scratch)", "recipe", "random"),
+    "knn": Method("pretrained, frozen (kNN, k=200)", "knn", "pretrained"),
+    "logistic_probe": Method("pretrained, frozen (logistic regression)", "logistic", "pretrained"),
+    "knn_random": Method("random weights, frozen (kNN, k=200)", "knn", "random"),
+    "logistic_random": Method("random weights, frozen (logistic regression)", "logistic", "random"),
 }
 DEFAULT_BUDGETS = ["25", "100", "400", "all"]
 
@@ -66,26 +76,23 @@ def parse_budgets(values: list[str]) -> list[int | None]:
 
 
 def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int, seed: int,
-               num_classes: int) -> float:
+               num_classes: int, stop: StopFlag | None = None) -> float:
     """``steps`` optimizer steps of the fine-tuning recipe (with its augmentation) on the labelled
-    ``train``, then the evaluation-set accuracy."""
+    ``train``, through the training loop of every run (its seeding, the stop flag, the NaN guard),
+    then the evaluation-set accuracy."""
     device = next(clf.parameters()).device
     optimizer = make_optimizer(clf.parameters(), cfg.optimizer, cfg.finetune_lr or cfg.lr, cfg.weight_decay)
     batches = DeviceBatches.of(train, device, cfg.batch_size, shuffle=True, seed=seed, placement=cfg.placement)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
-    aug = cfg.augment_config()
     done, epoch = 0, 0
-    train_mode(clf)
     while done < steps:
         epoch += 1
         batches.set_epoch(epoch)
-        for x, y in batches:
-            if aug is not None:
-                x = augment(x, aug, step_generator(device, seed, epoch, done))
-            train_step(clf, x, y, optimizer, classification_criterion, cfg.precision, micro)
-            done += 1
-            if done == steps:
-                break
+        n = min(steps - done, len(batches))
+        loss = train_one_epoch(clf, batches, optimizer, classification_criterion, cfg.precision, "cell", micro,
+                               should_stop=stop, augmentation=cfg.augment_config(), seed=seed, max_steps=n)
+        done += n
+        check_finite(loss, "fine-tuning", f"after {done} steps of a sweep cell")
     return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
 
 
@@ -102,17 +109,30 @@ def summarise(cells: list[SweepCell]) -> list[dict]:
     return rows
 
 
-def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpoint: str | None = None,
-              log: Log = print, methods: list[str] | None = None) -> RunDir:
-    """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png.
-    ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures."""
-    if seeds <= 0 or steps <= 0:
-        raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
+def _chosen(methods: list[str] | None) -> dict[str, Method]:
     unknown = sorted(set(methods or ()) - set(METHODS))
     if unknown or methods == []:
         raise ConvaeError(f"unknown sweep method(s) {', '.join(unknown) or '(none given)'}; choose from "
                           f"{', '.join(METHODS)}")
-    chosen = {m: name for m, name in METHODS.items() if methods is None or m in methods}
+    return {m: spec for m, spec in METHODS.items() if methods is None or m in methods}
+
+
+@dataclass
+class _Sweep:
+    """What every cell of a sweep reads: the data, the pretrained and random encoders, their features."""
+
+    cfg: Config
+    data: RunData
+    ae: AutoEncoder
+    random_enc: nn.Module
+    device: torch.device
+    val: DeviceBatches
+    feats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    stop: StopFlag
+
+
+def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Method]) -> tuple[_Sweep, RunDir, float]:
+    """The autoencoder (loaded, or pretrained once into the sweep folder), the data and the features."""
     device = resolve_device(cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
     ae = None
@@ -121,15 +141,14 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
         cfg = replace(cfg.with_model(ae.config), init_checkpoint=str(checkpoint))
     RunDir.check_free(cfg.out)
     data = prepare_data(cfg, need_labels=True, log=log)
-    k = len(data.classes)
-    if k < 2:
-        raise ConvaeError(f"{cfg.data} has {k} class folder(s): a classifier needs at least 2")
+    if len(data.classes) < 2:
+        raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
     run = RunDir(cfg.out)
     cfg = replace(cfg, out=str(run.path))
     run.save_config(cfg)
     log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
     torch.manual_seed(cfg.seed)
-    mcfg = cfg.model_config(num_classes=k)
+    mcfg = cfg.model_config(num_classes=len(data.classes))
     started = time.perf_counter()
     if ae is None:
         ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
@@ -137,61 +156,89 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
     ae = ae.to(device, memory_format=torch.channels_last)
     random_enc = random_encoder(mcfg, cfg.seed, device)
     pretrain_s = time.perf_counter() - started
-
-    labels = data.train.labels.to(device)
-    val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
     feats = {}
-    probed = any(m.startswith(("knn", "logistic")) for m in chosen)  # only trained methods: no features
-    for name, enc in (("pretrained", ae.encoder), ("random", random_enc)) if probed else ():
-        feats[name] = [extract_features(enc, x, precision=cfg.precision, features=cfg.probe_features)
-                       for x in (data.train, data.val)]
+    for weights, enc in (("pretrained", ae.encoder), ("random", random_enc)):
+        if any(m.probe != "recipe" and m.weights == weights for m in chosen.values()):  # recipes need none
+            feats[weights] = tuple(extract_features(enc, x, precision=cfg.precision, features=cfg.probe_features)
+                                   for x in (data.train, data.val))
+    val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
+    return _Sweep(cfg, data, ae, random_enc, device, val, feats, StopFlag()), run, pretrain_s
+
+
+def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int) -> float:
+    """One cell: ``method`` on the labelled images ``idx`` of the training split."""
+    k, labels = len(sw.data.classes), sw.data.train.labels.to(sw.device)
+    if method.probe != "recipe":
+        train_f, val_f = sw.feats[method.weights]
+        if method.probe == "knn":
+            return knn_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k)
+        # standardised features, fitted to convergence
+        return linear_probe_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k, seed=seed)
+    torch.manual_seed(seed)
+    clf = (Classifier.from_autoencoder(sw.ae, k) if method.weights == "pretrained"
+           else Classifier(sw.cfg.model_config(num_classes=k)))
+    clf = clf.to(sw.device, memory_format=torch.channels_last)
+    if method.frozen:
+        freeze(clf.encoder)
+    try:
+        return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, sw.cfg, steps, seed, k, sw.stop)
+    except EpochInterrupted:
+        raise Interrupted(sw.stop.signum, "a sweep cell", str(sw.cfg.out), resumable=False) from None
+
+
+def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpoint: str | None = None,
+              log: Log = print, methods: list[str] | None = None) -> RunDir:
+    """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png.
+    ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures."""
+    if seeds <= 0 or steps <= 0:
+        raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
+    chosen = _chosen(methods)
+    started = time.perf_counter()
+    sw, run, pretrain_s = _prepare(cfg, checkpoint, log, chosen)
     cells: list[SweepCell] = []
-    for budget in budgets:
-        for i in range(seeds):
-            seed = cfg.seed + i
-            idx = (torch.arange(len(labels)) if budget is None else
-                   per_class_subset(data.train.labels, torch.arange(len(labels)), budget, seed)).to(device)
-            for method in chosen:
-                start = time.perf_counter()
-                train_f, val_f = feats.get("random" if method.endswith("_random") else "pretrained", (None, None))
-                if method.startswith("knn"):
-                    acc = knn_accuracy(train_f[idx], labels[idx], val_f, val.labels, k)
-                elif method.startswith("logistic"):  # standardised features, fitted to convergence
-                    acc = linear_probe_accuracy(train_f[idx], labels[idx], val_f, val.labels, k, seed=seed)
-                else:
-                    torch.manual_seed(seed)
-                    clf = Classifier(mcfg) if method == "scratch" else Classifier.from_autoencoder(ae, k)
-                    clf = clf.to(device, memory_format=torch.channels_last)
-                    if method == "linear_probe":
-                        freeze(clf.encoder)
-                    acc = train_cell(clf, data.train.subset(idx.cpu()), val, cfg, steps, seed, k)
-                cell: SweepCell = {"method": method, "labels_per_class": "all" if budget is None else budget,
-                                   "seed": seed, "labelled_images": int(len(idx)), "accuracy": acc,
-                                   "seconds": time.perf_counter() - start}
-                cells.append(cell)
-                run.log_metrics({"phase": "sweep", **cell})
-                log(f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {method:<15}  "
-                    f"acc {100 * acc:6.2f}%  {cell['seconds']:.1f}s")
+    with sw.stop.installed():
+        for budget in budgets:
+            for i in range(seeds):
+                seed = sw.cfg.seed + i
+                everything = torch.arange(len(sw.data.train))
+                idx = (everything if budget is None else
+                       per_class_subset(sw.data.train.labels, everything, budget, seed)).to(sw.device)
+                for key, method in chosen.items():
+                    start = time.perf_counter()
+                    acc = _measure(sw, method, idx, seed, steps)
+                    cell: SweepCell = {"method": key, "labels_per_class": "all" if budget is None else budget,
+                                       "seed": seed, "labelled_images": int(len(idx)), "accuracy": acc,
+                                       "seconds": time.perf_counter() - start}
+                    cells.append(cell)
+                    run.log_metrics({"phase": "sweep", **cell})
+                    log(f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {key:<15}  "
+                        f"acc {100 * acc:6.2f}%  {cell['seconds']:.1f}s")
+    timing = {"pretrain_s": pretrain_s, "total_s": time.perf_counter() - started}
+    _write(run, sw, budgets, seeds, steps, chosen, cells, timing, log)
+    return run
+
+
+def _write(run: RunDir, sw: _Sweep, budgets: list[int | None], seeds: int, steps: int, chosen: dict[str, Method],
+           cells: list[SweepCell], timing: dict[str, float], log: Log) -> None:
+    cfg, data = sw.cfg, sw.data
     summary = summarise(cells)
-    total_s = time.perf_counter() - started
     result = {
-        "eval_set": data.eval_name, "classes": data.classes, "budgets": ["all" if b is None else b for b in budgets],
+        "eval_set": data.eval_name, "eval_label": data.eval_label, "classes": data.classes,
+        "budgets": ["all" if b is None else b for b in budgets],
         "seeds": [cfg.seed + i for i in range(seeds)], "steps": steps, "batch_size": cfg.batch_size,
-        "lr": cfg.finetune_lr or cfg.lr, "optimizer": cfg.optimizer, "methods": chosen,
+        "lr": cfg.finetune_lr or cfg.lr, "optimizer": cfg.optimizer, "methods": {k: m.label for k, m in chosen.items()},
         "probe_features": cfg.probe_features, "augment": cfg.augment,
         "autoencoder": cfg.init_checkpoint or str(run.checkpoints / "autoencoder.pt"),
-        "cells": cells, "summary": summary,
-        "timing": {"pretrain_s": pretrain_s, "total_s": total_s},
+        "cells": cells, "summary": summary, "timing": timing,
         "images_per_class_all": int(torch.bincount(data.train.labels).max()),
-        "provenance": provenance(device, cfg.precision),
+        "provenance": provenance(sw.device, cfg.precision),
     }
     run.write_json("sweep.json", result)
     write_csv(run.path / "sweep.csv", summary)
     visualise.save_label_efficiency(result, run.figures / "label_efficiency.png")
     write_report(run.path)
     log(format_summary(result))
-    log(f"sweep: {len(cells)} cells in {total_s:.1f} s")
-    return run
+    log(f"sweep: {len(cells)} cells in {timing['total_s']:.1f} s")
 
 
 def write_csv(path: Path, summary: list[dict]) -> None:

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from ..validation import PLACEMENTS
+from ..config import PLACEMENTS
 from .images import to_model_input
 from .sources import ImageSet
 

@@ -20,7 +20,8 @@ class RunData:
     train: ImageSet  # every training image: pretraining uses all of them, without labels
     finetune: ImageSet | None  # the labelled images for fine-tuning (maybe N per class)
     val: ImageSet  # the evaluation set: a validation split, or the separate test source
-    eval_name: str
+    eval_name: str  # what the evaluation set is, in full: "validation split (10% of SRC, seed 0)"
+    eval_label: str  # its short name for figure titles and captions: "validation split"
     classes: list[str]
     skipped: list[str]  # "file: reason" for every file that could not be decoded
     keys: dict[str, str]  # each source's cache key ("data", "test_data"): what a resume must find unchanged
@@ -44,14 +45,16 @@ def prepare_data(cfg: Config, need_labels: bool, log: Log, source: ImageSet | No
             raise ConvaeError(f"the test data {cfg.test_data} has no class folders: evaluation needs labels")
         if full.labelled and test.labelled and test.classes != full.classes:
             raise ConvaeError(f"the test data's classes {test.classes} differ from the training data's {full.classes}")
-        train, val, eval_name = full, test, f"test data ({cfg.test_data})"
+        train, val, label = full, test, "test data"
+        eval_name = f"{label} ({cfg.test_data})"
         skipped = full.skipped + [f"{cfg.test_data}: {s}" for s in test.skipped]
     else:
         if len(full) < 2:
             raise ConvaeError(f"{cfg.data} holds {len(full)} image(s): too few to carve a validation split")
         tr, va = split_indices(full.labels, len(full), cfg.val_fraction, cfg.seed)
         train, val = full.subset(tr), full.subset(va)
-        eval_name = f"validation split ({100 * cfg.val_fraction:g}% of {cfg.data}, seed {cfg.seed})"
+        label = "validation split"
+        eval_name = f"{label} ({100 * cfg.val_fraction:g}% of {cfg.data}, seed {cfg.seed})"
         skipped = full.skipped
     finetune = None
     if full.labelled:
@@ -64,4 +67,4 @@ def prepare_data(cfg: Config, need_labels: bool, log: Log, source: ImageSet | No
            else ", unlabelled")
         + f"; evaluating on the {eval_name}")
     keys = {"data": full.key, **({"test_data": val.key} if cfg.test_data else {})}
-    return RunData(train, finetune, val, eval_name, full.classes, skipped, keys)
+    return RunData(train, finetune, val, eval_name, label, full.classes, skipped, keys)

@@ -1,0 +1,196 @@
+"""The seams: every registered architecture with every objective that trains it, at two image formats,
+through a training step, transfer, probes and every way out of convae (checkpoint, hub folder,
+safetensors, ONNX, torch.export); and an architecture registered here, in the test, trained and
+exported through the command line, which proves no other module needs editing to add one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import convae
+from convae.arch import ARCHITECTURES, Architecture, EncoderBase, ModelConfig, register_architecture, unregister_architecture
+from convae.checkpoint import load_checkpoint, save_checkpoint
+from convae.cli import main
+from convae.config import build_config
+from convae.errors import ConvaeError
+from convae.export import export
+from convae.loop import classification_criterion, make_optimizer, train_step
+from convae.models import AutoEncoder, Classifier, count_parameters, model_size
+from convae.objectives import OBJECTIVES, make_objective
+from convae.probes import extract_features, linear_probe_accuracy
+from convae.records import Batch
+
+from conftest import make_image_folder
+
+SMALL = {"stages": {"channels": [8, 16], "latent_dim": 24, "output_activation": "none"}, "patch": {"channels": [12], "kernel_size": 5}}
+FORMATS = [(1, 28, 28), (3, 32, 32)]
+
+
+def trains(arch: str, objective: str) -> bool:
+    a, o = ARCHITECTURES[arch], OBJECTIVES[objective]
+    return (a.objectives is None or objective in a.objectives) and (o.archs is None or arch in o.archs)
+
+
+PAIRS = [(a, o) for a in SMALL for o in OBJECTIVES if trains(a, o)]
+
+
+def config(arch: str, objective: str, fmt: tuple[int, int, int]):
+    c, h, w = fmt
+    return build_config("seed", None, {"arch": arch, "objective": objective, "in_channels": c, "height": h,
+                                       "width": w, "sparse_k": 4, "lifetime_rate": 0.5, **SMALL[arch]})
+
+
+def test_every_architecture_is_covered_and_every_objective_trains_one():
+    assert set(SMALL) == set(ARCHITECTURES)
+    assert {o for _, o in PAIRS} == set(OBJECTIVES)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "x".join(map(str, f)))
+@pytest.mark.parametrize("arch, objective", PAIRS)
+def test_a_step_of_every_objective_transfers_and_probes(arch, objective, fmt):
+    torch.manual_seed(0)
+    cfg = config(arch, objective, fmt)
+    ae = AutoEncoder(cfg.model_config(num_classes=3))
+    x = torch.rand(8, *fmt)
+    assert ae(x).shape == x.shape
+    before = {k: v.clone() for k, v in ae.state_dict().items()}
+    loss = train_step(ae, Batch(x), make_optimizer(ae.parameters(), "adam", 1e-2), make_objective(cfg.objective_config()),
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss > 0
+    assert any(not torch.equal(before[k], v) for k, v in ae.state_dict().items())  # the step changed weights
+    clf = Classifier.from_autoencoder(ae, 3)
+    torch.testing.assert_close(clf.encoder.kernels(), ae.encoder.kernels())  # transfer copies the encoder
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    train_step(clf, Batch(x, y), make_optimizer(clf.parameters(), "adam", 1e-2), classification_criterion)
+    feats = extract_features(clf.encoder, (x * 255).to(torch.uint8), features="pooled")
+    assert feats.shape[0] == 8 and torch.isfinite(feats).all()
+    assert 0 <= linear_probe_accuracy(feats, y, feats, y, 3) <= 1
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "x".join(map(str, f)))
+@pytest.mark.parametrize("arch", list(SMALL))
+def test_every_part_round_trips_through_every_format(arch, fmt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    objective = next(o for a, o in PAIRS if a == arch)
+    ae = AutoEncoder(config(arch, objective, fmt).model_config(num_classes=3))
+    with torch.no_grad():  # non-trivial buffers (the patch network's whitening) travel too
+        for b in ae.buffers():
+            if b.is_floating_point():
+                b.add_(0.01 * torch.rand_like(b))
+    clf = Classifier.from_autoencoder(ae, 3).eval()
+    save_checkpoint(tmp_path / "clf.pt", clf, "classifier", ["a", "b", "c"])
+    x = torch.rand(5, *fmt)
+    for part, module in (("encoder", clf.encoder), ("classifier", clf)):
+        with torch.no_grad():
+            expected = module.eval()(x)
+        loaded, _ = load_checkpoint(tmp_path / "clf.pt")
+        got = {"checkpoint": (loaded.encoder if part == "encoder" else loaded).eval()(x)}
+        got["hub"] = convae.from_pretrained(convae.save_pretrained(module, tmp_path / f"hub_{part}"))(x)
+        for fmt_name in ("safetensors", "onnx", "pt2"):
+            out = export(tmp_path / "clf.pt", fmt_name, part, tmp_path / f"{part}.{fmt_name}")
+            if fmt_name == "safetensors":
+                got[fmt_name] = convae.load(out)(x)
+            elif fmt_name == "onnx":
+                sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+                got[fmt_name] = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+            else:
+                got[fmt_name] = torch.export.load(str(out)).module()(x)
+        for how, y in got.items():
+            torch.testing.assert_close(y.detach(), expected, atol=1e-4, rtol=1e-4, msg=f"{part} through {how}")
+    assert type(convae.from_pretrained(tmp_path / "hub_encoder")) is type(clf.encoder)
+
+
+@pytest.mark.parametrize("arch", list(SMALL))
+def test_sizes_come_from_the_real_modules(arch):
+    cfg = config(arch, next(o for a, o in PAIRS if a == arch), (3, 32, 32)).model_config(num_classes=7)
+    params, activations = model_size(cfg)
+    ae, clf = AutoEncoder(cfg), Classifier(cfg)
+    assert params == count_parameters(ae) + count_parameters(clf.head)
+    assert activations > cfg.in_channels * cfg.height * cfg.width  # at least the reconstruction itself
+    # a huge input is sized on the meta device, without allocating it
+    big = replace(cfg, height=20_000, width=20_000)
+    assert model_size(big)[1] > 100 * activations
+
+
+def test_a_head_too_large_for_memory_is_refused_before_anything_is_allocated():
+    with pytest.raises(ConvaeError, match="10000000000 classes\\) needs at least"):
+        convae.validation.validate_model(ModelConfig(num_classes=10**10))
+
+
+# ----------------------------------------------------------------------------- a toy architecture
+
+
+class ToyEncoder(EncoderBase):
+    """One stride-2 conv, features averaged over the map."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.conv = nn.Conv2d(cfg.in_channels, cfg.channels[0], 3, stride=2, padding=1)
+
+    def code(self, x: torch.Tensor):
+        return F.relu(self.conv(x)), x.shape[-2:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.code(x)[0].mean((2, 3))
+
+    def kernels(self) -> torch.Tensor:
+        return self.conv.weight.detach().clone()
+
+
+class ToyDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cfg.channels[0], cfg.in_channels, 3, padding=1)
+
+    def forward(self, h: torch.Tensor, size) -> torch.Tensor:
+        return torch.sigmoid(self.conv(F.interpolate(h, size=tuple(size), mode="nearest")))
+
+
+def _toy_rules(cfg: ModelConfig, where: str) -> None:
+    if len(cfg.channels) != 1:
+        raise ConvaeError(f"{where}the toy architecture has one layer")
+
+
+@pytest.fixture
+def toy():
+    register_architecture(Architecture("toy", ToyEncoder, ToyDecoder, feature_dim=lambda cfg: cfg.channels[0],
+                                       check=_toy_rules, presets={"toy": {"arch": "toy", "channels": [6]}}))
+    yield
+    unregister_architecture("toy")
+
+
+def test_a_registered_architecture_runs_end_to_end_through_the_cli(toy, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=8)
+    out = tmp_path / "run"
+    args = ["run", "--preset", "toy", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--height", "16", "--width", "16", "--pretrain-epochs", "1", "--finetune-epochs", "1",
+            "--batch-size", "8", "--objective", "denoise"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (out / "report.html").is_file() and (out / "figures" / "kernels_pretrained.png").is_file()
+    assert "6 kernels of 3×3 RGB" in (out / "report.html").read_text()
+    clf = convae.load(out / "checkpoints" / "classifier.pt")
+    assert type(clf.encoder) is ToyEncoder and clf.head.in_features == 6
+    onnx = tmp_path / "toy.onnx"
+    assert main(["export", "--checkpoint", str(out / "checkpoints" / "classifier.pt"), "--format", "safetensors",
+                 "--part", "encoder", "--out", str(onnx.with_suffix(".safetensors"))]) == 0
+    assert type(convae.load(onnx.with_suffix(".safetensors"))) is ToyEncoder
+    assert main(["run", "--arch", "toy", "--channels", "4", "8", "--data", str(data), "--out", str(tmp_path / "r2")]) == 2
+    assert "the toy architecture has one layer" in capsys.readouterr().err
+
+
+def test_an_unregistered_architecture_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--arch", "toy", "--out", str(tmp_path / "r")])
+    assert exit_.value.code == 2 and "invalid choice: 'toy'" in capsys.readouterr().err
+    with pytest.raises(ConvaeError, match="arch must be one of stages, patch"):
+        build_config("seed", None, {"arch": "toy"})
