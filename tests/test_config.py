@@ -94,3 +94,19 @@ def test_the_denoise_preset_keeps_the_lecture_widths_and_changes_only_the_recipe
     assert d.model_config().channels == seed.model_config().channels and d.latent_dim == seed.latent_dim
     assert (d.objective, d.norm, d.augment, d.probe_features) == ("denoise", "batch", True, "pooled")
     assert seed.objective == "reconstruct" and not seed.augment and seed.norm == "none"
+
+
+def test_every_knob_is_declared_once_with_its_flag_and_its_rule():
+    """The flags, their help and every value check come from the Config fields themselves."""
+    from convae.cli import build_parser, config_flags
+    from convae.knobs import knobs
+
+    flags = config_flags()
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["run"].format_help().split())
+    for f in knobs(Config):
+        if f.metadata["flag"]:
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in flags and flags[flag]["help"] and flag in help_text
+        with pytest.raises(ConvaeError, match=f"^{f.name} must be"):
+            build_config("seed", None, {f.name: []})  # a list is no valid value of any knob but the widths'
+    assert set(config_flags()) >= {"--arch", "--objective", "--whiten", "--patches-per-image", "--placement"}

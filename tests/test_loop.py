@@ -1,6 +1,8 @@
 """The loop (convae.loop): micro-batching, learning, schedules."""
 
 import copy
+import itertools
+import math
 
 import pytest
 import torch
@@ -90,3 +92,40 @@ def test_a_frozen_encoder_keeps_its_batch_norm_statistics():
     after = clf.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # running means and variances too
     assert any(m.training for m in clf.modules()) and not clf.encoder.conv[1].training
+
+
+def test_a_labelled_stream_joins_every_step_and_is_split_with_the_micro_batches():
+    """A criterion sees the unlabelled batch and, beside it, the next labelled batch of a cycling
+    stream; micro-batching splits both into as many parts."""
+    torch.manual_seed(0)
+    clf = Classifier(SMALL)
+    unlabelled = DeviceBatches(torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), None, 8, True, 0)
+    labelled_images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8).float() / 255
+    labelled = itertools.cycle([(labelled_images[:3], torch.tensor([0, 1, 2])),
+                                (labelled_images[3:], torch.tensor([2, 1, 0]))])
+    seen = []
+
+    def joint(model, batch, generator=None):
+        seen.append((len(batch), batch.y, batch.labelled.y.tolist()))
+        return classification_criterion(model, batch.labelled) + 0 * model(batch.x).sum()
+
+    loss = train_one_epoch(clf, unlabelled, torch.optim.SGD(clf.parameters(), 0.1), joint, micro_batch=4,
+                           labelled=labelled)
+    assert math.isfinite(loss)
+    # 3 steps of 8 unlabelled images, each in 2 micro-batches of 4; the labelled batches cycle
+    assert [(n, y) for n, y, _ in seen] == [(4, None)] * 6
+    assert [lab for _, _, lab in seen] == [[0, 1], [2], [2, 1], [0], [0, 1], [2]]
+
+
+def test_a_step_budget_ends_the_epoch_early():
+    torch.manual_seed(0)
+    ae = AutoEncoder(SMALL)
+    batches = DeviceBatches(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), None, 8, True, 0)
+    calls = []
+
+    def counting(model, batch, generator=None):
+        calls.append(len(batch))
+        return reconstruction(model, batch, generator)
+
+    loss = train_one_epoch(ae, batches, torch.optim.SGD(ae.parameters(), 0.1), counting, max_steps=2)
+    assert calls == [8, 8] and math.isfinite(loss) and loss > 0

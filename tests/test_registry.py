@@ -184,6 +184,7 @@ def test_a_registered_architecture_runs_end_to_end_through_the_cli(toy, tmp_path
     assert main(["export", "--checkpoint", str(out / "checkpoints" / "classifier.pt"), "--format", "safetensors",
                  "--part", "encoder", "--out", str(onnx.with_suffix(".safetensors"))]) == 0
     assert type(convae.load(onnx.with_suffix(".safetensors"))) is ToyEncoder
+    assert type(convae.build("encoder", arch="toy", channels=[5])) is ToyEncoder  # the API asks the same registry
     assert main(["run", "--arch", "toy", "--channels", "4", "8", "--data", str(data), "--out", str(tmp_path / "r2")]) == 2
     assert "the toy architecture has one layer" in capsys.readouterr().err
 

@@ -68,3 +68,16 @@ def test_sweep_measures_only_the_methods_asked_for(image_folder, cache_dir, tmp_
     with pytest.raises(SystemExit) as stop:
         main(["sweep", "--data", str(image_folder), "--methods", "knn", "finetuned"])
     assert stop.value.code == 2 and "invalid choice: 'finetuned'" in capsys.readouterr().err
+
+
+def test_a_sweep_cell_that_diverges_stops_with_one_line(image_folder, cache_dir, tmp_path, monkeypatch, capsys):
+    """The cells train through the run's loop, so the NaN guard stops them too."""
+    import convae.sweep
+
+    real = convae.sweep.classification_criterion
+    monkeypatch.setattr(convae.sweep, "classification_criterion",
+                        lambda model, batch, g=None: real(model, batch, g) * float("nan"))
+    assert main(["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "s"),
+                 "--pretrain-epochs", "1", "--labels-per-class", "2", "--seeds", "1", "--steps", "3",
+                 "--methods", "scratch"] + SMALL) == 2
+    assert "fine-tuning loss became nan after 1 step(s) of a sweep cell" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
         loss = train_one_epoch(clf, batches, optimizer, classification_criterion, cfg.precision, "cell", micro,
                                should_stop=stop, augmentation=cfg.augment_config(), seed=seed, max_steps=n)
         done += n
-        check_finite(loss, "fine-tuning", f"after {done} steps of a sweep cell")
+        check_finite(loss, "fine-tuning", f"after {done} step(s) of a sweep cell")
     return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
 
 
