@@ -29,7 +29,9 @@ def is_num(v: Any) -> bool:
 class Rule:
     """What a valid value is: ``rule(name, value)`` raises :class:`ConvaeError` naming the valid range."""
 
-    def ok(self, v: Any) -> bool:  # pragma: no cover - every rule overrides it
+    joint = ","  # before "got VALUE" in the message
+
+    def ok(self, v: Any) -> bool:  # pragma: no cover - every rule gives its own
         raise NotImplementedError
 
     def describe(self) -> str:  # pragma: no cover
@@ -37,10 +39,7 @@ class Rule:
 
     def __call__(self, name: str, v: Any, where: str = "") -> None:
         if not self.ok(v):
-            raise ConvaeError(f"{where}{name} must be {self.describe()}")
-
-    def fail(self, v: Any) -> str:
-        return f", got {short(v)}"
+            raise ConvaeError(f"{where}{name} must be {self.describe()}{self.joint} got {short(v)}")
 
 
 @dataclass(frozen=True)
@@ -64,16 +63,12 @@ class Int(Rule):
             rng = "an integer > 0" if self.lo == 1 else f"an integer >= {self.lo}"
         return rng + (f" ({self.note})" if self.note else "")
 
-    def __call__(self, name: str, v: Any, where: str = "") -> None:
-        if not self.ok(v):
-            raise ConvaeError(f"{where}{name} must be {self.describe()}{self.fail(v)}")
-
 
 @dataclass(frozen=True)
 class Num(Rule):
-    """A finite number above ``lo`` (``lo_open``: strictly) and below ``hi`` (strictly)."""
+    """A finite number above ``lo`` (``lo_open``: strictly; None: any) and below ``hi`` (strictly)."""
 
-    lo: float | None = 0.0  # None: any finite number
+    lo: float | None = 0.0
     lo_open: bool = False
     hi: float | None = None
 
@@ -88,10 +83,6 @@ class Num(Rule):
             return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g})"
         return f"a number {'>' if self.lo_open else '>='} {self.lo:g} and finite"
 
-    def __call__(self, name: str, v: Any, where: str = "") -> None:
-        if not self.ok(v):
-            raise ConvaeError(f"{where}{name} must be {self.describe()}{self.fail(v)}")
-
 
 @dataclass(frozen=True)
 class Among(Rule):
@@ -103,9 +94,8 @@ class Among(Rule):
     def ok(self, v: Any) -> bool:
         return is_int(v) and v in self.values
 
-    def __call__(self, name: str, v: Any, where: str = "") -> None:
-        if not self.ok(v):
-            raise ConvaeError(f"{where}{name} must be {self.text}, got {short(v)}")
+    def describe(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -113,6 +103,7 @@ class Choice(Rule):
     """One of a fixed tuple of names, or of a registry's names (``values`` a callable)."""
 
     values: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()
+    joint = ";"
 
     def names(self) -> tuple[str, ...]:
         return tuple(self.values()) if callable(self.values) else self.values
@@ -120,9 +111,8 @@ class Choice(Rule):
     def ok(self, v: Any) -> bool:
         return isinstance(v, str) and v in self.names()
 
-    def __call__(self, name: str, v: Any, where: str = "") -> None:
-        if not self.ok(v):
-            raise ConvaeError(f"{where}{name} must be one of {', '.join(self.names())}; got {short(v)}")
+    def describe(self) -> str:
+        return f"one of {', '.join(self.names())}"
 
 
 @dataclass(frozen=True)
@@ -130,9 +120,8 @@ class Flag(Rule):
     def ok(self, v: Any) -> bool:
         return isinstance(v, bool)
 
-    def __call__(self, name: str, v: Any, where: str = "") -> None:
-        if not self.ok(v):
-            raise ConvaeError(f"{where}{name} must be true or false, got {short(v)}")
+    def describe(self) -> str:
+        return "true or false"
 
 
 @dataclass(frozen=True)
@@ -142,10 +131,8 @@ class PathRule(Rule):
     def ok(self, v: Any) -> bool:
         return (self.optional and v is None) or (isinstance(v, str) and v != "")
 
-    def __call__(self, name: str, v: Any, where: str = "") -> None:
-        if not self.ok(v):
-            raise ConvaeError(f"{where}{name} must be {'a path or null' if self.optional else 'a non-empty path'}"
-                              f", got {short(v)}")
+    def describe(self) -> str:
+        return "a path or null" if self.optional else "a non-empty path"
 
 
 @dataclass(frozen=True)
@@ -157,9 +144,8 @@ class Widths(Rule):
     def ok(self, v: Any) -> bool:
         return isinstance(v, (list, tuple)) and 0 < len(v) <= self.most and all(is_int(c) and c > 0 for c in v)
 
-    def __call__(self, name: str, v: Any, where: str = "") -> None:
-        if not self.ok(v):
-            raise ConvaeError(f"{where}{name} must be a list of 1 to {self.most} integers > 0, got {short(v)}")
+    def describe(self) -> str:
+        return f"a list of 1 to {self.most} integers > 0"
 
 
 @dataclass(frozen=True)
