@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from conftest import make_image_folder
 from convae.checkpoint import FORMAT
+from convae.data.cache import CACHE_VERSION
 from convae.cli import main
 from convae.config import Config
 from convae.errors import ConvaeError
@@ -481,11 +482,11 @@ def test_a_damaged_cache_is_decoded_again_and_a_killed_extraction_is_swept(tmp_p
     assert torch.equal(first.images, again.images)
     # a cache of another format version is rebuilt with a line in the log, never misread
     meta = cached.parent / "meta.json"
-    meta.write_text(meta.read_text().replace('"version": 4', '"version": 3'))
+    meta.write_text(meta.read_text().replace(f'"version": {CACHE_VERSION}', '"version": 3'))
     lines.clear()
     again = load_source(str(data), 3, 16, 16, cache_dir=cache, log=lines.append)
-    assert any("is format 3, this convae reads 4: decoding again" in m for m in lines)
-    assert torch.equal(first.images, again.images) and '"version": 4' in meta.read_text()
+    assert any(f"is format 3, this convae reads {CACHE_VERSION}: decoding again" in m for m in lines)
+    assert torch.equal(first.images, again.images) and f'"version": {CACHE_VERSION}' in meta.read_text()
     # the temporary folder of an extraction killed with -9: removed by the next extraction
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = cache / "extracted" / f".tmp-{int(dead.stdout)}-abcd"
@@ -551,3 +552,161 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
     with locked(tmp_path, "training"):  # not "in use": the mount cannot lock at all
         ran.append(1)
     assert ran == [1]
+
+
+# ----------------------------------------------------------------------------- links and the lock (hardening)
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=6)
+    run = tmp_path / "run"
+    assert main(["run", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(run)] + RUN) == 0
+    return data, run
+
+
+@pytest.mark.parametrize("name", [".lock", "figures", "figures/confusion_matrix.png", "metrics.jsonl", "config.json"])
+def test_a_link_in_a_run_folder_is_never_followed(finished_run, tmp_path, capsys, name):
+    """A link planted in a run folder (to a user's file, a folder, a secret) is refused, not written
+    through or read: the target is untouched and nothing of it reaches report.html."""
+    _, run = finished_run
+    target = tmp_path / "elsewhere"
+    if name == "figures":
+        target.mkdir()
+        (target / "kernels_initial.png").write_bytes(b"a user's own figure")
+        shutil.rmtree(run / name)
+    else:
+        target.write_bytes(b"SECRET-" * 10)
+        (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(target)
+    before = snapshot(target) if target.is_dir() else {str(target): target.read_bytes()}
+    code = main(["report", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a symbolic link" in err and err.count("\n") == 1
+    assert (snapshot(target) if target.is_dir() else {str(target): target.read_bytes()}) == before
+    if (run / "report.html").is_file():
+        assert "SECRET" not in (run / "report.html").read_text()
+
+
+def test_a_link_planted_before_a_resume_is_refused_and_its_target_kept(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=6)
+    run = tmp_path / "run"
+    argv = ["run", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(run)] + RUN
+    argv[argv.index("--finetune-epochs") + 1] = "2"
+    assert main(argv) == 0
+    results = json.loads((run / "results.json").read_text())
+    results.pop("finished")  # as if killed before the end
+    (run / "results.json").write_text(json.dumps(results))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "kernels_initial.png").write_bytes(b"mine")
+    shutil.rmtree(run / "figures")
+    (run / "figures").symlink_to(mine)
+    assert main(["run", "--out", str(run), "--resume"]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert (mine / "kernels_initial.png").read_bytes() == b"mine" and len(list(mine.iterdir())) == 1
+
+
+def test_the_lock_cannot_be_deleted_away(tmp_path):
+    """The lock is held on the folder itself: removing RUN/.lock does not free the folder."""
+    from convae.rundir import locked
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with locked(run, "training"):
+        assert "training" in (run / ".lock").read_text()
+        (run / ".lock").unlink()
+        with pytest.raises(ConvaeError, match="is in use by"):
+            with locked(run, "resuming a run"):
+                pass
+    assert not (run / ".lock").exists()  # no note left behind to read as a live lock
+    with locked(run, "writing the report"):  # free again once the holder let go
+        pass
+
+
+# ----------------------------------------------------------------------------- the cache as untrusted input
+
+
+def _cache_entry(cache: Path) -> Path:
+    (entry,) = [p for p in (cache / "tensors").iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    return entry
+
+
+def _tamper_labels_range(entry):
+    np_labels = __import__("numpy").load(entry / "labels.npy")
+    np_labels[0] = 7
+    __import__("numpy").save(entry / "labels.npy", np_labels)
+
+
+def _tamper_labels_dtype(entry):
+    import numpy as np
+    np.save(entry / "labels.npy", np.load(entry / "labels.npy").astype(np.int32))
+
+
+def _tamper_meta(key, value):
+    def tamper(entry):
+        meta = json.loads((entry / "meta.json").read_text())
+        meta[key] = value(meta[key])
+        (entry / "meta.json").write_text(json.dumps(meta))
+    return tamper
+
+
+def _tamper_images(entry):
+    import numpy as np
+    images = np.load(entry / "images.npy")
+    np.save(entry / "images.npy", 255 - images)  # another array of the same shape and dtype
+
+
+@pytest.mark.parametrize("tamper", [
+    _tamper_labels_range, _tamper_labels_dtype, _tamper_images,
+    _tamper_meta("classes", lambda c: c + ["ghost"]), _tamper_meta("classes", lambda c: 5),
+    _tamper_meta("files", lambda f: f[:-3]), _tamper_meta("shape", lambda s: [s[0], 3, 8, 8]),
+    _tamper_meta("skipped", lambda s: {"a": 1}),
+], ids=["label-range", "label-dtype", "images-replaced", "ghost-class", "classes-int", "files-cut", "shape",
+        "skipped"])
+def test_a_tampered_cache_is_decoded_again_with_a_log_line(tmp_path, capsys, tamper):
+    from convae.data import load_source
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    cache = tmp_path / "cache"
+    first = load_source(str(data), 3, 16, 16, cache, log=lambda m: None)
+    expected = first.images.clone()  # a memory map of the file tampered with in place
+    tamper(_cache_entry(cache))
+    lines = []
+    again = load_source(str(data), 3, 16, 16, cache, log=lines.append)
+    assert any("decoding again" in line for line in lines), lines
+    assert again.classes == first.classes and torch.equal(again.labels, first.labels)
+    assert torch.equal(again.images, expected) and again.files == first.files
+    lines.clear()
+    load_source(str(data), 3, 16, 16, cache, log=lines.append)
+    assert not any("decoding again" in line for line in lines)  # rebuilt whole: trusted again
+
+
+def test_a_damaged_partial_chunk_is_decoded_again(tmp_path, monkeypatch):
+    import convae.data.decode as decode
+    from convae.data import load_source
+    from convae.files import atomic_torch_save
+
+    monkeypatch.setattr(decode, "CHUNK", 4)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    cache = tmp_path / "cache"
+    reference = load_source(str(data), 3, 16, 16, tmp_path / "ref", log=lambda m: None)
+    key = _cache_entry(tmp_path / "ref").name
+    partial = cache / "tensors" / f"{key}.partial"
+    bad = {"images": torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "keep": [0, 9], "skipped": ["x", "y"],
+           "n_mode": 0, "n_size": 0}  # position 9 in a chunk of 4 files
+    atomic_torch_save(bad, partial / "0000000.pt")
+    got = load_source(str(data), 3, 16, 16, cache, log=lambda m: None)
+    assert torch.equal(got.images, reference.images) and torch.equal(got.labels, reference.labels)
+
+
+def test_two_processes_decoding_one_source_into_one_cache_both_succeed(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=30)
+    code = ("import sys; from convae.data import load_source; "
+            "s = load_source(sys.argv[1], 3, 16, 16, sys.argv[2], log=lambda m: None); print(len(s))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(data), str(tmp_path / "cache")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+    assert [o.strip() for o, _ in outs] == ["60"] * 3
+    assert (_cache_entry(tmp_path / "cache") / "meta.json").is_file()

@@ -87,16 +87,18 @@ def test_every_part_round_trips_through_every_format(arch, fmt, tmp_path):
             if b.is_floating_point():
                 b.add_(0.01 * torch.rand_like(b))
     clf = Classifier.from_autoencoder(ae, 3).eval()
-    save_checkpoint(tmp_path / "clf.pt", clf, "classifier", ["a", "b", "c"])
+    save_checkpoint(tmp_path / "classifier.pt", clf, "classifier", ["a", "b", "c"])
+    save_checkpoint(tmp_path / "autoencoder.pt", ae, "autoencoder", ["a", "b", "c"])
     x = torch.rand(5, *fmt)
-    for part, module in (("encoder", clf.encoder), ("classifier", clf)):
+    for part, module in (("encoder", clf.encoder), ("classifier", clf), ("autoencoder", ae)):
         with torch.no_grad():
             expected = module.eval()(x)
-        loaded, _ = load_checkpoint(tmp_path / "clf.pt")
+        ckpt = tmp_path / ("autoencoder.pt" if part == "autoencoder" else "classifier.pt")
+        loaded, _ = load_checkpoint(ckpt)
         got = {"checkpoint": (loaded.encoder if part == "encoder" else loaded).eval()(x)}
         got["hub"] = convae.from_pretrained(convae.save_pretrained(module, tmp_path / f"hub_{part}"))(x)
         for fmt_name in ("safetensors", "onnx", "pt2"):
-            out = export(tmp_path / "clf.pt", fmt_name, part, tmp_path / f"{part}.{fmt_name}")
+            out = export(ckpt, fmt_name, part, tmp_path / f"{part}.{fmt_name}")
             if fmt_name == "safetensors":
                 got[fmt_name] = convae.load(out)(x)
             elif fmt_name == "onnx":

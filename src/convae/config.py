@@ -15,6 +15,7 @@ from typing import Any
 from .arch import ARCHITECTURES, ModelConfig, ModelKnobs, model_knobs
 from .augment import AugmentConfig, AugmentKnobs
 from .errors import ConvaeError, clip, first_line
+from .files import read_file
 from .knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, knob
 from .objectives import ObjectiveConfig, ObjectiveKnobs
 from .validation import validate
@@ -241,7 +242,7 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise ConvaeError(f"{run_dir} is not a run folder to continue (no config.json)",
                           advice="--resume needs --out DIR of an earlier run")
     try:
-        values = json.loads(path.read_bytes().decode("utf-8"))
+        values = json.loads(read_file(path).decode("utf-8"))
     except (ValueError, OSError) as e:
         raise ConvaeError(f"{path} is not a readable convae config ({clip(first_line(e), 100)})") from None
     if not isinstance(values, dict) or set(values) - FIELD_NAMES:

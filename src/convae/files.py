@@ -49,6 +49,43 @@ def remove_stale(folder: Path, prefix: str) -> None:
                 p.unlink(missing_ok=True)
 
 
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def refuse_links(root: Path, path: Path) -> Path:
+    """``path``, after checking that no component of it below ``root`` (the file included) is a
+    symbolic link: convae never reads or writes a run folder's files through a link, which could
+    point anywhere (a user's other files, a secret)."""
+    root, path = Path(root), Path(path)
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return path
+    here = root
+    for part in rel.parts:
+        here = here / part
+        if here.is_symlink():
+            raise ConvaeError(f"{here} is a symbolic link; convae does not read or write a run folder's files "
+                              "through links", advice="remove the link (or use another --out)")
+    return path
+
+
+def read_file(path: Path, root: Path | None = None) -> bytes:
+    """A file's bytes, never through a link below ``root`` (the file itself never a link)."""
+    path = Path(path)
+    refuse_links(root if root is not None else path.parent, path)
+    fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def append_line(path: Path, line: str) -> None:
+    """``line`` appended to ``path`` (created if absent), never through a link."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o666)
+    with os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace") as f:
+        f.write(line)
+
+
 def make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from .data import DeviceBatches
 from .device import micro_batch_size
 from .distributed import Dist
 from .errors import ConvaeError, Interrupted, clip, first_line
+from .files import refuse_links
 from .loop import Criterion, EpochInterrupted, check_finite, make_optimizer, make_scheduler, train_one_epoch
 from .records import EpochRecord, Log, TrainingState, Validation
 from .rundir import RunDir, TensorBoardLog, epoch_line
@@ -114,7 +115,7 @@ class RunContext:
 
 def read_state(run: RunDir) -> TrainingState | None:
     """The saved training state of a run folder, or None when no epoch has been saved yet."""
-    path = run.checkpoints / "state.pt"
+    path = refuse_links(run.path, run.checkpoints / "state.pt")
     if not path.is_file():
         return None
     try:

@@ -24,6 +24,7 @@ from .device import provenance, resolve_precision
 from .distributed import Dist, setup_distributed, teardown_distributed
 from .errors import ConvaeError
 from .evaluate import format_class_table
+from .files import read_file
 from .fit import RunContext, read_state
 from .models import AutoEncoder, Classifier, ModelConfig
 from .phases import finetune_phase, measure_representation, pretrain_phase
@@ -70,7 +71,7 @@ def _fingerprints(cfg: Config, data: RunData) -> dict[str, str]:
 def _check_unchanged(run: RunDir, cfg: Config, data: RunData) -> None:
     """Refuse to resume a run whose inputs changed: it would not continue the same run."""
     try:
-        saved = json.loads((run.path / INPUTS).read_text())
+        saved = json.loads(read_file(run.file(INPUTS)))
     except (OSError, ValueError):
         return  # a run folder from before fingerprints: nothing to compare
     now = _fingerprints(cfg, data)
@@ -215,7 +216,7 @@ def _write_results(ctx: RunContext, data: RunData, results: Results, do_finetune
 def _finished(run: RunDir) -> bool:
     """Whether a run wrote everything: results.json carries the completion mark, written last."""
     try:
-        results = json.loads((run.path / "results.json").read_text())
+        results = json.loads(read_file(run.file("results.json")))
     except (OSError, ValueError):
         return False
     return isinstance(results, dict) and "finished" in results

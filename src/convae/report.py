@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import ConvaeError, clip, first_line
-from .files import atomic_write_text
+from .files import atomic_write_text, read_file
 from .knobs import group_fields
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -41,7 +41,7 @@ def _img(path: Path, caption: str, size: str = "") -> str:
     size, never scaled down: many small numbers or thumbnails)."""
     if not path.is_file():
         return ""
-    data = base64.b64encode(path.read_bytes()).decode()
+    data = base64.b64encode(read_file(path, path.parent.parent)).decode()  # never through a link
     return (f'<figure class="{size}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
@@ -87,7 +87,7 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(read_file(path).decode("utf-8"))
     except (ValueError, OSError) as e:
         raise ConvaeError(f"{path} is not readable JSON ({clip(first_line(e), 80)})") from None
     if not isinstance(data, dict):
@@ -99,7 +99,7 @@ def _read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+    for n, line in enumerate(read_file(path).decode("utf-8", "replace").splitlines(), 1):
         try:
             row = json.loads(line) if line.strip() else None
         except ValueError:

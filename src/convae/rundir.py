@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from .config import Config, save_config
 from .errors import ConvaeError, clip
-from .files import atomic_write_text
+from .files import NOFOLLOW, append_line, atomic_write_text, refuse_links
 from .records import EpochRecord
 
 
@@ -54,25 +54,28 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return refuse_links(self.path, self.path / "checkpoints")
 
     @property
     def figures(self) -> Path:
-        return self.path / "figures"
+        return refuse_links(self.path, self.path / "figures")
+
+    def file(self, name: str) -> Path:
+        """``RUN/name``, refused when it (or a folder on the way) is a link."""
+        return refuse_links(self.path, self.path / name)
 
     def save_config(self, cfg: Config) -> None:
         save_config(cfg, self.path / "config.json")
 
     def log_metrics(self, record: EpochRecord | dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.file("metrics.jsonl"), json.dumps(record) + "\n")
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return atomic_write_text(self.path / name, json.dumps(obj, indent=2) + "\n")
+        return atomic_write_text(self.file(name), json.dumps(obj, indent=2) + "\n")
 
     def write_lines(self, name: str, lines: list[str]) -> Path:
         """Replace ``name`` whole (or not at all)."""
-        return atomic_write_text(self.path / name, "".join(line + "\n" for line in lines))
+        return atomic_write_text(self.file(name), "".join(line + "\n" for line in lines))
 
 
 def check_writable(path: Path) -> None:
@@ -95,35 +98,49 @@ LOCK_NAME = ".lock"
 def locked(path: str | Path, what: str) -> Iterator[None]:
     """Hold ``path``'s exclusive lock while a process uses the run folder (train, resume, report).
 
-    A second process is refused with one line naming the holder. The lock is the kernel's
-    (``flock``): it goes with the process, so a killed run never leaves its folder locked.
+    The lock is the kernel's (``flock``) on the folder itself: it goes with the process, so a
+    killed run never leaves its folder locked, and no file can be deleted to take it away. A
+    second process is refused with one line naming the holder, whose pid, host and task are in
+    ``RUN/.lock`` while it holds the folder (removed when it lets go).
     """
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here; one process per folder is on the user
         yield
         return
-    lock = Path(path) / LOCK_NAME
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError as e:
         raise ConvaeError(f"could not lock the run folder {path}: {e.strerror}") from None
+    note = refuse_links(Path(path), Path(path) / LOCK_NAME)
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 yield  # a file system without locks (some network mounts): run unlocked, as before
                 return
-            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
-            raise ConvaeError(f"the run folder {path} is in use by {clip(holder, 200)}",
+            raise ConvaeError(f"the run folder {path} is in use by {_holder(note)}",
                               advice="wait for it to finish, or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({what}, since {time.strftime('%H:%M:%S')})"
-                  .encode(), 0)
+        atomic_write_text(note, f"pid {os.getpid()} on {socket.gethostname()} ({what}, since "
+                                f"{time.strftime('%H:%M:%S')})\n")
         yield
     finally:
+        if held:
+            note.unlink(missing_ok=True)  # a note left behind would read as a live lock
         os.close(fd)
+
+
+def _holder(note: Path) -> str:
+    try:
+        fd = os.open(note, os.O_RDONLY | NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            text = f.read(400).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return clip(text, 200) or "another process"
 
 
 def epoch_line(rec: EpochRecord) -> str:
@@ -149,7 +166,7 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # the optional extra is not installed: log nothing
             return
-        self.writer = SummaryWriter(log_dir=str(run_path / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(refuse_links(run_path, run_path / "tensorboard")))
 
     def scalars(self, rec: EpochRecord) -> None:
         if self.writer is None:

@@ -3,6 +3,7 @@ label-efficiency plot and the embedding map; and the sets of them each phase wri
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -14,12 +15,17 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from .errors import ConvaeError, clip, first_line  # noqa: E402
+from .files import atomic_write_bytes  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    """Rendered in memory, then written whole under its name (a link there is replaced, not followed)."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def _show_grid(ax, grid: torch.Tensor) -> None:

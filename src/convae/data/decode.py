@@ -74,14 +74,21 @@ class Chunks:
         return torch.cat(list(self)) if self.parts else torch.empty(self.shape, dtype=torch.uint8)
 
 
-def _saved(partial: Path | None, i: int, n: int) -> dict | None:
+def _saved(partial: Path | None, i: int, n: int, shape: tuple[int, int, int]) -> dict | None:
     """Chunk ``i`` (of ``n`` files) from an earlier, stopped decode, if it was written whole."""
     path = None if partial is None else partial / f"{i:07d}.pt"
     if path is None or not path.is_file():
         return None
     try:
         r = torch.load(path, weights_only=True)
-        return {**r, "images": path} if len(r["keep"]) + len(r["skipped"]) == n else None  # read again when written
+        keep, images = r["keep"], r["images"]
+        # untrusted: the positions must be distinct files of this chunk, one image each, in order
+        ok = (isinstance(keep, list) and all(isinstance(k, int) for k in keep) and keep == sorted(set(keep))
+              and all(0 <= k < n for k in keep) and isinstance(r["skipped"], list)
+              and len(keep) + len(r["skipped"]) == n and isinstance(images, torch.Tensor)
+              and images.dtype == torch.uint8 and images.shape[0] == len(keep) and images.shape[1:] == shape
+              and all(isinstance(r[k], int) for k in ("n_mode", "n_size")))
+        return {**r, "images": path} if ok else None  # the images are read again when written
     except Exception:  # noqa: BLE001 - a damaged chunk is decoded again
         return None
 
@@ -95,7 +102,7 @@ def decode_files(files: list[Path], root: Path, channels: int, height: int, widt
 
     names = [str(f) for f in files]
     chunks = [names[i : i + CHUNK] for i in range(0, len(names), CHUNK)]
-    results: list[dict | None] = [_saved(partial, i, len(c)) for i, c in enumerate(chunks)]
+    results: list[dict | None] = [_saved(partial, i, len(c), (channels, height, width)) for i, c in enumerate(chunks)]
     todo = [i for i, r in enumerate(results) if r is None]
     if len(todo) < len(chunks):
         log(f"continuing a stopped decode: {len(chunks) - len(todo)} of {len(chunks)} chunks already done")

@@ -20,7 +20,7 @@ import torch
 from ..errors import ConvaeError, first_line
 from ..records import Log
 from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive
-from .cache import read_cache, write_cache
+from .cache import read_cache, write_cache, writer_lock
 from .decode import Chunks, decode_files, remove_partial
 from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, printable
 from .rows import MappedFile, gather
@@ -227,11 +227,15 @@ def load_source(
 
     cached = cache / "tensors" / key
     partial = cache / "tensors" / f"{key}.partial"  # the chunks of a decode in progress (or killed)
-    d = read_cache(cached, log)
+    d = read_cache(cached, lambda m: None)
     if d is not None:
         return _cached_set(d, src, key)
-    write_cache(cached, *loader())
-    remove_partial(partial)
+    with writer_lock(cache / "tensors" / f"{key}.lock", log):  # one decode per key: a second waits, then reads it
+        d = read_cache(cached, log)
+        if d is not None:
+            return _cached_set(d, src, key)
+        write_cache(cached, *loader())
+        remove_partial(partial)
     d = read_cache(cached, log)  # from the file just written, as every later run opens it
     if d is None:  # pragma: no cover - written a moment ago
         raise ConvaeError(f"the cache {cached} could not be read back after writing it")
