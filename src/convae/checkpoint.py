@@ -40,8 +40,20 @@ def save_checkpoint(
 
 
 def is_state_dict(v: object) -> bool:
-    """Whether untrusted ``v`` is a mapping of names to tensors."""
-    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+    """Whether untrusted ``v`` is a mapping of names to ordinary tensors (dense, in memory: a sparse,
+    meta or quantised tensor is no weight convae writes)."""
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
+        for k, t in v.items())
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse weights that are NaN or infinite: every prediction from them would be meaningless."""
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ConvaeError(f"{source} holds weights that are NaN or infinite ({', '.join(bad[:3])}"
+                          f"{' ...' if len(bad) > 3 else ''}); it cannot be used",
+                          advice="use a checkpoint of a run that did not diverge")
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -94,8 +106,13 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[nn.Modul
                           f"this command needs a{'n' if kind[0] in 'aeiou' else ''} {kind} checkpoint")
     # the config inside a checkpoint is as untrusted as the file: validated before any allocation
     cfg = model_config_from_dict(payload["config"], where=f"{path}: ")
+    classes = payload.get("classes") or []
+    if payload["kind"] == "classifier" and classes and len(classes) != cfg.num_classes:
+        raise ConvaeError(f"{path} is a damaged convae checkpoint: {len(classes)} class names for a classifier of "
+                          f"{cfg.num_classes} outputs")
     model = build_model(payload["kind"], cfg)
     load_state_strict(model, payload["model"], source=str(path))
+    check_finite(model, str(path))
     return model, payload
 
 

@@ -109,8 +109,8 @@ def command_specs() -> dict[str, tuple[str, list]]:
                     "--data", "--val-fraction", "--cache-dir", "--workers",
                     _batch(f"images per forward pass (default {INFERENCE_BATCH_SIZE})"),
                     "--probe-features", "--precision",
-                    ("--seed", {**FLAGS["--seed"], "help": "seed of the train/val column of the CSV, as in training "
-                                                           "(default 0)"}),
+                    ("--seed", {**FLAGS["--seed"], "help": "seed of the train/val column of the CSV (default: the "
+                                                           "training run's)"}),
                     "--device"]),
         "report": ("(re)write RUN_DIR/report.html, one self-contained page",
                    [("run_dir", dict(metavar="RUN_DIR"))]),
@@ -157,12 +157,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
+def _printable(msg: str) -> str:
+    """A message any terminal or log file takes: a path that is not UTF-8 (surrogate escapes) as \\xNN."""
+    return msg.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    print(_printable(msg), flush=True)
 
 
 def _warn(msg: str) -> None:
-    print(f"convae: warning: {msg}", file=sys.stderr, flush=True)
+    print(_printable(f"convae: warning: {msg}"), file=sys.stderr, flush=True)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -228,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"convae {args.command}: error: unrecognized arguments: {' '.join(extra)}{meant}; "
               f"see convae {args.command} --help", file=sys.stderr, flush=True)
         return 2
+    def terminated(signum, frame):  # SIGTERM outside training (decoding, probes, export): stop cleanly
+        raise Interrupted(signum, "before it finished", "", resumable=False)
+
+    previous = signal.signal(signal.SIGTERM, terminated) if _main_thread() else None
     try:
         HANDLERS[args.command](args)
     except ConvaeError as e:
@@ -245,13 +254,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"convae: stopped by {name} at {e.where}; the state is saved. Resume with: {resume}",
                   file=sys.stderr, flush=True)
         else:
-            print(f"convae: stopped by {name} at {e.where}; the cells measured so far are in "
-                  f"{e.run_path}/metrics.jsonl", file=sys.stderr, flush=True)
+            kept = f"; what was written so far is in {one_line(e.run_path)}" if e.run_path else ""
+            print(f"convae: stopped by {name} {e.where}{kept}", file=sys.stderr, flush=True)
         return 128 + (e.signum or 2)
     except KeyboardInterrupt:
         print("convae: interrupted", file=sys.stderr, flush=True)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # pragma: no cover

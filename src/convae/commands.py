@@ -62,8 +62,10 @@ def encode(overrides: dict[str, Any], checkpoint: str, out: str, make_map: bool,
     """``convae encode``: the seed preset's data settings, INFERENCE_BATCH_SIZE images per pass."""
     from .embeddings import write_embeddings
 
+    given = set(overrides)
     overrides = {"batch_size": INFERENCE_BATCH_SIZE, **overrides}
-    return write_embeddings(build_config("seed", None, overrides), checkpoint, out, make_map=make_map, log=log)
+    return write_embeddings(build_config("seed", None, overrides), checkpoint, out, make_map=make_map, log=log,
+                            given=given)
 
 
 def predict(checkpoint: str, images: list[str], device: str, batch_size: int, as_json: bool, log: Log,

@@ -21,7 +21,34 @@ from .probes import feature_chunks
 from .records import Log
 
 
-def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = True, log: Log = print) -> Path:
+def cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: a leading = + - @ (a formula to Excel and LibreOffice)
+    is quoted with an apostrophe, as OWASP advises for CSV injection."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def training_split(run: dict, cfg: Config, ds, given: set[str]) -> np.ndarray:
+    """The train/val column: the training run's seeded split (its ``val_fraction`` and ``seed``, unless
+    given here), so a user can tell the images the model never saw; all ``train`` when the run
+    evaluated on separate test data; empty for a source the run did not train on."""
+    split = np.array([""] * len(ds), dtype=object)
+    if len(ds) < 2 or run.get("data") is None or str(run["data"]) != str(cfg.data):
+        return split
+    split[:] = "train"
+    if run.get("test_data"):
+        return split
+    fraction = cfg.val_fraction if "val_fraction" in given else run.get("val_fraction", cfg.val_fraction)
+    seed = cfg.seed if "seed" in given else run.get("seed", cfg.seed)
+    try:
+        _, val = split_indices(ds.labels, len(ds), float(fraction), int(seed))
+    except (TypeError, ValueError):  # a run config edited by hand: the column stays as the flags say
+        _, val = split_indices(ds.labels, len(ds), cfg.val_fraction, cfg.seed)
+    split[val.numpy()] = "val"
+    return split
+
+
+def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = True, log: Log = print,
+                     given: set[str] = frozenset()) -> Path:
     """Write ``out`` (.npy, N x features float32), ``out`` with .csv (index, file, label, class, split)
     and the t-SNE map as ``out`` with ``_map.png``; ``cfg.probe_features`` picks the features.
 
@@ -41,13 +68,7 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
     m = model.config
     ds = load_source(cfg.data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log,
                      workers=cfg.workers)
-    # the training run's seeded split, so a user can tell the images the model never saw
-    split = np.array([""] * len(ds), dtype=object)
-    trained_on = (payload.get("run_config") or {}).get("data")
-    if len(ds) >= 2 and trained_on is not None and str(trained_on) == str(cfg.data):
-        split[:] = "train"
-        _, val = split_indices(ds.labels, len(ds), cfg.val_fraction, cfg.seed)
-        split[val.numpy()] = "val"
+    split = training_split(payload.get("run_config") or {}, cfg, ds, given)
     # written chunk by chunk: the features of a big source are never all in memory
     chunks = feature_chunks(model.encoder, ds, batch_size=cfg.batch_size, precision=cfg.precision,
                             features=cfg.probe_features)
@@ -60,7 +81,7 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
         for c in itertools.chain([first], chunks):
             f.write(c.cpu().numpy().astype(np.float32, copy=False).tobytes())
 
-    atomic_write(out_path, write)
+    atomic_write(out_path, write, exclusive=True)
     feats = np.load(out_path, mmap_mode="r")
     rows = io.StringIO(newline="")
     w = csv.writer(rows)
@@ -68,8 +89,8 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
     for i in range(len(ds)):
         label = "" if ds.labels is None else int(ds.labels[i])
         name = "" if ds.labels is None else ds.classes[int(ds.labels[i])]
-        w.writerow([i, ds.files[i] if ds.files else "", label, name, split[i]])
-    atomic_write_text(table, rows.getvalue())
+        w.writerow([i, cell(ds.files[i] if ds.files else ""), label, cell(name), split[i]])
+    atomic_write_text(table, rows.getvalue(), exclusive=True)
     log(f"wrote {feats.shape[0]} x {feats.shape[1]} embeddings to {out_path} and their sources to {table}")
     if make_map:
         if visualise.attempt(log, "the embedding map", lambda: visualise.save_embedding_map(

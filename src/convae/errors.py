@@ -36,5 +36,12 @@ def clip(text: str, limit: int = 120) -> str:
 
 
 def short(v: object, limit: int = 60) -> str:
-    """``repr(v)`` cut to ``limit`` characters, for error messages about untrusted values."""
-    return clip(repr(v), limit)
+    """``repr(v)`` cut to ``limit`` characters, for error messages about untrusted values; built with
+    bounded depth and length (``reprlib``), so a huge or deeply shared value (a YAML alias bomb)
+    costs no more to describe than a small one."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, limit, limit, limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 8
+    return clip(r.repr(v), limit)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .errors import ConvaeError, first_line
-from .files import make_parent
+from .files import UMASK, make_parent, publish, remove_stale
 from .hub import rebuild
 from .models import AutoEncoder, Classifier, ModelConfig
 
@@ -145,7 +145,9 @@ def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path) -> Path
         raise ConvaeError(f"{out} already exists; nothing is overwritten", advice="choose a new --out file")
     make_parent(out)
     cfg, classes = model.config, payload.get("classes", [])
-    # written in a private folder beside ``out`` and renamed into place: never half a file under its name
+    # written in a private folder beside ``out`` and linked into place: never half a file under its name,
+    # never over a file another export wrote meanwhile; the folders of killed exports are swept first
+    remove_stale(out.parent, ".tmp-")
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=out.parent))
     try:
         tmp = work / out.name
@@ -157,7 +159,8 @@ def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path) -> Path
             export_torchscript(module, cfg, tmp)
         else:
             export_safetensors(module, cfg, part, tmp, classes)
-        os.replace(tmp, out)
+        os.chmod(tmp, 0o666 & ~UMASK)  # the usual mode, not the private folder's
+        publish(tmp, out, exclusive=True)
     except OSError as e:
         raise ConvaeError(f"could not write {out}: {e.strerror or first_line(e)}") from None
     finally:

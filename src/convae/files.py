@@ -93,8 +93,29 @@ def make_parent(path: Path) -> None:
         raise ConvaeError(f"could not create the folder {path.parent}: {e.strerror or type(e).__name__}") from None
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write`` on a temporary file in ``path``'s folder, fsync it, then rename it over ``path``.
+def publish(tmp: Path, path: Path, exclusive: bool) -> None:
+    """Put the finished file ``tmp`` under its name: renamed over ``path``, or, ``exclusive``, linked
+    to it only if no file has that name yet (another process writing the same output at the same
+    time is refused, never overwritten)."""
+    if not exclusive:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ConvaeError(f"{path} already exists (another process wrote it meanwhile); nothing is overwritten",
+                          advice="choose a new --out file") from None
+    except OSError:  # a file system without hard links: the check and the rename are not one step there
+        if os.path.lexists(path):
+            raise ConvaeError(f"{path} already exists; nothing is overwritten", advice="choose a new --out file")
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], exclusive: bool = False) -> Path:
+    """Call ``write`` on a temporary file in ``path``'s folder, fsync it, then rename it over ``path``
+    (``exclusive``: create it, refusing a name that exists by then).
 
     A crash, a kill or a full disk leaves the previous file intact; a failure removes the
     temporary file and raises one :class:`ConvaeError`; temporaries of killed processes are
@@ -113,7 +134,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(Path(tmp), path, exclusive)
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -124,8 +145,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: Path, data: bytes, exclusive: bool = False) -> Path:
+    return atomic_write(path, lambda f: f.write(data), exclusive)
 
 
 def torch_bytes(obj: Any) -> bytes:
@@ -143,5 +164,6 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     return atomic_write_bytes(Path(path), torch_bytes(obj))
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: Path, text: str, exclusive: bool = False) -> Path:
+    # backslashreplace: a file name that is not valid UTF-8 (surrogate escapes) is written, not fatal
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8", "backslashreplace")), exclusive)

@@ -11,6 +11,7 @@ import torch
 from .checkpoint import open_model
 from .config import INFERENCE_BATCH_SIZE
 from .data import is_image_file, load_image, to_model_input
+from .data.images import printable
 from .errors import ConvaeError, first_line
 
 
@@ -46,7 +47,7 @@ def predict(checkpoint: str | Path, paths: list[str], device: str = "auto", batc
             try:
                 img, _, _ = load_image(f, cfg.in_channels, cfg.height, cfg.width)
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
-                warn(f"skipped {f}: {first_line(e, 10_000)}")
+                warn(f"skipped {printable(f)}: {printable(first_line(e, 300))}")
                 continue
             images.append(img)
             names.append(str(f))
@@ -66,10 +67,12 @@ def predict(checkpoint: str | Path, paths: list[str], device: str = "auto", batc
 def format_predictions(rows: list[dict], as_json: bool = False, top: int = 3) -> str:
     if as_json:
         return json.dumps(rows, indent=2)
-    width = max(4, *(len(r["file"]) for r in rows))
+    # one row per image whatever a name holds: newlines, control characters and bad bytes escaped
+    names = [printable(r["file"]) for r in rows]
+    width = max(4, *(len(n) for n in names))
     lines = [f"{'file':<{width}}  {'class':<12}  prob    next best"]
-    for r in rows:
+    for r, name in zip(rows, names):
         ranked = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[1:top]
-        nxt = ", ".join(f"{c} {p:.2f}" for c, p in ranked)
-        lines.append(f"{r['file']:<{width}}  {r['class']:<12}  {r['probability']:.3f}   {nxt}")
+        nxt = ", ".join(f"{printable(c)} {p:.2f}" for c, p in ranked)
+        lines.append(f"{name:<{width}}  {printable(r['class']):<12}  {r['probability']:.3f}   {nxt}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,9 +155,9 @@ def _header(r: _Run, is_lecture: bool) -> list[str]:
         parts.append('<p class="note">The lecture\'s figures are not shown beside this run: its setting differs '
                      "from the lecture's (the seed recipe, 5 + 5 epochs, on the full CIFAR-10 training split).</p>")
     steps = sum(m.get("images_per_s", 0) * m.get("seconds", 0) for m in r.metrics if m.get("phase") == "pretrain")
-    steps = round(steps / max(int(r.cfg.get("batch_size") or 1), 1))
-    if r.pretrained_here and steps < SHORT_RUN_STEPS:
-        parts.append(f'<p class="warn">Pretraining ran about {steps} optimizer step(s): the reconstructions and '
+    steps = steps / max(int(r.cfg.get("batch_size") or 1), 1)
+    if r.pretrained_here and math.isfinite(steps) and steps < SHORT_RUN_STEPS:
+        parts.append(f'<p class="warn">Pretraining ran about {round(steps)} optimizer step(s): the reconstructions and '
                      "kernels below show an early stage (typically flat, blurred reconstructions), not what this "
                      "recipe learns.</p>")
     summary = [f"Data: <code>{html.escape(str(r.cfg.get('data', '')))}</code>."]
@@ -164,10 +165,11 @@ def _header(r: _Run, is_lecture: bool) -> list[str]:
     if results and "per_class" in results:
         summary.append(f"Evaluated on the {html.escape(results.get('eval_set', ''))}: "
                        f'<span class="big">{_pct(results["accuracy"])}</span> accuracy over '
-                       f"{results['num_images']} images, {len(classes)} classes.")
+                       f"{html.escape(str(results['num_images']))} images, {len(classes)} classes.")
         t = results.get("timing", {})
         if t:
-            summary.append("Wall time: " + ", ".join(f"{k.replace('_s', '')} {v:.1f} s" for k, v in t.items()) + ".")
+            summary.append("Wall time: " + ", ".join(f"{html.escape(str(k).replace('_s', ''))} {float(v):.1f} s"
+                                                     for k, v in t.items()) + ".")
     parts.append("<p>" + " ".join(summary) + "</p>")
     return parts
 
@@ -263,8 +265,9 @@ def _sweep(r: _Run) -> list[str]:
     rows = [[name] + [(f"{100 * cell[(m, b)]['mean']:.2f} ± {100 * cell[(m, b)]['std']:.2f} %"
                        if (m, b) in cell else "") for b in sweep["budgets"]] for m, name in sweep["methods"].items()]
     return ["<h2>Label efficiency</h2>", _table(["method"] + [f"{b} / class" for b in sweep["budgets"]], rows, "sweep"),
-            f'<p class="note">Mean ± std over seeds {sweep["seeds"]}; every cell trains '
-            f'{sweep["steps"]} steps of batch {sweep["batch_size"]} on the same labelled subset; '
+            f'<p class="note">Mean ± std over seeds {html.escape(str(sweep["seeds"]))}; every cell trains '
+            f'{html.escape(str(sweep["steps"]))} steps of batch {html.escape(str(sweep["batch_size"]))} on the same '
+            'labelled subset; '
             f'evaluated on the {html.escape(sweep["eval_set"])}.</p>',
             _img(r.fig / "label_efficiency.png", "accuracy against labelled images per class")]
 
@@ -290,7 +293,7 @@ def write_report(run: str | Path) -> Path:
     run = Path(run)
     try:
         page = build_report(run)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
         # the files parsed but do not hold what convae writes: edited, or from another version
         raise ConvaeError(f"the run folder {run} holds damaged results ({type(e).__name__}: "
                           f"{clip(first_line(e), 60)}); the report was not written") from None

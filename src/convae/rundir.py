@@ -163,6 +163,10 @@ class TensorBoardLog:
         if not enabled:
             return
         try:
+            str(run_path).encode("utf-8")
+        except UnicodeEncodeError:  # TensorBoard writes its paths as UTF-8: such a run logs no events
+            return
+        try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # the optional extra is not installed: log nothing
             return

@@ -62,6 +62,9 @@ def parse_budgets(values: list[str]) -> list[int | None]:
     out: list[int | None] = []
     for v in values:
         if str(v).lower() == "all":
+            if None in out:
+                raise ConvaeError("the label budget 'all' is given twice; each budget is measured once per seed",
+                                  advice="list each --labels-per-class value once")
             out.append(None)
             continue
         try:
@@ -71,6 +74,9 @@ def parse_budgets(values: list[str]) -> list[int | None]:
         if n <= 0:
             raise ConvaeError(f"label budgets are integers > 0 or 'all'; got {v!r}",
                               advice="--labels-per-class takes integers > 0 or 'all'")
+        if n in out:
+            raise ConvaeError(f"the label budget {v} is given twice; each budget is measured once per seed",
+                              advice="list each --labels-per-class value once")
         out.append(n)
     return out
 
@@ -183,7 +189,8 @@ def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: in
     try:
         return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, sw.cfg, steps, seed, k, sw.stop)
     except EpochInterrupted:
-        raise Interrupted(sw.stop.signum, "a sweep cell", str(sw.cfg.out), resumable=False) from None
+        raise Interrupted(sw.stop.signum, "in a sweep cell", str(Path(str(sw.cfg.out)) / "metrics.jsonl"),
+                          resumable=False) from None
 
 
 def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpoint: str | None = None,

@@ -40,12 +40,12 @@ def plot_curve(series: dict[str, list[float]], path: Path, ylabel: str, title: s
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for (label, values), style in zip(series.items(), ("g-o", "b--s", "r-o")):
-        ax.plot(range(1, len(values) + 1), values, style, label=label)
+    for (name, values), style in zip(series.items(), ("g-o", "b--s", "r-o")):
+        ax.plot(range(1, len(values) + 1), values, style, label=label(name))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(label(title))
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     _save(fig, path)
@@ -69,7 +69,7 @@ def save_kernels(weight: torch.Tensor, path: Path, title: str) -> None:
     grid = kernel_grid(weight)
     fig, ax = plt.subplots(figsize=(5, 5))
     _show_grid(ax, grid)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(label(title), fontsize=10)
     ax.axis("off")
     _save(fig, path)
 
@@ -82,17 +82,26 @@ def save_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor,
     grid = make_grid(both, nrow=n, padding=2, pad_value=1.0)
     fig, ax = plt.subplots(figsize=(max(6, n * 0.6), 2))
     _show_grid(ax, grid)
-    ax.set_title(f"{set_name} images (top) and their reconstructions (bottom)", fontsize=9)
+    ax.set_title(f"{label(set_name)} images (top) and their reconstructions (bottom)", fontsize=9)
     ax.axis("off")
     _save(fig, path)
 
 
+MAX_FIGURE_INCHES = 18.0  # ~2,000 pixels a side: the size of a figure never follows the data unbounded
+MAX_LEGEND = 20  # classes named in a legend
+
+
+def label(text: object) -> str:
+    """A name drawn as it is: matplotlib reads a $...$ pair as a formula (and raises on a lone one)."""
+    return str(text).replace("$", r"\$")
+
+
 def save_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path) -> None:
-    """Rows are true classes, columns predictions; each cell shows its count."""
+    """Rows are true classes, columns predictions; each cell shows its count (up to 30 classes)."""
     k = len(classes)
     m = torch.tensor(cm, dtype=torch.float64)
     rates = m / m.sum(1, keepdim=True).clamp(min=1)
-    size = max(4.0, 0.55 * k + 2)
+    size = min(max(4.0, 0.55 * k + 2), MAX_FIGURE_INCHES)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
@@ -100,8 +109,8 @@ def save_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path) -
             for j in range(k):
                 ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=9,
                         color="white" if rates[i, j] > 0.5 else "black")
-        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=9)
-        ax.set_yticks(range(k), classes, fontsize=9)
+        ax.set_xticks(range(k), [label(c) for c in classes], rotation=45, ha="right", fontsize=9)
+        ax.set_yticks(range(k), [label(c) for c in classes], fontsize=9)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (counts; colour = row rate)", fontsize=10)
@@ -146,6 +155,10 @@ def embedding_map(features, seed: int = 0):
     from sklearn.manifold import TSNE
 
     x = np.asarray(features, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("the features are not all finite numbers")
+    if len(np.unique(x.round(6), axis=0)) < MIN_MAP_POINTS:  # scikit-learn's t-SNE crashes on identical points
+        raise ValueError(f"fewer than {MIN_MAP_POINTS} distinct embeddings (identical images?)")
     if x.shape[1] > 50 and x.shape[0] > 50:
         x = PCA(n_components=50, random_state=seed).fit_transform(x)
     perplexity = float(min(30, max(2, (x.shape[0] - 1) // 3)))
@@ -184,11 +197,12 @@ def save_embedding_map(features, labels, classes: list[str], path: Path, title: 
         cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
         for k, name in enumerate(classes):
             sel = lab == k
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=3, alpha=0.7, color=cmap(k % cmap.N), label=name)
-        ax.legend(markerscale=4, fontsize=7, loc="best", ncol=2 if len(classes) > 10 else 1)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=3, alpha=0.7, color=cmap(k % cmap.N), label=label(name))
+        if len(classes) <= MAX_LEGEND:
+            ax.legend(markerscale=4, fontsize=7, loc="best", ncol=2 if len(classes) > 10 else 1)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"{title} (t-SNE of {len(pick)} images)", fontsize=10)
+    ax.set_title(f"{label(title)} (t-SNE of {len(pick)} images)", fontsize=10)
     _save(fig, path)
 
 

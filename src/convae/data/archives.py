@@ -57,6 +57,9 @@ def _check_expansion(archive: Path, members: int, expanded: int, dest: Path) -> 
                           f"{free / 2**30:.2f} GiB are free under {dest}; nothing was extracted")
 
 
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+
+
 def safe_extract(archive: Path, dest: Path) -> None:
     """Extract ``archive`` into ``dest``: regular files and folders only, none outside ``dest``.
 
@@ -73,10 +76,18 @@ def safe_extract(archive: Path, dest: Path) -> None:
                     raise ConvaeError(f"archive {archive.name}: member {info.filename!r} is a link; refused")
                 if os.path.isabs(info.filename) or not _inside(dest, info.filename):
                     raise ConvaeError(f"archive {archive.name}: member {info.filename!r} lands outside the target; refused")
+                if info.flag_bits & 0x1:
+                    raise ConvaeError(f"archive {archive.name}: member {clip(repr(info.filename), 80)} is encrypted; "
+                                      "convae reads unencrypted archives only")
+                if info.compress_type not in ZIP_METHODS:
+                    raise ConvaeError(f"archive {archive.name}: member {clip(repr(info.filename), 80)} uses zip "
+                                      f"compression method {info.compress_type}, which Python cannot read; "
+                                      "recompress it (stored, deflate, bzip2 or lzma)")
             _check_expansion(archive, len(infos), sum(i.file_size for i in infos), dest)
             try:
                 zf.extractall(dest)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:  # bad CRC, truncated
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError,
+                    RuntimeError) as e:  # bad CRC, truncated, a method or an encryption it cannot read
                 raise ConvaeError(f"archive {archive.name} is damaged: {clip(first_line(e), 120)}") from None
         return
     try:

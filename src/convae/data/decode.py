@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -128,10 +129,15 @@ def decode_files(files: list[Path], root: Path, channels: int, height: int, widt
             # again; each worker decodes with one thread (the parallelism is the processes)
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with ProcessPoolExecutor(n, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init)
+            try:
                 jobs = {pool.submit(decode_chunk, chunks[i], str(root), channels, height, width): i for i in todo}
                 for job in as_completed(jobs):
                     finished(jobs[job], job.result())
+            except BaseException:  # a signal or an error: no worker outlives this process
+                _stop_workers(pool)
+                raise
+            pool.shutdown()
     finally:
         bar.close()
     done = [r for r in results if r is not None]
@@ -144,6 +150,24 @@ def decode_files(files: list[Path], root: Path, channels: int, height: int, widt
     if skipped:
         log(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
     return images, keep, skipped
+
+
+def _worker_init() -> None:
+    """A decode worker: one thread (the parallelism is the processes), and the default action for
+    SIGINT/SIGTERM (the parent's handlers, inherited by fork, are not the worker's to run)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    torch.set_num_threads(1)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's processes now (their chunks in flight are lost; the saved ones are kept)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle on them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.join(timeout=5)
 
 
 def remove_partial(partial: Path | None) -> None:

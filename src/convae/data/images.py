@@ -81,6 +81,12 @@ def decode_file(path: Path, channels: int = 3, size: tuple[int, int] | None = No
         mode = im.mode
         if mode.startswith("I"):  # 16/32-bit integer grey: keep the high byte of 16 bits
             im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
+        elif mode == "F":  # 32-bit float grey (scientific TIFFs): [0, 1] scaled to 0-255, else 0-255 as it is
+            a = np.asarray(im, dtype=np.float64)
+            if not np.isfinite(a).all():
+                raise ValueError("float pixels that are not finite (NaN or infinity)")
+            scale = 255.0 if a.size and a.min() >= 0 and a.max() <= 1 else 1.0
+            im = Image.fromarray((a * scale).round().clip(0, 255).astype(np.uint8), "L")
         if im.mode != target:
             im = im.convert(target)
         arr = np.asarray(im)

@@ -51,12 +51,16 @@ def images_tensor(x: Any) -> torch.Tensor:
         raise ConvaeError(f"cannot read images from a {type(x).__name__}: give a tensor, a numpy array, "
                           "a PIL image, a list of them, a Dataset, or a path")
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "uif":  # objects, strings, booleans, complex numbers
+            raise ConvaeError(f"images must hold numbers (uint8 0-255 or float 0-1), got a numpy array of {x.dtype}")
         x = np.ascontiguousarray(x)
         t = torch.from_numpy(x if x.flags.writeable else x.copy())  # a PIL image's array is read-only
     else:
         t = x.detach().cpu()
     if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_TYPES):
         raise ConvaeError(f"images must hold numbers (uint8 0-255 or float 0-1), got {t.dtype}")
+    if t.numel() == 0:
+        raise ConvaeError(f"no images given (an empty array of shape {tuple(t.shape)})")
     if t.ndim == 2:
         t = t[None, None]
     elif t.ndim == 3:
@@ -89,7 +93,10 @@ def to_model_format(x: Any, channels: int, height: int, width: int) -> torch.Ten
 
 
 def _labels_tensor(labels: Any, n: int) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(labels))
+    try:
+        y = torch.as_tensor(np.asarray(labels))
+    except (TypeError, ValueError, RuntimeError):
+        raise ConvaeError(f"labels must be {n} integers (one per image), got {type(labels).__name__}") from None
     if y.ndim != 1 or y.shape[0] != n or y.is_floating_point() or y.dtype == torch.bool:
         raise ConvaeError(f"labels must be {n} integers (one per image), got shape {tuple(y.shape)} {y.dtype}")
     if n and int(y.min()) < 0:
@@ -108,6 +115,9 @@ def image_set(data: Any, labels: Any = None, classes: list[str] | None = None, c
     if n == 0:
         raise ConvaeError("no images given (an empty batch)")
     y = None if labels is None else _labels_tensor(labels, n)
+    if classes is not None and (isinstance(classes, str) or not all(isinstance(c, str) for c in classes)
+                                or len(set(classes)) != len(classes)):
+        raise ConvaeError("classes must be a list of distinct class names (strings)")
     if y is not None:
         k = int(y.max()) + 1
         classes = list(classes) if classes is not None else [str(i) for i in range(k)]

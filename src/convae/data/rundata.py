@@ -52,6 +52,10 @@ def prepare_data(cfg: Config, need_labels: bool, log: Log, source: ImageSet | No
         if len(full) < 2:
             raise ConvaeError(f"{cfg.data} holds {len(full)} image(s): too few to carve a validation split")
         tr, va = split_indices(full.labels, len(full), cfg.val_fraction, cfg.seed)
+        if len(va) == 0 or len(tr) == 0:
+            raise ConvaeError(f"{cfg.data} holds {len(full)} image(s): a validation split of "
+                              f"{100 * cfg.val_fraction:g}% leaves {len(tr)} to train on and {len(va)} to evaluate",
+                              advice="pass a larger --val-fraction, more images, or --test-data SRC")
         train, val = full.subset(tr), full.subset(va)
         label = "validation split"
         eval_name = f"{label} ({100 * cfg.val_fraction:g}% of {cfg.data}, seed {cfg.seed})"
