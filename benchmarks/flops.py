@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_images, print_table, sync, write_json  # noqa: E402
 from train_throughput import convae_loop  # noqa: E402
 
+from convae.device import bf16_is_fast, device_name  # noqa: E402
 from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
 
 
@@ -69,13 +70,17 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="output file (default benchmarks/results/flops.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    peak = {"fp32": matmul_flops(torch.float32, device), "bf16": matmul_flops(torch.bfloat16, device)}
+    # bf16 only where the hardware has it: emulated, one matrix product takes a minute (AVX2 CPUs)
+    precisions = ("fp32", "bf16") if bf16_is_fast(device) else ("fp32",)
+    if len(precisions) == 1:
+        print(f"bf16 is not measured: {device_name(device)} has no bf16 in hardware")
+    peak = {p: matmul_flops(torch.float32 if p == "fp32" else torch.bfloat16, device) for p in precisions}
     need = args.batch_size * (args.warmup + args.steps)
     images, labels = load_images(args.data, need if args.data == "random" else None, args.cache_dir)
     rows, out = [], []
     for phase in ("pretrain", "finetune"):
         per_image = training_flops_per_image(phase)
-        for prec in ("fp32", "bf16"):
+        for prec in precisions:
             limit = peak[prec] / per_image
             ips = convae_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device, prec)
             rows.append([phase, prec, f"{per_image / 1e6:.1f}", f"{peak[prec] / 1e9:.0f}", f"{limit:.0f}",

@@ -710,3 +710,332 @@ def test_two_processes_decoding_one_source_into_one_cache_both_succeed(tmp_path)
     assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
     assert [o.strip() for o, _ in outs] == ["60"] * 3
     assert (_cache_entry(tmp_path / "cache") / "meta.json").is_file()
+
+
+# ----------------------------------------------------------------------------- outputs, sizes, native code
+
+
+def test_an_output_written_meanwhile_by_another_process_is_never_overwritten(world, tmp_path, monkeypatch):
+    import convae.export as export_module
+
+    root, _, _ = world
+    out = tmp_path / "enc.safetensors"
+    real = export_module.export_safetensors
+
+    def racing(module, cfg, part, tmp, classes):
+        out.write_bytes(b"the other process's export")  # lands between the check and the write
+        real(module, cfg, part, tmp, classes)
+
+    monkeypatch.setattr(export_module, "export_safetensors", racing)
+    with pytest.raises(ConvaeError, match="another process wrote it meanwhile"):
+        export_module.export(root / "pre" / "checkpoints" / "autoencoder.pt", "safetensors", "encoder", out)
+    assert out.read_bytes() == b"the other process's export" and temporaries(tmp_path) == []
+    from convae.files import atomic_write_bytes
+
+    (tmp_path / "e.npy").write_bytes(b"first")
+    with pytest.raises(ConvaeError, match="already exists"):
+        atomic_write_bytes(tmp_path / "e.npy", b"second", exclusive=True)
+    assert (tmp_path / "e.npy").read_bytes() == b"first"
+
+
+def test_a_killed_exports_folder_is_swept_and_exports_get_the_usual_mode(world, tmp_path):
+    root, _, _ = world
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-{dead.stdout.strip()}-abcd"
+    stale.mkdir()
+    (stale / "enc.safetensors").write_bytes(b"half")
+    out = tmp_path / "enc.safetensors"
+    assert main(["export", "--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt"), "--format",
+                 "safetensors", "--out", str(out)]) == 0
+    assert not stale.exists() and (out.stat().st_mode & 0o777) == 0o666 & ~convae_umask()
+
+
+def convae_umask() -> int:
+    from convae.files import UMASK
+
+    return UMASK
+
+
+def test_sizes_from_small_inputs_are_bounded(tmp_path):
+    from PIL import Image
+
+    from convae.visualise import save_confusion_matrix
+
+    k = 1100
+    save_confusion_matrix([[1 if i == j else 0 for j in range(k)] for i in range(k)], [f"c{i}" for i in range(k)],
+                          tmp_path / "cm.png")
+    with Image.open(tmp_path / "cm.png") as im:
+        assert max(im.size) < 2500
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    (tmp_path / "bomb.yaml").write_text(bomb.replace("i: &i", "test_data: &i"))
+    proc = subprocess.run([sys.executable, "-m", "convae", "run", "--config", str(tmp_path / "bomb.yaml"),
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown config key" in proc.stderr and len(proc.stderr) < 600
+    (tmp_path / "bomb.yaml").write_text(bomb.replace("i: &i", "test_data: &i").replace("\na:", "\nx:").replace(
+        "a: &a", "xx: &a"))
+    from convae.errors import short
+
+    nested = [1]
+    for _ in range(40):
+        nested = [nested] * 10  # 10**40 leaves, shared
+    assert len(short(nested)) <= 60
+
+
+def test_a_model_config_with_a_huge_head_is_refused_before_allocation(tmp_path):
+    import convae
+
+    folder = convae.save_pretrained(AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16, height=16, width=16)),
+                                    tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(convae_kind="classifier", num_classes=10**9)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConvaeError, match="1000000000 classes\\) needs at least"):
+        convae.from_pretrained(folder)
+
+
+def test_identical_images_skip_the_embedding_map_with_a_warning(world, tmp_path):
+    from PIL import Image
+
+    root, _, _ = world
+    data = tmp_path / "black"
+    data.mkdir()
+    for i in range(16):
+        Image.new("RGB", (16, 16)).save(data / f"{i}.png")
+    proc = subprocess.run([sys.executable, "-m", "convae", "encode", "--checkpoint",
+                           str(root / "pre" / "checkpoints" / "autoencoder.pt"), "--data", str(data),
+                           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "e.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert "the embedding map was not drawn" in proc.stdout + proc.stderr and "distinct" in proc.stdout + proc.stderr
+    assert (tmp_path / "e.npy").is_file() and not (tmp_path / "e_map.png").exists()
+
+
+def test_float_tiffs_in_0_1_are_scaled_and_names_with_dollars_are_drawn(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from convae.data.images import load_image
+    from convae.visualise import save_confusion_matrix, save_embedding_map
+
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "f.tif")
+    img, _, _ = load_image(tmp_path / "f.tif", 1, 8, 8)
+    assert int(img.float().mean().round()) == 128
+    classes = ["$", "a$b", "$x$y$"]
+    save_confusion_matrix([[1, 0, 0], [0, 1, 0], [0, 0, 1]], classes, tmp_path / "cm.png")
+    rng = np.random.default_rng(0)
+    save_embedding_map(rng.normal(size=(30, 4)), np.arange(30) % 3, classes, tmp_path / "map.png", "a $ title")
+    assert (tmp_path / "cm.png").is_file() and (tmp_path / "map.png").is_file()
+
+
+def _zip_with(tmp_path: Path, flag_bits: int = 0, method: int | None = None) -> Path:
+    import io
+    import zipfile
+
+    from conftest import make_image
+
+    buf = io.BytesIO()
+    make_image(__import__("numpy").random.default_rng(0), (200, 10, 10)).save(buf, "PNG")
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for k in range(2):
+            zf.writestr(zipfile.ZipInfo(f"c{k}/img.png"), buf.getvalue())
+    # what Python's zipfile will not write (an encryption flag, another method): patched into the headers
+    raw = bytearray(path.read_bytes())
+    for sig, flags_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        at = raw.find(sig)
+        while at >= 0:
+            raw[at + flags_at] |= flag_bits
+            if method is not None:
+                raw[at + method_at : at + method_at + 2] = method.to_bytes(2, "little")
+            at = raw.find(sig, at + 4)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("kind, match", [("encrypted", "is encrypted"), ("method", "compression method 99")])
+def test_zip_members_python_cannot_read_are_one_line(tmp_path, capsys, kind, match):
+    archive = _zip_with(tmp_path, flag_bits=1) if kind == "encrypted" else _zip_with(tmp_path, method=99)
+    refused(["pretrain", "--data", str(archive), "--cache-dir", str(tmp_path / "cache"),
+             "--out", str(tmp_path / "r")] + PRE, capsys, match)
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("sparse", "not a mapping of names to tensors"), ("meta", "not a mapping of names to tensors"),
+    ("classes", "class names for a classifier of 2 outputs"), ("nan", "NaN or infinite"),
+])
+def test_checkpoints_with_unusable_tensors_or_classes_are_refused(world, tmp_path, capsys, damage, match):
+    root, data, _ = world
+    clf_ckpt = tmp_path / "clf.pt"
+    from convae.checkpoint import read_checkpoint, save_checkpoint
+    from convae.models import Classifier
+
+    ae = AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16, height=16, width=16))
+    save_checkpoint(clf_ckpt, Classifier.from_autoencoder(ae, 2), "classifier", ["a", "b"])
+    payload = read_checkpoint(clf_ckpt)
+    name = "head.weight"
+    if damage == "sparse":
+        payload["model"][name] = payload["model"][name].to_sparse()
+    elif damage == "meta":
+        payload["model"][name] = torch.empty_like(payload["model"][name], device="meta")
+    elif damage == "classes":
+        payload["classes"] = ["a"]
+    else:
+        payload["model"][name][0, 0] = float("nan")
+    torch.save(payload, clf_ckpt)
+    refused(["predict", "--checkpoint", str(clf_ckpt), str(data)], capsys, match)
+
+
+def test_one_image_per_class_is_refused_before_any_folder(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=1)
+    refused(["run", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r")] + RUN,
+            capsys, "leaves")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_path_that_is_not_utf8_runs_and_reports(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=6)
+    out = tmp_path / os.fsdecode(b"run-\xff")
+    assert main(["run", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)] + RUN) == 0
+    assert (out / "report.html").is_file() and "\\xff" in capsys.readouterr().out
+
+
+def test_infinity_in_metrics_still_reports(world, tmp_path, capsys):
+    root, _, _ = world
+    run = tmp_path / "run"
+    shutil.copytree(root / "pre", run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec.update(seconds=float("inf"), train_loss=float("inf"))
+    (run / "metrics.jsonl").write_text(json.dumps(rec) + "\n")  # json writes Infinity
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("images, kwargs, match", [
+    (__import__("numpy").empty((0, 16, 16, 3), "uint8"), {}, "no images given"),
+    (__import__("numpy").array([[[object()]]], dtype=object), {}, "numpy array of object"),
+    (torch.zeros(4, 3, 16, 16, dtype=torch.uint8), {"labels": [0, 1, 0, 1], "classes": [0, 1]}, "class names"),
+    (torch.zeros(4, 3, 16, 16, dtype=torch.uint8), {"labels": ["a", "b", "a", "b"]}, "labels must be 4 integers"),
+])
+def test_the_api_refuses_unusable_images_labels_and_classes_before_training(tmp_path, images, kwargs, match):
+    import convae
+
+    with pytest.raises(ConvaeError, match=match):
+        convae.finetune(images, init="scratch", quiet=True, out=str(tmp_path / "r"), height=16, width=16,
+                        channels=[8, 16], latent_dim=16, **kwargs)
+    assert not (tmp_path / "r").exists()
+
+
+def test_duplicate_sweep_budgets_are_refused(world, capsys, tmp_path):
+    root, data, cache = world
+    refused(["sweep", "--data", str(data), "--cache-dir", str(cache), "--out", str(tmp_path / "s"),
+             "--labels-per-class", "2", "2", "--seeds", "1"] + SMALL, capsys, "given twice")
+
+
+def test_encode_marks_the_training_runs_own_split(tmp_path):
+    import csv
+
+    from convae.data import load_source, split_indices
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=8)
+    run = tmp_path / "run"
+    args = [a if a != "0.5" else "0.25" for a in PRE] + ["--seed", "3"]
+    assert main(["pretrain", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(run)] + args) == 0
+    assert main(["encode", "--checkpoint", str(run / "checkpoints" / "autoencoder.pt"), "--data", str(data),
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "e.npy"), "--no-map"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "e.csv")))
+    ds = load_source(str(data), 3, 16, 16, tmp_path / "cache", log=lambda m: None)
+    _, val = split_indices(ds.labels, len(ds), 0.25, 3)
+    assert {i for i, r in enumerate(rows) if r["split"] == "val"} == set(val.tolist())
+
+
+def test_markup_and_formulas_from_files_are_escaped(world, tmp_path, capsys):
+    import csv
+
+    root, _, _ = world
+    run = tmp_path / "run"
+    shutil.copytree(root / "pre", run)
+    (run / "results.json").write_text(json.dumps({"phase": "pretrain", "accuracy": 0.5, "per_class": {},
+                                                  "num_images": "<script>alert(1)</script>",
+                                                  "timing": {"<b>x</b>_s": 1.0}, "classes": []}))
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    page = (run / "report.html").read_text()
+    assert "<script>" not in page and "<b>x</b>" not in page
+    data = tmp_path / "data"
+    for name in ("=HYPERLINK(1)", "@sum"):
+        make_image_folder(data / name, classes=1, per_class=3)
+    assert main(["encode", "--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt"), "--data", str(data),
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "e.npy"), "--no-map"]) == 0
+    classes = {r["class"] for r in csv.DictReader(open(tmp_path / "e.csv"))}
+    assert classes == {"'=HYPERLINK(1)", "'@sum"}
+
+
+def test_a_file_name_with_a_newline_keeps_one_row(world, tmp_path, capsys):
+    from PIL import Image
+
+    from convae.checkpoint import save_checkpoint
+    from convae.models import Classifier
+
+    ae = AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16, height=16, width=16))
+    save_checkpoint(tmp_path / "clf.pt", Classifier.from_autoencoder(ae, 2), "classifier", ["a", "b"])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (16, 16)).save(folder / "two\nlines.png")
+    Image.new("RGB", (16, 16)).save(folder / "plain.png")
+    assert main(["predict", "--checkpoint", str(tmp_path / "clf.pt"), str(folder)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # the header and one row per image
+
+
+def test_sigterm_during_a_parallel_decode_leaves_no_worker(tmp_path):
+    import signal
+    import time
+
+    from PIL import Image
+
+    import numpy as np
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (data / f"c{k}").mkdir(parents=True)
+        for i in range(1500):
+            Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(data / f"c{k}" / f"{i}.png")
+    marker = tmp_path / "decode-marker-out"
+    proc = subprocess.Popen([sys.executable, "-m", "convae", "pretrain", "--data", str(data), "--workers", "2",
+                             "--cache-dir", str(tmp_path / "cache"), "--out", str(marker)] + PRE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("decoding"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err and "Traceback" not in err, err
+
+    def survivors() -> list[str]:
+        found = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and str(marker) in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(p.name)
+            except OSError:
+                pass
+        return found
+
+    deadline = time.time() + 10
+    while survivors() and time.time() < deadline:
+        time.sleep(0.2)
+    assert survivors() == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--test-data", "NaN"],
+    ["evaluate", "--train-data", "NaN"],
+])
+def test_every_path_is_checked_before_anything_is_decoded(world, tmp_path, capsys, argv):
+    root, data, _ = world
+    cache = tmp_path / "fresh-cache"
+    extra = (["--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt")] if argv[0] == "evaluate"
+             else ["--out", str(tmp_path / "r")] + RUN)
+    refused(argv + ["--data", str(data), "--cache-dir", str(cache)] + extra, capsys, "data source not found: NaN")
+    assert not cache.exists()  # the training data was not decoded first

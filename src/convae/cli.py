@@ -159,7 +159,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _printable(msg: str) -> str:
     """A message any terminal or log file takes: a path that is not UTF-8 (surrogate escapes) as \\xNN."""
-    return msg.encode("utf-8", "backslashreplace").decode("utf-8")
+    try:
+        return msg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return msg.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _log(msg: str) -> None:

@@ -10,6 +10,7 @@ from . import visualise
 from .checkpoint import open_model
 from .config import Config
 from .data import DeviceBatches, ImageSet, load_source
+from .data.sources import check_source
 from .device import provenance, resolve_precision
 from .errors import ConvaeError
 from .evaluate import class_results, evaluate_classifier, format_class_table
@@ -28,6 +29,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, train_data: str | None, lo
     frozen encoder is also scored by kNN and a linear probe trained on ``train_data``'s
     features, next to the same architecture with random weights. With ``cfg.out`` it is all written there.
     """
+    for src in (cfg.data, train_data):  # every path, before anything is opened or decoded
+        if src is not None:
+            check_source(src)
     model, payload, device = open_model(checkpoint, cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
     is_classifier = payload["kind"] == "classifier"

@@ -165,5 +165,12 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
 
 
 def atomic_write_text(path: Path, text: str, exclusive: bool = False) -> Path:
-    # backslashreplace: a file name that is not valid UTF-8 (surrogate escapes) is written, not fatal
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8", "backslashreplace")), exclusive)
+    return atomic_write(path, lambda f: f.write(utf8(text)), exclusive)
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8; a file name that is not UTF-8 (decoded with surrogate escapes) as ``\\xNN``."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").encode("utf-8")

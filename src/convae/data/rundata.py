@@ -10,7 +10,7 @@ from ..config import Config
 from ..errors import ConvaeError
 from ..records import Log
 from .batches import per_class_subset, split_indices
-from .sources import ImageSet, load_source
+from .sources import ImageSet, check_source, load_source
 
 
 @dataclass
@@ -33,6 +33,9 @@ def prepare_data(cfg: Config, need_labels: bool, log: Log, source: ImageSet | No
     ``source``, when given, is the training set already in memory (the Python API's tensors
     and Datasets) and ``cfg.data`` only names it.
     """
+    for src in (cfg.data if source is None else None, cfg.test_data):  # every path, before any decoding
+        if src is not None:
+            check_source(src)
     fmt = dict(channels=cfg.in_channels, height=cfg.height, width=cfg.width, cache_dir=cfg.cache_dir, log=log,
                workers=cfg.workers)
     full = source if source is not None else load_source(cfg.data, train=True, **fmt)

@@ -187,6 +187,17 @@ def _cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def check_source(src: str) -> None:
+    """Refuse a source that cannot be read, before anything else is decoded or written."""
+    if src.lower() == "cifar10":
+        return
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise ConvaeError(f"data source not found: {src} (expected cifar10, a folder or an archive)")
+    if path.is_file() and not is_archive(path.name):
+        raise ConvaeError(f"{src} is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+
+
 def load_source(
     src: str,
     channels: int = 3,
@@ -202,6 +213,7 @@ def load_source(
     ``train`` picks CIFAR-10's split when ``src`` is ``cifar10``; folders and archives are
     read whole, decoded by ``workers`` processes (0 = every core).
     """
+    check_source(src)
     cache = Path(cache_dir).expanduser()
     fmt = {"channels": channels, "height": height, "width": width}  # the format version is in meta.json
     if src.lower() == "cifar10":
@@ -209,11 +221,7 @@ def load_source(
         loader = lambda: _from_cifar10(train, cache, channels, height, width, log)  # noqa: E731
     else:
         path = Path(src).expanduser()
-        if not path.exists():
-            raise ConvaeError(f"data source not found: {src} (expected cifar10, a folder or an archive)")
         if path.is_file():
-            if not is_archive(path.name):
-                raise ConvaeError(f"{src} is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)})")
             digest = file_sha256(path)
             key = _cache_key({"kind": "archive", "sha256": digest, **fmt})
             loader = lambda: _from_folder(extract_archive(path, cache, digest, log), channels, height, width, log,  # noqa: E731
