@@ -1039,3 +1039,18 @@ def test_every_path_is_checked_before_anything_is_decoded(world, tmp_path, capsy
              else ["--out", str(tmp_path / "r")] + RUN)
     refused(argv + ["--data", str(data), "--cache-dir", str(cache)] + extra, capsys, "data source not found: NaN")
     assert not cache.exists()  # the training data was not decoded first
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "evaluate"])
+def test_a_new_output_folder_claimed_by_another_process_is_refused_before_any_write(world, tmp_path, capsys, command):
+    from convae.rundir import locked
+
+    root, data, cache = world
+    out = tmp_path / "claimed"
+    out.mkdir()
+    args = {"run": ["run"] + RUN, "sweep": ["sweep", "--labels-per-class", "2", "--seeds", "1", "--steps", "1"] + PRE,
+            "evaluate": ["evaluate", "--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt"),
+                         "--train-data", str(data)]}[command]
+    with locked(out, "training"):  # another process started on the same --out a moment earlier
+        refused(args + ["--data", str(data), "--cache-dir", str(cache), "--out", str(out)], capsys, "is in use by")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import replace
 
 from torch import nn
@@ -86,7 +87,13 @@ def _write(cfg: Config, checkpoint: str, train_data: str | None, results: Result
            classes: list[str] | None, log: Log) -> None:
     """results.json, what this evaluation used (not a training recipe it never ran), the confusion
     matrix of a classifier and report.html, into ``cfg.out``."""
-    run = RunDir(cfg.out)
+    with ExitStack() as hold:
+        _write_locked(RunDir.claim(cfg.out, hold, "writing an evaluation"), cfg, checkpoint, train_data, results,
+                      ds, classes, log)
+
+
+def _write_locked(run: RunDir, cfg: Config, checkpoint: str, train_data: str | None, results: Results,
+                  ds: ImageSet, classes: list[str] | None, log: Log) -> None:
     used = {k: v for k, v in cfg.to_dict().items() if k in EVALUATE_KEYS}
     run.write_json("config.json", {"command": "evaluate", "checkpoint": str(checkpoint),
                                    "train_data": train_data, **used})

@@ -84,10 +84,11 @@ def _check_unchanged(run: RunDir, cfg: Config, data: RunData) -> None:
                           "continue the same run", advice="start a new run")
 
 
-def _open_run(cfg: Config, dist: Dist) -> tuple[RunDir, Config]:
-    """Rank 0 makes the run folder (a timestamp when ``out`` is not set) and saves the config."""
+def _open_run(cfg: Config, dist: Dist, hold: ExitStack) -> tuple[RunDir, Config]:
+    """Rank 0 makes the run folder (a timestamp when ``out`` is not set), locks it for the run, and
+    saves the config."""
     if dist.is_main:
-        run = RunDir(cfg.out)
+        run = RunDir.claim(cfg.out, hold, "training")
         cfg = replace(cfg, out=str(run.path))
         run.save_config(cfg)
     cfg = replace(cfg, out=dist.broadcast(cfg.out))
@@ -176,9 +177,8 @@ def _open(cfg: Config, checkpoint: str | None, log: Log, resume: bool, dist: Dis
     if resume:
         _check_unchanged(run, cfg, data)
     else:
-        run, cfg = _open_run(cfg, dist)
+        run, cfg = _open_run(cfg, dist, hold)
         if dist.is_main:
-            hold.enter_context(locked(run.path, "training"))
             run.write_json(INPUTS, _fingerprints(cfg, data))
     ctx = RunContext(run, cfg, log, resume=state, dist=dist,
                      tb=TensorBoardLog(run.path, cfg.tensorboard and dist.is_main), on_epoch=on_epoch)

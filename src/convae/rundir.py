@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,15 +39,25 @@ class RunDir:
         run.path = Path(path)
         return run
 
+    @classmethod
+    def claim(cls, path: str | Path | None, hold: ExitStack, what: str) -> "RunDir":
+        """A new run folder, locked for the rest of ``hold``, and checked again under the lock: of two
+        processes started on one new ``--out`` at once, the second is refused before it writes."""
+        run = cls(path)
+        hold.enter_context(locked(run.path, what))
+        cls.check_free(run.path)
+        return run
+
     @staticmethod
     def check_free(path: str | Path | None) -> None:
-        """Refuse a folder that already holds files: an earlier run is never overwritten."""
+        """Refuse a folder that already holds files: an earlier run is never overwritten. The lock's
+        note of a process that holds (or, killed, held) the folder is no run: the lock says which."""
         if path is None:
             return
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise ConvaeError(f"the output folder {p} exists and is not a folder", advice="choose a new --out")
-        if p.is_dir() and any(p.iterdir()):
+        if p.is_dir() and any(f.name != LOCK_NAME and not f.name.startswith(f".{LOCK_NAME}.") for f in p.iterdir()):
             raise ConvaeError(f"the output folder {p} already holds files; an earlier run is never overwritten",
                               advice="choose a new --out")
         check_writable(p)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -137,7 +138,8 @@ class _Sweep:
     stop: StopFlag
 
 
-def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Method]) -> tuple[_Sweep, RunDir, float]:
+def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Method], hold: ExitStack
+             ) -> tuple[_Sweep, RunDir, float]:
     """The autoencoder (loaded, or pretrained once into the sweep folder), the data and the features."""
     device = resolve_device(cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
@@ -149,7 +151,7 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
     data = prepare_data(cfg, need_labels=True, log=log)
     if len(data.classes) < 2:
         raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
-    run = RunDir(cfg.out)
+    run = RunDir.claim(cfg.out, hold, "a sweep")
     cfg = replace(cfg, out=str(run.path))
     run.save_config(cfg)
     log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
@@ -201,7 +203,16 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
     chosen = _chosen(methods)
     started = time.perf_counter()
-    sw, run, pretrain_s = _prepare(cfg, checkpoint, log, chosen)
+    with ExitStack() as hold:  # the sweep folder's lock, held to the end
+        sw, run, pretrain_s = _prepare(cfg, checkpoint, log, chosen, hold)
+        cells = _cells(sw, run, budgets, seeds, steps, chosen, log)
+        timing = {"pretrain_s": pretrain_s, "total_s": time.perf_counter() - started}
+        _write(run, sw, budgets, seeds, steps, chosen, cells, timing, log)
+    return run
+
+
+def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps: int, chosen: dict[str, Method],
+           log: Log) -> list[SweepCell]:
     cells: list[SweepCell] = []
     with sw.stop.installed():
         for budget in budgets:
@@ -220,9 +231,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
                     run.log_metrics({"phase": "sweep", **cell})
                     log(f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {key:<15}  "
                         f"acc {100 * acc:6.2f}%  {cell['seconds']:.1f}s")
-    timing = {"pretrain_s": pretrain_s, "total_s": time.perf_counter() - started}
-    _write(run, sw, budgets, seeds, steps, chosen, cells, timing, log)
-    return run
+    return cells
 
 
 def _write(run: RunDir, sw: _Sweep, budgets: list[int | None], seeds: int, steps: int, chosen: dict[str, Method],
