@@ -1054,3 +1054,21 @@ def test_a_new_output_folder_claimed_by_another_process_is_refused_before_any_wr
     with locked(out, "training"):  # another process started on the same --out a moment earlier
         refused(args + ["--data", str(data), "--cache-dir", str(cache), "--out", str(out)], capsys, "is in use by")
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_a_hub_folder_with_the_wrong_class_names_or_nan_weights_is_refused(tmp_path):
+    import convae
+    from convae.models import Classifier
+
+    clf = Classifier(ModelConfig(channels=(8, 16), latent_dim=16, height=16, width=16, num_classes=2))
+    clf.classes = ["a", "b"]
+    folder = convae.save_pretrained(clf, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "classes": ["a"]}))
+    with pytest.raises(ConvaeError, match="damaged class names"):
+        convae.from_pretrained(folder)
+    with torch.no_grad():
+        clf.head.bias.fill_(float("nan"))
+    folder = convae.save_pretrained(clf, tmp_path / "n")
+    with pytest.raises(ConvaeError, match="NaN or infinite"):
+        convae.from_pretrained(folder)

@@ -8,6 +8,7 @@ from torch import nn
 
 from .augment import step_generator
 from .data import DeviceBatches
+from .data.images import printable
 from .device import autocast
 from .objectives import Objective, ObjectiveConfig, Reconstruct
 from .records import Evaluation, Results
@@ -73,11 +74,12 @@ def class_results(confusion: list[list[int]], classes: list[str]) -> Results:
 
 def format_class_table(results: Results) -> str:
     """The lecture's per-class printout, as a table."""
-    width = max(8, *(len(c) for c in results["classes"]))
+    names = {name: printable(name) for name in results["per_class"]}  # one line per class, whatever its name
+    width = max(8, *(len(n) for n in names.values()))
     lines = [f"{'class':<{width}}  {'correct':>7}  {'total':>6}  accuracy"]
     for name, r in results["per_class"].items():
         acc = "   n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:6.2f} %"
-        lines.append(f"{name:<{width}}  {r['correct']:>7}  {r['total']:>6}  {acc}")
+        lines.append(f"{names[name]:<{width}}  {r['correct']:>7}  {r['total']:>6}  {acc}")
     lines.append(f"{'overall':<{width}}  {sum(r['correct'] for r in results['per_class'].values()):>7}  "
                  f"{results['num_images']:>6}  {100 * results['accuracy']:6.2f} %")
     return "\n".join(lines)

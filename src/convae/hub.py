@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import load_state_strict
+from .checkpoint import check_finite, load_state_strict
 from .device import convae_version
 from .errors import ConvaeError, clip, first_line
 from .files import atomic_write_bytes, atomic_write_text
@@ -61,7 +61,13 @@ def from_pretrained(folder: str | Path) -> nn.Module:
 def rebuild(kind: str, config: object, state: dict, classes: object, source: str) -> nn.Module:
     """The ``kind`` of model (autoencoder, classifier, encoder) that untrusted ``config`` describes,
     with ``state`` loaded strictly and ``classes`` attached; in eval mode."""
-    model = build_model(kind, model_config_from_dict(config, where=f"{source}: "))
+    cfg = model_config_from_dict(config, where=f"{source}: ")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or (
+            kind == "classifier" and classes and len(classes) != cfg.num_classes):
+        raise ConvaeError(f"{source} holds damaged class names (not {cfg.num_classes} names for a classifier "
+                          f"of {cfg.num_classes} outputs)")
+    model = build_model(kind, cfg)
     load_state_strict(model, state, source=source)
+    check_finite(model, source)
     model.classes = [str(c) for c in classes] if isinstance(classes, list) else []
     return model.eval()

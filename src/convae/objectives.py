@@ -55,7 +55,7 @@ class ObjectiveKnobs:
                          metavar="K")
     lifetime_rate: float = knob(0.05, Num(0, hi=1), "sparse, patches: fraction of the batch each unit stays active "
                                 "for (default 0.05)", group="pretrain", metavar="R")
-    patches_per_image: int = knob(16, Int(1), "patches: random crops per image per step (default 16)",
+    patches_per_image: int = knob(16, Int(1, 4096), "patches: random crops per image per step (default 16)",
                                   group="pretrain", metavar="N")
 
 

@@ -31,6 +31,7 @@ from .phases import finetune_phase, measure_representation, pretrain_phase
 from .records import EpochRecord, Log, Results
 from .report import write_report
 from .rundir import RunDir, TensorBoardLog, locked
+from .validation import validate_model
 
 PHASES = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}
 
@@ -106,6 +107,7 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
     finetune_resumed = ctx.resume is not None and ctx.resume["phase"] == "finetune"
     torch.manual_seed(cfg.seed)
     mcfg: ModelConfig = cfg.model_config(num_classes=len(data.classes) or 1)
+    validate_model(mcfg)  # the head's size comes from the data's classes: checked before it is built
     results: Results = {}
     with ctx.stop.installed():
         if do_pretrain and not finetune_resumed:

@@ -35,6 +35,7 @@ from .probes import extract_features, knn_accuracy, linear_probe_accuracy, rando
 from .records import Log, SweepCell
 from .report import write_report
 from .rundir import RunDir
+from .validation import validate_model
 
 @dataclass(frozen=True)
 class Method:
@@ -157,6 +158,7 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
     log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config(num_classes=len(data.classes))
+    validate_model(mcfg)  # the head's size comes from the data's classes
     started = time.perf_counter()
     if ae is None:
         ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
