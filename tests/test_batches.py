@@ -18,7 +18,8 @@ def _cached_set(tmp_path, n=37, shape=(3, 5, 4), labels=None) -> ImageSet:
     g = torch.Generator().manual_seed(0)
     images = (torch.arange(n).view(n, 1, 1, 1) % 251 + torch.randint(0, 5, (n, *shape), generator=g)).to(torch.uint8)
     labels = torch.arange(n) if labels is None else labels
-    write_cache(tmp_path / "c", images, labels, ["x"], [f"f{i}" for i in range(n)], [])
+    classes = [f"c{k}" for k in range(int(labels.max()) + 1)]  # a class for every label: a valid cache
+    write_cache(tmp_path / "c", images, labels, classes, [f"f{i}" for i in range(n)], [])
     d = read_cache(tmp_path / "c", print)
     assert d is not None and d["file"] is not None
     return ImageSet(d["images"], d["labels"], d["classes"], d["files"], file=d["file"])
