@@ -137,3 +137,18 @@ def test_no_submodule_shadows_an_api_function():
             importlib.import_module(info.name)
     for name in convae.__all__:
         assert not isinstance(getattr(convae, name), type(convae)), f"convae.{name} is shadowed by a module"
+
+
+def test_messages_say_what_the_run_uses_and_a_prediction_prints_short(tmp_path, capsys):
+    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(24) % 2
+    small = dict(height=16, width=16, channels=[8, 16], latent_dim=16, batch_size=8, pretrain_epochs=1,
+                 finetune_epochs=1)
+    convae.pretrain(images, labels=labels, out=str(tmp_path / "pre"), **small)
+    out = capsys.readouterr().out
+    assert "labelled for fine-tuning" not in out and "the labels are not used" in out
+    clf = convae.finetune(images, labels=labels, init="scratch", labels_per_class=100, out=str(tmp_path / "ft"),
+                          **small)
+    assert "a class has only" in capsys.readouterr().out  # 100 asked, fewer there: said, not silent
+    text = repr(convae.predict(clf, images))
+    assert text.startswith("Prediction(24 image(s)") and len(text) < 200

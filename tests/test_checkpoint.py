@@ -80,3 +80,12 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, AutoEncoder(SMALL), "autoencoder")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ae.pt"]  # no temporary file left behind
+
+
+def test_an_exported_file_given_as_a_checkpoint_says_what_it_is(tmp_path):
+    for suffix, what in ((".onnx", "ONNX"), (".pt2", "torch.export"), (".safetensors", "safetensors")):
+        path = tmp_path / f"model{suffix}"
+        path.write_bytes(b"not a checkpoint")
+        with pytest.raises(ConvaeError, match=f"is an exported model \\({what}") as info:
+            load_checkpoint(path)
+        assert "weights_only" not in str(info.value)

@@ -98,6 +98,11 @@ class Prediction(NamedTuple):
     indices: torch.Tensor  # (N,) int64
     probabilities: torch.Tensor  # (N, num_classes) float32
 
+    def __repr__(self) -> str:  # a summary, not every name and whole tensors
+        n, first = len(self.classes), ", ".join(self.classes[:3])
+        return (f"Prediction({n} image(s): {first}{', ...' if n > 3 else ''}; "
+                f"probabilities {tuple(self.probabilities.shape)})")
+
 
 @torch.no_grad()
 def predict(model: Classifier, images: Any, batch_size: int = INFERENCE_BATCH_SIZE) -> Prediction:

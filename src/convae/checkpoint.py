@@ -16,6 +16,7 @@ from .validation import model_config_from_dict
 FORMAT = "convae-checkpoint"
 VERSION = 1
 KINDS = ("autoencoder", "classifier")
+EXPORTED = {".onnx": "ONNX", ".pt2": "torch.export", ".safetensors": "safetensors; convae.load reads it"}
 
 
 def save_checkpoint(
@@ -80,10 +81,16 @@ def read_checkpoint(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConvaeError(f"checkpoint not found: {p}")
+    if p.suffix.lower() in EXPORTED:
+        raise ConvaeError(f"{p} is an exported model ({EXPORTED[p.suffix.lower()]}), not a convae checkpoint: "
+                          "convae's commands read the checkpoints/*.pt files of a run")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConvaeError(f"{p} is not a loadable convae checkpoint (refused by the safe loader: {first_line(e)})") from None
+        # torch's own advice (weights_only=False, i.e. run the file's code) is not given on: never safe here
+        why = ("it holds objects other than tensors and plain data" if "Weights only load failed" in str(e)
+               else first_line(e, 120))
+        raise ConvaeError(f"{p} is not a loadable convae checkpoint (refused by the safe loader: {why})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConvaeError(f"{p} is not a convae checkpoint (no '{FORMAT}' marker)")
     if payload.get("kind") not in KINDS or "model" not in payload or "config" not in payload:

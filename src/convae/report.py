@@ -12,15 +12,9 @@ from pathlib import Path
 from .config import Config
 from .errors import ConvaeError, clip, first_line
 from .files import atomic_write_text, read_file
+from .reference import CIFAR10, LECTURE
 from .knobs import group_fields
 
-CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-# The lecture's reported figures (one GPU, its CIFAR-10 test split).
-LECTURE = {
-    "pretrain_loss": [0.148, 0.053, 0.039],  # averaged with a 60000-image denominator
-    "finetune_accuracy": [38.23, 45.76, 50.10, 52.13, 55.72],
-    "per_class": dict(zip(CIFAR10, [66.0, 68.1, 41.3, 32.4, 31.8, 58.0, 72.8, 69.3, 63.3, 62.2])),
-}
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1320px; padding: 0 1.5em; color: #222;
@@ -262,14 +256,20 @@ def _sweep(r: _Run) -> list[str]:
     if not sweep:
         return []
     cell = {(c["method"], c["labels_per_class"]): c for c in sweep["summary"]}
-    rows = [[name] + [(f"{100 * cell[(m, b)]['mean']:.2f} ± {100 * cell[(m, b)]['std']:.2f} %"
-                       if (m, b) in cell else "") for b in sweep["budgets"]] for m, name in sweep["methods"].items()]
+    rows = [[name] + [_mean_std(cell.get((m, b))) for b in sweep["budgets"]] for m, name in sweep["methods"].items()]
     return ["<h2>Label efficiency</h2>", _table(["method"] + [f"{b} / class" for b in sweep["budgets"]], rows, "sweep"),
             f'<p class="note">Mean ± std over seeds {html.escape(str(sweep["seeds"]))}; every cell trains '
             f'{html.escape(str(sweep["steps"]))} steps of batch {html.escape(str(sweep["batch_size"]))} on the same '
             'labelled subset; '
             f'evaluated on the {html.escape(sweep["eval_set"])}.</p>',
             _img(r.fig / "label_efficiency.png", "accuracy against labelled images per class")]
+
+
+def _mean_std(c: dict | None) -> str:
+    """A sweep cell's mean ± std over seeds; the mean alone when it was measured once."""
+    if c is None:
+        return ""
+    return f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f} %" if c.get("n", 2) > 1 else f"{100 * c['mean']:.2f} %"
 
 
 def _config(r: _Run) -> list[str]:

@@ -216,6 +216,10 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
 def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps: int, chosen: dict[str, Method],
            log: Log) -> list[SweepCell]:
     cells: list[SweepCell] = []
+    once = [k for k, m in chosen.items() if m.probe != "recipe"]
+    if None in budgets and seeds > 1 and once:
+        log(f"sweep: with every label ({', '.join(once)}) the frozen features and the labelled set are the same "
+            "for every seed: measured once")
     with sw.stop.installed():
         for budget in budgets:
             for i in range(seeds):
@@ -224,6 +228,8 @@ def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps
                 idx = (everything if budget is None else
                        per_class_subset(sw.data.train.labels, everything, budget, seed)).to(sw.device)
                 for key, method in chosen.items():
+                    if budget is None and i > 0 and key in once:
+                        continue  # the same data and features: a second seed would repeat the first
                     start = time.perf_counter()
                     acc = _measure(sw, method, idx, seed, steps)
                     cell: SweepCell = {"method": key, "labels_per_class": "all" if budget is None else budget,
@@ -277,6 +283,7 @@ def format_summary(result: dict) -> str:
         vals = []
         for b in budgets:
             r = cell.get((method, b))
-            vals.append(f"{100 * r['mean']:6.2f} +- {100 * r['std']:4.2f}" if r else "")
+            vals.append("" if not r else f"{100 * r['mean']:6.2f} +- {100 * r['std']:4.2f}" if r["n"] > 1
+                        else f"{100 * r['mean']:6.2f}")
         lines.append(f"{name:<44}" + "".join(f"{v:>16}" for v in vals))
     return "\n".join(lines)

@@ -69,9 +69,13 @@ def prepare_data(cfg: Config, need_labels: bool, log: Log, source: ImageSet | No
         if cfg.labels_per_class:
             pick = per_class_subset(train.labels, torch.arange(len(train)), cfg.labels_per_class, cfg.seed)
             finetune = train.subset(pick)
-    log(f"data: {len(train)} training and {len(val)} evaluation images"
-        + (f", {len(full.classes)} classes, {len(finetune)} labelled for fine-tuning" if finetune is not None
-           else ", unlabelled")
-        + f"; evaluating on the {eval_name}")
+            fewest = int(torch.bincount(train.labels, minlength=len(full.classes)).min())
+            if need_labels and fewest < cfg.labels_per_class:
+                log(f"warning: labels_per_class {cfg.labels_per_class}: a class has only {fewest} training "
+                    f"image(s), and all of them are used ({len(finetune)} labelled in all)")
+    labelled = (f", {len(full.classes)} classes, {len(finetune)} labelled for fine-tuning" if need_labels
+                else f", {len(full.classes)} classes (the labels are not used)" if finetune is not None
+                else ", unlabelled")
+    log(f"data: {len(train)} training and {len(val)} evaluation images{labelled}; evaluating on the {eval_name}")
     keys = {"data": full.key, **({"test_data": val.key} if cfg.test_data else {})}
     return RunData(train, finetune, val, eval_name, label, full.classes, skipped, keys)

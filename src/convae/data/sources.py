@@ -174,7 +174,8 @@ def _load_cifar10(train: bool, cache_dir: Path) -> tuple[torch.Tensor, list[int]
     try:
         ds = CIFAR10(root=str(root), train=train, download=True)
     except Exception as e:  # offline: URLError, socket errors, checksum failures
-        raise ConvaeError(f"could not download CIFAR-10 into {root} ({first_line(e)}); offline?",
+        raise ConvaeError(f"could not download CIFAR-10 into {root}: {first_line(e)} (offline, or the server "
+                          "cannot be reached)",
                           advice="pass --data PATH to a folder or archive of images instead") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
     return images, list(ds.targets), list(ds.classes)
