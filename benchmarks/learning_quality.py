@@ -114,6 +114,8 @@ def main() -> int:
     p.add_argument("--out", required=True, help="folder for the runs (one pretraining and one sweep per preset)")
     p.add_argument("--json", required=True)
     args = p.parse_args()
+    if args.checkpoint and not (args.probes_only and len(args.presets) == 1):
+        p.error("--checkpoint probes that autoencoder: it needs --probes-only and exactly one preset")
 
     log = print
     extra = config_overrides(args.set)

@@ -79,7 +79,7 @@ def test_the_report_says_what_happened(run_dir):
     prov = json.loads((run_dir / "results.json").read_text())["provenance"]
     assert {"convae", "torch", "date", "device", "device_name", "precision"} <= set(prov)
     assert f"torch {prov['torch']}" in page and f"precision {prov['precision']}" in page
-    assert "optimizer step(s): the reconstructions" in page  # a few steps: the figures show an early stage
+    assert "optimizer step(s), fewer than 200: the reconstructions" in page  # a few steps: the figures show an early stage
     assert '<td class="l">bilinear</td>' in page and '"bilinear"' not in page  # config values without JSON quotes
     assert '<td class="l">k=' in page  # the probe table's setting column is text, left-aligned
 

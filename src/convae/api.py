@@ -149,6 +149,11 @@ def _train(phases: tuple[str, ...], data: Any, checkpoint: Any, preset: str, ove
 
     log = (lambda m: None) if quiet else print
     cfg: Config = build_config(preset, None, overrides)
+    if quiet and cfg.out is None:  # a folder appears in the working directory: said even when quiet
+        import warnings
+
+        warnings.warn("convae writes this run's folder under runs/ in the current directory; pass out=DIR to "
+                      "choose where", stacklevel=3)
     ckpt = _checkpoint_path(checkpoint, cfg.cache_dir)
     source = None
     if isinstance(data, (str, Path)):

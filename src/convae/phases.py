@@ -144,8 +144,11 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
         f"pretrained encoder, {data.eval_label}", max_points=2000, seed=cfg.seed))
     rep["seconds"] = time.perf_counter() - start
     rand = rep["random"]
+    below = [p for p, key in (("kNN", "knn_accuracy"), ("linear probe", "linear_probe_accuracy")) if rep[key] < rand[key]]
     ctx.log(f"frozen pretrained encoder ({cfg.probe_features} features): kNN {100 * rep['knn_accuracy']:.2f}%, "
             f"linear probe {100 * rep['linear_probe_accuracy']:.2f}%; random weights: kNN "
             f"{100 * rand['knn_accuracy']:.2f}%, linear probe {100 * rand['linear_probe_accuracy']:.2f}% "
-            f"on the {data.eval_name}")
+            f"on the {data.eval_name}"
+            + (f"; the pretrained encoder scores below random weights ({' and '.join(below)}): pretraining did not "
+               "help these probes" if below else ""))
     return rep

@@ -151,9 +151,9 @@ def _header(r: _Run, is_lecture: bool) -> list[str]:
     steps = sum(m.get("images_per_s", 0) * m.get("seconds", 0) for m in r.metrics if m.get("phase") == "pretrain")
     steps = steps / max(int(r.cfg.get("batch_size") or 1), 1)
     if r.pretrained_here and math.isfinite(steps) and steps < SHORT_RUN_STEPS:
-        parts.append(f'<p class="warn">Pretraining ran about {round(steps)} optimizer step(s): the reconstructions and '
-                     "kernels below show an early stage (typically flat, blurred reconstructions), not what this "
-                     "recipe learns.</p>")
+        parts.append(f'<p class="warn">Pretraining ran about {round(steps)} optimizer step(s), fewer than {SHORT_RUN_STEPS}: '
+                     "the reconstructions and kernels below show an early stage of learning (typically flat, blurred "
+                     "reconstructions); more epochs (the <code>long</code> preset) show more.</p>")
     summary = [f"Data: <code>{html.escape(str(r.cfg.get('data', '')))}</code>."]
     results = r.results
     if results and "per_class" in results:
