@@ -105,6 +105,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 SMALL_ACTIVATIONS = 2**27  # below this bound (values), one image's activations are counted on the CPU
+SMALL_PARAMETERS = 2**24  # ... and the weights (uninitialised, 64 MiB at most) allocated for it
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,7 +123,7 @@ def model_size(cfg: ModelConfig) -> tuple[int, int]:
     leaves = [m for m in ae.modules() if not list(m.children())]
     widest = max([cfg.in_channels] + [t.shape[0] for t in ae.state_dict().values() if t.ndim])
     bound = (len(leaves) + 4) * widest * cfg.height * cfg.width
-    device = "meta" if bound > SMALL_ACTIVATIONS or params > SMALL_ACTIVATIONS else "cpu"
+    device = "meta" if bound > SMALL_ACTIVATIONS or params > SMALL_PARAMETERS else "cpu"
     ae = ae.to_empty(device=device)
     activations = [0]
 

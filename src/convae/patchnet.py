@@ -65,7 +65,8 @@ class PatchEncoder(EncoderBase):
         self.conv = nn.Conv2d(cfg.in_channels, width, k, bias=False)  # used with unit-norm filters
         # the whitening (identity until fitted: an untrained network has none); saved with the weights
         self.register_buffer("patch_mean", torch.zeros(d))
-        self.register_buffer("whitening", torch.eye(d))
+        # built on the CPU even where the model is sized on the meta device (meta's eye is a slow Python path)
+        self.register_buffer("whitening", torch.eye(d, device="cpu"))
         # standardises the features for a linear head; running stats start at (0, 1): the identity
         self.norm = nn.BatchNorm1d(4 * width, affine=False)
 
