@@ -106,6 +106,7 @@ def count_parameters(model: nn.Module) -> int:
 
 SMALL_ACTIVATIONS = 2**27  # below this bound (values), one image's activations are counted on the CPU
 SMALL_PARAMETERS = 2**24  # ... and the weights (uninitialised, 64 MiB at most) allocated for it
+UNBUILDABLE = 2**62  # the size said of a model whose tensors' sizes overflow
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,8 +118,11 @@ def model_size(cfg: ModelConfig) -> tuple[int, int]:
     the backward pass keeps, roughly). The pass runs on the meta device when an upper bound on
     them is large (sizes only; its first call costs a second of imports), else on the CPU with
     uninitialised weights, which is exact and takes milliseconds."""
-    with torch.device("meta"):
-        ae = AutoEncoder(replace(cfg, num_classes=1))
+    try:
+        with torch.device("meta"):
+            ae = AutoEncoder(replace(cfg, num_classes=1))
+    except (RuntimeError, OverflowError, ValueError, TypeError):  # a size that overflows 64 bits: no machine holds it
+        return UNBUILDABLE, UNBUILDABLE
     params = count_parameters(ae) + (cfg.feature_dim + 1) * cfg.num_classes
     leaves = [m for m in ae.modules() if not list(m.children())]
     widest = max([cfg.in_channels] + [t.shape[0] for t in ae.state_dict().values() if t.ndim])
@@ -135,6 +139,8 @@ def model_size(cfg: ModelConfig) -> tuple[int, int]:
     try:
         with torch.no_grad():
             ae(torch.zeros(1, cfg.in_channels, cfg.height, cfg.width, device=device))
+    except (RuntimeError, OverflowError, ValueError, TypeError):
+        return params, UNBUILDABLE
     finally:
         for h in hooks:
             h.remove()
