@@ -34,6 +34,9 @@ def test_run_writes_the_whole_run_folder(image_folder, cache_dir, tmp_path, caps
     out = tmp_path / "run"
     assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)] + TINY) == 0
     printed = capsys.readouterr().out
+    # a log file (no terminal, no progress bars) still says what each long stage is doing, before it starts
+    for stage in ("measuring the frozen representation: features of", "drawing the t-SNE map of"):
+        assert stage in printed
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["batch_size"] == 8 and cfg["channels"] == [8, 16] and cfg["data"] == str(image_folder)

@@ -70,8 +70,9 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
                      workers=cfg.workers)
     split = training_split(payload.get("run_config") or {}, cfg, ds, given)
     # written chunk by chunk: the features of a big source are never all in memory
+    log(f"encoding {len(ds)} images ({cfg.probe_features} features)")
     chunks = feature_chunks(model.encoder, ds, batch_size=cfg.batch_size, precision=cfg.precision,
-                            features=cfg.probe_features)
+                            features=cfg.probe_features, desc="encoding")
     first = next(chunks)
 
     def write(f) -> None:
@@ -93,6 +94,7 @@ def write_embeddings(cfg: Config, checkpoint: str, out: str, make_map: bool = Tr
     atomic_write_text(table, rows.getvalue(), exclusive=True)
     log(f"wrote {feats.shape[0]} x {feats.shape[1]} embeddings to {out_path} and their sources to {table}")
     if make_map:
+        log(f"drawing the t-SNE map of {min(3000, len(ds))} images")
         if visualise.attempt(log, "the embedding map", lambda: visualise.save_embedding_map(
                 feats, None if ds.labels is None else ds.labels.numpy(), ds.classes, fig,
                 f"embeddings of {Path(cfg.data).name}", seed=cfg.seed)):

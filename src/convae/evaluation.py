@@ -74,6 +74,8 @@ def _probe(cfg: Config, encoder: nn.Module, ds: ImageSet, train_data: str, what:
     if not bank.labelled or bank.classes != ds.classes:
         raise ConvaeError(f"the training data {train_data} must be labelled with the classes of {cfg.data}")
     baseline = random_encoder(m, cfg.seed, device)
+    log(f"measuring the frozen encoder: features of {len(bank)} bank and {len(ds)} evaluation images, trained and "
+        "random weights, then kNN and a linear probe on each")
     rep = representation_scores(encoder, bank, bank.labels, ds, ds.labels, len(ds.classes),
                                 cfg.precision, cfg.seed, features=cfg.probe_features, baseline=baseline)
     rep.update({"encoder": what, "bank": f"--train-data {train_data}", "eval_set": cfg.data})

@@ -132,13 +132,17 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     random_enc = random_encoder(ae.config, cfg.seed, device)
     bank, queries = data.finetune, data.val
     assert bank is not None and bank.labels is not None and queries.labels is not None
+    ctx.log(f"measuring the frozen representation: features of {len(bank)} labelled and {len(queries)} evaluation "
+            "images, pretrained and random weights, then kNN and a linear probe on each")
     rep: Representation = representation_scores(  # type: ignore[assignment]
         enc, bank, bank.labels, queries, queries.labels, len(data.classes), cfg.precision, cfg.seed,
         features=cfg.probe_features, baseline=random_enc)
     rep.update({"encoder": "pretrained autoencoder's, frozen", "bank": f"the {len(bank)} labelled fine-tuning images",
                 "eval_set": data.eval_name})
     ctx.check_stop("the embedding map")
-    features = extract_features(enc, queries, precision=cfg.precision, features=cfg.probe_features)
+    features = extract_features(enc, queries, precision=cfg.precision, features=cfg.probe_features,
+                                desc="features for the map")
+    ctx.log(f"drawing the t-SNE map of {min(2000, len(queries))} evaluation images")
     visualise.attempt(ctx.log, "the embedding map", lambda: visualise.save_embedding_map(
         features.cpu().numpy(), queries.labels.numpy(), data.classes, ctx.run.figures / "embedding_map.png",
         f"pretrained encoder, {data.eval_label}", max_points=2000, seed=cfg.seed))
@@ -150,5 +154,5 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
             f"{100 * rand['knn_accuracy']:.2f}%, linear probe {100 * rand['linear_probe_accuracy']:.2f}% "
             f"on the {data.eval_name}"
             + (f"; the pretrained encoder scores below random weights ({' and '.join(below)}): pretraining did not "
-               "help these probes" if below else ""))
+               "help these probes" if below else "") + f" ({rep['seconds']:.0f} s)")
     return rep

@@ -21,19 +21,25 @@ PROBE_SETTINGS = {"model": "multinomial logistic regression", "optimizer": "full
 
 
 def feature_chunks(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_size: int = INFERENCE_BATCH_SIZE,
-                   precision: str = "fp32", features: str = "latent") -> Iterator[torch.Tensor]:
+                   precision: str = "fp32", features: str = "latent", desc: str | None = None) -> Iterator[torch.Tensor]:
     """Features of ``images``, ``batch_size`` images at a time (float32, on the encoder's device).
 
     ``images`` is a uint8 (N, C, H, W) tensor (0-255, scaled as in training; float in [0, 1] is
     taken as it is) or an :class:`ImageSet`, read chunk by chunk (a big source never whole in
     memory). ``features`` is ``latent`` (the FC code) or ``pooled`` (every conv stage averaged to
     2x2, :meth:`Encoder.forward_pooled`). The encoder runs in eval mode and is put back after.
+    With ``desc`` a progress bar with an ETA is shown on a terminal (none in a log file).
     """
+    from tqdm.auto import tqdm
+
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     chunks = images.chunks(batch_size) if isinstance(images, ImageSet) else (
         images[start : start + batch_size] for start in range(0, images.shape[0], batch_size))
+    n = len(images)
+    chunks = tqdm(chunks, desc=desc, total=-(-n // batch_size), unit="batch", leave=False, mininterval=1.0,
+                  disable=None if desc else True)
     try:
         for x in chunks:
             x = to_model_input(x.to(device))
@@ -41,13 +47,14 @@ def feature_chunks(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_si
                 f = (encoder.forward_pooled(x) if features == "pooled" else encoder(x)).float()
             yield f  # outside the no_grad block: a suspended generator must not hold the caller's grad mode
     finally:
+        chunks.close()
         encoder.train(was_training)
 
 
 def extract_features(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_size: int = INFERENCE_BATCH_SIZE,
-                     precision: str = "fp32", features: str = "latent") -> torch.Tensor:
+                     precision: str = "fp32", features: str = "latent", desc: str | None = None) -> torch.Tensor:
     """Features (N, D) of ``images``, as :func:`feature_chunks`, in one tensor."""
-    return torch.cat(list(feature_chunks(encoder, images, batch_size, precision, features)))
+    return torch.cat(list(feature_chunks(encoder, images, batch_size, precision, features, desc)))
 
 
 @torch.no_grad()
@@ -126,14 +133,14 @@ def representation_scores(encoder: nn.Module, train_images: torch.Tensor | Image
     device = next(encoder.parameters()).device
     ytr, yte = train_labels.to(device), test_labels.to(device)
 
-    def scores(enc: nn.Module) -> dict[str, float]:
-        ftr = extract_features(enc, train_images, precision=precision, features=features)
-        fte = extract_features(enc, test_images, precision=precision, features=features)
+    def scores(enc: nn.Module, name: str) -> dict[str, float]:
+        ftr = extract_features(enc, train_images, precision=precision, features=features, desc=f"{name}: bank")
+        fte = extract_features(enc, test_images, precision=precision, features=features, desc=f"{name}: queries")
         return {"knn_accuracy": knn_accuracy(ftr, ytr, fte, yte, num_classes),
                 "linear_probe_accuracy": linear_probe_accuracy(ftr, ytr, fte, yte, num_classes, seed=seed)}
 
     out = {
-        **scores(encoder),
+        **scores(encoder, "features"),
         "knn": {"k": min(200, len(ytr)), "temperature": 0.07, "similarity": "cosine"},
         "linear_probe": PROBE_SETTINGS,
         "features": features,
@@ -141,5 +148,5 @@ def representation_scores(encoder: nn.Module, train_images: torch.Tensor | Image
         "test_images": int(len(yte)),
     }
     if baseline is not None:
-        out["random"] = scores(baseline.to(device))
+        out["random"] = scores(baseline.to(device), "random weights")
     return out

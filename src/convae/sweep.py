@@ -169,8 +169,13 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
     feats = {}
     for weights, enc in (("pretrained", ae.encoder), ("random", random_enc)):
         if any(m.probe != "recipe" and m.weights == weights for m in chosen.values()):  # recipes need none
-            feats[weights] = tuple(extract_features(enc, x, precision=cfg.precision, features=cfg.probe_features)
-                                   for x in (data.train, data.val))
+            start = time.perf_counter()
+            log(f"sweep: features of {len(data.train)} training and {len(data.val)} evaluation images "
+                f"({weights} weights, computed once for every cell)")
+            feats[weights] = tuple(extract_features(enc, x, precision=cfg.precision, features=cfg.probe_features,
+                                                    desc=f"{weights} features: {name}")
+                                   for x, name in ((data.train, "training"), (data.val, "evaluation")))
+            log(f"sweep: {weights} features in {time.perf_counter() - start:.1f} s")
     val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
     return _Sweep(cfg, data, ae, random_enc, device, val, feats, StopFlag()), run, pretrain_s
 
