@@ -1,3 +1,4 @@
+import json
 import io
 import shutil
 import tarfile
@@ -424,3 +425,31 @@ def test_a_decode_keeps_its_chunks_on_disk_not_in_memory(tmp_path, monkeypatch):
     assert len(kept.parts) == 4 and all(isinstance(p, Path) for p in kept.parts)  # read back only when written
     in_memory, keep2, _ = decode.decode_files(files, data, 3, 8, 8, lambda m: None, workers=1)
     assert keep == keep2 and kept.shape == (10, 3, 8, 8) and torch.equal(kept.tensor(), in_memory.tensor())
+
+
+def test_cache_list_and_clean_remove_only_what_no_run_reads(tmp_path, capsys):
+    from convae.cli import main
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    cache = tmp_path / "cache"
+    load_source(str(data), 3, 16, 16, cache, log=lambda m: None)
+    tensors = cache / "tensors"
+    old = tensors / "0123456789abcdef01234567"
+    old.mkdir()
+    (old / "images.npy").write_bytes(b"x" * 5000)
+    (old / "meta.json").write_text(json.dumps({"version": 3}))
+    partial = tensors / "fedcba9876543210fedcba98.partial"
+    partial.mkdir()
+    (partial / "0000000.pt").write_bytes(b"y" * 300)
+    assert main(["cache", "list", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "older format 3" in out and "partial decode" in out and "8 images" in out
+    assert "removes the 2 stale one(s)" in out
+    assert main(["cache", "clean", "--cache-dir", str(cache)]) == 0
+    assert not old.exists() and not partial.exists()
+    lines = []
+    again = load_source(str(data), 3, 16, 16, cache, log=lines.append)  # the current entry was kept
+    assert len(again) == 8 and not any("decoding" in m for m in lines)
+    assert main(["cache", "clean", "--all", "--cache-dir", str(cache)]) == 0
+    assert not [p for p in tensors.iterdir() if p.is_dir()]
+    assert "freed" in capsys.readouterr().out

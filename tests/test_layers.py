@@ -12,7 +12,7 @@ LAYERS = [
     {"arch", "stages", "models", "patchnet", "ops", "objectives", "augment"},
     {"config", "validation"},
     {"data", "data.images", "data.archives", "data.decode", "data.cache", "data.sources", "data.batches",
-     "data.rundata", "data.rows",
+     "data.rundata", "data.rows", "data.inventory",
      "data.memory"},
     {"checkpoint", "rundir", "report", "visualise", "reference", "hub"},
     {"loop", "evaluate", "probes", "fit"},

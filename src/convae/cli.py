@@ -112,6 +112,21 @@ def command_specs() -> dict[str, tuple[str, list]]:
                     ("--seed", {**FLAGS["--seed"], "help": "seed of the train/val column of the CSV (default: the "
                                                            "training run's)"}),
                     "--device"]),
+        **_tool_specs(),
+    }
+
+
+def _tool_specs() -> dict[str, tuple[str, list]]:
+    """The commands that take no config: they read a run folder, the cache or a checkpoint."""
+    return {
+        "cache": ("list what the cache holds (decoded sources, extractions, downloads) with sizes, or clean what "
+                  "no run reads again",
+                  [("action", dict(choices=["list", "clean"], help="list (default) or clean", nargs="?",
+                                   default="list")),
+                   ("--cache-dir", dict(metavar="DIR", default="~/.cache/convae",
+                                        help="the cache folder (default ~/.cache/convae)")),
+                   ("--all", dict(action="store_true", dest="everything",
+                                  help="clean: remove everything, not only older formats and stopped decodes"))]),
         "report": ("(re)write RUN_DIR/report.html, one self-contained page",
                    [("run_dir", dict(metavar="RUN_DIR"))]),
         "export": ("write a trained part to ONNX (one file, dynamic batch), torch.export (.pt2), safetensors or TorchScript",
@@ -200,6 +215,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "export": lambda a: commands.export(a.checkpoint, a.format, a.part, a.out, _log),
     "predict": lambda a: commands.predict(a.checkpoint, a.images, a.device, a.batch_size, a.json, _log, _warn),
     "report": lambda a: commands.report(a.run_dir, _log),
+    "cache": lambda a: commands.cache(a.action, a.cache_dir, a.everything, _log),
 }
 
 
