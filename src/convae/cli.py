@@ -16,6 +16,7 @@ from .config import DEVICES, INFERENCE_BATCH_SIZE, SWEEP_BATCH_SIZE, Config, pre
 from .errors import ConvaeError, Interrupted, clip, first_line
 from .export import FORMATS as EXPORT_FORMATS
 from .export import PARTS as EXPORT_PARTS
+from .files import utf8
 from .knobs import GROUPS, Choice, group_fields, knobs, value_type
 from .sweep import DEFAULT_BUDGETS, METHODS
 
@@ -174,10 +175,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _printable(msg: str) -> str:
     """A message any terminal or log file takes: a path that is not UTF-8 (surrogate escapes) as \\xNN."""
-    try:
-        return msg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
-        return msg.encode("utf-8", "backslashreplace").decode("utf-8")
+    return utf8(msg).decode("utf-8")
 
 
 def _log(msg: str) -> None:

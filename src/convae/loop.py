@@ -8,8 +8,8 @@ corrupt the input or act on the code, and a step that mixes two streams reads bo
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 import math
+from contextlib import nullcontext
 from typing import Callable, Iterable, Iterator
 
 import torch

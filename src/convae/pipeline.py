@@ -107,7 +107,6 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
     finetune_resumed = ctx.resume is not None and ctx.resume["phase"] == "finetune"
     torch.manual_seed(cfg.seed)
     mcfg: ModelConfig = cfg.model_config(num_classes=len(data.classes) or 1)
-    validate_model(mcfg)  # the head's size comes from the data's classes: checked before it is built
     results: Results = {}
     with ctx.stop.installed():
         if do_pretrain and not finetune_resumed:
@@ -176,6 +175,8 @@ def _open(cfg: Config, checkpoint: str | None, log: Log, resume: bool, dist: Dis
     data = dist.in_turn(lambda: prepare_data(cfg, need_labels=do_finetune, log=log, source=source), device)
     if do_finetune and len(data.classes) < 2:
         raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
+    # the head's size comes from the data's classes: checked before any folder or model is made
+    validate_model(cfg.model_config(num_classes=len(data.classes) or 1))
     if resume:
         _check_unchanged(run, cfg, data)
     else:

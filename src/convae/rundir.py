@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from .config import Config, save_config
 from .errors import ConvaeError, clip
-from .files import NOFOLLOW, append_line, atomic_write_text, refuse_links
+from .files import append_line, atomic_write_text, read_file, refuse_links
 from .records import EpochRecord
 
 
@@ -145,10 +145,8 @@ def locked(path: str | Path, what: str) -> Iterator[None]:
 
 def _holder(note: Path) -> str:
     try:
-        fd = os.open(note, os.O_RDONLY | NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            text = f.read(400).decode("utf-8", "replace").strip()
-    except OSError:
+        text = read_file(note)[:400].decode("utf-8", "replace").strip()
+    except (OSError, ConvaeError):  # no note (yet), or a link where it should be: say no more
         text = ""
     return clip(text, 200) or "another process"
 

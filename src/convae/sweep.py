@@ -152,13 +152,13 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
     data = prepare_data(cfg, need_labels=True, log=log)
     if len(data.classes) < 2:
         raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
+    validate_model(cfg.model_config(num_classes=len(data.classes)))  # the head's size comes from the data
     run = RunDir.claim(cfg.out, hold, "a sweep")
     cfg = replace(cfg, out=str(run.path))
     run.save_config(cfg)
     log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config(num_classes=len(data.classes))
-    validate_model(mcfg)  # the head's size comes from the data's classes
     started = time.perf_counter()
     if ae is None:
         ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
