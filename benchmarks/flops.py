@@ -1,8 +1,9 @@
 """The FLOP limit: how close convae's training comes to what the machine's matrix units can do.
 
-    python benchmarks/flops.py [--device cpu|cuda] [--batch-size 2000] [--steps 5] [--data random|ARCHIVE]
+    python benchmarks/flops.py [--device cpu|cuda] [--preset seed|blocks|...] [--batch-size N] [--steps 5]
+                               [--data random|ARCHIVE]
 
-Counts the seed model's training FLOPs per image (forward + backward, torch.utils.flop_counter:
+Counts the preset's model's training FLOPs per image (default: the seed model) (forward + backward, torch.utils.flop_counter:
 convolutions and matrix products), measures the machine's sustained matrix-product FLOP/s in
 float32 and bfloat16 in the same run, and prints convae's measured throughput as a fraction of
 the limit those give (limit = FLOP/s / FLOPs per image). Prints a table and writes JSON.
@@ -23,20 +24,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_images, print_table, sync, write_json  # noqa: E402
 from train_throughput import convae_loop  # noqa: E402
 
+from convae.config import build_config  # noqa: E402
 from convae.device import bf16_is_fast, device_name  # noqa: E402
 from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
+from convae.objectives import ObjectiveConfig, make_objective  # noqa: E402
+from convae.records import Batch  # noqa: E402
 
 
-def training_flops_per_image(phase: str, batch: int = 8) -> float:
-    model = AutoEncoder(ModelConfig()) if phase == "pretrain" else Classifier(ModelConfig())
-    if phase == "pretrain":
+def training_flops_per_image(phase: str, batch: int = 8, cfg: ModelConfig | None = None,
+                             objective: ObjectiveConfig | None = None) -> float:
+    cfg = cfg or ModelConfig()
+    model = AutoEncoder(cfg) if phase == "pretrain" else Classifier(cfg)
+    if phase == "pretrain" and hasattr(model.decoder, "fuse_upsample"):
         # count the model's own work (upsample, then the 3x3 conv); the fused CPU path computes
         # the same function and is what the throughput measures
         model.decoder.fuse_upsample = False
-    x = torch.rand(batch, 3, 32, 32)
+    x = torch.rand(batch, cfg.in_channels, cfg.height, cfg.width)
     with FlopCounterMode(display=False) as counter:
-        out = model(x)
-        loss = F.mse_loss(out, x) if phase == "pretrain" else F.cross_entropy(out, torch.zeros(batch, dtype=torch.long))
+        if phase == "pretrain":
+            loss = make_objective(objective or ObjectiveConfig())(model, Batch(x), torch.Generator().manual_seed(0))
+        else:
+            loss = F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long))
         loss.backward()
     return counter.get_total_flops() / batch
 
@@ -64,12 +72,16 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default="random")
     p.add_argument("--cache-dir", default="~/.cache/convae")
-    p.add_argument("--batch-size", type=int, default=2000)
+    p.add_argument("--preset", default="seed", help="whose model and pretraining objective (default seed)")
+    p.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", help="output file (default benchmarks/results/flops.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    run_cfg = build_config(args.preset)
+    mcfg, objective = run_cfg.model_config(), run_cfg.objective_config()
+    args.batch_size = args.batch_size or run_cfg.batch_size
     # bf16 only where the hardware has it: emulated, one matrix product takes a minute (AVX2 CPUs)
     precisions = ("fp32", "bf16") if bf16_is_fast(device) else ("fp32",)
     if len(precisions) == 1:
@@ -79,10 +91,11 @@ def main(argv=None) -> dict:
     images, labels = load_images(args.data, need if args.data == "random" else None, args.cache_dir)
     rows, out = [], []
     for phase in ("pretrain", "finetune"):
-        per_image = training_flops_per_image(phase)
+        per_image = training_flops_per_image(phase, cfg=mcfg, objective=objective)
         for prec in precisions:
             limit = peak[prec] / per_image
-            ips = convae_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device, prec)
+            ips = convae_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device, prec,
+                              cfg=mcfg, objective=objective)
             rows.append([phase, prec, f"{per_image / 1e6:.1f}", f"{peak[prec] / 1e9:.0f}", f"{limit:.0f}",
                          f"{ips:.0f}", f"{100 * ips / limit:.0f}%"])
             out.append({"phase": phase, "precision": prec, "train_flops_per_image": per_image,
@@ -90,7 +103,7 @@ def main(argv=None) -> dict:
                         "fraction_of_limit": ips / limit})
     print_table(["phase", "precision", "MFLOP/image", "matmul GFLOP/s", "limit img/s", "convae img/s", "of limit"],
                 rows)
-    return write_json(args.json, "flops.json", {"args": vars(args), "device": str(device), "results": out})
+    return write_json(args.json, "flops.json", {"args": vars(args), "device": device_name(device), "results": out})
 
 
 if __name__ == "__main__":

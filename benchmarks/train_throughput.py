@@ -67,22 +67,25 @@ def reference_loop(phase: str, images, labels, batch_size: int, warmup: int, ste
 
 
 def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps: int, device, precision: str,
-                compile: bool = False, micro: int = 0, fuse: bool = True):
+                compile: bool = False, micro: int = 0, fuse: bool = True, cfg: ModelConfig | None = None,
+                objective: ObjectiveConfig | None = None):
     """convae's training step over on-device uint8 batches; returns images/s over the timed steps.
 
     ``micro`` 0 picks the micro-batch as ``convae run`` does; ``fuse=False`` computes the
     decoder's upsample and last conv as two plain layers (to measure what fusing them gives).
+    ``cfg`` and ``objective`` (default: the seed model and its reconstruction) choose what trains.
     """
     torch.manual_seed(0)
-    cfg = ModelConfig()
+    cfg = cfg or ModelConfig()
     model = AutoEncoder(cfg) if phase == "pretrain" else Classifier(cfg)
-    if phase == "pretrain":
+    if phase == "pretrain" and hasattr(model.decoder, "fuse_upsample"):
         model.decoder.fuse_upsample = fuse
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     if compile:
         model = torch.compile(model)
-    loss_fn = make_objective(ObjectiveConfig("reconstruct")) if phase == "pretrain" else classification_criterion
+    loss_fn = (make_objective(objective or ObjectiveConfig("reconstruct")) if phase == "pretrain"
+               else classification_criterion)
     micro = micro_batch_size(micro, precision, device)
     batches = DeviceBatches(images.to(device), labels.to(device), batch_size, shuffle=True, seed=0)
     total = torch.zeros((), device=device, dtype=torch.float64)
@@ -91,7 +94,8 @@ def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps:
         epoch += 1
         batches.set_epoch(epoch)
         for x, y in batches:
-            total += train_step(model, Batch(x, y), optimizer, loss_fn, precision, micro)
+            g = torch.Generator(device=device).manual_seed(done) if getattr(loss_fn, "random", False) else None
+            total += train_step(model, Batch(x, y), optimizer, loss_fn, precision, micro, generator=g)
             done += 1
             if done == warmup:
                 sync(device)

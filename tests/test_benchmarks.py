@@ -140,3 +140,22 @@ def test_gpu_learning_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
     assert {p.stem for p in (tmp_path / "results").glob("*.json")} == names  # the names results/gpu/ holds
     lr = json.loads((tmp_path / "results" / "learning_patches_lr3e-3.json").read_text())
     assert lr["lr"] == 3e-3 and set(lr["methods"]) == {"finetune", "scratch"}
+
+
+def test_gpu_classifier_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
+    """The strong-classifier protocol as a user tries it first on a CPU, at toy size."""
+    extra = (f"--height 16 --width 16 --channels 8 16 --batch-size 8 --val-fraction 0.2 --precision fp32 "
+             f"--cache-dir {tmp_path / 'cache'}")
+    env = {**os.environ, "DEVICE": "cpu", "EXTRA": extra, "FT_EXTRA": "--finetune-epochs 1 --epoch-images 0",
+           "SWEEP_EXTRA": "--seeds 1 --labels-per-class 2 all",
+           "PRETRAIN_EPOCHS": "1", "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_classifier.sh"), str(image_folder), str(tmp_path / "results")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = {"classifier_scratch_all", "classifier_pretrain", "classifier_sweep", "classifier_sweep_lpft"}
+    assert {p.stem for p in (tmp_path / "results").glob("*.json")} == names
+    sweep = json.loads((tmp_path / "results" / "classifier_sweep.json").read_text())
+    assert set(sweep["methods"]) == {"finetune", "scratch", "logistic_probe", "logistic_random"}
+    assert sweep["budgets"] == [2, "all"] and sweep["steps"] is None  # the run's recipe, not a step count
+    scratch = json.loads((tmp_path / "results" / "classifier_scratch_all.json").read_text())
+    assert scratch["init"] == "scratch" and 0 <= scratch["accuracy"] <= 1

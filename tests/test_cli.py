@@ -332,3 +332,19 @@ def test_the_patches_preset_end_to_end(image_folder, cache_dir, tmp_path, capsys
     rep = json.loads((out / "results.json").read_text())["representation"]
     assert rep["features"] == "pooled" and set(rep["random"]) == {"knn_accuracy", "linear_probe_accuracy"}
     assert all(_png_ok(out / "figures" / f) for f in ("kernels_pretrained.png", "reconstructions.png"))
+
+
+def test_a_run_logged_to_a_file_says_where_it_is_between_epochs(image_folder, cache_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    """No progress bar in a log file: a line with the step and the phase's time left instead."""
+    import convae.fit
+
+    monkeypatch.setattr(convae.fit, "HEARTBEAT_SECONDS", 0.0)
+    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "r"),
+                 "--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "16", "--batch-size", "8",
+                 "--pretrain-epochs", "2", "--finetune-epochs", "1", "--device", "cpu"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " left in " in line]
+    pre = [line for line in lines if line.endswith("left in pretrain")]
+    steps = int(pre[0].split("step 1/")[1].split()[0])  # steps per pretraining epoch
+    assert len(pre) == 2 * steps and pre[-1].startswith(f"pretrain  epoch 2/2  step {steps}/{steps}  about 0 s left")
+    assert lines[len(pre):] and all(line.endswith("left in finetune") for line in lines[len(pre):])

@@ -53,6 +53,20 @@ def test_precision_auto_picks_what_the_hardware_runs_fast(monkeypatch):
     assert dev.resolve_precision("fp32", cpu, warned.append) == "fp32"
 
 
+def test_precision_auto_on_a_pre_ampere_gpu_is_fp16_and_fp16_needs_cuda(monkeypatch):
+    import convae.device as dev
+    from convae.errors import ConvaeError
+
+    gpu = torch.device("cuda")
+    for capability, expect in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert dev.resolve_precision("auto", gpu) == expect
+    assert isinstance(dev.grad_scaler("fp16", torch.device("cpu")), torch.amp.GradScaler)
+    assert dev.grad_scaler("bf16", gpu) is None and dev.grad_scaler("fp32", gpu) is None
+    with pytest.raises(ConvaeError, match="fp16 needs a CUDA GPU"):
+        dev.resolve_precision("fp16", torch.device("cpu"))
+
+
 def test_the_precision_that_ran_is_recorded(tmp_path, monkeypatch):
     import convae.device as dev
     from conftest import make_image_folder

@@ -9,12 +9,12 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "convae"
 # highest last, as in docs/architecture.md
 LAYERS = [
     {"errors", "files", "records", "device", "distributed", "knobs"},
-    {"arch", "stages", "models", "patchnet", "ops", "objectives", "augment"},
+    {"arch", "stages", "models", "patchnet", "blocks", "ops", "objectives", "augment", "recipe"},
     {"config", "validation"},
     {"data", "data.images", "data.archives", "data.decode", "data.cache", "data.sources", "data.batches",
      "data.rundata", "data.rows", "data.inventory",
      "data.memory"},
-    {"checkpoint", "rundir", "report", "visualise", "reference", "hub"},
+    {"checkpoint", "rundir", "report", "pages", "visualise", "reference", "hub"},
     {"loop", "evaluate", "probes", "fit"},
     {"phases", "pipeline", "sweep", "embeddings", "prediction", "export", "evaluation"},
     {"commands", "api", "cli", "__main__", "__init__"},

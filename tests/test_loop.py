@@ -129,3 +129,37 @@ def test_a_step_budget_ends_the_epoch_early():
 
     loss = train_one_epoch(ae, batches, torch.optim.SGD(ae.parameters(), 0.1), counting, max_steps=2)
     assert calls == [8, 8] and math.isfinite(loss) and loss > 0
+
+
+def test_the_fp16_gradient_scaler_gives_the_same_step_and_skips_an_overflowing_one():
+    """The scaler's logic on the CPU (fp16 itself is for CUDA): a scaled step is the unscaled one,
+    a step whose gradient overflowed is skipped and the scale lowered."""
+    from convae.records import Batch
+    from convae.loop import train_step
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    plain, scaled = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    scaled.load_state_dict(plain.state_dict())
+    crit = lambda m, b, g=None: torch.nn.functional.cross_entropy(m(b.x), b.y)  # noqa: E731
+    train_step(plain, Batch(x, y), torch.optim.SGD(plain.parameters(), lr=0.1), crit, micro_batch=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    train_step(scaled, Batch(x, y), torch.optim.SGD(scaled.parameters(), lr=0.1), crit, micro_batch=3, scaler=scaler)
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    before = [p.detach().clone() for p in scaled.parameters()]
+    overflow = lambda m, b, g=None: crit(m, b) * float("inf")  # noqa: E731
+    train_step(scaled, Batch(x, y), torch.optim.SGD(scaled.parameters(), lr=0.1), overflow, scaler=scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, scaled.parameters()))
+    assert scaler.get_scale() == 2.0**9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_trains_on_cuda_with_its_scaler(image_folder, cache_dir, tmp_path):
+    from convae.cli import main
+
+    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "r"),
+                 "--device", "cuda", "--precision", "fp16", "--height", "16", "--width", "16", "--channels", "8",
+                 "16", "--latent-dim", "16", "--batch-size", "8", "--pretrain-epochs", "1", "--finetune-epochs", "1"]) == 0
+    state = torch.load(tmp_path / "r" / "checkpoints" / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0

@@ -27,7 +27,8 @@ from convae.records import Batch
 
 from conftest import make_image_folder
 
-SMALL = {"stages": {"channels": [8, 16], "latent_dim": 24, "output_activation": "none"}, "patch": {"channels": [12], "kernel_size": 5}}
+SMALL = {"stages": {"channels": [8, 16], "latent_dim": 24, "output_activation": "none"}, "patch": {"channels": [12], "kernel_size": 5},
+         "blocks": {"channels": [8, 16], "output_activation": "none"}}
 FORMATS = [(1, 28, 28), (3, 32, 32)]
 
 

@@ -80,7 +80,10 @@ def test_the_report_says_what_happened(run_dir):
     assert {"convae", "torch", "date", "device", "device_name", "precision"} <= set(prov)
     assert f"torch {prov['torch']}" in page and f"precision {prov['precision']}" in page
     assert "optimizer step(s), fewer than 200: the reconstructions" in page  # a few steps: the figures show an early stage
-    assert '<td class="l">bilinear</td>' in page and '"bilinear"' not in page  # config values without JSON quotes
+    assert '<td class="l">cpu</td>' in page and '"cpu"' not in page  # config values without JSON quotes
+    # the recipe is what differs from the defaults; the rest is in config.json
+    assert '<td class="l">channels</td>' in page and '<td class="l">upsample</td>' not in page
+    assert "other keys are at their defaults; config.json holds every key" in page
     assert '<td class="l">k=' in page  # the probe table's setting column is text, left-aligned
 
 

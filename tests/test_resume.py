@@ -193,24 +193,31 @@ def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypa
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("extra", [
-    ("--augment", "--jitter", "0.2", "--objective", "masked", "--norm", "batch", "--output-activation", "none"),
-    ("--preset", "patches", "--channels", "16", "--kernel-size", "5"),  # whitening fitted once, crops replayed
-], ids=["masked", "patches"])
-def test_augmentation_and_masking_replay_exactly_after_a_mid_epoch_stop(dataset, tmp_path, extra):
-    """The augmented batches and the masks (or crops) of a resumed epoch are those of the uninterrupted run."""
+@pytest.mark.parametrize("extra, after, phase", [
+    (("--augment", "--jitter", "0.2", "--objective", "masked", "--norm", "batch", "--output-activation", "none"),
+     1, "pretrain"),
+    (("--preset", "patches", "--channels", "16", "--kernel-size", "5"), 1, "pretrain"),  # whitening fitted once
+    # the fine-tuning recipe: a per-step schedule, the weight average, LP-FT and repeated epochs, stopped inside
+    # fine-tuning epoch 2
+    (("--arch", "blocks", "--channels", "8", "16", "--objective", "masked", "--augment", "--optimizer", "nesterov",
+      "--lr", "0.05", "--schedule", "triangle", "--warmup", "0.3", "--ema", "0.9", "--label-smoothing", "0.1",
+      "--lp-ft", "--tta", "--epoch-images", "300"), 4, "finetune"),
+], ids=["masked", "patches", "recipe"])
+def test_augmentation_and_masking_replay_exactly_after_a_mid_epoch_stop(dataset, tmp_path, extra, after, phase):
+    """The augmented batches, the masks (or crops) and the recipe's state of a resumed epoch are those of
+    the uninterrupted run."""
     data, cache = dataset
     ref = tmp_path / "ref"
     subprocess.run(_cmd(data, cache, ref, *extra), check=True, env=_env(), capture_output=True)
     out = tmp_path / "stopped"
     proc = subprocess.Popen(_cmd(data, cache, out, *extra), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    assert _wait_for_lines(proc, out, 1)
-    proc.send_signal(signal.SIGINT)  # inside pretraining epoch 2: the state holds a step within the epoch
+    assert _wait_for_lines(proc, out, after)
+    proc.send_signal(signal.SIGINT)  # inside the next epoch: the state holds a step within it
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     state = torch.load(out / "checkpoints" / "state.pt", weights_only=True)
-    assert state["phase"] == "pretrain" and state["epoch"] == 1
+    assert state["phase"] == phase and state["epoch"] == 1
     done = subprocess.run(_resume_cmd(out), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     _same_run(out, ref)

@@ -74,11 +74,11 @@ def test_sweep_measures_only_the_methods_asked_for(image_folder, cache_dir, tmp_
 
 def test_a_sweep_cell_that_diverges_stops_with_one_line(image_folder, cache_dir, tmp_path, monkeypatch, capsys):
     """The cells train through the run's loop, so the NaN guard stops them too."""
-    import convae.sweep
+    import convae.phases
 
-    real = convae.sweep.classification_criterion
-    monkeypatch.setattr(convae.sweep, "classification_criterion",
-                        lambda model, batch, g=None: real(model, batch, g) * float("nan"))
+    real = convae.phases.classification_loss
+    monkeypatch.setattr(convae.phases, "classification_loss",
+                        lambda smoothing: lambda model, batch, g=None: real(smoothing)(model, batch, g) * float("nan"))
     assert main(["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "s"),
                  "--pretrain-epochs", "1", "--labels-per-class", "2", "--seeds", "1", "--steps", "3",
                  "--methods", "scratch"] + SMALL) == 2

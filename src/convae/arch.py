@@ -57,6 +57,8 @@ class ModelKnobs:
                             metavar="T")
     whiten: bool = knob(False, Flag(), "patch: ZCA-whiten the patches, fitted on the training images before "
                         "pretraining", group="model")
+    tta: bool = knob(False, Flag(), "the classifier averages its logits over each image and its mirror image when "
+                     "evaluating and predicting (test-time flip)", group="finetune")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ class EncoderBase(nn.Module):
     - ``forward(x)``: the features the classifier's head reads, (B, feature_dim);
     - ``forward_pooled(x)``: spatially pooled conv features for the probes;
     - ``code(x)``: ``(code, context)``, what the architecture's decoder reconstructs from;
-      objectives that act on the code (sparsity) act on ``code``;
+      objectives that act on the code (sparsity) act on ``code``; ``masked_code(x, mask)`` the
+      same for the masked objective, which says which pixels it hid;
     - ``kernels()``: the first layer's kernels as they act on pixels, (K, C, k, k), for the figures;
     - ``fit_images`` and ``fit_to_data``: statistics some encoders fit on the training images
       before pretraining (the patch network's whitening); none by default.
@@ -115,6 +118,12 @@ class EncoderBase(nn.Module):
 
     def code(self, x: torch.Tensor) -> Code:  # pragma: no cover - every architecture gives its own
         raise NotImplementedError
+
+    def masked_code(self, x: torch.Tensor, mask: torch.Tensor) -> Code:
+        """``code`` of ``x`` whose pixels under ``mask`` (1 = hidden) are zeroed; by default the
+        zeros are all it knows of the mask (dense masking). An encoder may keep hidden positions
+        from leaking into visible ones (the blocks network)."""
+        return self.code(x)
 
     def kernels(self) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

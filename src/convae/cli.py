@@ -26,7 +26,7 @@ def _flag_spec(name: str) -> dict[str, Any]:
     kind, rule = value_type(Config, name), meta["rule"]
     rule = getattr(rule, "rule", rule)  # an optional value: the rule of the value
     if kind is bool:
-        return dict(action="store_true", help=meta["help"])
+        return dict(action=argparse.BooleanOptionalAction, help=meta["help"])  # --no-X undoes a preset's X
     spec: dict[str, Any] = dict(help=meta["help"], metavar=meta["metavar"])
     if isinstance(rule, Choice):
         spec = dict(help=meta["help"], choices=rule.names())
@@ -88,12 +88,13 @@ def command_specs() -> dict[str, tuple[str, list]]:
                                                help="label budgets per class; 'all' = every training image "
                                                     "(default 25 100 400 all)")),
                    ("--seeds", dict(type=int, default=3, metavar="K", help="seeds per budget (default 3)")),
-                   ("--steps", dict(type=int, default=300, metavar="S",
-                                    help="optimizer steps per cell, the same for every method (default 300)")),
+                   ("--steps", dict(type=int, default=None, metavar="S",
+                                    help="optimizer steps per cell, the same for every method (default: the run's "
+                                         "recipe, --finetune-epochs epochs of at least --epoch-images images)")),
                    ("--methods", dict(nargs="+", choices=list(METHODS), metavar="M", help=f"{', '.join(METHODS)} (default all)")),
                    _batch(f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)")]
-                  + DATA + MODEL + PRETRAIN + AUGMENT + [f for f in OPTIM if f != "--batch-size"] + ["--finetune-lr"]
-                  + EXEC),
+                  + DATA + MODEL + PRETRAIN + AUGMENT + [f for f in OPTIM if f != "--batch-size"]
+                  + [f for f in FINETUNE if f not in ("--labels-per-class", "--init", "--freeze-encoder")] + EXEC),
         "evaluate": ("evaluate a checkpoint on a labelled source: classifier accuracy, and kNN and linear probe "
                      "of its frozen encoder with --train-data",
                      [_checkpoint("checkpoint to evaluate (a classifier; an autoencoder with --train-data)"),

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import INFERENCE_BATCH_SIZE, SWEEP_BATCH_SIZE, build_config, load_run_config, read_config_file
+from .config import INFERENCE_BATCH_SIZE, SWEEP_BATCH_SIZE, build_config, load_run_config, presets, read_config_file
 from .errors import ConvaeError
 from .records import Log, Results
 from .rundir import RunDir, locked
@@ -38,12 +38,14 @@ def train(command: str, preset: str, config_file: str | None, overrides: dict[st
 
 
 def sweep(preset: str, config_file: str | None, overrides: dict[str, Any], budgets: list[str], seeds: int,
-          steps: int, checkpoint: str | None, log: Log, methods: list[str] | None = None) -> RunDir:
-    """``convae sweep``; its batch size defaults to SWEEP_BATCH_SIZE, below the config file and the flags."""
+          steps: int | None, checkpoint: str | None, log: Log, methods: list[str] | None = None) -> RunDir:
+    """``convae sweep``; its batch size defaults to SWEEP_BATCH_SIZE, below the preset, the config file
+    and the flags."""
     from .sweep import parse_budgets, run_sweep
 
     overrides = dict(overrides)
-    if "batch_size" not in overrides and "batch_size" not in (read_config_file(config_file) if config_file else {}):
+    given = {**presets().get(preset, {}), **(read_config_file(config_file) if config_file else {}), **overrides}
+    if "batch_size" not in given:
         overrides["batch_size"] = SWEEP_BATCH_SIZE
     cfg = build_config(preset, config_file, overrides)
     return run_sweep(cfg, parse_budgets(budgets), seeds, steps, checkpoint, log=log, methods=methods)

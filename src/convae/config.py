@@ -18,6 +18,7 @@ from .errors import ConvaeError, clip, first_line
 from .files import read_file
 from .knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, knob
 from .objectives import ObjectiveConfig, ObjectiveKnobs
+from .recipe import RecipeKnobs
 from .validation import validate
 
 
@@ -27,11 +28,11 @@ SWEEP_BATCH_SIZE = 256  # the sweep counts steps, so small label budgets get as 
 INFERENCE_BATCH_SIZE = 1024  # images per forward pass when only features or predictions are wanted
 
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "cosine", "step")
+OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
+SCHEDULES = ("none", "cosine", "step", "triangle")
 INITS = ("pretrained", "scratch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 PROBE_FEATURES = ("latent", "pooled")
 PLACEMENTS = ("auto", "device", "host")
 MAX_SEED = 2**32 - 1  # every RNG convae seeds (torch, numpy, t-SNE) takes this range
@@ -66,8 +67,8 @@ class TrainKnobs:
                                      "--lr)", group="finetune", metavar="LR")
     optimizer: str = knob("adam", Choice(OPTIMIZERS), "optimizer (seed: adam)", group="optim")
     weight_decay: float = knob(0.0, Num(0), "weight decay (seed: 0)", group="optim", metavar="WD")
-    schedule: str = knob("none", Choice(SCHEDULES), "learning-rate schedule, stepped per epoch (seed: none)",
-                         group="optim")
+    schedule: str = knob("none", Choice(SCHEDULES), "learning-rate schedule: cosine and step stepped per epoch, "
+                         "triangle (--warmup, then linear decay to 0) per step (seed: none)", group="optim")
     step_size: int = knob(30, Int(1), "epochs between 10x decays for --schedule step (default 30)", group="optim",
                           metavar="N")
     labels_per_class: int | None = knob(None, Optional(Int(1)), "fine-tune on only N labelled images per class "
@@ -90,8 +91,9 @@ class ExecKnobs:
     micro_batch: int = knob(0, Int(0, note="0 = auto"), "accumulate each batch's gradient over chunks of N images "
                             "(same update, faster on CPU); 0 = auto: on CPU 200 (fp32) or 500 (bf16), whole batch "
                             "on GPU", group="exec", metavar="N")
-    precision: str = knob("fp32", Choice(PRECISIONS), "fp32, bf16 (bfloat16 autocast), or auto: bf16 where the "
-                          "CPU/GPU has it in hardware, else fp32 (default fp32)", group="exec")
+    precision: str = knob("fp32", Choice(PRECISIONS), "fp32, bf16 (bfloat16 autocast), fp16 (float16 autocast with a "
+                          "gradient scaler; CUDA only), or auto: bf16 where the CPU/GPU has it in hardware, fp16 on an "
+                          "older CUDA GPU, else fp32 (default fp32)", group="exec")
     seed: int = knob(0, Int(0, MAX_SEED, text="an integer in [0, 2**32)"), "seed for weights, split and batch order "
                      "(default 0)", group="exec", metavar="N")
     device: str = knob("auto", Choice(DEVICES), "auto picks CUDA, then Apple's MPS, then the CPU (default auto)",
@@ -101,12 +103,13 @@ class ExecKnobs:
 
 
 @dataclass(frozen=True)
-class Config(ExecKnobs, TrainKnobs, AugmentKnobs, ObjectiveKnobs, ModelKnobs, DataKnobs):
+class Config(ExecKnobs, RecipeKnobs, TrainKnobs, AugmentKnobs, ObjectiveKnobs, ModelKnobs, DataKnobs):
     """The full, final configuration of a run; saved as ``config.json`` in the run folder.
 
     Its sections are declared once, each with its knobs' rules and flags: data (here), the model
     (:class:`convae.arch.ModelKnobs`), the objective (:class:`convae.objectives.ObjectiveKnobs`),
-    the augmentation (:class:`convae.augment.AugmentKnobs`), training and execution (here).
+    the augmentation (:class:`convae.augment.AugmentKnobs`), training (here), the fine-tuning
+    recipe (:class:`convae.recipe.RecipeKnobs`) and execution (here).
     Frozen and validated on construction: a changed value is a new config
     (``dataclasses.replace``), which is validated again.
     """

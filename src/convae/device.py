@@ -65,11 +65,15 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device, warn=print) -> str:
-    """``auto``: bf16 where it is fast, fp32 elsewhere. An explicit ``bf16`` where it is slow is
-    honoured with a warning."""
+    """``auto``: bf16 where it is fast, fp16 on a CUDA GPU without it (compute capability below 8:
+    its tensor cores run fp16), fp32 elsewhere. An explicit ``bf16`` where it is slow is honoured
+    with a warning; fp16 off CUDA is refused (no gradient scaler and no fast fp16 there)."""
     fast = bf16_is_fast(device)
     if precision == "auto":
-        return "bf16" if fast else "fp32"
+        return "bf16" if fast else "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConvaeError(f"--precision fp16 needs a CUDA GPU; this run is on {device.type}",
+                          advice="use --precision auto (bf16 where the hardware has it, else fp32)")
     if precision == "bf16" and not fast:
         warn(f"warning: bf16 has no hardware support on this {device.type} ({device_name(device)}): it runs "
              "emulated, slower than fp32; --precision auto picks the faster one")
@@ -97,10 +101,15 @@ def provenance(device: torch.device, precision: str) -> dict[str, str]:
 
 
 def autocast(device: torch.device, precision: str):
-    """bfloat16 autocast when asked for; a no-op context for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bfloat16 or float16 autocast when asked for; a no-op context for fp32."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return nullcontext()
+
+
+def grad_scaler(precision: str, device: torch.device) -> "torch.amp.GradScaler | None":
+    """The loss scaler fp16 training needs (fp16's range underflows small gradients); None otherwise."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def micro_batch_size(micro_batch: int, precision: str, device: torch.device) -> int | None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,15 +22,56 @@ from torch import nn
 from .checkpoint import atomic_torch_save, is_state_dict, load_state_strict
 from .config import Config
 from .data import DeviceBatches
-from .device import micro_batch_size
+from .device import grad_scaler, micro_batch_size
 from .distributed import Dist
 from .errors import ConvaeError, Interrupted, clip, first_line
 from .files import refuse_links
-from .loop import Criterion, EpochInterrupted, check_finite, make_optimizer, make_scheduler, train_one_epoch
+from .loop import (PER_STEP_SCHEDULES, Criterion, EpochInterrupted, check_finite, make_optimizer, make_scheduler,
+                   train_one_epoch)
+from .recipe import WeightAverage, step_hook
 from .records import EpochRecord, Log, TrainingState, Validation
 from .rundir import RunDir, TensorBoardLog, epoch_line
 
 STATE_FORMAT = "convae-state"
+HEARTBEAT_SECONDS = 60.0  # in a log file, a progress line at most this often
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Heartbeat:
+    """Where no progress bar is drawn (output to a file, a scheduler, CI), a line every
+    ``HEARTBEAT_SECONDS`` with the step and the time left in the whole phase; on a terminal the
+    bar shows the epoch and :meth:`desc` the phase's time left."""
+
+    def __init__(self, log: Log, phase: str, epochs: int, steps: int, on: bool) -> None:
+        self.log, self.phase, self.epochs, self.steps, self.on = log, phase, epochs, steps, on
+        self.epoch = self.step = self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def begin(self, epoch: int, step: int) -> None:
+        self.epoch, self.step = epoch, step
+
+    def left(self) -> float | None:
+        """Seconds left in the phase at this process's pace so far (None before a step)."""
+        if not self.done:
+            return None
+        pace = (time.perf_counter() - self.start) / self.done
+        return pace * ((self.epochs - self.epoch) * self.steps + self.steps - self.step)
+
+    def desc(self) -> str:
+        left = self.left()
+        return f"{self.phase} {self.epoch}/{self.epochs}" + (f" (phase: {_minutes(left)} left)" if left else "")
+
+    def __call__(self) -> None:
+        self.step += 1
+        self.done += 1
+        now = time.perf_counter()
+        if self.on and now - self.last >= HEARTBEAT_SECONDS:
+            self.last = now
+            self.log(f"{self.phase}  epoch {self.epoch}/{self.epochs}  step {self.step}/{self.steps}  "
+                     f"about {_minutes(self.left() or 0)} left in {self.phase}")
 
 
 class StopFlag:
@@ -98,7 +140,8 @@ class RunContext:
         return [m for m in self.metrics if m["phase"] == phase]
 
     def save_state(self, phase: str, model: nn.Module, optimizer, scheduler, epoch: int, step: int,
-                   loss_sum: float, elapsed: float, kernels: torch.Tensor) -> None:
+                   loss_sum: float, elapsed: float, kernels: torch.Tensor, average: WeightAverage | None = None,
+                   scaler=None) -> None:
         """Everything needed to continue after ``epoch`` completed epochs and ``step`` more batches."""
         if not self.dist.is_main:
             return
@@ -108,6 +151,8 @@ class RunContext:
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": torch.get_rng_state(), "metrics": list(self.metrics), "timing": dict(self.timing),
             "kernels": kernels.detach().cpu(), "config": self.cfg.to_dict(),
+            "average": average.state_dict() if average is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
         }
         path = self.run.checkpoints / "state.pt"
         atomic_torch_save(state, path)  # a failed write: one ConvaeError, the previous state intact
@@ -149,7 +194,8 @@ _STATE_CHECKS: dict[str, Callable[[object], bool]] = {
 }
 
 
-def _restore(ctx: RunContext, phase: str, model: nn.Module, optimizer, scheduler) -> tuple[int, int, float, float]:
+def _restore(ctx: RunContext, phase: str, model: nn.Module, optimizer, scheduler, average: WeightAverage | None,
+             scaler=None) -> tuple[int, int, float, float]:
     """Weights, optimizer, scheduler and RNG from the saved state when ``phase`` is resumed; the
     first epoch to run, and the step, loss sum and seconds of the epoch the state stopped in."""
     r = ctx.resumed(phase)
@@ -162,57 +208,86 @@ def _restore(ctx: RunContext, phase: str, model: nn.Module, optimizer, scheduler
         if scheduler is not None and r["scheduler"] is not None:
             scheduler.load_state_dict(r["scheduler"])
         torch.set_rng_state(r["rng"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        if average is not None:
+            saved = r.get("average")
+            if not isinstance(saved, dict) or set(saved.get("shadow", {})) != set(average.shadow):
+                raise ValueError("no weight average saved for this model")
+            average.load_state_dict(saved)
+        if scaler is not None and isinstance(r.get("scaler"), dict):
+            scaler.load_state_dict(r["scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
         raise ConvaeError(f"{where} does not match this run's optimizer ({clip(first_line(e), 80)})",
                           advice="start a new run with another --out") from None
     return r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"]
 
 
 def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable[[], Validation],
-        criterion: Criterion,
-        epochs: int, lr: float, ctx: RunContext, kernels: torch.Tensor) -> list[EpochRecord]:
+        criterion: Criterion, epochs: int, lr: float, ctx: RunContext, kernels: torch.Tensor, ema: float = 0.0
+        ) -> list[EpochRecord]:
     """Train for ``epochs``, validating, logging and saving the state at the end of each epoch.
 
     Continues from ``ctx.resume`` when it holds this phase. ``kernels`` (the first-layer
     kernels before this phase) travel in the saved state for the figures drawn at the end.
+    With ``ema`` a moving average of the weights is kept (:class:`~convae.recipe.WeightAverage`):
+    it is what validation sees, and ``model`` holds it when the phase ends.
     """
     cfg = ctx.cfg
     net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
     if cfg.compile:
         net = torch.compile(net)
     optimizer = make_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size)
-    first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler)
+    scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size, len(batches), cfg.warmup)
+    per_step = scheduler is not None and cfg.schedule in PER_STEP_SCHEDULES
+    average = WeightAverage(model, ema) if ema else None
+    scaler = grad_scaler(cfg.precision, batches.device)
+    first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
+    beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
+    hook = _both(step_hook(model, scheduler if per_step else None, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.device)
     every = cfg.checkpoint_every
     for epoch in range(first, epochs + 1):
         batches.set_epoch(epoch)
+        beat.begin(epoch, step)
         current_lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         try:
             # under DDP the ranks agree to stop at epoch ends only: no collective per step
-            train_loss = train_one_epoch(net, batches, optimizer, criterion, cfg.precision, f"{phase} {epoch}/{epochs}",
+            train_loss = train_one_epoch(net, batches, optimizer, criterion, cfg.precision, beat.desc(),
                                          micro, step, loss_sum, None if ctx.dist.enabled else ctx.stop,
-                                         cfg.augment_config(), cfg.seed)
+                                         cfg.augment_config(), cfg.seed, after_step=hook, scaler=scaler)
         except EpochInterrupted as e:
             if math.isfinite(e.loss_sum):  # never save weights that went bad
                 ctx.save_state(phase, model, optimizer, scheduler, epoch - 1, e.step, e.loss_sum,
-                               elapsed + time.perf_counter() - start, kernels)
+                               elapsed + time.perf_counter() - start, kernels, average, scaler)
             raise Interrupted(ctx.stop.signum, f"step {e.step}/{len(batches)} of {phase} epoch {epoch}",
                               str(ctx.run.path)) from None
         seconds = elapsed + time.perf_counter() - start
         step, loss_sum, elapsed = 0, 0.0, 0.0
         check_finite(train_loss, phase, f"in epoch {epoch}", "state.pt keeps the last good epoch"
                      if (ctx.run.checkpoints / "state.pt").exists() else "no state was saved yet")
-        if scheduler is not None:
+        if scheduler is not None and not per_step:
             scheduler.step()
         rec: EpochRecord = {"phase": phase, "epoch": epoch, "epochs": epochs, "train_loss": train_loss,
                             "seconds": seconds, "images_per_s": batches.num_images / seconds, "lr": current_lr}
-        rec.update(validate())
+        with average.applied(model) if average is not None else nullcontext():
+            rec.update(validate())
         ctx.record(rec)
         stop = ctx.dist.any(ctx.stop(), batches.device)
         if epoch == epochs or (every and epoch % every == 0) or stop:
-            ctx.save_state(phase, model, optimizer, scheduler, epoch, 0, 0.0, 0.0, kernels)
+            ctx.save_state(phase, model, optimizer, scheduler, epoch, 0, 0.0, 0.0, kernels, average, scaler)
         if stop:
             raise Interrupted(ctx.stop.signum, f"the end of {phase} epoch {epoch}", str(ctx.run.path))
+    if average is not None:
+        model.load_state_dict(average.shadow)  # the phase's result is the average
     return ctx.history(phase)
+
+
+def _both(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:
+    if first is None:
+        return second
+
+    def hook() -> None:
+        first()
+        second()
+
+    return hook

@@ -27,21 +27,37 @@ Criterion = Callable[[nn.Module, Batch, "torch.Generator | None"], torch.Tensor]
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0
                    ) -> torch.optim.Optimizer:
-    """Adam (the lecture's), AdamW or SGD with momentum 0.9, over the parameters that train."""
+    """Adam (the lecture's), AdamW, or SGD with momentum 0.9 (``nesterov``: Nesterov's), over the
+    parameters that train."""
     params = [p for p in params if p.requires_grad]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=name == "nesterov")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, step_size: int = 30):
-    """Stepped once per epoch; ``None`` for a constant learning rate (the lecture's)."""
+PER_STEP_SCHEDULES = ("triangle",)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, step_size: int = 30,
+                   steps_per_epoch: int = 1, warmup: float = 0.0):
+    """``None`` for a constant learning rate (the lecture's). ``cosine`` and ``step`` are stepped
+    once per epoch; ``triangle`` (in :data:`PER_STEP_SCHEDULES`) once per step: a linear warm-up
+    over the first ``warmup`` of the ``epochs * steps_per_epoch`` steps, then a linear decay that
+    reaches zero after the last (the fast CIFAR-10 baselines' schedule)."""
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1)
+    if name == "triangle":
+        total = max(epochs * steps_per_epoch, 1)
+        rise = max(round(warmup * total), 1)
+
+        def factor(step: int) -> float:  # the factor for the step about to be taken (0-based)
+            return (step + 1) / rise if step < rise else max(total - step, 0) / max(total - rise + 1, 1)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return None
 
 
@@ -75,14 +91,17 @@ def check_finite(loss: float, what: str, where: str, saved: str = "") -> None:
 
 def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, criterion: Criterion,
                precision: str = "fp32", micro_batch: int | None = None, global_n: int | None = None,
-               world_size: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+               world_size: int = 1, generator: torch.Generator | None = None,
+               scaler: "torch.amp.GradScaler | None" = None) -> torch.Tensor:
     """One optimizer step on ``batch``; returns the loss summed over its images, on the device.
 
     With ``micro_batch`` the gradient is accumulated over chunks of that many images before
     the one step: the same update as the whole batch (up to float rounding), but a chunk's
     activations stay in the CPU's caches. Under DDP ``x`` is this rank's shard of a global
     batch of ``global_n`` images; scaling by ``world_size / global_n`` undoes DDP's averaging,
-    so the update is the global batch's mean gradient even for uneven shards.
+    so the update is the global batch's mean gradient even for uneven shards. With ``scaler``
+    (fp16) the gradient is scaled up before the backward pass and the step is skipped, and the
+    scale lowered, when it overflowed.
     """
     optimizer.zero_grad(set_to_none=True)
     device = batch.x.device
@@ -95,9 +114,14 @@ def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
         with sync:
             with autocast(device, precision):
                 loss = criterion(model, part, generator)
-            (loss * (len(part) * scale)).backward()
+            weighted = loss * (len(part) * scale)
+            (weighted if scaler is None else scaler.scale(weighted)).backward()
         total += loss.detach().double() * len(part)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     return total
 
 
@@ -114,16 +138,15 @@ def train_one_epoch(
     batches: DeviceBatches,
     optimizer: torch.optim.Optimizer,
     criterion: Criterion,
-    precision: str = "fp32",
-    desc: str = "train",
-    micro_batch: int | None = None,
-    start_step: int = 0,
-    loss_sum: float = 0.0,
+    precision: str = "fp32", desc: str = "train", micro_batch: int | None = None,
+    start_step: int = 0, loss_sum: float = 0.0,
     should_stop: Callable[[], bool] | None = None,
     augmentation: AugmentConfig | None = None,
     seed: int = 0,
     max_steps: int | None = None,
     labelled: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    after_step: Callable[[], None] | None = None,
+    scaler: "torch.amp.GradScaler | None" = None,
 ) -> float:
     """One pass over ``batches`` (or its first ``max_steps`` steps); returns the mean loss per image
     over the images it trained on.
@@ -133,7 +156,8 @@ def train_one_epoch(
     numbers (augmentation, the objective's corruption) come from a generator seeded by
     (seed, epoch, step, rank), so a resumed epoch replays the same batches exactly. With
     ``labelled`` (an endless iterator of labelled batches) every step's batch carries the next
-    of them too, augmented like the main one.
+    of them too, augmented like the main one. ``after_step`` runs after every optimizer step (a
+    per-step schedule, the weight average); ``scaler`` is passed to :func:`train_step`.
     """
     from tqdm.auto import tqdm
 
@@ -155,13 +179,15 @@ def train_one_epoch(
         if augmentation is not None:
             x = augment(x, augmentation, g)
         total += train_step(model, Batch(x, y, side), optimizer, criterion, precision, micro_batch,
-                            batches.global_size(step - 1), batches.world_size, g)
+                            batches.global_size(step - 1), batches.world_size, g, scaler)
         images += batches.global_size(step - 1)
-        if should_stop is not None and should_stop():
+        if after_step is not None:
+            after_step()
+        stopping = should_stop is not None and should_stop()
+        if stopping or (max_steps is not None and step - start_step >= max_steps):
             bar.close()
-            raise EpochInterrupted(step, float(total))
-        if max_steps is not None and step - start_step >= max_steps:
-            bar.close()
+            if stopping:
+                raise EpochInterrupted(step, float(total))
             break
     if batches.world_size > 1:  # every rank saw its shard: the epoch's loss is the sum over ranks
         torch.distributed.all_reduce(total)

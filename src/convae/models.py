@@ -18,6 +18,7 @@ from torch import nn
 
 from . import stages  # noqa: F401, I001  (registers the lecture's architecture, first of the choices)
 from . import patchnet  # noqa: F401, I001  (registers the patch architecture)
+from . import blocks  # noqa: F401, I001  (registers the blocks architecture)
 from .arch import ARCHITECTURES, NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES, EncoderBase, ModelConfig, architecture
 from .stages import Decoder, Encoder
 
@@ -36,10 +37,11 @@ class AutoEncoder(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def forward(self, x: torch.Tensor, code_fn=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, code_fn=None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction of ``x``; ``code_fn`` (code -> code), when given, acts on the code
-        between encoder and decoder (the sparse objectives' winner-take-all)."""
-        code, context = self.encoder.code(x)
+        between encoder and decoder (the sparse objectives' winner-take-all); ``mask`` (B, 1, H, W),
+        1 on the pixels hidden from ``x``, is the masked objective's (see ``EncoderBase.masked_code``)."""
+        code, context = self.encoder.code(x) if mask is None else self.encoder.masked_code(x, mask)
         return self.decoder(code if code_fn is None else code_fn(code), context)
 
 
@@ -67,6 +69,8 @@ class Classifier(nn.Module):
         return self.head(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.tta and not self.training:  # test-time flip: the mean of both views' logits
+            return (self.head(self.encoder(x)) + self.head(self.encoder(x.flip(3)))) / 2
         return self.head(self.encoder(x))
 
     def reset_classifier(self, num_classes: int) -> None:

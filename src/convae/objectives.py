@@ -18,6 +18,7 @@ trains some architectures names them (``archs``).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -119,6 +120,14 @@ def winner_take_all(z: torch.Tensor, k: int, lifetime_rate: float) -> torch.Tens
     return z
 
 
+def takes_mask(model: nn.Module) -> bool:
+    """Whether ``model`` (an autoencoder, or any module; under DDP or torch.compile too) is told which
+    pixels were hidden: convae's autoencoder is (its encoder decides what to do with it)."""
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
+    return "mask" in inspect.signature(inner.forward).parameters
+
+
 class Objective:
     """A pretraining objective: ``loss(model, x, generator)``, and the criterion the loop calls."""
 
@@ -199,7 +208,8 @@ class Masked(Objective):
     def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         inp, weight = self.corrupt(x, generator)
         target = normalise_patches(x, self.cfg.patch_size) if self.cfg.norm_targets else x
-        return masked_mse(model(inp), target, weight)
+        out = model(inp, mask=weight) if takes_mask(model) else model(inp)
+        return masked_mse(out, target, weight)
 
 
 @register_objective

@@ -2,28 +2,32 @@
 
 ``pretrain_phase`` trains an autoencoder with the configured objective (no labels);
 ``finetune_phase`` trains a classifier (or its head alone); ``measure_representation``
-scores the pretrained encoder's frozen features against the same network with random weights.
+scores the pretrained encoder's frozen features against the same network with random weights;
+``prepare_classifier`` and ``train_cell`` are the fine-tuning recipe as a sweep cell runs it.
 Each writes its checkpoint and figures into the run folder (rank 0 only).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 from torchvision.utils import make_grid
 
 from . import visualise
 from .checkpoint import save_checkpoint
+from .config import Config
 from .arch import EncoderBase
-from .data import DeviceBatches, RunData, to_model_input
-from .device import autocast
+from .data import DeviceBatches, ImageSet, RunData, to_model_input
+from .device import autocast, grad_scaler, micro_batch_size
 from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction
-from .fit import RunContext, fit
-from .loop import classification_criterion, freeze
+from .fit import RunContext, StopFlag, fit
+from .loop import PER_STEP_SCHEDULES, check_finite, freeze, make_optimizer, make_scheduler, train_one_epoch
 from .models import AutoEncoder, Classifier
 from .objectives import make_objective
-from .probes import extract_features, random_encoder, representation_scores
+from .probes import extract_features, fit_head, random_encoder, representation_scores
+from .recipe import WeightAverage, classification_loss, repeats, step_hook
 from .records import EpochRecord, Representation, Results, Validation
 
 
@@ -77,14 +81,14 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     """Supervised fine-tuning (or a linear probe with ``freeze_encoder``); returns results.json's record."""
     cfg, run = ctx.cfg, ctx.run
     r = ctx.resumed("finetune")
-    before = r["kernels"].to(device) if r is not None else clf.encoder.kernels()
-    if cfg.freeze_encoder:
-        freeze(clf.encoder)
     k = len(data.classes)
     ft = data.finetune
     assert ft is not None, "fine-tuning needs labelled data (checked by prepare_data)"
+    prepare_classifier(clf, ft, data.train, cfg, ctx.log, fresh=r is None)
+    before = r["kernels"].to(device) if r is not None else clf.encoder.kernels()
     train = DeviceBatches.of(ft, device, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ctx.dist.rank,
-                             world_size=ctx.dist.world_size, placement=cfg.placement)
+                             world_size=ctx.dist.world_size, placement=cfg.placement
+                             ).repeated(repeats(len(ft), cfg.epoch_images))
     val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
     ctx.log(f"fine-tuning batches: {train.describe()}")
 
@@ -99,7 +103,8 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
         return {"val_loss": last["eval"]["loss"], "val_accuracy": last["eval"]["accuracy"]}
 
     lr = cfg.finetune_lr or cfg.lr
-    history = fit(clf, "finetune", train, validate, classification_criterion, cfg.finetune_epochs, lr, ctx, before)
+    history = fit(clf, "finetune", train, validate, classification_loss(cfg.label_smoothing), cfg.finetune_epochs, lr,
+                  ctx, before, ema=cfg.ema)
     # a resumed run whose epochs were all done before has not evaluated in this process
     final = last.get("eval") or evaluate_classifier(clf, val, k, cfg.precision)
     results = class_results(final["confusion_matrix"], data.classes)
@@ -120,6 +125,25 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
         results["best"] = {"epoch": top["epoch"], "val_accuracy": top["val_accuracy"],
                            "checkpoint": str(best_path.relative_to(run.path)), "selected_on": data.eval_name}
     return results
+
+
+def prepare_classifier(clf: Classifier, labelled, unlabelled, cfg, log, fresh: bool = True) -> None:
+    """The recipe's steps before the first fine-tuning step, the same for a run and a sweep cell:
+    the test-time flip as configured, the statistics a scratch encoder fits (on ``unlabelled``),
+    the frozen encoder, and LP-FT's head (fitted on the frozen features of ``labelled``).
+    ``fresh`` is False when resuming: what was fitted comes with the saved weights."""
+    if clf.config.tta != cfg.tta:  # a classifier-only knob: not the pretrained autoencoder's to decide
+        clf.config = replace(clf.config, tta=cfg.tta)
+    if fresh and cfg.init == "scratch" and clf.encoder.fit_images:
+        note = _fit_to_data(clf.encoder, unlabelled, cfg.seed)
+        if note:
+            log(note)
+    if cfg.freeze_encoder:
+        freeze(clf.encoder)
+    if fresh and cfg.lp_ft:
+        acc = fit_head(clf, labelled, labelled.labels, cfg.precision, cfg.seed)
+        log(f"LP-FT: head fitted on the frozen features of {len(labelled)} labelled images "
+            f"(training accuracy {100 * acc:.2f}%)")
 
 
 def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torch.device) -> Representation:
@@ -156,3 +180,40 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
             + (f"; the pretrained encoder scores below random weights ({' and '.join(below)}): pretraining did not "
                "help these probes" if below else "") + f" ({rep['seconds']:.0f} s)")
     return rep
+
+
+def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int | None, seed: int,
+               num_classes: int, stop: StopFlag | None = None) -> float:
+    """The fine-tuning recipe of a run on the labelled ``train`` (``prepare_classifier`` done):
+    ``cfg.finetune_epochs`` epochs of at least ``cfg.epoch_images`` images, or exactly ``steps``
+    optimizer steps, with the run's schedule, label smoothing, weight average and augmentation,
+    through the training loop of every run (its seeding, the stop flag, the NaN guard); then the
+    evaluation-set accuracy (of the average, when there is one)."""
+    device = next(clf.parameters()).device
+    optimizer = make_optimizer(clf.parameters(), cfg.optimizer, cfg.finetune_lr or cfg.lr, cfg.weight_decay)
+    batches = DeviceBatches.of(train, device, cfg.batch_size, shuffle=True, seed=seed, placement=cfg.placement
+                               ).repeated(repeats(len(train), cfg.epoch_images))
+    total = steps if steps is not None else cfg.finetune_epochs * len(batches)
+    epochs = -(-total // len(batches))
+    scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size, len(batches), cfg.warmup)
+    per_step = scheduler is not None and cfg.schedule in PER_STEP_SCHEDULES
+    average = WeightAverage(clf, cfg.ema) if cfg.ema else None
+    hook = step_hook(clf, scheduler if per_step else None, average)
+    criterion = classification_loss(cfg.label_smoothing)
+    micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
+    scaler = grad_scaler(cfg.precision, device)
+    done, epoch = 0, 0
+    while done < total:
+        epoch += 1
+        batches.set_epoch(epoch)
+        n = min(total - done, len(batches))
+        loss = train_one_epoch(clf, batches, optimizer, criterion, cfg.precision, "cell", micro,
+                               should_stop=stop, augmentation=cfg.augment_config(), seed=seed, max_steps=n,
+                               after_step=hook, scaler=scaler)
+        done += n
+        check_finite(loss, "fine-tuning", f"after {done} step(s) of a sweep cell")
+        if scheduler is not None and not per_step:
+            scheduler.step()
+    if average is not None:
+        clf.load_state_dict(average.shadow)
+    return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]

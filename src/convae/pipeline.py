@@ -127,6 +127,7 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
                     ae = _pretrained_autoencoder(run, cfg)
                 if ae is not None:
                     results["representation"] = measure_representation(ae, data, ctx, device)
+                    _compare_with_probe(results, log)
         if dist.is_main:
             results["kernel_shape"] = list(model.encoder.kernels().shape)
             _write_results(ctx, data, results, do_finetune, device)
@@ -136,6 +137,17 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
             ckpt = run.checkpoints / "autoencoder.pt"
             log(f"autoencoder: {ckpt}\nnext: convae finetune --checkpoint {ckpt} --data {cfg.data} --out NEW_DIR")
     return run
+
+
+def _compare_with_probe(results: Results, log: Log) -> None:
+    """Say so when the classifier fine-tuned is below logistic regression on its encoder's frozen
+    pretrained features: fine-tuning lost what the features already gave."""
+    rep, acc = results.get("representation") or {}, results.get("accuracy")
+    probe = rep.get("linear_probe_accuracy")
+    if acc is not None and probe is not None and acc < probe:
+        log(f"convae: warning: the fine-tuned classifier ({100 * acc:.2f}%) is below logistic regression on the "
+            f"frozen pretrained features ({100 * probe:.2f}%): try --lp-ft, a lower --finetune-lr, or "
+            "--freeze-encoder")
 
 
 def _timed(ctx: RunContext, phase: str, work: Callable):

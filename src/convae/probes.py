@@ -78,17 +78,15 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes: int, k: int = 20
     return float((pred == test_y).float().mean())
 
 
-def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                          num_classes: int, max_iter: int = 200, l2: float = 1e-4, seed: int = 0) -> float:
-    """Accuracy of multinomial logistic regression on standardised frozen features.
-
-    Full-batch L-BFGS with a small L2 penalty: it converges the same way for 250 or 45,000
-    labelled images, unlike a fixed number of SGD epochs.
-    """
+def fit_logistic(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, max_iter: int = 200,
+                 l2: float = 1e-4, seed: int = 0) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on standardised features, fitted by full-batch L-BFGS with
+    a small L2 penalty: it converges the same way for 250 or 45,000 labelled images, unlike a
+    fixed number of SGD epochs. Returns the head and the standardisation (mean, std)."""
     mean, std = train_f.mean(0), train_f.std(0).clamp(min=1e-6)
     if train_f.shape[0] < 2:
         std = torch.ones_like(std)
-    xtr, xte = (train_f - mean) / std, (test_f - mean) / std
+    xtr = (train_f - mean) / std
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(xtr.shape[1], num_classes).to(xtr.device)
@@ -103,8 +101,61 @@ def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: 
 
     with torch.enable_grad():
         opt.step(closure)
+    return head.requires_grad_(False), mean, std
+
+
+def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                          num_classes: int, max_iter: int = 200, l2: float = 1e-4, seed: int = 0) -> float:
+    """Accuracy of multinomial logistic regression on standardised frozen features (:func:`fit_logistic`)."""
+    head, mean, std = fit_logistic(train_f, train_y, num_classes, max_iter, l2, seed)
     with torch.no_grad():
-        return float((head(xte).argmax(1) == test_y).float().mean())
+        return float((head((test_f - mean) / std).argmax(1) == test_y).float().mean())
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(encoder: nn.Module, images: torch.Tensor | ImageSet, precision: str = "fp32",
+                           batch_size: int = INFERENCE_BATCH_SIZE) -> int:
+    """Every batch norm's running statistics recomputed as the average over ``images`` (one pass in
+    training mode, no gradients), so eval-mode features are what training-mode batches see; the
+    number of norms recalibrated. A scratch network's running statistics are still (0, 1), far from
+    its batches', and a head fitted on such features is wrong in training."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = encoder.training
+    device = next(encoder.parameters()).device
+    chunks = images.chunks(batch_size) if isinstance(images, ImageSet) else images.split(batch_size)
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the chunks
+        encoder.train()
+        for x in chunks:
+            with autocast(device, precision):
+                encoder(to_model_input(x.to(device)))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        encoder.train(was_training)
+    return len(norms)
+
+
+@torch.no_grad()
+def fit_head(clf: nn.Module, images, labels: torch.Tensor, precision: str, seed: int) -> float:
+    """LP-FT's first stage: ``clf.head`` set to the logistic regression fitted to convergence on the
+    frozen features of ``images`` (the probe's fit, folded back through the standardisation).
+    Returns its accuracy on those images."""
+    device = clf.head.weight.device
+    if any(p.requires_grad for p in clf.encoder.parameters()):  # a frozen encoder keeps its statistics
+        recalibrate_batch_norm(clf.encoder, images, precision)
+    feats = extract_features(clf.encoder, images, precision=precision, desc="LP-FT: features of the labelled images")
+    y = labels.to(device)
+    head, mean, std = fit_logistic(feats, y, clf.head.out_features, seed=seed)
+    w = head.weight / std  # head((f - mean) / std) = (W / std) f + (b - (W / std) mean)
+    clf.head.weight.copy_(w)
+    clf.head.bias.copy_(head.bias - w @ mean)
+    return float((clf.head(feats).argmax(1) == y).float().mean())
 
 
 def random_encoder(config, seed: int, device: torch.device | str = "cpu") -> nn.Module:

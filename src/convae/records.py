@@ -7,7 +7,7 @@ Each is a ``TypedDict`` because it is written to JSON as it is (``metrics.jsonl`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypedDict
+from typing import Any, Callable, Iterator, NotRequired, TypedDict
 
 import torch
 
@@ -146,3 +146,5 @@ class TrainingState(TypedDict):
     timing: dict[str, float]
     kernels: torch.Tensor
     config: dict[str, Any]
+    average: NotRequired[dict[str, Any] | None]  # the fine-tuning weight average (--ema), when kept
+    scaler: NotRequired[dict[str, Any] | None]  # the fp16 gradient scaler's state

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -11,45 +10,10 @@ from pathlib import Path
 
 from .config import Config
 from .errors import ConvaeError, clip, first_line
-from .files import atomic_write_text, read_file
+from .files import atomic_write_text
+from .pages import STYLE, img, pct, read_json, read_metrics, table
 from .reference import CIFAR10, LECTURE
 from .knobs import group_fields
-
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1320px; padding: 0 1.5em; color: #222;
-       line-height: 1.45; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.8em; }
-table { border-collapse: collapse; margin: .6em 0; font-size: .92em; }
-th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
-th { background: #f3f3f3; } td.l, th.l { text-align: left; }
-figure { display: inline-block; margin: .4em 1em .4em 0; vertical-align: top; max-width: 100%; }
-figure img { width: 600px; max-width: 100%; border: 1px solid #eee; } figcaption { font-size: .85em; color: #555; }
-figure.small img { width: 400px; } figure.native img { width: auto; }
-.warn { background: #fff4d6; border-left: 4px solid #e0a800; padding: .4em .8em; }
-.note { color: #555; font-size: .9em; } .big { font-size: 1.3em; font-weight: 600; }
-"""
-
-
-def _img(path: Path, caption: str, size: str = "") -> str:
-    """An inlined figure; ``size`` is "small" (kernel grids), "" (600 px) or "native" (drawn at its own
-    size, never scaled down: many small numbers or thumbnails)."""
-    if not path.is_file():
-        return ""
-    data = base64.b64encode(read_file(path, path.parent.parent)).decode()  # never through a link
-    return (f'<figure class="{size}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-
-
-def _table(headers: list[str], rows: list[list], table_id: str = "", left: int = 1, text: tuple[int, ...] = ()) -> str:
-    """Numbers right-aligned; the first ``left`` columns and the ``text`` columns left-aligned."""
-    attr = f' id="{table_id}"' if table_id else ""
-    cls = lambda i: "l" if i < left or i in text else ""  # noqa: E731
-    head = "".join(f'<th class="{cls(i)}">{html.escape(str(h))}</th>' for i, h in enumerate(headers))
-    body = "".join(
-        "<tr>" + "".join(f'<td class="{cls(i)}">{html.escape(str(c))}</td>' for i, c in enumerate(r))
-        + "</tr>" for r in rows)
-    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 SHORT_RUN_STEPS = 200  # fewer pretraining steps than this: the figures show an early stage
@@ -71,39 +35,6 @@ def _provenance(p: dict | None) -> str:
     return (f'<p class="note">convae {html.escape(str(p.get("convae")))}, torch {html.escape(str(p.get("torch")))}, '
             f'{html.escape(str(p.get("date")))}; {html.escape(str(p.get("device")))} '
             f'({html.escape(str(p.get("device_name")))}), precision {html.escape(str(p.get("precision")))}.</p>')
-
-
-def _pct(v) -> str:
-    return "" if v is None else f"{100 * v:.2f} %"
-
-
-def _read_json(path: Path) -> dict | None:
-    """A run-folder JSON file (untrusted: it may be truncated, edited or from another tool)."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(read_file(path).decode("utf-8"))
-    except (ValueError, OSError) as e:
-        raise ConvaeError(f"{path} is not readable JSON ({clip(first_line(e), 80)})") from None
-    if not isinstance(data, dict):
-        raise ConvaeError(f"{path} is not a convae file (it holds a {type(data).__name__}, not a mapping)")
-    return data
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(read_file(path).decode("utf-8", "replace").splitlines(), 1):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except ValueError:
-            raise ConvaeError(f"{path} line {n} is not JSON (a damaged metrics file)") from None
-        if row is not None:
-            if not isinstance(row, dict):
-                raise ConvaeError(f"{path} line {n} is not a metrics record")
-            rows.append(row)
-    return rows
 
 
 @dataclass
@@ -131,8 +62,8 @@ class _Run:
 
 def build_report(run: Path) -> str:
     """The page's HTML for the run folder ``run``."""
-    r = _Run(run / "figures", _read_json(run / "config.json") or {}, _read_json(run / "results.json"),
-             _read_json(run / "sweep.json"), _read_metrics(run / "metrics.jsonl"))
+    r = _Run(run / "figures", read_json(run / "config.json") or {}, read_json(run / "results.json"),
+             read_json(run / "sweep.json"), read_metrics(run / "metrics.jsonl"))
     is_lecture = _lecture_setting(r.cfg, r.results)
     parts = [f"<h1>convae report: {html.escape(run.name)}</h1>", _provenance(r.summary.get("provenance")),
              *_header(r, is_lecture), *_training(r, is_lecture), *_kernels(r), *_per_class(r, is_lecture),
@@ -158,7 +89,7 @@ def _header(r: _Run, is_lecture: bool) -> list[str]:
     results = r.results
     if results and "per_class" in results:
         summary.append(f"Evaluated on the {html.escape(results.get('eval_set', ''))}: "
-                       f'<span class="big">{_pct(results["accuracy"])}</span> accuracy over '
+                       f'<span class="big">{pct(results["accuracy"])}</span> accuracy over '
                        f"{html.escape(str(results['num_images']))} images, {len(classes)} classes.")
         t = results.get("timing", {})
         if t:
@@ -178,17 +109,17 @@ def _training(r: _Run, is_lecture: bool) -> list[str]:
     rows = []
     for m in train_rows:
         row = [m["phase"], m["epoch"], f"{m['train_loss']:.4f}", f"{m.get('val_loss', float('nan')):.4f}",
-               _pct(m.get("val_accuracy")), f"{m['seconds']:.1f}", f"{m['images_per_s']:.0f}"]
+               pct(m.get("val_accuracy")), f"{m['seconds']:.1f}", f"{m['images_per_s']:.0f}"]
         if is_lecture:
             ref = LECTURE["finetune_accuracy"]
             row.append(f"{ref[m['epoch'] - 1]:.2f} %" if m["phase"] == "finetune" and m["epoch"] <= len(ref) else "")
         rows.append(row)
-    return ["<h2>Training</h2>", _table(headers, rows, "epochs", left=1),
+    return ["<h2>Training</h2>", table(headers, rows, "epochs", left=1),
             '<p class="note">Losses are means over all training images (the lecture divided by 60000).'
             " Accuracy is a fraction of the evaluation set; seconds are training time of the epoch.</p>",
-            _img(r.fig / "pretrain_loss.png", "pretraining loss (per pixel)")
-            + _img(r.fig / "finetune_loss.png", "fine-tuning loss (cross-entropy)")
-            + _img(r.fig / "finetune_accuracy.png", f"accuracy on the {r.set_name} per fine-tuning epoch")]
+            img(r.fig / "pretrain_loss.png", "pretraining loss (per pixel)")
+            + img(r.fig / "finetune_loss.png", "fine-tuning loss (cross-entropy)")
+            + img(r.fig / "finetune_accuracy.png", f"accuracy on the {r.set_name} per fine-tuning epoch")]
 
 
 KERNEL_FIGURES = [("kernels_initial.png", "initial (random)"), ("kernels_pretrained.png", "after pretraining"),
@@ -206,9 +137,9 @@ def _kernels(r: _Run) -> list[str]:
             what = "The first layer's kernels"
         parts.append(f'<h2>First-layer kernels</h2><p class="note">{what}, magnitude |w| '
                      "scaled by each grid's maximum, as the lecture shows them.</p>")
-        parts.append("".join(_img(r.fig / f, c, "small") for f, c in KERNEL_FIGURES))
+        parts.append("".join(img(r.fig / f, c, "small") for f, c in KERNEL_FIGURES))
     if (r.fig / "reconstructions.png").is_file():
-        parts.append("<h2>Reconstructions</h2>" + _img(r.fig / "reconstructions.png", f"images of the {r.set_name} "
+        parts.append("<h2>Reconstructions</h2>" + img(r.fig / "reconstructions.png", f"images of the {r.set_name} "
                                                         "(top) over their reconstructions (bottom)", "native"))
     return parts
 
@@ -220,12 +151,12 @@ def _per_class(r: _Run, is_lecture: bool) -> list[str]:
     headers = ["class", "correct", "total", "accuracy"] + (["lecture (test)"] if is_lecture else [])
     rows = []
     for name, c in results["per_class"].items():
-        row = [name, c["correct"], c["total"], _pct(c["accuracy"])]
+        row = [name, c["correct"], c["total"], pct(c["accuracy"])]
         if is_lecture:
             row.append(f"{LECTURE['per_class'][name]:.1f} %")
         rows.append(row)
-    return ["<h2>Per-class accuracy</h2>", _table(headers, rows, "per-class"),
-            _img(r.fig / "confusion_matrix.png", f"confusion matrix on the {r.set_name} (rows: true class)", "native")]
+    return ["<h2>Per-class accuracy</h2>", table(headers, rows, "per-class"),
+            img(r.fig / "confusion_matrix.png", f"confusion matrix on the {r.set_name} (rows: true class)", "native")]
 
 
 def _representation(r: _Run) -> list[str]:
@@ -234,11 +165,11 @@ def _representation(r: _Run) -> list[str]:
         return []
     rand = rep.get("random") or {}
     gain = lambda key: (f"{100 * (rep[key] - rand[key]):+.2f} points" if key in rand else "")  # noqa: E731
-    return ["<h2>The frozen representation</h2>", _table(["probe", "trained encoder", "random weights",
+    return ["<h2>The frozen representation</h2>", table(["probe", "trained encoder", "random weights",
                                                            "training added", "setting"], [
-        ["kNN", _pct(rep["knn_accuracy"]), _pct(rand.get("knn_accuracy")), gain("knn_accuracy"),
+        ["kNN", pct(rep["knn_accuracy"]), pct(rand.get("knn_accuracy")), gain("knn_accuracy"),
          f"k={rep['knn']['k']}, cosine similarity, votes weighted exp(sim/{rep['knn']['temperature']})"],
-        ["linear probe", _pct(rep["linear_probe_accuracy"]), _pct(rand.get("linear_probe_accuracy")),
+        ["linear probe", pct(rep["linear_probe_accuracy"]), pct(rand.get("linear_probe_accuracy")),
          gain("linear_probe_accuracy"),
          f"logistic regression, full-batch L-BFGS ({rep['linear_probe']['max_iter']} iterations, "
          f"L2 {rep['linear_probe']['l2']}), standardised features"],
@@ -248,7 +179,7 @@ def _representation(r: _Run) -> list[str]:
         "images: what pretraining bought is the difference.</p>",
         f'<p class="note">{html.escape(rep["encoder"])} encoder; labelled bank: '
         f'{html.escape(rep["bank"])}; evaluated on the {html.escape(rep["eval_set"])}.</p>',
-        _img(r.fig / "embedding_map.png", f"t-SNE map of the {r.set_name}'s embeddings")]
+        img(r.fig / "embedding_map.png", f"t-SNE map of the {r.set_name}'s embeddings")]
 
 
 def _sweep(r: _Run) -> list[str]:
@@ -257,12 +188,19 @@ def _sweep(r: _Run) -> list[str]:
         return []
     cell = {(c["method"], c["labels_per_class"]): c for c in sweep["summary"]}
     rows = [[name] + [_mean_std(cell.get((m, b))) for b in sweep["budgets"]] for m, name in sweep["methods"].items()]
-    return ["<h2>Label efficiency</h2>", _table(["method"] + [f"{b} / class" for b in sweep["budgets"]], rows, "sweep"),
+    return ["<h2>Label efficiency</h2>", table(["method"] + [f"{b} / class" for b in sweep["budgets"]], rows, "sweep"),
             f'<p class="note">Mean ± std over seeds {html.escape(str(sweep["seeds"]))}; every cell trains '
-            f'{html.escape(str(sweep["steps"]))} steps of batch {html.escape(str(sweep["batch_size"]))} on the same '
-            'labelled subset; '
+            f'{_cell_length(sweep)} of batch {html.escape(str(sweep["batch_size"]))} on the same labelled subset; '
             f'evaluated on the {html.escape(sweep["eval_set"])}.</p>',
-            _img(r.fig / "label_efficiency.png", "accuracy against labelled images per class")]
+            img(r.fig / "label_efficiency.png", "accuracy against labelled images per class")]
+
+
+def _cell_length(sweep: dict) -> str:
+    """How long every cell trains: a fixed number of steps, or the run's recipe."""
+    if sweep.get("steps") is not None:
+        return f'{html.escape(str(sweep["steps"]))} steps'
+    return (f'{html.escape(str(sweep.get("finetune_epochs")))} epochs of at least '
+            f'{html.escape(str(sweep.get("epoch_images") or 0))} images (the labelled set repeated)')
 
 
 def _mean_std(c: dict | None) -> str:
@@ -283,9 +221,24 @@ def _config(r: _Run) -> list[str]:
         if source and (r.sweep is None or r.cfg.get("init_checkpoint")):
             parts.append(f'<p class="note">No pretraining in this run: the autoencoder came from '
                          f"<code>{html.escape(str(source))}</code>; its own config.json holds its recipe.</p>")
-    rows = [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in shown.items()]
-    parts.append(_table(["key", "value"], rows, "config", left=2))
+    # the recipe is what differs from the defaults; the rest would bury it (config.json holds all)
+    defaults = _default_config()
+    changed = {k: v for k, v in shown.items() if k in ALWAYS_SHOWN or k not in defaults or defaults[k] != v}
+    rows = [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in changed.items()]
+    parts.append(table(["key", "value"], rows, "config", left=2))
+    if len(changed) < len(shown):
+        parts.append(f'<p class="note">The {len(shown) - len(changed)} other keys are at their defaults; '
+                     "config.json holds every key.</p>")
     return parts
+
+
+ALWAYS_SHOWN = ("preset", "data")
+
+
+def _default_config() -> dict:
+    """Every key's default, as config.json writes it (tuples as lists)."""
+    return {f: list(d.default) if isinstance(d.default, tuple) else d.default
+            for f, d in Config.__dataclass_fields__.items()}
 
 
 def write_report(run: str | Path) -> Path:

@@ -23,14 +23,13 @@ from torch import nn
 from . import visualise
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import DeviceBatches, ImageSet, RunData, per_class_subset, prepare_data
-from .device import micro_batch_size, provenance, resolve_device, resolve_precision
+from .data import DeviceBatches, RunData, per_class_subset, prepare_data
+from .device import provenance, resolve_device, resolve_precision
 from .errors import ConvaeError, Interrupted
-from .evaluate import evaluate_classifier
 from .fit import RunContext, StopFlag
-from .loop import EpochInterrupted, check_finite, classification_criterion, freeze, make_optimizer, train_one_epoch
+from .loop import EpochInterrupted
 from .models import AutoEncoder, Classifier
-from .phases import pretrain_phase
+from .phases import prepare_classifier, pretrain_phase, train_cell
 from .probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
 from .records import Log, SweepCell
 from .report import write_report
@@ -81,27 +80,6 @@ def parse_budgets(values: list[str]) -> list[int | None]:
                               advice="list each --labels-per-class value once")
         out.append(n)
     return out
-
-
-def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int, seed: int,
-               num_classes: int, stop: StopFlag | None = None) -> float:
-    """``steps`` optimizer steps of the fine-tuning recipe (with its augmentation) on the labelled
-    ``train``, through the training loop of every run (its seeding, the stop flag, the NaN guard),
-    then the evaluation-set accuracy."""
-    device = next(clf.parameters()).device
-    optimizer = make_optimizer(clf.parameters(), cfg.optimizer, cfg.finetune_lr or cfg.lr, cfg.weight_decay)
-    batches = DeviceBatches.of(train, device, cfg.batch_size, shuffle=True, seed=seed, placement=cfg.placement)
-    micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
-    done, epoch = 0, 0
-    while done < steps:
-        epoch += 1
-        batches.set_epoch(epoch)
-        n = min(steps - done, len(batches))
-        loss = train_one_epoch(clf, batches, optimizer, classification_criterion, cfg.precision, "cell", micro,
-                               should_stop=stop, augmentation=cfg.augment_config(), seed=seed, max_steps=n)
-        done += n
-        check_finite(loss, "fine-tuning", f"after {done} step(s) of a sweep cell")
-    return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
 
 
 def summarise(cells: list[SweepCell]) -> list[dict]:
@@ -180,7 +158,7 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
     return _Sweep(cfg, data, ae, random_enc, device, val, feats, StopFlag()), run, pretrain_s
 
 
-def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int) -> float:
+def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None) -> float:
     """One cell: ``method`` on the labelled images ``idx`` of the training split."""
     k, labels = len(sw.data.classes), sw.data.train.labels.to(sw.device)
     if method.probe != "recipe":
@@ -193,20 +171,25 @@ def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: in
     clf = (Classifier.from_autoencoder(sw.ae, k) if method.weights == "pretrained"
            else Classifier(sw.cfg.model_config(num_classes=k)))
     clf = clf.to(sw.device, memory_format=torch.channels_last)
-    if method.frozen:
-        freeze(clf.encoder)
+    cfg = replace(sw.cfg, init="pretrained" if method.weights == "pretrained" else "scratch",
+                  freeze_encoder=method.frozen)
+    prepare_classifier(clf, sw.data.train.subset(idx.cpu()), sw.data.train, cfg, _quiet)
     try:
-        return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, sw.cfg, steps, seed, k, sw.stop)
+        return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, cfg, steps, seed, k, sw.stop)
     except EpochInterrupted:
         raise Interrupted(sw.stop.signum, "in a sweep cell", str(Path(str(sw.cfg.out)) / "metrics.jsonl"),
                           resumable=False) from None
 
 
-def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, checkpoint: str | None = None,
+def _quiet(line: str) -> None:  # the recipe's notes, said once per run, would repeat in every cell
+    pass
+
+
+def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int | None = None, checkpoint: str | None = None,
               log: Log = print, methods: list[str] | None = None) -> RunDir:
     """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png.
     ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures."""
-    if seeds <= 0 or steps <= 0:
+    if seeds <= 0 or (steps is not None and steps <= 0):
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
     chosen = _chosen(methods)
     started = time.perf_counter()
@@ -218,7 +201,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int, ch
     return run
 
 
-def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps: int, chosen: dict[str, Method],
+def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps: int | None, chosen: dict[str, Method],
            log: Log) -> list[SweepCell]:
     cells: list[SweepCell] = []
     once = [k for k, m in chosen.items() if m.probe != "recipe"]
@@ -247,14 +230,15 @@ def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps
     return cells
 
 
-def _write(run: RunDir, sw: _Sweep, budgets: list[int | None], seeds: int, steps: int, chosen: dict[str, Method],
+def _write(run: RunDir, sw: _Sweep, budgets: list[int | None], seeds: int, steps: int | None, chosen: dict[str, Method],
            cells: list[SweepCell], timing: dict[str, float], log: Log) -> None:
     cfg, data = sw.cfg, sw.data
     summary = summarise(cells)
     result = {
         "eval_set": data.eval_name, "eval_label": data.eval_label, "classes": data.classes,
         "budgets": ["all" if b is None else b for b in budgets],
-        "seeds": [cfg.seed + i for i in range(seeds)], "steps": steps, "batch_size": cfg.batch_size,
+        "seeds": [cfg.seed + i for i in range(seeds)], "steps": steps, "finetune_epochs": cfg.finetune_epochs,
+        "epoch_images": cfg.epoch_images, "batch_size": cfg.batch_size,
         "lr": cfg.finetune_lr or cfg.lr, "optimizer": cfg.optimizer, "methods": {k: m.label for k, m in chosen.items()},
         "probe_features": cfg.probe_features, "augment": cfg.augment,
         "autoencoder": cfg.init_checkpoint or str(run.checkpoints / "autoencoder.pt"),

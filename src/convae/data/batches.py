@@ -158,6 +158,7 @@ class DeviceBatches:
         self.seed = seed
         self.epoch = 0
         self.rank, self.world_size = rank, world_size  # each rank takes a strided shard of every batch
+        self.repeat = 1  # passes over the set per epoch, each reshuffled (few labels, enough steps)
 
     @classmethod
     def of(cls, ds: ImageSet, device: torch.device, batch_size: int, labels: bool = True, shuffle: bool = False,
@@ -180,25 +181,33 @@ class DeviceBatches:
     def describe(self) -> str:
         """Where the batches come from, for the log."""
         gib = self.n * (self.images if self.source is None else self.source.store)[0:1].numel() / 2**30
+        passes = f", {self.repeat} passes per epoch" if self.repeat > 1 else ""
         if self.source is None:
-            return f"{self.n} images ({gib:.2f} GiB) held on {self.device} (placement device)"
+            return f"{self.n} images ({gib:.2f} GiB) held on {self.device} (placement device){passes}"
         return (f"{self.n} images ({gib:.2f} GiB) read from the {'cache file' if self.source.file else 'host'} "
-                f"batch by batch, prefetched, to {self.device} (placement host)")
+                f"batch by batch, prefetched, to {self.device} (placement host){passes}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def repeated(self, times: int) -> "DeviceBatches":
+        """Every epoch ``times`` passes over the set, each in its own order, batched as one stream."""
+        if times > 1 and not self.shuffle:
+            raise ValueError("only shuffled batches repeat")
+        self.repeat = max(1, times)
+        return self
+
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-self.num_images // self.batch_size)
 
     @property
     def num_images(self) -> int:
         """Images in an epoch, over all ranks."""
-        return self.n
+        return self.n * self.repeat
 
     def global_size(self, batch_index: int) -> int:
         """Images in batch ``batch_index`` over all ranks (the last batch may be short)."""
-        return min(self.batch_size, self.n - batch_index * self.batch_size)
+        return min(self.batch_size, self.num_images - batch_index * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         return self.iterate(0)
@@ -206,14 +215,16 @@ class DeviceBatches:
     def _order(self) -> torch.Tensor:
         """The epoch's permutation: a function of (seed, epoch) only."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.n, generator=g)
+        if self.repeat == 1:
+            return torch.randperm(self.n, generator=g)
+        return torch.cat([torch.randperm(self.n, generator=g) for _ in range(self.repeat)])
 
     def positions(self, start_batch: int = 0, order: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """The positions in the set of this rank's images of every batch from ``start_batch`` on
         (taken from ``order``, the epoch's permutation wherever it lives, when shuffling)."""
         if self.shuffle and order is None:
             order = self._order()
-        for start in range(start_batch * self.batch_size, self.n, self.batch_size):
+        for start in range(start_batch * self.batch_size, self.num_images, self.batch_size):
             if self.shuffle:
                 yield order[start : start + self.batch_size][self.rank :: self.world_size]
             else:

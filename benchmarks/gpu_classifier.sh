@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The strong-classifier protocol of the `blocks` preset on one CUDA GPU, in about 9 minutes:
+#
+#   bash benchmarks/gpu_classifier.sh CIFAR10_ARCHIVE [RESULTS_DIR]
+#
+# 1. a tiny run and sweep (seconds), so a broken CUDA path stops the script before the long runs;
+# 2. `convae run --preset blocks --init scratch` on every label, timed (target: >= 94 % in <= 60 s);
+# 3. `convae pretrain --preset blocks`: masked-image modelling on every training image;
+# 4. `convae sweep --preset blocks --checkpoint 3.`: pretrained fine-tuned, scratch (the same
+#    recipe), and the logistic probe on pretrained and on random weights, at 25 / 100 / 400 / all
+#    labels per class, 3 seeds; then the same with LP-FT (--lp-ft) at 25 and 100 per class;
+# 5. benchmarks/gpu.sh (throughput and the FLOP limit) in whatever time is left of $BUDGET seconds.
+# Each run folder lands in $RUNS; results.json / sweep.json (or, for a sweep stopped by its time
+# limit, the cells it finished: metrics.jsonl) are copied to RESULTS_DIR; the log goes to stdout.
+# DEVICE=cpu EXTRA="--height 16 ..." FT_EXTRA="--finetune-epochs 1" tries the whole script on a CPU at toy size.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:?usage: bash benchmarks/gpu_classifier.sh CIFAR10_ARCHIVE [RESULTS_DIR]}
+RESULTS=${2:-benchmarks/results/gpu}
+RUNS=${RUNS:-runs/gpu-classifier}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+BUDGET=${BUDGET:-540}
+read -r -a EXTRA <<< "${EXTRA:-}"
+read -r -a FT_EXTRA <<< "${FT_EXTRA:-}"  # fine-tuning flags: for run and sweep, not pretrain
+read -r -a SWEEP_EXTRA <<< "${SWEEP_EXTRA:-}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS" "$RUNS"
+$PY -c "import sys, torch; print('torch', torch.__version__)
+if '$DEVICE' == 'cuda' and not torch.cuda.is_available(): sys.exit('no CUDA GPU here (DEVICE=cpu tries the script on the CPU)')" || exit 1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+
+step() {  # NAME SECONDS COMMAND ARGS...: one convae command under a time limit
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "== $name (limit ${limit}s): convae $*"
+    local ft=("${FT_EXTRA[@]}")
+    [ "$1" = pretrain ] && ft=()
+    timeout "$limit" $PY -m convae "$@" --data "$DATA" --device "$DEVICE" --out "$RUNS/$name" "${EXTRA[@]}" "${ft[@]}"
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    for f in results.json sweep.json; do
+        cp "$RUNS/$name/$f" "$RESULTS/classifier_$name.json" 2>/dev/null || true
+    done
+    [ -f "$RUNS/$name/sweep.json" ] || [ -f "$RUNS/$name/results.json" ] ||
+        cp "$RUNS/$name/metrics.jsonl" "$RESULTS/classifier_$name.metrics.jsonl" 2>/dev/null || true
+    return $rc
+}
+
+echo "== smoke"
+timeout 120 $PY -m convae run --preset blocks --data "$DATA" --device "$DEVICE" --out "$RUNS/smoke" \
+    --channels 16 32 --pretrain-epochs 1 --finetune-epochs 1 --labels-per-class 5 --epoch-images 0 "${EXTRA[@]}" \
+    "${FT_EXTRA[@]}" ||
+    { echo "smoke failed"; exit 1; }
+
+step scratch_all 150 run --preset blocks --init scratch
+step pretrain 150 pretrain --preset blocks --pretrain-epochs "${PRETRAIN_EPOCHS:-20}"
+AE="$RUNS/pretrain/checkpoints/autoencoder.pt"
+[ -f "$AE" ] || { echo "no autoencoder was written: the sweep needs one"; exit 1; }
+step sweep 300 sweep --preset blocks --checkpoint "$AE" --seeds 3 --labels-per-class 25 100 400 all \
+    --methods finetune scratch logistic_probe logistic_random "${SWEEP_EXTRA[@]}"
+step sweep_lpft 90 sweep --preset blocks --checkpoint "$AE" --seeds 3 --labels-per-class 25 100 --lp-ft \
+    --methods finetune scratch "${SWEEP_EXTRA[@]}"
+
+LEFT=$((BUDGET - SECONDS))
+if [ "$DEVICE" = cuda ] && [ "$LEFT" -gt 60 ]; then
+    echo "== gpu.sh with ${LEFT}s left"
+    OUT_DIR="$RESULTS" timeout "$LEFT" bash benchmarks/gpu.sh "$DATA" || echo "== gpu.sh stopped (exit $?)"
+fi
+echo "== done in $SECONDS s"
