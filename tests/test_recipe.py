@@ -11,7 +11,7 @@ from convae.arch import ModelConfig
 from convae.blocks import BlocksEncoder
 from convae.cli import main
 from convae.data import DeviceBatches
-from convae.loop import classification_criterion, make_optimizer, make_scheduler
+from convae.loop import classification_criterion, make_scheduler
 from convae.models import AutoEncoder, Classifier
 from convae.probes import fit_head, linear_probe_accuracy
 from convae.recipe import WeightAverage, classification_loss, repeats
