@@ -337,9 +337,9 @@ def test_the_patches_preset_end_to_end(image_folder, cache_dir, tmp_path, capsys
 def test_a_run_logged_to_a_file_says_where_it_is_between_epochs(image_folder, cache_dir, tmp_path, capsys,
                                                                 monkeypatch):
     """No progress bar in a log file: a line with the step and the phase's time left instead."""
-    import convae.fit
+    import convae.rundir
 
-    monkeypatch.setattr(convae.fit, "HEARTBEAT_SECONDS", 0.0)
+    monkeypatch.setattr(convae.rundir, "HEARTBEAT_SECONDS", 0.0)
     assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "r"),
                  "--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "16", "--batch-size", "8",
                  "--pretrain-epochs", "2", "--finetune-epochs", "1", "--device", "cpu"]) == 0

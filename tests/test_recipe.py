@@ -160,3 +160,17 @@ def test_a_run_with_the_whole_recipe_saves_the_average_and_logs_lp_ft(image_fold
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [m["lr"] for m in metrics if m.get("phase") == "finetune"]
     assert lrs[0] < 0.05 and lrs[1] < 0.05  # stepped per step: never the peak at an epoch's start here
+
+
+def test_an_epoch_resumed_mid_way_records_the_lr_of_its_first_step():
+    from convae.fit import _epoch_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, "triangle", 2, steps_per_epoch=10, warmup=0.5)
+    first = opt.param_groups[0]["lr"]
+    for _ in range(13):  # epoch 2, three steps in: where a resumed process starts
+        opt.step()
+        sched.step()
+    at_epoch_2 = _lrs("triangle", 2, 10, 0.5)[10]
+    assert _epoch_lr(opt, sched, 10) == pytest.approx(at_epoch_2) and at_epoch_2 != opt.param_groups[0]["lr"]
+    assert _epoch_lr(opt, None, 10) == opt.param_groups[0]["lr"] and first == pytest.approx(0.1)

@@ -30,50 +30,9 @@ from .loop import (PER_STEP_SCHEDULES, Criterion, EpochInterrupted, check_finite
                    train_one_epoch)
 from .recipe import WeightAverage, step_hook
 from .records import EpochRecord, Log, TrainingState, Validation
-from .rundir import RunDir, TensorBoardLog, epoch_line
+from .rundir import Heartbeat, RunDir, TensorBoardLog, epoch_line
 
 STATE_FORMAT = "convae-state"
-HEARTBEAT_SECONDS = 60.0  # in a log file, a progress line at most this often
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-class Heartbeat:
-    """Where no progress bar is drawn (output to a file, a scheduler, CI), a line every
-    ``HEARTBEAT_SECONDS`` with the step and the time left in the whole phase; on a terminal the
-    bar shows the epoch and :meth:`desc` the phase's time left."""
-
-    def __init__(self, log: Log, phase: str, epochs: int, steps: int, on: bool) -> None:
-        self.log, self.phase, self.epochs, self.steps, self.on = log, phase, epochs, steps, on
-        self.epoch = self.step = self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def begin(self, epoch: int, step: int) -> None:
-        self.epoch, self.step = epoch, step
-
-    def left(self) -> float | None:
-        """Seconds left in the phase at this process's pace so far (None before a step)."""
-        if not self.done:
-            return None
-        pace = (time.perf_counter() - self.start) / self.done
-        return pace * ((self.epochs - self.epoch) * self.steps + self.steps - self.step)
-
-    def desc(self) -> str:
-        left = self.left()
-        return f"{self.phase} {self.epoch}/{self.epochs}" + (f" (phase: {_minutes(left)} left)" if left else "")
-
-    def __call__(self) -> None:
-        self.step += 1
-        self.done += 1
-        now = time.perf_counter()
-        if self.on and now - self.last >= HEARTBEAT_SECONDS:
-            self.last = now
-            self.log(f"{self.phase}  epoch {self.epoch}/{self.epochs}  step {self.step}/{self.steps}  "
-                     f"about {_minutes(self.left() or 0)} left in {self.phase}")
-
-
 class StopFlag:
     """Set by SIGINT/SIGTERM: training finishes the step in flight, saves, and stops."""
 
@@ -248,7 +207,7 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
     for epoch in range(first, epochs + 1):
         batches.set_epoch(epoch)
         beat.begin(epoch, step)
-        current_lr = optimizer.param_groups[0]["lr"]
+        current_lr = _epoch_lr(optimizer, scheduler if per_step and step else None, (epoch - 1) * len(batches))
         start = time.perf_counter()
         try:
             # under DDP the ranks agree to stop at epoch ends only: no collective per step
@@ -280,6 +239,14 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
     if average is not None:
         model.load_state_dict(average.shadow)  # the phase's result is the average
     return ctx.history(phase)
+
+
+def _epoch_lr(optimizer, resumed_schedule, first_step: int) -> float:
+    """The learning rate an epoch's record shows: its first step's, also when the epoch is resumed
+    in the middle under a per-step schedule (``resumed_schedule``), where the optimizer holds a later one."""
+    if resumed_schedule is None:
+        return optimizer.param_groups[0]["lr"]
+    return optimizer.param_groups[0]["initial_lr"] * resumed_schedule.lr_lambdas[0](first_step)
 
 
 def _both(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from .config import Config, save_config
 from .errors import ConvaeError, clip
 from .files import append_line, atomic_write_text, read_file, refuse_links
-from .records import EpochRecord
+from .records import EpochRecord, Log
 
 
 class RunDir:
@@ -198,3 +198,44 @@ class TensorBoardLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+HEARTBEAT_SECONDS = 60.0  # in a log file, a progress line at most this often
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Heartbeat:
+    """Where no progress bar is drawn (output to a file, a scheduler, CI), a line every
+    ``HEARTBEAT_SECONDS`` with the step and the time left in the whole phase; on a terminal the
+    bar shows the epoch and :meth:`desc` the phase's time left."""
+
+    def __init__(self, log: Log, phase: str, epochs: int, steps: int, on: bool) -> None:
+        self.log, self.phase, self.epochs, self.steps, self.on = log, phase, epochs, steps, on
+        self.epoch = self.step = self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def begin(self, epoch: int, step: int) -> None:
+        self.epoch, self.step = epoch, step
+
+    def left(self) -> float | None:
+        """Seconds left in the phase at this process's pace so far (None before a step)."""
+        if not self.done:
+            return None
+        pace = (time.perf_counter() - self.start) / self.done
+        return pace * ((self.epochs - self.epoch) * self.steps + self.steps - self.step)
+
+    def desc(self) -> str:
+        left = self.left()
+        return f"{self.phase} {self.epoch}/{self.epochs}" + (f" (phase: {_minutes(left)} left)" if left else "")
+
+    def __call__(self) -> None:
+        self.step += 1
+        self.done += 1
+        now = time.perf_counter()
+        if self.on and now - self.last >= HEARTBEAT_SECONDS:
+            self.last = now
+            self.log(f"{self.phase}  epoch {self.epoch}/{self.epochs}  step {self.step}/{self.steps}  "
+                     f"about {_minutes(self.left() or 0)} left in {self.phase}")
