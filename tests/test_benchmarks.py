@@ -146,7 +146,7 @@ def test_gpu_classifier_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
     """The strong-classifier protocol as a user tries it first on a CPU, at toy size."""
     extra = (f"--height 16 --width 16 --channels 8 16 --batch-size 8 --val-fraction 0.2 --precision fp32 "
              f"--cache-dir {tmp_path / 'cache'}")
-    env = {**os.environ, "DEVICE": "cpu", "EXTRA": extra, "FT_EXTRA": "--finetune-epochs 1 --epoch-images 0",
+    env = {**os.environ, "DEVICE": "cpu", "EXTRA": extra, "FT_EXTRA": "--finetune-epochs 1 --epoch-images 8",
            "SWEEP_EXTRA": "--seeds 1 --labels-per-class 2 all",
            "PRETRAIN_EPOCHS": "1", "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(BENCH / "gpu_classifier.sh"), str(image_folder), str(tmp_path / "results")],

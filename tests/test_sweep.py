@@ -83,3 +83,15 @@ def test_a_sweep_cell_that_diverges_stops_with_one_line(image_folder, cache_dir,
                  "--pretrain-epochs", "1", "--labels-per-class", "2", "--seeds", "1", "--steps", "3",
                  "--methods", "scratch"] + SMALL) == 2
     assert "fine-tuning loss became nan after 1 step(s) of a sweep cell" in capsys.readouterr().err
+
+
+def test_cells_train_the_runs_recipe_or_a_fixed_step_count(image_folder, cache_dir, tmp_path):
+    """With --epoch-images a cell is the run's fine-tuning (its epochs); without it, 300 steps."""
+    common = ["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--pretrain-epochs", "1",
+              "--labels-per-class", "2", "--seeds", "1", "--methods", "scratch"] + SMALL
+    assert main(common + ["--out", str(tmp_path / "fixed")]) == 0
+    assert main(common + ["--out", str(tmp_path / "recipe"), "--epoch-images", "12", "--finetune-epochs", "2"]) == 0
+    fixed, recipe = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("fixed", "recipe"))
+    assert fixed["steps"] == 300 and recipe["steps"] is None and recipe["epoch_images"] == 12
+    assert "every cell trains 300 steps" in (tmp_path / "fixed" / "report.html").read_text()
+    assert "2 epochs of at least 12 images" in (tmp_path / "recipe" / "report.html").read_text()

@@ -90,7 +90,8 @@ def command_specs() -> dict[str, tuple[str, list]]:
                    ("--seeds", dict(type=int, default=3, metavar="K", help="seeds per budget (default 3)")),
                    ("--steps", dict(type=int, default=None, metavar="S",
                                     help="optimizer steps per cell, the same for every method (default: the run's "
-                                         "recipe, --finetune-epochs epochs of at least --epoch-images images)")),
+                                         "recipe, --finetune-epochs epochs of at least --epoch-images images; 300 "
+                                         "steps when --epoch-images is 0)")),
                    ("--methods", dict(nargs="+", choices=list(METHODS), metavar="M", help=f"{', '.join(METHODS)} (default all)")),
                    _batch(f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)")]
                   + DATA + MODEL + PRETRAIN + AUGMENT + [f for f in OPTIM if f != "--batch-size"]

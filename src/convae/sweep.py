@@ -56,6 +56,8 @@ METHODS = {
     "logistic_random": Method("random weights, frozen (logistic regression)", "logistic", "random"),
 }
 DEFAULT_BUDGETS = ["25", "100", "400", "all"]
+# cells of a recipe without --epoch-images train this many steps: its epochs would give 250 labels a step each
+FIXED_STEPS = 300
 
 
 def parse_budgets(values: list[str]) -> list[int | None]:
@@ -191,6 +193,8 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int | N
     ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures."""
     if seeds <= 0 or (steps is not None and steps <= 0):
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
+    if steps is None and not cfg.epoch_images:
+        steps = FIXED_STEPS
     chosen = _chosen(methods)
     started = time.perf_counter()
     with ExitStack() as hold:  # the sweep folder's lock, held to the end
