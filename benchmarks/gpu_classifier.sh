@@ -9,7 +9,8 @@
 # 4. `convae sweep --preset blocks --checkpoint 3.`: pretrained fine-tuned, scratch (the same
 #    recipe), and the logistic probe on pretrained and on random weights, at 25 / 100 / 400 / all
 #    labels per class, 3 seeds; then the same with LP-FT (--lp-ft) at 25 and 100 per class;
-# 5. benchmarks/gpu.sh (throughput and the FLOP limit) in whatever time is left of $BUDGET seconds.
+# 5. the blocks network against the FLOP limit (benchmarks/flops.py --preset blocks), then
+#    benchmarks/gpu.sh (throughput and the FLOP limit) in whatever time is left of $BUDGET seconds.
 # Each run folder lands in $RUNS; results.json / sweep.json (or, for a sweep stopped by its time
 # limit, the cells it finished: metrics.jsonl) are copied to RESULTS_DIR; the log goes to stdout.
 # DEVICE=cpu EXTRA="--height 16 ..." FT_EXTRA="--finetune-epochs 1" tries the whole script on a CPU at toy size.
@@ -62,6 +63,10 @@ step sweep 300 sweep --preset blocks --checkpoint "$AE" --seeds 3 --labels-per-c
 step sweep_lpft 90 sweep --preset blocks --checkpoint "$AE" --seeds 3 --labels-per-class 25 100 --lp-ft \
     --methods finetune scratch "${SWEEP_EXTRA[@]}"
 
+if [ "$DEVICE" = cuda ]; then  # the blocks network's step against the GPU's matrix-product limit
+    timeout 90 $PY benchmarks/flops.py --preset blocks --device cuda --warmup 5 --steps 20 \
+        --json "$RESULTS/flops_blocks.json" || echo "== flops.py --preset blocks stopped (exit $?)"
+fi
 LEFT=$((BUDGET - SECONDS))
 if [ "$DEVICE" = cuda ] && [ "$LEFT" -gt 60 ]; then
     echo "== gpu.sh with ${LEFT}s left"
