@@ -180,6 +180,17 @@ def _restore(ctx: RunContext, phase: str, model: nn.Module, optimizer, scheduler
     return r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"]
 
 
+def optimisation(model: nn.Module, cfg: Config, lr: float, epochs: int, steps_per_epoch: int, ema: float,
+                 device: torch.device):
+    """What a phase's steps update, the same for a run's phase and a sweep cell: the optimizer, its
+    schedule (and whether it is stepped per step), the weight average (``ema`` > 0) and fp16's scaler."""
+    optimizer = make_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size, steps_per_epoch, cfg.warmup)
+    per_step = scheduler is not None and cfg.schedule in PER_STEP_SCHEDULES
+    average = WeightAverage(model, ema) if ema else None
+    return optimizer, scheduler, per_step, average, grad_scaler(cfg.precision, device)
+
+
 def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable[[], Validation],
         criterion: Criterion, epochs: int, lr: float, ctx: RunContext, kernels: torch.Tensor, ema: float = 0.0
         ) -> list[EpochRecord]:
@@ -194,11 +205,8 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
     net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
     if cfg.compile:
         net = torch.compile(net)
-    optimizer = make_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size, len(batches), cfg.warmup)
-    per_step = scheduler is not None and cfg.schedule in PER_STEP_SCHEDULES
-    average = WeightAverage(model, ema) if ema else None
-    scaler = grad_scaler(cfg.precision, batches.device)
+    optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, lr, epochs, len(batches), ema,
+                                                                   batches.device)
     first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
     hook = _both(step_hook(model, scheduler if per_step else None, average), beat)

@@ -18,6 +18,7 @@ trains some architectures names them (``archs``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -125,7 +126,12 @@ def takes_mask(model: nn.Module) -> bool:
     pixels were hidden: convae's autoencoder is (its encoder decides what to do with it)."""
     inner = getattr(model, "_orig_mod", model)
     inner = getattr(inner, "module", inner)
-    return "mask" in inspect.signature(inner.forward).parameters
+    return _forward_takes_mask(type(inner))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_mask(cls: type) -> bool:  # once per class, not once per step
+    return "mask" in inspect.signature(cls.forward).parameters
 
 
 class Objective:

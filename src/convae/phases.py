@@ -20,14 +20,14 @@ from .checkpoint import save_checkpoint
 from .config import Config
 from .arch import EncoderBase
 from .data import DeviceBatches, ImageSet, RunData, to_model_input
-from .device import autocast, grad_scaler, micro_batch_size
+from .device import autocast, micro_batch_size
 from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction
-from .fit import RunContext, StopFlag, fit
-from .loop import PER_STEP_SCHEDULES, check_finite, freeze, make_optimizer, make_scheduler, train_one_epoch
+from .fit import RunContext, StopFlag, fit, optimisation
+from .loop import check_finite, freeze, train_one_epoch
 from .models import AutoEncoder, Classifier
 from .objectives import make_objective
 from .probes import extract_features, fit_head, random_encoder, representation_scores
-from .recipe import WeightAverage, classification_loss, repeats, step_hook
+from .recipe import classification_loss, repeats, step_hook
 from .records import EpochRecord, Representation, Results, Validation
 
 
@@ -190,18 +190,15 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
     through the training loop of every run (its seeding, the stop flag, the NaN guard); then the
     evaluation-set accuracy (of the average, when there is one)."""
     device = next(clf.parameters()).device
-    optimizer = make_optimizer(clf.parameters(), cfg.optimizer, cfg.finetune_lr or cfg.lr, cfg.weight_decay)
     batches = DeviceBatches.of(train, device, cfg.batch_size, shuffle=True, seed=seed, placement=cfg.placement
                                ).repeated(repeats(len(train), cfg.epoch_images))
     total = steps if steps is not None else cfg.finetune_epochs * len(batches)
     epochs = -(-total // len(batches))
-    scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size, len(batches), cfg.warmup)
-    per_step = scheduler is not None and cfg.schedule in PER_STEP_SCHEDULES
-    average = WeightAverage(clf, cfg.ema) if cfg.ema else None
+    optimizer, scheduler, per_step, average, scaler = optimisation(clf, cfg, cfg.finetune_lr or cfg.lr, epochs,
+                                                                   len(batches), cfg.ema, device)
     hook = step_hook(clf, scheduler if per_step else None, average)
     criterion = classification_loss(cfg.label_smoothing)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
-    scaler = grad_scaler(cfg.precision, device)
     done, epoch = 0, 0
     while done < total:
         epoch += 1

@@ -74,10 +74,10 @@ class WeightAverage:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        state = model.state_dict()
+        state = model.state_dict()  # views of the model's own tensors: no copy
         floats = [k for k, v in state.items() if v.is_floating_point()]
-        # one fused call per kind of tensor, not one per tensor: a GPU step is short
-        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k].detach() for k in floats], 1 - d)
+        # one fused call for every tensor, not one per tensor: a GPU step is short
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k] for k in floats], 1 - d)
         for k, v in state.items():
             if not v.is_floating_point():
                 self.shadow[k].copy_(v)
