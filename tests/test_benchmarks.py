@@ -148,14 +148,17 @@ def test_gpu_classifier_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
              f"--cache-dir {tmp_path / 'cache'}")
     env = {**os.environ, "DEVICE": "cpu", "EXTRA": extra, "FT_EXTRA": "--finetune-epochs 1 --epoch-images 8",
            "SWEEP_EXTRA": "--seeds 1 --labels-per-class 2 all",
-           "PRETRAIN_EPOCHS": "1", "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable}
+           "PRETRAIN_EPOCHS": "1", "JOINT_STEPS": "2", "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(BENCH / "gpu_classifier.sh"), str(image_folder), str(tmp_path / "results")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    names = {"classifier_scratch_all", "classifier_pretrain", "classifier_sweep", "classifier_sweep_lpft"}
+    names = {"classifier_scratch_all", "classifier_pretrain", "classifier_sweep", "classifier_sweep_lpft",
+             "classifier_sweep_joint"}
     assert {p.stem for p in (tmp_path / "results").glob("*.json")} == names
     sweep = json.loads((tmp_path / "results" / "classifier_sweep.json").read_text())
     assert set(sweep["methods"]) == {"finetune", "scratch", "logistic_probe", "logistic_random"}
     assert sweep["budgets"] == [2, "all"] and sweep["steps"] is None  # the run's recipe, not a step count
+    joint = json.loads((tmp_path / "results" / "classifier_sweep_joint.json").read_text())
+    assert set(joint["methods"]) == {"joint_gamma", "joint_plain"} and joint["steps"] == 2
     scratch = json.loads((tmp_path / "results" / "classifier_scratch_all.json").read_text())
     assert scratch["init"] == "scratch" and 0 <= scratch["accuracy"] <= 1

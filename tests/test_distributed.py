@@ -30,16 +30,20 @@ def test_ranks_take_disjoint_shards_of_the_same_permutation():
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--joint", "plain", "--labels-per-class", "4")], ids=["run", "joint"])
+def test_two_gloo_processes_match_one_process(tmp_path, extra):
+    """Under joint training both streams are sharded: 36 unlabelled images (batches of 10, 10, 10, 6)
+    and 12 labelled ones (10, 2) split evenly, so the ranks' mean gradients are the global batch's."""
     data = make_image_folder(tmp_path / "data", per_class=15)  # 36 training images: uneven last batch
     cache = tmp_path / "cache"
     single = tmp_path / "single"
-    assert main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(single)] + ARGS) == 0
+    args = ARGS + list(extra)
+    assert main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(single)] + args) == 0
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "convae", "run", "--data", str(data), "--cache-dir", str(cache), "--out", str(ddp)]
-                          + ARGS, env=env, capture_output=True, text=True, timeout=300)
+                          + args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("pretrain  epoch 1/2") == 1  # rank 0 alone prints and writes
     assert "2 processes" in done.stdout
@@ -54,4 +58,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for ra, rb in zip(ma, mb):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
         assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-4)
+        for key in ("train_supervised", "train_unsupervised"):  # joint training's terms, over both ranks
+            assert (key in rb) == (key in ra) == (bool(extra) and ra["phase"] == "finetune")
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4)
     assert json.loads((ddp / "results.json").read_text())["num_images"] == 9

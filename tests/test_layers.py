@@ -15,7 +15,7 @@ LAYERS = [
      "data.rundata", "data.rows", "data.inventory",
      "data.memory"},
     {"checkpoint", "rundir", "report", "pages", "visualise", "reference", "hub"},
-    {"loop", "evaluate", "probes", "fit"},
+    {"loop", "evaluate", "probes", "fit", "joint"},
     {"phases", "pipeline", "sweep", "embeddings", "prediction", "export", "evaluation"},
     {"commands", "api", "cli", "__main__", "__init__"},
 ]

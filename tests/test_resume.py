@@ -202,7 +202,10 @@ def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypa
     (("--arch", "blocks", "--channels", "8", "16", "--objective", "masked", "--augment", "--optimizer", "nesterov",
       "--lr", "0.05", "--schedule", "triangle", "--warmup", "0.3", "--ema", "0.9", "--label-smoothing", "0.1",
       "--lp-ft", "--tta", "--epoch-images", "300"), 4, "finetune"),
-], ids=["masked", "patches", "recipe"])
+    # joint training (the Gamma-model): both streams, the noise and the loss terms, stopped inside its epoch 2
+    (("--arch", "blocks", "--channels", "8", "16", "--augment", "--joint", "gamma", "--labels-per-class", "5",
+      "--pretrain-epochs", "1", "--schedule", "triangle", "--ema", "0.9"), 2, "finetune"),
+], ids=["masked", "patches", "recipe", "joint"])
 def test_augmentation_and_masking_replay_exactly_after_a_mid_epoch_stop(dataset, tmp_path, extra, after, phase):
     """The augmented batches, the masks (or crops) and the recipe's state of a resumed epoch are those of
     the uninterrupted run."""

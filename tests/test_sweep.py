@@ -18,7 +18,8 @@ def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
                 + SMALL) == 0
     result = json.loads((out / "sweep.json").read_text())
     assert result["budgets"] == [2, "all"] and result["seeds"] == [0, 1]
-    methods = {"finetune", "linear_probe", "scratch", "knn", "logistic_probe", "knn_random", "logistic_random"}
+    methods = {"finetune", "linear_probe", "scratch", "joint_plain", "joint_gamma", "knn", "logistic_probe", "knn_random",
+               "logistic_random"}
     assert set(result["methods"]) == methods
     # with every label the frozen-feature probes see the same data for every seed: measured once
     probes = {"knn", "logistic_probe", "knn_random", "logistic_random"}

@@ -179,7 +179,7 @@ PRESETS = {
                "pretrain_epochs": 10, "finetune_epochs": 18, "batch_size": 256, "optimizer": "adamw",
                "lr": 2e-3, "weight_decay": 0.05, "schedule": "triangle", "warmup": 0.2, "label_smoothing": 0.2,
                "ema": 0.99, "tta": True, "epoch_images": 10000, "augment": True, "crop_padding": 2,
-               "probe_features": "pooled", "precision": "auto"},
+               "probe_features": "pooled", "precision": "auto", "joint_noise": 0.15},
 }
 
 register_architecture(Architecture("blocks", BlocksEncoder, BlocksDecoder, feature_dim=lambda cfg: cfg.channels[-1],

@@ -18,7 +18,7 @@ from .errors import ConvaeError, clip, first_line
 from .files import read_file
 from .knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, knob
 from .objectives import ObjectiveConfig, ObjectiveKnobs
-from .recipe import RecipeKnobs
+from .recipe import JointKnobs, RecipeKnobs
 from .validation import validate
 
 
@@ -103,13 +103,14 @@ class ExecKnobs:
 
 
 @dataclass(frozen=True)
-class Config(ExecKnobs, RecipeKnobs, TrainKnobs, AugmentKnobs, ObjectiveKnobs, ModelKnobs, DataKnobs):
+class Config(ExecKnobs, JointKnobs, RecipeKnobs, TrainKnobs, AugmentKnobs, ObjectiveKnobs, ModelKnobs, DataKnobs):
     """The full, final configuration of a run; saved as ``config.json`` in the run folder.
 
     Its sections are declared once, each with its knobs' rules and flags: data (here), the model
     (:class:`convae.arch.ModelKnobs`), the objective (:class:`convae.objectives.ObjectiveKnobs`),
     the augmentation (:class:`convae.augment.AugmentKnobs`), training (here), the fine-tuning
-    recipe (:class:`convae.recipe.RecipeKnobs`) and execution (here).
+    recipe (:class:`convae.recipe.RecipeKnobs`), semi-supervised training
+    (:class:`convae.recipe.JointKnobs`) and execution (here).
     Frozen and validated on construction: a changed value is a new config
     (``dataclasses.replace``), which is validated again.
     """

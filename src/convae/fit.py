@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ class RunContext:
 
     def save_state(self, phase: str, model: nn.Module, optimizer, scheduler, epoch: int, step: int,
                    loss_sum: float, elapsed: float, kernels: torch.Tensor, average: WeightAverage | None = None,
-                   scaler=None) -> None:
+                   scaler=None, terms: dict | None = None) -> None:
         """Everything needed to continue after ``epoch`` completed epochs and ``step`` more batches."""
         if not self.dist.is_main:
             return
@@ -112,6 +112,7 @@ class RunContext:
             "kernels": kernels.detach().cpu(), "config": self.cfg.to_dict(),
             "average": average.state_dict() if average is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "terms": terms,  # the loss terms summed so far in the epoch stopped mid-way
         }
         path = self.run.checkpoints / "state.pt"
         atomic_torch_save(state, path)  # a failed write: one ConvaeError, the previous state intact
@@ -181,25 +182,29 @@ def _restore(ctx: RunContext, phase: str, model: nn.Module, optimizer, scheduler
 
 
 def optimisation(model: nn.Module, cfg: Config, lr: float, epochs: int, steps_per_epoch: int, ema: float,
-                 device: torch.device):
+                 device: torch.device, total_steps: int | None = None):
     """What a phase's steps update, the same for a run's phase and a sweep cell: the optimizer, its
-    schedule (and whether it is stepped per step), the weight average (``ema`` > 0) and fp16's scaler."""
+    schedule (and whether it is stepped per step; over ``total_steps`` when the last epoch stops
+    early), the weight average (``ema`` > 0) and fp16's scaler."""
     optimizer = make_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size, steps_per_epoch, cfg.warmup)
+    scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size, steps_per_epoch, cfg.warmup,
+                               total_steps)
     per_step = scheduler is not None and cfg.schedule in PER_STEP_SCHEDULES
     average = WeightAverage(model, ema) if ema else None
     return optimizer, scheduler, per_step, average, grad_scaler(cfg.precision, device)
 
 
 def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable[[], Validation],
-        criterion: Criterion, epochs: int, lr: float, ctx: RunContext, kernels: torch.Tensor, ema: float = 0.0
-        ) -> list[EpochRecord]:
+        criterion: Criterion, epochs: int, lr: float, ctx: RunContext, kernels: torch.Tensor, ema: float = 0.0,
+        labelled: Callable[[int], Generator] | None = None) -> list[EpochRecord]:
     """Train for ``epochs``, validating, logging and saving the state at the end of each epoch.
 
     Continues from ``ctx.resume`` when it holds this phase. ``kernels`` (the first-layer
     kernels before this phase) travel in the saved state for the figures drawn at the end.
     With ``ema`` a moving average of the weights is kept (:class:`~convae.recipe.WeightAverage`):
-    it is what validation sees, and ``model`` holds it when the phase ends.
+    it is what validation sees, and ``model`` holds it when the phase ends. ``labelled(k)``, when
+    given, is the labelled stream from its ``k``-th batch on, read beside every step (joint training);
+    a criterion with ``terms()`` adds its loss terms to every epoch's record.
     """
     cfg = ctx.cfg
     net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
@@ -208,6 +213,10 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
     optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, lr, epochs, len(batches), ema,
                                                                    batches.device)
     first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
+    terms_state = getattr(criterion, "terms_state", None)  # a criterion that sums loss terms over the epoch
+    saved_terms = (ctx.resumed(phase) or {}).get("terms")
+    if terms_state is not None and step and isinstance(saved_terms, dict):
+        criterion.load_terms(saved_terms)  # type: ignore[attr-defined]
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
     hook = _both(step_hook(model, scheduler if per_step else None, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.device)
@@ -217,15 +226,18 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
         beat.begin(epoch, step)
         current_lr = _epoch_lr(optimizer, scheduler if per_step and step else None, (epoch - 1) * len(batches))
         start = time.perf_counter()
+        side = labelled((epoch - 1) * len(batches) + step) if labelled is not None else None
         try:
             # under DDP the ranks agree to stop at epoch ends only: no collective per step
             train_loss = train_one_epoch(net, batches, optimizer, criterion, cfg.precision, beat.desc(),
                                          micro, step, loss_sum, None if ctx.dist.enabled else ctx.stop,
-                                         cfg.augment_config(), cfg.seed, after_step=hook, scaler=scaler)
+                                         cfg.augment_config(), cfg.seed, labelled=side, after_step=hook,
+                                         scaler=scaler)
         except EpochInterrupted as e:
             if math.isfinite(e.loss_sum):  # never save weights that went bad
                 ctx.save_state(phase, model, optimizer, scheduler, epoch - 1, e.step, e.loss_sum,
-                               elapsed + time.perf_counter() - start, kernels, average, scaler)
+                               elapsed + time.perf_counter() - start, kernels, average, scaler,
+                               terms_state() if terms_state is not None else None)
             raise Interrupted(ctx.stop.signum, f"step {e.step}/{len(batches)} of {phase} epoch {epoch}",
                               str(ctx.run.path)) from None
         seconds = elapsed + time.perf_counter() - start
@@ -236,6 +248,10 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
             scheduler.step()
         rec: EpochRecord = {"phase": phase, "epoch": epoch, "epochs": epochs, "train_loss": train_loss,
                             "seconds": seconds, "images_per_s": batches.num_images / seconds, "lr": current_lr}
+        if side is not None:
+            side.close()  # its prefetching thread ends with it
+        if hasattr(criterion, "terms"):  # summed over the ranks, as the loss
+            rec.update(criterion.terms(ctx.dist.all_reduce_sum if ctx.dist.enabled else None))  # type: ignore
         with average.applied(model) if average is not None else nullcontext():
             rec.update(validate())
         ctx.record(rec)

@@ -41,17 +41,18 @@ PER_STEP_SCHEDULES = ("triangle",)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, step_size: int = 30,
-                   steps_per_epoch: int = 1, warmup: float = 0.0):
+                   steps_per_epoch: int = 1, warmup: float = 0.0, total_steps: int | None = None):
     """``None`` for a constant learning rate (the lecture's). ``cosine`` and ``step`` are stepped
     once per epoch; ``triangle`` (in :data:`PER_STEP_SCHEDULES`) once per step: a linear warm-up
-    over the first ``warmup`` of the ``epochs * steps_per_epoch`` steps, then a linear decay that
-    reaches zero after the last (the fast CIFAR-10 baselines' schedule)."""
+    over the first ``warmup`` of the ``epochs * steps_per_epoch`` steps (or ``total_steps``, when
+    the last epoch stops early), then a linear decay that reaches zero after the last (the fast
+    CIFAR-10 baselines' schedule)."""
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1)
     if name == "triangle":
-        total = max(epochs * steps_per_epoch, 1)
+        total = max(total_steps or epochs * steps_per_epoch, 1)
         rise = max(round(warmup * total), 1)
 
         def factor(step: int) -> float:  # the factor for the step about to be taken (0-based)

@@ -23,6 +23,7 @@ from .data import DeviceBatches, ImageSet, RunData, to_model_input
 from .device import autocast, micro_batch_size
 from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction
 from .fit import RunContext, StopFlag, fit, optimisation
+from .joint import joint_training
 from .loop import check_finite, freeze, train_one_epoch
 from .models import AutoEncoder, Classifier
 from .objectives import make_objective
@@ -86,11 +87,18 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     assert ft is not None, "fine-tuning needs labelled data (checked by prepare_data)"
     prepare_classifier(clf, ft, data.train, cfg, ctx.log, fresh=r is None)
     before = r["kernels"].to(device) if r is not None else clf.encoder.kernels()
-    train = DeviceBatches.of(ft, device, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ctx.dist.rank,
-                             world_size=ctx.dist.world_size, placement=cfg.placement
-                             ).repeated(repeats(len(ft), cfg.epoch_images))
+    model, criterion, labelled = clf, classification_loss(cfg.label_smoothing), None
+    if cfg.joint != "off":
+        model, train, criterion, labelled = joint_training(clf, data.train, ft, data.classes, cfg, device,
+                                                           ctx.dist.rank, ctx.dist.world_size)
+        ctx.log(f"joint training ({cfg.joint}, weight {cfg.joint_weight:g}): the {len(ft)} labelled images cycle "
+                f"beside the unlabelled stream, {train.describe()}")
+    else:
+        train = DeviceBatches.of(ft, device, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ctx.dist.rank,
+                                 world_size=ctx.dist.world_size, placement=cfg.placement
+                                 ).repeated(repeats(len(ft), cfg.epoch_images))
+        ctx.log(f"fine-tuning batches: {train.describe()}")
     val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
-    ctx.log(f"fine-tuning batches: {train.describe()}")
 
     last: dict = {}  # the final epoch's evaluation is the result: no second pass over the evaluation set
     best_path = run.checkpoints / "classifier_best.pt"
@@ -103,8 +111,8 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
         return {"val_loss": last["eval"]["loss"], "val_accuracy": last["eval"]["accuracy"]}
 
     lr = cfg.finetune_lr or cfg.lr
-    history = fit(clf, "finetune", train, validate, classification_loss(cfg.label_smoothing), cfg.finetune_epochs, lr,
-                  ctx, before, ema=cfg.ema)
+    history = fit(model, "finetune", train, validate, criterion, cfg.finetune_epochs, lr, ctx, before, ema=cfg.ema,
+                  labelled=labelled)
     # a resumed run whose epochs were all done before has not evaluated in this process
     final = last.get("eval") or evaluate_classifier(clf, val, k, cfg.precision)
     results = class_results(final["confusion_matrix"], data.classes)
@@ -183,34 +191,43 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
 
 
 def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int | None, seed: int,
-               num_classes: int, stop: StopFlag | None = None) -> float:
+               num_classes: int, stop: StopFlag | None = None, unlabelled: ImageSet | None = None) -> float:
     """The fine-tuning recipe of a run on the labelled ``train`` (``prepare_classifier`` done):
     ``cfg.finetune_epochs`` epochs of at least ``cfg.epoch_images`` images, or exactly ``steps``
     optimizer steps, with the run's schedule, label smoothing, weight average and augmentation,
     through the training loop of every run (its seeding, the stop flag, the NaN guard); then the
-    evaluation-set accuracy (of the average, when there is one)."""
+    evaluation-set accuracy (of the average, when there is one). With ``cfg.joint`` the epochs are
+    passes over ``unlabelled``, ``train`` cycling beside them, as a joint run trains."""
     device = next(clf.parameters()).device
-    batches = DeviceBatches.of(train, device, cfg.batch_size, shuffle=True, seed=seed, placement=cfg.placement
-                               ).repeated(repeats(len(train), cfg.epoch_images))
+    model, criterion, side = clf, classification_loss(cfg.label_smoothing), None
+    if cfg.joint != "off":
+        assert unlabelled is not None, "joint training needs the unlabelled images"
+        model, batches, criterion, side = joint_training(clf, unlabelled, train, [str(c) for c in range(num_classes)],
+                                                         cfg, device, seed=seed)
+    else:
+        batches = DeviceBatches.of(train, device, cfg.batch_size, shuffle=True, seed=seed, placement=cfg.placement
+                                   ).repeated(repeats(len(train), cfg.epoch_images))
     total = steps if steps is not None else cfg.finetune_epochs * len(batches)
     epochs = -(-total // len(batches))
-    optimizer, scheduler, per_step, average, scaler = optimisation(clf, cfg, cfg.finetune_lr or cfg.lr, epochs,
-                                                                   len(batches), cfg.ema, device)
-    hook = step_hook(clf, scheduler if per_step else None, average)
-    criterion = classification_loss(cfg.label_smoothing)
+    optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, cfg.finetune_lr or cfg.lr, epochs,
+                                                                   len(batches), cfg.ema, device, total)
+    hook = step_hook(model, scheduler if per_step else None, average)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
     done, epoch = 0, 0
     while done < total:
         epoch += 1
         batches.set_epoch(epoch)
         n = min(total - done, len(batches))
-        loss = train_one_epoch(clf, batches, optimizer, criterion, cfg.precision, "cell", micro,
+        labelled = side(done) if side is not None else None
+        loss = train_one_epoch(model, batches, optimizer, criterion, cfg.precision, "cell", micro,
                                should_stop=stop, augmentation=cfg.augment_config(), seed=seed, max_steps=n,
-                               after_step=hook, scaler=scaler)
+                               labelled=labelled, after_step=hook, scaler=scaler)
+        if labelled is not None:
+            labelled.close()
         done += n
         check_finite(loss, "fine-tuning", f"after {done} step(s) of a sweep cell")
         if scheduler is not None and not per_step:
             scheduler.step()
     if average is not None:
-        clf.load_state_dict(average.shadow)
+        model.load_state_dict(average.shadow)
     return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]

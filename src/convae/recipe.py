@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .knobs import Flag, Int, Num, knob
+from .knobs import Choice, Flag, Int, Num, knob
 from .records import Batch
 
 
@@ -45,6 +45,25 @@ class RecipeKnobs:
     epoch_images: int = knob(0, Int(0), "fine-tuning: each epoch sees at least N images, the labelled set repeated "
                              "(default 0 = one pass), so few labels still get enough steps", group="finetune",
                              metavar="N")
+
+
+JOINT_MODES = ("off", "plain", "gamma")
+
+
+@dataclass(frozen=True)
+class JointKnobs:
+    """Semi-supervised training as the run config holds it (``Config`` inherits these fields)."""
+
+    joint: str = knob("off", Choice(JOINT_MODES), "semi-supervised fine-tuning: every step adds an unsupervised cost "
+                      "on a batch of the unlabelled images (an epoch is one pass over them) to the labelled batch's "
+                      "cross-entropy: plain (the --objective through the decoder) or gamma (the Ladder's "
+                      "Gamma-model); default off", group="finetune")
+    joint_weight: float = knob(1.0, Num(0), "--joint: weight of the unsupervised cost (default 1; 0 = supervised "
+                               "training)", group="finetune", metavar="W")
+    joint_noise: float = knob(0.3, Num(0), "--joint gamma: Gaussian noise std after every batch norm of the "
+                              "corrupted pass, and on its input relative to the pixels' std (default 0.3)", group="finetune", metavar="S")
+    joint_stop_grad: bool = knob(False, Flag(), "--joint gamma: no gradient through the clean pass's target (the "
+                                 "Ladder's code lets it flow)", group="finetune")
 
 
 def repeats(labelled: int, epoch_images: int) -> int:

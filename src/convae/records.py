@@ -34,6 +34,9 @@ class Validation(TypedDict, total=False):
 class EpochRecord(_EpochRequired, Validation, total=False):
     """One line of ``metrics.jsonl``."""
 
+    train_supervised: float  # joint training: the labelled batches' cross-entropy, mean over the epoch's steps
+    train_unsupervised: float  # ... and the unsupervised cost (before its weight)
+
 
 @dataclass
 class Batch:
@@ -148,3 +151,4 @@ class TrainingState(TypedDict):
     config: dict[str, Any]
     average: NotRequired[dict[str, Any] | None]  # the fine-tuning weight average (--ema), when kept
     scaler: NotRequired[dict[str, Any] | None]  # the fp16 gradient scaler's state
+    terms: NotRequired[dict[str, Any] | None]  # joint training's loss terms summed in the epoch stopped mid-way

@@ -99,16 +99,23 @@ def _header(r: _Run, is_lecture: bool) -> list[str]:
     return parts
 
 
+def _num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+
+
 def _training(r: _Run, is_lecture: bool) -> list[str]:
     train_rows = [m for m in r.metrics if m.get("phase") in ("pretrain", "finetune")]
     if not train_rows:
         return []
-    headers = ["phase", "epoch", "train loss", "val loss", "val accuracy", "seconds", "images/s"]
+    joint = any("train_unsupervised" in m for m in train_rows)  # joint training: its two terms too
+    headers = ["phase", "epoch", "train loss", *(["cross-entropy", "unsupervised"] if joint else []), "val loss",
+               "val accuracy", "seconds", "images/s"]
     if is_lecture:
         headers.append("lecture (test accuracy)")
     rows = []
     for m in train_rows:
-        row = [m["phase"], m["epoch"], f"{m['train_loss']:.4f}", f"{m.get('val_loss', float('nan')):.4f}",
+        terms = [_num(m.get(k)) for k in ("train_supervised", "train_unsupervised")] if joint else []
+        row = [m["phase"], m["epoch"], f"{m['train_loss']:.4f}", *terms, f"{m.get('val_loss', float('nan')):.4f}",
                pct(m.get("val_accuracy")), f"{m['seconds']:.1f}", f"{m['images_per_s']:.0f}"]
         if is_lecture:
             ref = LECTURE["finetune_accuracy"]

@@ -5,7 +5,9 @@ the pretrained encoder fine-tuned, the pretrained encoder frozen (a linear probe
 the same recipe), and the same classifier from random init. On the same subset the frozen
 pretrained features are also scored by kNN and by logistic regression fitted to convergence on
 standardised features (the recipe's probe sees raw feature scales and a fixed step budget).
-One autoencoder pretraining serves the whole sweep.
+The joint methods train the classifier from random init with every training image unlabelled beside
+the labelled subset (:mod:`convae.joint`). One autoencoder pretraining serves the whole sweep (none
+when no chosen method reads it).
 """
 
 from __future__ import annotations
@@ -44,12 +46,15 @@ class Method:
     probe: str  # "recipe" (the fine-tuning recipe trains a classifier), "knn" or "logistic" (frozen features)
     weights: str  # the encoder's: "pretrained" or "random"
     frozen: bool = False  # recipe: only the head trains (a linear probe with the recipe's steps)
+    joint: str = "off"  # recipe: joint training of this variant (convae.joint), every training image unlabelled
 
 
 METHODS = {
     "finetune": Method("pretrained, fine-tuned", "recipe", "pretrained"),
     "linear_probe": Method("pretrained, frozen (linear probe)", "recipe", "pretrained", frozen=True),
     "scratch": Method("random init (scratch)", "recipe", "random"),
+    "joint_plain": Method("joint, plain (objective + cross-entropy)", "recipe", "random", joint="plain"),
+    "joint_gamma": Method("joint, Gamma-model (Ladder)", "recipe", "random", joint="gamma"),
     "knn": Method("pretrained, frozen (kNN, k=200)", "knn", "pretrained"),
     "logistic_probe": Method("pretrained, frozen (logistic regression)", "logistic", "pretrained"),
     "knn_random": Method("random weights, frozen (kNN, k=200)", "knn", "random"),
@@ -142,7 +147,10 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
     started = time.perf_counter()
     if ae is None:
         ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
-        pretrain_phase(ae, data, RunContext(run, cfg, log), device)
+        if any(m.weights == "pretrained" for m in chosen.values()):
+            pretrain_phase(ae, data, RunContext(run, cfg, log), device)
+        else:
+            log(f"sweep: no method reads the pretrained encoder ({', '.join(chosen)}): no pretraining")
     ae = ae.to(device, memory_format=torch.channels_last)
     random_enc = random_encoder(mcfg, cfg.seed, device)
     pretrain_s = time.perf_counter() - started
@@ -174,10 +182,10 @@ def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: in
            else Classifier(sw.cfg.model_config(num_classes=k)))
     clf = clf.to(sw.device, memory_format=torch.channels_last)
     cfg = replace(sw.cfg, init="pretrained" if method.weights == "pretrained" else "scratch",
-                  freeze_encoder=method.frozen)
+                  freeze_encoder=method.frozen, joint=method.joint)
     prepare_classifier(clf, sw.data.train.subset(idx.cpu()), sw.data.train, cfg, _quiet)
     try:
-        return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, cfg, steps, seed, k, sw.stop)
+        return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, cfg, steps, seed, k, sw.stop, sw.data.train)
     except EpochInterrupted:
         raise Interrupted(sw.stop.signum, "in a sweep cell", str(Path(str(sw.cfg.out)) / "metrics.jsonl"),
                           resumable=False) from None
@@ -245,7 +253,8 @@ def _write(run: RunDir, sw: _Sweep, budgets: list[int | None], seeds: int, steps
         "epoch_images": cfg.epoch_images, "batch_size": cfg.batch_size,
         "lr": cfg.finetune_lr or cfg.lr, "optimizer": cfg.optimizer, "methods": {k: m.label for k, m in chosen.items()},
         "probe_features": cfg.probe_features, "augment": cfg.augment,
-        "autoencoder": cfg.init_checkpoint or str(run.checkpoints / "autoencoder.pt"),
+        "autoencoder": (cfg.init_checkpoint or str(run.checkpoints / "autoencoder.pt")
+                        if any(m.weights == "pretrained" for m in chosen.values()) else None),
         "cells": cells, "summary": summary, "timing": timing,
         "images_per_class_all": int(torch.bincount(data.train.labels).max()),
         "provenance": provenance(sw.device, cfg.precision),

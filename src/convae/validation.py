@@ -64,6 +64,8 @@ def validate(cfg: Any) -> None:
     check_all(cfg)
     validate_model(cfg.model_config())
     _check_pairing(cfg.arch, cfg.objective)
+    _check(not (cfg.joint != "off" and cfg.freeze_encoder),
+           "joint training trains the encoder with the head: --joint and --freeze-encoder do not go together")
     _check(cfg.patch_size <= min(cfg.height, cfg.width),
            f"patch_size must be at most the input size {min(cfg.height, cfg.width)}, got {cfg.patch_size}")
 

@@ -228,8 +228,11 @@ def save_finetune_figures(folder: Path, before: torch.Tensor, after: torch.Tenso
     save_kernels(after, folder / "kernels_finetuned.png", "first-layer kernels after fine-tuning")
     save_kernels(before - after, folder / "kernels_finetune_delta.png", f"change in fine-tuning ({origin} - fine-tuned)")
     if history:
-        plot_curve({"train": [h["train_loss"] for h in history], eval_name: [h["val_loss"] for h in history]},
-                   folder / "finetune_loss.png", "cross-entropy", "classifier fine-tuning")
+        curves = {"train": [h["train_loss"] for h in history], eval_name: [h["val_loss"] for h in history]}
+        if all("train_unsupervised" in h for h in history):  # joint training: each term of the loss
+            curves.update({"train cross-entropy": [h["train_supervised"] for h in history],
+                           "train unsupervised cost": [h["train_unsupervised"] for h in history]})
+        plot_curve(curves, folder / "finetune_loss.png", "loss", "classifier fine-tuning")
         plot_curve({f"accuracy on the {eval_name}": [100 * h["val_accuracy"] for h in history]},
                    folder / "finetune_accuracy.png", "accuracy (%)", f"accuracy on the {eval_name}")
     save_confusion_matrix(confusion, classes, folder / "confusion_matrix.png")
