@@ -15,7 +15,7 @@ from convae.data import DeviceBatches
 from convae.errors import ConvaeError
 from convae.joint import JointLoss, JointModel, JointSpec, check_labels, cycling
 from convae.loop import train_one_epoch
-from convae.models import Classifier
+from convae.models import AutoEncoder, Classifier
 from convae.objectives import ObjectiveConfig, make_objective
 from convae.recipe import classification_loss
 from convae.records import Batch
@@ -169,6 +169,16 @@ def test_the_plain_cost_is_the_objective_on_the_unlabelled_and_labelled_images_t
     terms = loss.terms()
     assert terms["train_supervised"] == pytest.approx(float(ce), rel=1e-5)
     assert loss.terms() == {}  # counting starts again
+
+
+def test_plain_joint_training_after_pretraining_starts_from_a_copy_of_the_pretrained_decoder():
+    torch.manual_seed(0)
+    ae = AutoEncoder(CFG)
+    model = JointModel(Classifier.from_autoencoder(ae, 3), JointSpec("plain"),
+                       make_objective(ObjectiveConfig(objective="reconstruct")), decoder=ae.decoder)
+    assert model.ae.decoder is not ae.decoder  # the pretrained autoencoder is left as it was
+    for (k, a), b in zip(model.ae.decoder.state_dict().items(), ae.decoder.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_a_class_without_a_labelled_image_is_an_error():

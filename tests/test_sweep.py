@@ -23,7 +23,7 @@ def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
     assert set(result["methods"]) == methods
     # with every label the frozen-feature probes see the same data for every seed: measured once
     probes = {"knn", "logistic_probe", "knn_random", "logistic_random"}
-    assert len(result["cells"]) == 2 * 7 + 2 * 3 + 4
+    assert len(result["cells"]) == 2 * 9 + 2 * 5 + 4  # 9 methods, 5 of them trained (every seed at 'all')
     for c in result["cells"]:
         assert c["method"] in methods and 0 <= c["accuracy"] <= 1
         assert c["labelled_images"] == (6 if c["labels_per_class"] == 2 else 24)

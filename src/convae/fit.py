@@ -202,25 +202,19 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
     Continues from ``ctx.resume`` when it holds this phase. ``kernels`` (the first-layer
     kernels before this phase) travel in the saved state for the figures drawn at the end.
     With ``ema`` a moving average of the weights is kept (:class:`~convae.recipe.WeightAverage`):
-    it is what validation sees, and ``model`` holds it when the phase ends. ``labelled(k)``, when
-    given, is the labelled stream from its ``k``-th batch on, read beside every step (joint training);
-    a criterion with ``terms()`` adds its loss terms to every epoch's record.
+    it is what validation sees, and ``model`` holds it when the phase ends. ``labelled(k)``: the labelled
+    stream from its ``k``-th batch on, read beside every step (joint training, whose terms are recorded).
     """
     cfg = ctx.cfg
     net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
-    if cfg.compile:
-        net = torch.compile(net)
+    net = torch.compile(net) if cfg.compile else net
     optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, lr, epochs, len(batches), ema,
                                                                    batches.device)
     first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
-    terms_state = getattr(criterion, "terms_state", None)  # a criterion that sums loss terms over the epoch
-    saved_terms = (ctx.resumed(phase) or {}).get("terms")
-    if terms_state is not None and step and isinstance(saved_terms, dict):
-        criterion.load_terms(saved_terms)  # type: ignore[attr-defined]
+    terms_state = _resume_terms(ctx, phase, criterion, step)
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
     hook = _both(step_hook(model, scheduler if per_step else None, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.device)
-    every = cfg.checkpoint_every
     for epoch in range(first, epochs + 1):
         batches.set_epoch(epoch)
         beat.begin(epoch, step)
@@ -246,23 +240,39 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
                      if (ctx.run.checkpoints / "state.pt").exists() else "no state was saved yet")
         if scheduler is not None and not per_step:
             scheduler.step()
-        rec: EpochRecord = {"phase": phase, "epoch": epoch, "epochs": epochs, "train_loss": train_loss,
-                            "seconds": seconds, "images_per_s": batches.num_images / seconds, "lr": current_lr}
         if side is not None:
             side.close()  # its prefetching thread ends with it
-        if hasattr(criterion, "terms"):  # summed over the ranks, as the loss
-            rec.update(criterion.terms(ctx.dist.all_reduce_sum if ctx.dist.enabled else None))  # type: ignore
+        rec = _epoch_record(ctx, criterion, phase, epoch, epochs, train_loss, seconds, batches.num_images, current_lr)
         with average.applied(model) if average is not None else nullcontext():
             rec.update(validate())
         ctx.record(rec)
         stop = ctx.dist.any(ctx.stop(), batches.device)
-        if epoch == epochs or (every and epoch % every == 0) or stop:
+        if epoch == epochs or (cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0) or stop:
             ctx.save_state(phase, model, optimizer, scheduler, epoch, 0, 0.0, 0.0, kernels, average, scaler)
         if stop:
             raise Interrupted(ctx.stop.signum, f"the end of {phase} epoch {epoch}", str(ctx.run.path))
     if average is not None:
         model.load_state_dict(average.shadow)  # the phase's result is the average
     return ctx.history(phase)
+
+
+def _resume_terms(ctx: RunContext, phase: str, criterion, step: int):
+    """A criterion that sums loss terms over an epoch (joint training) gets back the sums of the epoch
+    the saved state stopped in; returns its ``terms_state`` (None for any other criterion)."""
+    terms_state = getattr(criterion, "terms_state", None)
+    saved = (ctx.resumed(phase) or {}).get("terms")
+    if terms_state is not None and step and isinstance(saved, dict):
+        criterion.load_terms(saved)
+    return terms_state
+
+
+def _epoch_record(ctx: RunContext, criterion, phase: str, epoch: int, epochs: int, train_loss: float,
+                  seconds: float, images: int, lr: float) -> EpochRecord:
+    rec: EpochRecord = {"phase": phase, "epoch": epoch, "epochs": epochs, "train_loss": train_loss,
+                        "seconds": seconds, "images_per_s": images / seconds, "lr": lr}
+    if hasattr(criterion, "terms"):  # joint training's loss terms, summed over the ranks as the loss is
+        rec.update(criterion.terms(ctx.dist.all_reduce_sum if ctx.dist.enabled else None))  # type: ignore
+    return rec
 
 
 def _epoch_lr(optimizer, resumed_schedule, first_step: int) -> float:

@@ -26,6 +26,7 @@ With ``joint_weight`` 0 no unsupervised cost is computed: the step is supervised
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -113,7 +114,8 @@ class JointModel(nn.Module):
     returns the supervised and the unsupervised cost; with weight 0 it has no decoder or combinator
     and the unsupervised cost is 0: the step is supervised training's."""
 
-    def __init__(self, clf: Classifier, spec: JointSpec, objective: Objective | None = None) -> None:
+    def __init__(self, clf: Classifier, spec: JointSpec, objective: Objective | None = None,
+                 decoder: nn.Module | None = None) -> None:
         super().__init__()
         if spec.mode not in ("plain", "gamma"):
             raise ValueError(f"unknown joint mode {spec.mode!r}")
@@ -125,6 +127,8 @@ class JointModel(nn.Module):
             assert objective is not None, "plain joint training needs a pretraining objective"
             self.ae = AutoEncoder(clf.config)
             self.ae.encoder = clf.encoder  # shared: one module, two heads
+            if decoder is not None:  # the pretrained autoencoder's (a copy: that autoencoder is left as it was)
+                self.ae.decoder = copy.deepcopy(decoder)
             self.ae.decoder.to(device, memory_format=torch.channels_last)
         elif spec.weight:
             self.combinator = GaussCombinator(clf.config.num_classes).to(device)
@@ -236,15 +240,17 @@ def check_labels(labels: torch.Tensor, classes: list[str]) -> None:
 
 
 def joint_training(clf: Classifier, unlabelled: ImageSet, labelled: ImageSet, classes: list[str], cfg,
-                   device: torch.device, rank: int = 0, world_size: int = 1, seed: int | None = None):
+                   device: torch.device, rank: int = 0, world_size: int = 1, seed: int | None = None,
+                   decoder: nn.Module | None = None):
     """What a joint phase trains and reads, for a run and a sweep cell alike: the :class:`JointModel`
-    around ``clf``, the unlabelled batches an epoch walks, the criterion, and the labelled stream
-    (a function of the batch of the whole stream it starts at). Under DDP both are sharded by rank."""
+    around ``clf`` (``plain``: with a copy of ``decoder`` when given, a pretrained one), the unlabelled
+    batches an epoch walks, the criterion, and the labelled stream (a function of the batch of the
+    whole stream it starts at). Under DDP both are sharded by rank."""
     assert labelled.labels is not None
     check_labels(labelled.labels, classes)
     seed = cfg.seed if seed is None else seed
     spec = JointSpec(cfg.joint, cfg.joint_weight, cfg.joint_noise, cfg.joint_stop_grad, cfg.label_smoothing)
-    model = JointModel(clf, spec, make_objective(cfg.objective_config()) if cfg.joint == "plain" else None)
+    model = JointModel(clf, spec, make_objective(cfg.objective_config()) if cfg.joint == "plain" else None, decoder)
     train = DeviceBatches.of(unlabelled, device, cfg.batch_size, labels=False, shuffle=True, seed=seed, rank=rank,
                              world_size=world_size, placement=cfg.placement)
     # its own order: the labelled images are among the unlabelled ones, and would come in step

@@ -78,8 +78,10 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     return history
 
 
-def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torch.device) -> Results:
-    """Supervised fine-tuning (or a linear probe with ``freeze_encoder``); returns results.json's record."""
+def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torch.device,
+                   decoder: torch.nn.Module | None = None) -> Results:
+    """Supervised fine-tuning (or a linear probe with ``freeze_encoder``), or joint training (``cfg.joint``,
+    starting from ``decoder``, the pretrained autoencoder's, when there is one); returns results.json's record."""
     cfg, run = ctx.cfg, ctx.run
     r = ctx.resumed("finetune")
     k = len(data.classes)
@@ -90,7 +92,7 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     model, criterion, labelled = clf, classification_loss(cfg.label_smoothing), None
     if cfg.joint != "off":
         model, train, criterion, labelled = joint_training(clf, data.train, ft, data.classes, cfg, device,
-                                                           ctx.dist.rank, ctx.dist.world_size)
+                                                           ctx.dist.rank, ctx.dist.world_size, decoder=decoder)
         ctx.log(f"joint training ({cfg.joint}, weight {cfg.joint_weight:g}): the {len(ft)} labelled images cycle "
                 f"beside the unlabelled stream, {train.describe()}")
     else:

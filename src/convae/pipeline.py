@@ -120,7 +120,8 @@ def _run(cfg: Config, phases: tuple[str, ...], checkpoint: str | None, log: Log,
             else:
                 clf = Classifier.from_autoencoder(ae, len(data.classes))
             model = clf = clf.to(device, memory_format=torch.channels_last)
-            results = _timed(ctx, "finetune", lambda: finetune_phase(clf, data, ctx, device))
+            decoder = ae.decoder if ae is not None and cfg.init == "pretrained" else None  # joint training's start
+            results = _timed(ctx, "finetune", lambda: finetune_phase(clf, data, ctx, device, decoder))
             if dist.is_main:
                 log(f"fine-tuning: {cfg.finetune_epochs} epoch(s) in {ctx.timing['finetune_s']:.1f} s")
                 if cfg.init == "pretrained" and ae is None:  # resumed inside fine-tuning: the pretrained one
