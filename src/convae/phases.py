@@ -89,17 +89,11 @@ def finetune_phase(clf: Classifier, data: RunData, ctx: RunContext, device: torc
     assert ft is not None, "fine-tuning needs labelled data (checked by prepare_data)"
     prepare_classifier(clf, ft, data.train, cfg, ctx.log, fresh=r is None)
     before = r["kernels"].to(device) if r is not None else clf.encoder.kernels()
-    model, criterion, labelled = clf, classification_loss(cfg.label_smoothing), None
-    if cfg.joint != "off":
-        model, train, criterion, labelled = joint_training(clf, data.train, ft, data.classes, cfg, device,
-                                                           ctx.dist.rank, ctx.dist.world_size, decoder=decoder)
-        ctx.log(f"joint training ({cfg.joint}, weight {cfg.joint_weight:g}): the {len(ft)} labelled images cycle "
-                f"beside the unlabelled stream, {train.describe()}")
-    else:
-        train = DeviceBatches.of(ft, device, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=ctx.dist.rank,
-                                 world_size=ctx.dist.world_size, placement=cfg.placement
-                                 ).repeated(repeats(len(ft), cfg.epoch_images))
-        ctx.log(f"fine-tuning batches: {train.describe()}")
+    model, train, criterion, labelled = _training(clf, ft, data.train, data.classes, cfg, device, cfg.seed,
+                                                  ctx.dist.rank, ctx.dist.world_size, decoder)
+    ctx.log(f"joint training ({cfg.joint}, weight {cfg.joint_weight:g}): the {len(ft)} labelled images cycle beside "
+            f"the unlabelled stream, {train.describe()}" if labelled is not None
+            else f"fine-tuning batches: {train.describe()}")
     val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
 
     last: dict = {}  # the final epoch's evaluation is the result: no second pass over the evaluation set
@@ -192,6 +186,21 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     return rep
 
 
+def _training(clf: Classifier, labelled: ImageSet, unlabelled: ImageSet | None, classes: list[str], cfg: Config,
+              device: torch.device, seed: int, rank: int = 0, world_size: int = 1, decoder=None):
+    """What a fine-tuning phase or a sweep cell trains and reads: (the model the optimizer updates, the
+    batches an epoch walks, the criterion, the labelled stream beside them or None). Supervised: the
+    classifier on the labelled set, repeated to ``cfg.epoch_images``; joint (:mod:`convae.joint`):
+    epochs over ``unlabelled`` with the labelled set cycling beside them."""
+    if cfg.joint != "off":
+        assert unlabelled is not None, "joint training needs the unlabelled images"
+        return joint_training(clf, unlabelled, labelled, classes, cfg, device, rank, world_size, seed, decoder)
+    batches = DeviceBatches.of(labelled, device, cfg.batch_size, shuffle=True, seed=seed, rank=rank,
+                               world_size=world_size, placement=cfg.placement
+                               ).repeated(repeats(len(labelled), cfg.epoch_images))
+    return clf, batches, classification_loss(cfg.label_smoothing), None
+
+
 def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int | None, seed: int,
                num_classes: int, stop: StopFlag | None = None, unlabelled: ImageSet | None = None) -> float:
     """The fine-tuning recipe of a run on the labelled ``train`` (``prepare_classifier`` done):
@@ -201,14 +210,8 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
     evaluation-set accuracy (of the average, when there is one). With ``cfg.joint`` the epochs are
     passes over ``unlabelled``, ``train`` cycling beside them, as a joint run trains."""
     device = next(clf.parameters()).device
-    model, criterion, side = clf, classification_loss(cfg.label_smoothing), None
-    if cfg.joint != "off":
-        assert unlabelled is not None, "joint training needs the unlabelled images"
-        model, batches, criterion, side = joint_training(clf, unlabelled, train, [str(c) for c in range(num_classes)],
-                                                         cfg, device, seed=seed)
-    else:
-        batches = DeviceBatches.of(train, device, cfg.batch_size, shuffle=True, seed=seed, placement=cfg.placement
-                                   ).repeated(repeats(len(train), cfg.epoch_images))
+    model, batches, criterion, side = _training(clf, train, unlabelled, [str(c) for c in range(num_classes)], cfg,
+                                                device, seed)
     total = steps if steps is not None else cfg.finetune_epochs * len(batches)
     epochs = -(-total // len(batches))
     optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, cfg.finetune_lr or cfg.lr, epochs,

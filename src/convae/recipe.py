@@ -87,19 +87,27 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay, self.updates = decay, 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        # a module shared under two names (joint training's encoder) is averaged once: its names share a shadow
+        first: dict[tuple, str] = {}
+        for k, v in state.items():
+            first.setdefault((v.data_ptr(), v.shape, v.dtype), k)
+        self.shadow: dict[str, torch.Tensor] = {}
+        for k, v in state.items():
+            owner = first[(v.data_ptr(), v.shape, v.dtype)]
+            self.shadow[k] = self.shadow[owner] if owner != k else v.detach().clone()
+        self._floats = [k for k in first.values() if state[k].is_floating_point()]
+        self._others = [k for k in first.values() if not state[k].is_floating_point()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         state = model.state_dict()  # views of the model's own tensors: no copy
-        floats = [k for k, v in state.items() if v.is_floating_point()]
         # one fused call for every tensor, not one per tensor: a GPU step is short
-        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k] for k in floats], 1 - d)
-        for k, v in state.items():
-            if not v.is_floating_point():
-                self.shadow[k].copy_(v)
+        torch._foreach_lerp_([self.shadow[k] for k in self._floats], [state[k] for k in self._floats], 1 - d)
+        for k in self._others:
+            self.shadow[k].copy_(state[k])
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
