@@ -24,6 +24,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CIFARLike, Model, PeakRSS, autoencoder, load_images, print_table, sync, write_json  # noqa: E402
 
+from convae import cores  # noqa: E402
 from convae.data import DeviceBatches  # noqa: E402
 from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
 from convae.device import micro_batch_size  # noqa: E402
@@ -96,6 +97,7 @@ def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps:
         for x, y in batches:
             g = torch.Generator(device=device).manual_seed(done) if getattr(loss_fn, "random", False) else None
             total += train_step(model, Batch(x, y), optimizer, loss_fn, precision, micro, generator=g)
+            cores.poll()  # as train_one_epoch does: a no-op unless the run follows the free cores
             done += 1
             if done == warmup:
                 sync(device)

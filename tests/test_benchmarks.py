@@ -43,6 +43,16 @@ def test_train_throughput_benchmark_measures_every_loop(tmp_path):
     assert all(r["images_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows.values())
 
 
+def test_busy_machine_benchmark_measures_every_arm_alone_and_beside_a_competitor(tmp_path):
+    payload = run_script("busy_machine", "--batch-size", "16", "--warmup", "1", "--steps", "1", "--rounds", "1",
+                         "--precision", "fp32", "--workers", "0", cwd=tmp_path)
+    rows = {(r["arm"], r["beside"]): r for r in payload["results"]}
+    assert set(rows) == {(a, b) for a in ("lecture", "fixed", "follows") for b in ("alone", "loop")}
+    assert all(r["ratio_vs_alone"] == pytest.approx(1.0) for (_, b), r in rows.items() if b == "alone")
+    assert all(r["images_per_s"] > 0 and r["threads_at_end"] >= 1 for r in rows.values())
+    assert payload["cpu"] and payload["precision"] == "fp32"
+
+
 def test_flops_benchmark_counts_the_models_training_flops(tmp_path):
     res = run_script("flops", "--data", "random", "--batch-size", "16", "--warmup", "1", "--steps", "1",
                      cwd=tmp_path)["results"]

@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Any, Callable, Sequence
 
-from . import __version__, commands
+from . import __version__, commands, cores
 from .config import DEVICES, INFERENCE_BATCH_SIZE, SWEEP_BATCH_SIZE, Config, presets
 from .errors import ConvaeError, Interrupted, clip, first_line
 from .export import FORMATS as EXPORT_FORMATS
@@ -256,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise Interrupted(signum, "before it finished", "", resumable=False)
 
     previous = signal.signal(signal.SIGTERM, terminated) if _main_thread() else None
+    cores.follow()  # unless OMP_NUM_THREADS pins the threads
     try:
         HANDLERS[args.command](args)
     except ConvaeError as e:
@@ -280,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("convae: interrupted", file=sys.stderr, flush=True)
         return 130
     finally:
+        cores.stop_following()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cores
 from .augment import step_generator
 from .data import DeviceBatches
 from .data.images import printable
@@ -27,6 +28,7 @@ def evaluate_reconstruction(model: nn.Module, batches: DeviceBatches, precision:
         g = step_generator(device, seed, 0, i) if objective.random else None
         with autocast(device, precision):
             total += objective.summed(model, x, g)
+        cores.poll()
     return float(total) / batches.num_images
 
 
@@ -43,6 +45,7 @@ def evaluate_classifier(model: nn.Module, batches: DeviceBatches, num_classes: i
             logits = model(x)
         loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
         cm += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        cores.poll()
     cm = cm.view(num_classes, num_classes).cpu()
     n = int(cm.sum())
     return {

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cores
 from .augment import AugmentConfig, augment, step_generator
 from .data import DeviceBatches
 from .device import autocast
@@ -182,6 +183,7 @@ def train_one_epoch(
         total += train_step(model, Batch(x, y, side), optimizer, criterion, precision, micro_batch,
                             batches.global_size(step - 1), batches.world_size, g, scaler)
         images += batches.global_size(step - 1)
+        cores.poll()
         if after_step is not None:
             after_step()
         stopping = should_stop is not None and should_stop()

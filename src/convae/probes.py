@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cores
 from .config import INFERENCE_BATCH_SIZE
 from .data import ImageSet, to_model_input
 from .device import autocast
@@ -45,6 +46,7 @@ def feature_chunks(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_si
             x = to_model_input(x.to(device))
             with torch.no_grad(), autocast(device, precision):
                 f = (encoder.forward_pooled(x) if features == "pooled" else encoder(x)).float()
+            cores.poll()
             yield f  # outside the no_grad block: a suspended generator must not hold the caller's grad mode
     finally:
         chunks.close()
@@ -97,6 +99,7 @@ def fit_logistic(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int,
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(head(xtr), train_y) + l2 * head.weight.pow(2).sum()
         loss.backward()
+        cores.poll()
         return loss
 
     with torch.enable_grad():
