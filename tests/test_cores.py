@@ -102,14 +102,19 @@ def test_follow_is_off_when_omp_num_threads_pins_the_count(monkeypatch):
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc/stat")
 def test_a_real_busy_process_is_measured_as_another_core_in_use():
-    before = cores.cpu_sample()
-    start = time.monotonic()
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
-    busy.wait()
-    after = cores.cpu_sample()
-    wall = time.monotonic() - start
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # started
+        before, start = cores.cpu_sample(), time.monotonic()
+        time.sleep(1.5)
+        after, wall = cores.cpu_sample(), time.monotonic() - start
+    finally:
+        busy.kill()
+        busy.wait()
     others = (after[0] - before[0]) - (after[1] - before[1])
-    assert others / wall > 0.5, (others, wall)  # the child's busy loop, on one of our cores
+    assert others / wall > 0.5, (others, wall)  # the busy loop, on one of our cores
+    ours = cores.cpu_sample()[1] - after[1]
+    assert ours > 0.5 * wall, "a child that was waited for counts as ours (decode workers are not neighbours)"
 
 
 def test_the_command_line_follows_and_the_training_loop_polls(monkeypatch, tmp_path, image_folder, cache_dir):

@@ -33,7 +33,8 @@ def _our_cpus() -> set[int]:
 
 def cpu_sample(cpus: set[int] | None = None, stat: str = "/proc/stat") -> Sample | None:
     """Busy CPU seconds so far on ``cpus`` (default: the cores this process may run on), from
-    ``/proc/stat``, and this process's own CPU seconds; None where there is no ``/proc/stat``."""
+    ``/proc/stat``, and this process's own CPU seconds (its finished children's included); None
+    where there is no ``/proc/stat``."""
     cpus = _our_cpus() if cpus is None else cpus
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     busy = 0
@@ -47,8 +48,8 @@ def cpu_sample(cpus: set[int] | None = None, stat: str = "/proc/stat") -> Sample
                 busy += sum(ticks) - ticks[3] - ticks[4]  # steal counts: the core was not ours to use
     except (OSError, ValueError, IndexError):
         return None
-    own = os.times()
-    return busy / tick, own.user + own.system
+    own = os.times()  # with the children waited for: decode workers are ours, not a neighbour
+    return busy / tick, own.user + own.system + own.children_user + own.children_system
 
 
 def threads_for(free_cores: float, max_threads: int, cores: int) -> int:
