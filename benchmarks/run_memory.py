@@ -1,15 +1,17 @@
 """Peak memory of a whole run against the size of its source.
 
-    python benchmarks/run_memory.py [--gb 0.1 2] [--size 128] [--dir /tmp] [-- EXTRA CONVAE FLAGS]
+    python benchmarks/run_memory.py [--gb 0.1 2] [--size 128] [--commands pretrain run] [--dir /tmp]
+                                    [-- EXTRA CONVAE FLAGS]
 
-For each size an unlabelled folder of JPEG images (SIZE x SIZE, smooth seeded random colours, so
-the files stay small while the decoded source has its full size) is written once; then
-``convae pretrain`` runs on it twice in a fresh process, the first time decoding it into the
-cache, the second time from the cache, each for one whole epoch with its validation, figures and
-checkpoint (a small network by default: what grows with the source is the data path, not the
-model; ``--`` passes other flags to convae). The child's memory is sampled every 20 ms from
-``/proc``: anonymous memory (the heap, tensors: what the run itself holds) and file-backed
-memory (mapped files the kernel can drop) separately, its own and its decode workers' summed.
+For each size a folder of JPEG images in 10 class folders (SIZE x SIZE, smooth seeded random
+colours, so the files stay small while the decoded source has its full size) is written once;
+then, each in a fresh process: ``convae pretrain`` decoding it into the cache, ``convae pretrain``
+from the cache, and ``convae run`` from the cache (pretraining, fine-tuning, the probes, figures
+and report), each phase one whole epoch with its validation (a small network by default: what
+grows with the source is the data path, not the model; ``--`` passes other flags to convae). The child's memory is sampled every 20 ms from
+``/proc``: anonymous memory (the heap, tensors), shared memory (tensors passed between
+processes: the decode workers' chunks) and file-backed memory (mapped files the kernel can drop)
+separately, its own and its decode workers' summed.
 Prints the table and the growth from the smallest source to the largest; writes JSON.
 """
 
@@ -37,39 +39,41 @@ def make_folder(folder: Path, n: int, size: int) -> None:
     """``n`` smooth random JPEGs: a 4x4 grid of seeded colours, upsampled."""
     from PIL import Image
 
-    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
+    for k in range(10):
+        (folder / f"class_{k}").mkdir(parents=True)
     for i in range(n):
         grid = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
-        grid.resize((size, size), Image.BILINEAR).save(folder / f"img_{i:07d}.jpg", quality=90)
+        grid.resize((size, size), Image.BILINEAR).save(folder / f"class_{i % 10}" / f"img_{i:07d}.jpg", quality=90)
 
 
-def _status(pid: str) -> tuple[int, int]:
-    anon = file = 0
+def _status(pid: str) -> tuple[int, int, int]:
+    """(anonymous, file-backed, shared) KiB resident in process ``pid``."""
+    found = {"RssAnon:": 0, "RssFile:": 0, "RssShmem:": 0}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    anon = int(line.split()[1])
-                elif line.startswith("RssFile:") or line.startswith("RssShmem:"):
-                    file += int(line.split()[1])
+                key = line.split(maxsplit=1)[0]
+                if key in found:
+                    found[key] = int(line.split()[1])
     except OSError:
         pass
-    return anon, file
+    return found["RssAnon:"], found["RssFile:"], found["RssShmem:"]
 
 
 def run_measured(cmd: list[str], env: dict) -> dict:
-    """Run ``cmd``; peak anonymous and file-backed MiB of it and its children, wall seconds."""
+    """Run ``cmd``; peak anonymous, file-backed and shared MiB of it and its children (each summed
+    over the processes), wall seconds."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = {"anon": 0, "file": 0}
+    peak = {"anon": 0, "file": 0, "shmem": 0}
     done = threading.Event()
 
     def sample():
         while not done.wait(0.02):
             pids = [str(proc.pid)] + _children(str(proc.pid))
-            anon, file = map(sum, zip(*(_status(p) for p in pids)))
-            peak["anon"], peak["file"] = max(peak["anon"], anon), max(peak["file"], file)
+            for key, kib in zip(("anon", "file", "shmem"), map(sum, zip(*(_status(p) for p in pids)))):
+                peak[key] = max(peak[key], kib)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -79,7 +83,7 @@ def run_measured(cmd: list[str], env: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"convae failed ({proc.returncode}):\n{out[-3000:]}")
     return {"seconds": time.perf_counter() - start, "peak_anon_mib": peak["anon"] / 1024,
-            "peak_file_mib": peak["file"] / 1024, "log_tail": out.strip().splitlines()[-3:]}
+            "peak_file_mib": peak["file"] / 1024, "peak_shared_mib": peak["shmem"] / 1024, "log_tail": out.strip().splitlines()[-3:]}
 
 
 def main(argv=None) -> dict:
@@ -89,7 +93,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, nargs="+", default=[0.1, 2.0], help="decoded sizes of the sources")
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of each phase")
+    ap.add_argument("--commands", nargs="+", default=["pretrain", "run"], choices=["pretrain", "run"],
+                    help="what runs from the cache after the first, decoding, pretrain")
     ap.add_argument("--dir", default=None, help="where the folders, cache and runs go (default a temporary folder)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -105,25 +111,28 @@ def main(argv=None) -> dict:
             print(f"{gb:g} GiB: {n:,} images of 3x{args.size}x{args.size} written in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
             arms = {}
-            for arm in ("decoding", "from the cache"):
+            for arm, command in [("pretrain, decoding", "pretrain")] + [(f"{c}, from the cache", c) for c in args.commands]:
                 out = Path(tmp) / f"run_{gb:g}_{len(arms)}"
-                cmd = [sys.executable, "-m", "convae", "pretrain", "--data", str(folder), "--cache-dir",
+                cmd = [sys.executable, "-m", "convae", command, "--data", str(folder), "--cache-dir",
                        str(Path(tmp) / "cache"), "--out", str(out), "--height", str(args.size), "--width",
                        str(args.size), "--pretrain-epochs", str(args.epochs), *SMALL_NET, *extra]
+                cmd += ["--finetune-epochs", str(args.epochs)] if command == "run" else []
                 arms[arm] = run_measured(cmd, env)
                 a = arms[arm]
                 print(f"  {arm}: {a['seconds']:.0f} s, peak anonymous {a['peak_anon_mib']:.0f} MiB, "
-                      f"file-backed {a['peak_file_mib']:.0f} MiB", flush=True)
+                      f"shared {a['peak_shared_mib']:.0f} MiB, file-backed {a['peak_file_mib']:.0f} MiB", flush=True)
                 rows.append([f"{gb:g}", f"{n:,}", arm, f"{a['seconds']:.0f}", f"{a['peak_anon_mib']:.0f}",
-                             f"{a['peak_file_mib']:.0f}"])
-            results.append({"gb": gb, "images": n, **{k.replace(" ", "_"): v for k, v in arms.items()}})
+                             f"{a['peak_shared_mib']:.0f}", f"{a['peak_file_mib']:.0f}"])
+            results.append({"gb": gb, "images": n, "runs": arms})
             subprocess.run(["rm", "-rf", str(folder)], check=True)
     print()
-    print_table(["GiB", "images", "run", "wall (s)", "peak anonymous MiB", "peak file-backed MiB"], rows)
-    for arm in ("decoding", "from_the_cache"):
-        grow = results[-1][arm]["peak_anon_mib"] - results[0][arm]["peak_anon_mib"]
-        print(f"{arm.replace('_', ' ')}: peak anonymous memory {grow:+.0f} MiB from {args.gb[0]:g} to "
-              f"{args.gb[-1]:g} GiB")
+    print_table(["GiB", "images", "run", "wall (s)", "peak anonymous MiB", "peak shared MiB", "peak file-backed MiB"],
+                rows)
+    for arm in results[0]["runs"]:
+        first, last = results[0]["runs"][arm], results[-1]["runs"][arm]
+        print(f"{arm}, from {args.gb[0]:g} to {args.gb[-1]:g} GiB: peak anonymous memory "
+              f"{last['peak_anon_mib'] - first['peak_anon_mib']:+.0f} MiB, shared "
+              f"{last['peak_shared_mib'] - first['peak_shared_mib']:+.0f} MiB")
     return write_json(args.json, "run_memory.json", {"size": args.size, "epochs": args.epochs, "extra": extra,
                                                      "results": results}) and {"results": results}
 

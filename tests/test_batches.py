@@ -34,6 +34,33 @@ def test_gather_reads_the_rows_asked_in_the_order_asked(tmp_path):
         assert got.shape == (len(rows), 3, 5, 4) and torch.equal(got, expected[r])
 
 
+def test_big_batches_are_read_into_mappings_of_their_own(tmp_path, monkeypatch):
+    """Above OWN_MAPPING bytes a batch buffer is an anonymous mapping (returned to the system when the
+    tensor dies, never left in a fragmented heap); the rows and their order are the same."""
+    import threading
+
+    from convae.data import rows as rows_module
+
+    ds = _cached_set(tmp_path)
+    expected = ds.images.clone()
+    made = []
+    real = rows_module.mmap.mmap
+    monkeypatch.setattr(rows_module.mmap, "mmap", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    monkeypatch.setattr(rows_module, "OWN_MAPPING", 3 * 5 * 4 * 2)  # two rows
+    out = {}
+    for order in ([3, 4, 5, 9], [36, 0, 5, 4, 4, 20]):
+        r = torch.tensor(order)
+        worker = threading.Thread(target=lambda: out.update(x=gather(ds.images, r, ds.file)))  # as the prefetch does
+        worker.start()
+        worker.join()
+        assert torch.equal(out["x"], expected[r])
+        out["x"][0] = 0  # writable, and its own memory: the source is untouched
+        assert torch.equal(ds.images[r[0]], expected[r[0]])
+    assert len(made) == 3 and all(isinstance(m, real) for m in made)  # in order: 1 buffer; shuffled: 2
+    assert gather(ds.images, torch.tensor([7]), ds.file).shape == (1, 3, 5, 4)  # one row: from the heap
+    assert len(made) == 3
+
+
 def test_a_subset_shares_the_source_rows_instead_of_copying(tmp_path):
     ds = _cached_set(tmp_path)
     tr, va = split_indices(None, len(ds), 0.25, seed=1)

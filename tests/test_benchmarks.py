@@ -53,6 +53,19 @@ def test_busy_machine_benchmark_measures_every_arm_alone_and_beside_a_competitor
     assert payload["cpu"] and payload["precision"] == "fp32"
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="samples memory from Linux's /proc")
+def test_run_memory_benchmark_measures_whole_runs_from_a_folder_it_writes(tmp_path):
+    payload = run_script("run_memory", "--gb", "0.0005", "--size", "16", "--commands", "run", "--dir", str(tmp_path),
+                         cwd=tmp_path)
+    (size,) = payload["results"]
+    assert size["images"] == 0.0005 * 2**30 // (3 * 16 * 16)
+    runs = size["runs"]
+    assert list(runs) == ["pretrain, decoding", "run, from the cache"]
+    for r in runs.values():
+        assert r["peak_anon_mib"] > 50 and r["seconds"] > 0  # torch alone is more than 50 MiB
+    assert "done:" in " ".join(runs["run, from the cache"]["log_tail"])
+
+
 def test_flops_benchmark_counts_the_models_training_flops(tmp_path):
     res = run_script("flops", "--data", "random", "--batch-size", "16", "--warmup", "1", "--steps", "1",
                      cwd=tmp_path)["results"]

@@ -133,7 +133,10 @@ def decode_files(files: list[Path], root: Path, channels: int, height: int, widt
             try:
                 jobs = {pool.submit(decode_chunk, chunks[i], str(root), channels, height, width): i for i in todo}
                 for job in as_completed(jobs):
-                    finished(jobs[job], job.result())
+                    # popped: a future keeps its result, and every decoded chunk would stay in memory
+                    # (shared memory, from the worker) until the last one is done
+                    finished(jobs.pop(job), job.result())
+                    del job
             except BaseException:  # a signal or an error: no worker outlives this process
                 _stop_workers(pool)
                 raise

@@ -11,6 +11,8 @@ tensors) is gathered by indexing.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -68,6 +70,20 @@ def _read_sorted(file: MappedFile, rows: np.ndarray, out: torch.Tensor) -> None:
             view, pos = view[n:], pos + n
 
 
+OWN_MAPPING = 1 << 20  # bytes from which a batch buffer is a mapping of its own
+
+
+def _buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """An uninitialised uint8 buffer. A big one is an anonymous memory mapping of its own, unmapped
+    when the tensor dies: from malloc, buffers allocated in the prefetch thread and freed in the
+    training thread fragment glibc's heap, and a whole run's resident set grew with the number of
+    batches in an epoch (+238 MiB over one epoch of a 2 GiB source, BENCHMARKS.md)."""
+    n = math.prod(shape)
+    if pin or n < OWN_MAPPING:
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=torch.uint8).view(shape)
+
+
 def gather(images: torch.Tensor, rows: torch.Tensor, file: MappedFile | None = None,
            pin: bool = False) -> torch.Tensor:
     """``images[rows]`` as a new contiguous uint8 tensor, in the order of ``rows``.
@@ -83,12 +99,12 @@ def gather(images: torch.Tensor, rows: torch.Tensor, file: MappedFile | None = N
         return x.pin_memory() if pin else x
     r = rows.numpy()
     in_order = bool(np.all(r[1:] >= r[:-1]))
-    out = torch.empty((len(r), *images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+    out = _buffer((len(r), *images.shape[1:]), pin)
     if in_order:
         _read_sorted(file, r, out)
         return out
     order = np.argsort(r, kind="stable")
-    sorted_rows = torch.empty(out.shape, dtype=torch.uint8)
+    sorted_rows = _buffer(tuple(out.shape), False)
     _read_sorted(file, r[order], sorted_rows)
     # back to the order asked (the same batch as images[rows]); numpy, not torch: this runs in the
     # prefetch thread, and a torch op there would start a second OpenMP team next to training's
