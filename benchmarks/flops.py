@@ -4,9 +4,10 @@
                                [--data random|ARCHIVE]
 
 Counts the preset's model's training FLOPs per image (default: the seed model) (forward + backward, torch.utils.flop_counter:
-convolutions and matrix products), measures the machine's sustained matrix-product FLOP/s in
+convolutions and matrix products) and its encoder's inference FLOPs (the features the probes read), measures the machine's sustained matrix-product FLOP/s in
 float32 and bfloat16 in the same run, and prints convae's measured throughput as a fraction of
-the limit those give (limit = FLOP/s / FLOPs per image). Prints a table and writes JSON.
+the limit those give (limit = FLOP/s / FLOPs per image), for training and for feature
+extraction. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from convae.config import build_config  # noqa: E402
 from convae.device import bf16_is_fast, device_name  # noqa: E402
 from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
 from convae.objectives import ObjectiveConfig, make_objective  # noqa: E402
+from convae.probes import extract_features  # noqa: E402
 from convae.records import Batch  # noqa: E402
 
 
@@ -47,6 +49,31 @@ def training_flops_per_image(phase: str, batch: int = 8, cfg: ModelConfig | None
             loss = F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long))
         loss.backward()
     return counter.get_total_flops() / batch
+
+
+def inference_flops_per_image(cfg: ModelConfig, features: str, batch: int = 8) -> float:
+    """FLOPs of the encoder's features for one image, as the probes and ``encode`` read them."""
+    enc = Classifier(cfg).encoder.eval()
+    x = torch.rand(batch, cfg.in_channels, cfg.height, cfg.width)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        enc.forward_pooled(x) if features == "pooled" else enc(x)
+    return counter.get_total_flops() / batch
+
+
+def inference_rate(cfg: ModelConfig, features: str, images: torch.Tensor, device, precision: str,
+                   rounds: int = 3) -> float:
+    """Images/s of feature extraction (extract_features, as the probes run it), the best of ``rounds``."""
+    torch.manual_seed(0)
+    enc = Classifier(cfg).encoder.to(device, memory_format=torch.channels_last).eval()
+    extract_features(enc, images[:256], precision=precision, features=features)  # warm-up
+    best = 0.0
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        extract_features(enc, images, precision=precision, features=features)
+        sync(device)
+        best = max(best, len(images) / (time.perf_counter() - start))
+    return best
 
 
 def matmul_flops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
@@ -76,6 +103,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--inference-images", type=int, default=2000, help="images whose features are timed")
     p.add_argument("--json", help="output file (default benchmarks/results/flops.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -87,7 +115,7 @@ def main(argv=None) -> dict:
     if len(precisions) == 1:
         print(f"bf16 is not measured: {device_name(device)} has no bf16 in hardware")
     peak = {p: matmul_flops(torch.float32 if p == "fp32" else torch.bfloat16, device) for p in precisions}
-    need = args.batch_size * (args.warmup + args.steps)
+    need = max(args.batch_size * (args.warmup + args.steps), args.inference_images)
     images, labels = load_images(args.data, need if args.data == "random" else None, args.cache_dir)
     rows, out = [], []
     for phase in ("pretrain", "finetune"):
@@ -101,6 +129,16 @@ def main(argv=None) -> dict:
             out.append({"phase": phase, "precision": prec, "train_flops_per_image": per_image,
                         "matmul_flops_per_s": peak[prec], "limit_images_per_s": limit, "images_per_s": ips,
                         "fraction_of_limit": ips / limit})
+    per_image = inference_flops_per_image(mcfg, run_cfg.probe_features)
+    sample = images[: args.inference_images]
+    for prec in precisions:
+        limit = peak[prec] / per_image
+        ips = inference_rate(mcfg, run_cfg.probe_features, sample, device, prec)
+        rows.append([f"features ({run_cfg.probe_features})", prec, f"{per_image / 1e6:.1f}", f"{peak[prec] / 1e9:.0f}",
+                     f"{limit:.0f}", f"{ips:.0f}", f"{100 * ips / limit:.0f}%"])
+        out.append({"phase": "features", "features": run_cfg.probe_features, "precision": prec,
+                    "flops_per_image": per_image, "matmul_flops_per_s": peak[prec], "limit_images_per_s": limit,
+                    "images_per_s": ips, "fraction_of_limit": ips / limit})
     print_table(["phase", "precision", "MFLOP/image", "matmul GFLOP/s", "limit img/s", "convae img/s", "of limit"],
                 rows)
     return write_json(args.json, "flops.json", {"args": vars(args), "device": device_name(device), "results": out})

@@ -68,11 +68,14 @@ def test_run_memory_benchmark_measures_whole_runs_from_a_folder_it_writes(tmp_pa
 
 def test_flops_benchmark_counts_the_models_training_flops(tmp_path):
     res = run_script("flops", "--data", "random", "--batch-size", "16", "--warmup", "1", "--steps", "1",
-                     cwd=tmp_path)["results"]
-    per_image = {r["phase"]: r["train_flops_per_image"] / 1e6 for r in res}
+                     "--inference-images", "32", cwd=tmp_path)["results"]
+    per_image = {r["phase"]: r.get("train_flops_per_image", r.get("flops_per_image")) / 1e6 for r in res}
     # the seed autoencoder, forward + backward (no input gradient for the image)
     assert per_image["pretrain"] == pytest.approx(179.1, abs=0.05)
     assert per_image["finetune"] == pytest.approx(56.9, abs=0.05)
+    # its encoder's features, forward only: about a third of the classifier's training step
+    assert per_image["features"] == pytest.approx(19.2, abs=0.05)
+    assert all(r["images_per_s"] > 0 and r["limit_images_per_s"] > 0 for r in res)
 
 
 def test_end_to_end_benchmark_runs_convae(tmp_path, image_folder):

@@ -1,5 +1,7 @@
 """The patch architecture: normalised responses, the dictionary decoder, crops, whitening, transfer."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,28 @@ def test_features_are_the_thresholded_code_summed_over_quadrants():
     h = F.relu(enc.response(x) - 0.5)  # 12 x 12 map: quadrants of 6 x 6
     torch.testing.assert_close(f.view(3, 12, 2, 2)[:, :, 1, 0], h[:, :, 6:, :6].mean((2, 3)), rtol=1e-4, atol=1e-5)
     assert torch.equal(enc.forward_pooled(x), f)
+
+
+def test_features_in_chunks_are_the_whole_batchs_with_the_same_gradients(monkeypatch):
+    """The CPU computes the response map a few images at a time (cache-sized chunks); the features
+    and every gradient are the whole batch's, in training and in inference."""
+    from convae import patchnet
+
+    torch.manual_seed(0)
+    clf = Classifier(patch_config(threshold=0.25))
+    x, y = torch.rand(11, 3, 16, 16), torch.randint(0, 10, (11,))
+    results = []
+    for chunk in (100, 3):  # one pass, then chunks of 3 (3 + 3 + 3 + 2)
+        monkeypatch.setitem(patchnet.CHUNK, "cpu", chunk)
+        model = copy.deepcopy(clf)  # the same batch-norm statistics before each
+        F.cross_entropy(model.train()(x), y).backward()
+        with torch.no_grad():
+            features = model.eval().encoder(x)
+        results.append((features, model.encoder.conv.weight.grad.clone()))
+    (f_one, g_one), (f_chunked, g_chunked) = results
+    torch.testing.assert_close(f_chunked, f_one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_chunked, g_one, rtol=1e-4, atol=1e-7)
+    assert g_one.abs().sum() > 0
 
 
 def test_perfect_patches_decode_to_the_image():
