@@ -27,10 +27,12 @@ from .joint import joint_training
 from .loop import check_finite, freeze, train_one_epoch
 from .models import AutoEncoder, Classifier
 from .objectives import make_objective
-from .probes import extract_features, fit_head, random_encoder, representation_scores
+from .probes import PROBE_BANK, extract_features, fit_head, random_encoder, representation_scores
 from .recipe import classification_loss, repeats, step_hook
 from .records import EpochRecord, Representation, Results, Validation
 
+
+MAP_POINTS = 2000  # evaluation images a run's t-SNE map shows (a seeded pick)
 
 def _fit_to_data(encoder: EncoderBase, images, seed: int) -> str | None:
     """What an encoder fits before pretraining (the patch network's whitening), on a seeded sample
@@ -160,20 +162,23 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     random_enc = random_encoder(ae.config, cfg.seed, device)
     bank, queries = data.finetune, data.val
     assert bank is not None and bank.labels is not None and queries.labels is not None
-    ctx.log(f"measuring the frozen representation: features of {len(bank)} labelled and {len(queries)} evaluation "
-            "images, pretrained and random weights, then kNN and a linear probe on each")
+    sampled = f" (a seeded sample of {PROBE_BANK} of {len(bank)})" if len(bank) > PROBE_BANK else ""
+    ctx.log(f"measuring the frozen representation: features of {min(len(bank), PROBE_BANK)} labelled{sampled} and "
+            f"{len(queries)} evaluation images, pretrained and random weights, then kNN and a linear probe on each")
     rep: Representation = representation_scores(  # type: ignore[assignment]
         enc, bank, bank.labels, queries, queries.labels, len(data.classes), cfg.precision, cfg.seed,
         features=cfg.probe_features, baseline=random_enc)
     rep.update({"encoder": "pretrained autoencoder's, frozen", "bank": f"the {len(bank)} labelled fine-tuning images",
                 "eval_set": data.eval_name})
     ctx.check_stop("the embedding map")
-    features = extract_features(enc, queries, precision=cfg.precision, features=cfg.probe_features,
+    # only the images the map shows: the map's own seeded pick, so its figure is the same
+    shown = queries.subset(torch.from_numpy(visualise.map_points(len(queries), MAP_POINTS, cfg.seed)))
+    features = extract_features(enc, shown, precision=cfg.precision, features=cfg.probe_features,
                                 desc="features for the map")
-    ctx.log(f"drawing the t-SNE map of {min(2000, len(queries))} evaluation images")
+    ctx.log(f"drawing the t-SNE map of {len(shown)} evaluation images")
     visualise.attempt(ctx.log, "the embedding map", lambda: visualise.save_embedding_map(
-        features.cpu().numpy(), queries.labels.numpy(), data.classes, ctx.run.figures / "embedding_map.png",
-        f"pretrained encoder, {data.eval_label}", max_points=2000, seed=cfg.seed))
+        features.cpu().numpy(), shown.labels.numpy(), data.classes, ctx.run.figures / "embedding_map.png",
+        f"pretrained encoder, {data.eval_label}", max_points=MAP_POINTS, seed=cfg.seed, picked=True))
     rep["seconds"] = time.perf_counter() - start
     rand = rep["random"]
     below = [p for p, key in (("kNN", "knn_accuracy"), ("linear probe", "linear_probe_accuracy")) if rep[key] < rand[key]]

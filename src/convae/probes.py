@@ -19,6 +19,16 @@ from .device import autocast
 
 PROBE_SETTINGS = {"model": "multinomial logistic regression", "optimizer": "full-batch L-BFGS",
                   "max_iter": 200, "l2": 1e-4, "features": "standardised"}
+# labelled images a run's kNN bank and linear probe hold at most (a seeded sample beyond): their
+# features are in memory at once, and a run's memory stays flat in the size of its source
+PROBE_BANK = 50_000
+
+
+def bank_sample(n: int, limit: int, seed: int) -> torch.Tensor | None:
+    """Sorted positions of a seeded sample of ``limit`` of ``n`` images; None when all fit."""
+    if not limit or n <= limit:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
 def feature_chunks(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_size: int = INFERENCE_BATCH_SIZE,
@@ -81,10 +91,14 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes: int, k: int = 20
 
 
 def fit_logistic(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, max_iter: int = 200,
-                 l2: float = 1e-4, seed: int = 0) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+                 l2: float = 1e-4, seed: int = 0, desc: str | None = None
+                 ) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on standardised features, fitted by full-batch L-BFGS with
     a small L2 penalty: it converges the same way for 250 or 45,000 labelled images, unlike a
-    fixed number of SGD epochs. Returns the head and the standardisation (mean, std)."""
+    fixed number of SGD epochs. Returns the head and the standardisation (mean, std). With
+    ``desc`` a progress bar counts the loss evaluations (at most 1.25 per iteration)."""
+    from tqdm.auto import tqdm
+
     mean, std = train_f.mean(0), train_f.std(0).clamp(min=1e-6)
     if train_f.shape[0] < 2:
         std = torch.ones_like(std)
@@ -95,15 +109,22 @@ def fit_logistic(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int,
     opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
                             line_search_fn="strong_wolfe")
 
+    bar = tqdm(total=max_iter * 5 // 4, desc=desc, unit="eval", leave=False, mininterval=1.0,
+               disable=None if desc else True)
+
     def closure():
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(head(xtr), train_y) + l2 * head.weight.pow(2).sum()
         loss.backward()
         cores.poll()
+        bar.update()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        bar.close()
     return head.requires_grad_(False), mean, std
 
 
@@ -178,20 +199,33 @@ def random_encoder(config, seed: int, device: torch.device | str = "cpu") -> nn.
 def representation_scores(encoder: nn.Module, train_images: torch.Tensor | ImageSet, train_labels: torch.Tensor,
                           test_images: torch.Tensor | ImageSet, test_labels: torch.Tensor, num_classes: int,
                           precision: str = "fp32", seed: int = 0, features: str = "latent",
-                          baseline: nn.Module | None = None) -> dict:
+                          baseline: nn.Module | None = None, max_bank: int = PROBE_BANK,
+                          batch_size: int = INFERENCE_BATCH_SIZE) -> dict:
     """kNN and linear-probe accuracy of ``encoder``'s frozen features (train = the labelled bank).
 
     With ``baseline`` (the same architecture with random weights) the same probes score it on
     the same images and features, under ``random``: what the training added is the difference.
+    A bank of more than ``max_bank`` images (0 = no limit) is a seeded sample of that many; the
+    test images are scored chunk by chunk, so neither set's features grow with the source.
     """
     device = next(encoder.parameters()).device
+    pick = bank_sample(len(train_labels), max_bank, seed)
+    if pick is not None:
+        train_images = train_images.subset(pick) if isinstance(train_images, ImageSet) else train_images[pick]
+        train_labels = train_labels[pick]
     ytr, yte = train_labels.to(device), test_labels.to(device)
 
     def scores(enc: nn.Module, name: str) -> dict[str, float]:
-        ftr = extract_features(enc, train_images, precision=precision, features=features, desc=f"{name}: bank")
-        fte = extract_features(enc, test_images, precision=precision, features=features, desc=f"{name}: queries")
-        return {"knn_accuracy": knn_accuracy(ftr, ytr, fte, yte, num_classes),
-                "linear_probe_accuracy": linear_probe_accuracy(ftr, ytr, fte, yte, num_classes, seed=seed)}
+        ftr = extract_features(enc, train_images, batch_size, precision, features, desc=f"{name}: bank")
+        head, mean, std = fit_logistic(ftr, ytr, num_classes, seed=seed, desc=f"{name}: linear probe")
+        knn = linear = seen = 0
+        for f in feature_chunks(enc, test_images, batch_size, precision, features, desc=f"{name}: queries"):
+            y = yte[seen : seen + len(f)]
+            seen += len(f)
+            knn += int((knn_predict(ftr, ytr, f, num_classes) == y).sum())
+            with torch.no_grad():
+                linear += int((head((f - mean) / std).argmax(1) == y).sum())
+        return {"knn_accuracy": knn / max(seen, 1), "linear_probe_accuracy": linear / max(seen, 1)}
 
     out = {
         **scores(encoder, "features"),
@@ -201,6 +235,8 @@ def representation_scores(encoder: nn.Module, train_images: torch.Tensor | Image
         "train_images": int(len(ytr)),
         "test_images": int(len(yte)),
     }
+    if pick is not None:
+        out["bank_sample"] = f"a seeded sample of {len(ytr)} of the bank's images"
     if baseline is not None:
         out["random"] = scores(baseline.to(device), "random weights")
     return out

@@ -89,6 +89,7 @@ class Representation(TypedDict, total=False):
     linear_probe: dict[str, Any]
     train_images: int
     test_images: int
+    bank_sample: str  # only when the bank was larger than PROBE_BANK: what it was sampled to
     features: str  # "latent" or "pooled"
     random: dict[str, float]  # the same probes on the same architecture with random weights
     encoder: str

@@ -185,7 +185,8 @@ def _representation(r: _Run) -> list[str]:
         "column is the same architecture, untrained (seeded), through the same probes on the same "
         "images: what pretraining bought is the difference.</p>",
         f'<p class="note">{html.escape(rep["encoder"])} encoder; labelled bank: '
-        f'{html.escape(rep["bank"])}; evaluated on the {html.escape(rep["eval_set"])}.</p>',
+        f'{html.escape(rep["bank"])}{html.escape(", " + rep["bank_sample"]) if rep.get("bank_sample") else ""}; '
+        f'evaluated on the {html.escape(rep["eval_set"])}.</p>',
         img(r.fig / "embedding_map.png", f"t-SNE map of the {r.set_name}'s embeddings")]
 
 

@@ -179,15 +179,23 @@ def attempt(log, what: str, draw) -> bool:
         return False
 
 
+def map_points(n: int, max_points: int, seed: int):
+    """The positions of the (at most ``max_points``, seeded) images a map of ``n`` shows."""
+    import numpy as np
+
+    return np.random.default_rng(seed).permutation(n)[:max_points] if n > max_points else np.arange(n)
+
+
 def save_embedding_map(features, labels, classes: list[str], path: Path, title: str,
-                       max_points: int = 3000, seed: int = 0) -> None:
-    """A t-SNE map of (at most ``max_points``, seeded) embeddings, coloured by class."""
+                       max_points: int = 3000, seed: int = 0, picked: bool = False) -> None:
+    """A t-SNE map of (at most ``max_points``, seeded: :func:`map_points`) embeddings, coloured by
+    class; ``picked``: ``features`` are those points already, in that order."""
     import numpy as np
 
     n = len(features)
     if n < MIN_MAP_POINTS:
         raise ValueError(f"t-SNE needs at least {MIN_MAP_POINTS} images, the set has {n}")
-    pick = np.random.default_rng(seed).permutation(n)[:max_points] if n > max_points else np.arange(n)
+    pick = np.arange(n) if picked else map_points(n, max_points, seed)
     xy = embedding_map(np.asarray(features)[pick], seed)
     fig, ax = plt.subplots(figsize=(6, 5.5))
     if labels is None:
