@@ -348,3 +348,19 @@ def test_a_run_logged_to_a_file_says_where_it_is_between_epochs(image_folder, ca
     steps = int(pre[0].split("step 1/")[1].split()[0])  # steps per pretraining epoch
     assert len(pre) == 2 * steps and pre[-1].startswith(f"pretrain  epoch 2/2  step {steps}/{steps}  about 0 s left")
     assert lines[len(pre):] and all(line.endswith("left in finetune") for line in lines[len(pre):])
+
+
+def test_a_network_whose_last_map_is_1x1_trains_and_a_batch_of_one_image_is_one_error_line(
+        image_folder, cache_dir, tmp_path, capsys):
+    """The blocks network on 16x16 images ends on a 1x1 map: its size is measured in eval mode (a
+    training-mode batch norm refuses one image there), and a training batch of one image is a user
+    error, not a traceback."""
+    common = ["pretrain", "--preset", "blocks", "--data", str(image_folder), "--cache-dir", str(cache_dir),
+              "--height", "16", "--width", "16", "--val-fraction", "0.2", "--pretrain-epochs", "1", "--device", "cpu"]
+    assert main(common + ["--out", str(tmp_path / "ok"), "--batch-size", "8"]) == 0  # 24 images: 3 batches of 8
+    assert (tmp_path / "ok" / "checkpoints" / "autoencoder.pt").exists()
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "one"), "--batch-size", "23"]) == 2  # 23 + 1
+    err = capsys.readouterr().err
+    assert "a training batch of 1 image(s) is too small for the network's batch norm" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ corrupt the input or act on the code, and a step that mixes two streams reads bo
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -114,7 +114,7 @@ def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
         # DDP all-reduces on the last chunk's backward only
         sync = nullcontext() if i == len(chunks) - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with autocast(device, precision):
+            with autocast(device, precision), _one_image_batch_norm(len(part)):
                 loss = criterion(model, part, generator)
             weighted = loss * (len(part) * scale)
             (weighted if scaler is None else scaler.scale(weighted)).backward()
@@ -125,6 +125,21 @@ def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
         scaler.step(optimizer)
         scaler.update()
     return total
+
+
+@contextmanager
+def _one_image_batch_norm(images: int):
+    """torch's batch norm refuses a training batch with one value per channel (one image on a 1x1
+    map, or before a BatchNorm1d): said in convae's terms, with what to change."""
+    try:
+        yield
+    except ValueError as e:
+        if "more than 1 value per channel" not in str(e):
+            raise
+        raise ConvaeError(f"a training batch of {images} image(s) is too small for the network's batch norm "
+                          "(it needs two values per channel)",
+                          advice="use a --batch-size (and --micro-batch) that leaves at least 2 images in the last "
+                                 "batch of an epoch") from None
 
 
 class EpochInterrupted(Exception):

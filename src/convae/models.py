@@ -132,7 +132,8 @@ def model_size(cfg: ModelConfig) -> tuple[int, int]:
     widest = max([cfg.in_channels] + [t.shape[0] for t in ae.state_dict().values() if t.ndim])
     bound = (len(leaves) + 4) * widest * cfg.height * cfg.width
     device = "meta" if bound > SMALL_ACTIVATIONS or params > SMALL_PARAMETERS else "cpu"
-    ae = ae.to_empty(device=device)
+    # eval mode: a batch norm in training mode refuses one image on a 1x1 map; the sizes are the same
+    ae = ae.to_empty(device=device).eval()
     activations = [0]
 
     def count(module: nn.Module, inputs, output) -> None:
