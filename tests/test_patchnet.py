@@ -66,6 +66,28 @@ def test_features_in_chunks_are_the_whole_batchs_with_the_same_gradients(monkeyp
     assert g_one.abs().sum() > 0
 
 
+def test_the_pooled_code_with_its_own_backward_matches_autograd():
+    """Training reads the features through a function with a hand-written backward pass (every
+    pass over the map in place); its values and gradients are autograd's on the plain ops."""
+    torch.manual_seed(0)
+    enc = AutoEncoder(patch_config(threshold=0.25)).encoder
+    enc.patch_mean.normal_(0, 0.1)  # a fitted whitening's centre: the bias takes a gradient
+    x = torch.rand(5, 3, 15, 14)  # odd and even sizes: overlapping and disjoint quadrants
+    g = torch.randn(5, 48)
+    grads = []
+    for own in (True, False):
+        enc.zero_grad()
+        with torch.enable_grad():
+            f = enc._pooled_with_gradient(x) if own else F.adaptive_avg_pool2d(
+                F.relu(enc.response(x) - 0.25), 2).flatten(1)
+            (f * g).sum().backward()
+        grads.append((f.detach(), enc.conv.weight.grad.clone()))
+    (f_own, g_own), (f_ref, g_ref) = grads
+    torch.testing.assert_close(f_own, f_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_own, g_ref, rtol=1e-4, atol=1e-6)
+    assert g_ref.abs().sum() > 0
+
+
 def test_perfect_patches_decode_to_the_image():
     """De-normalising every position's true patch and averaging the overlaps gives the input back."""
     torch.manual_seed(0)

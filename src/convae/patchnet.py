@@ -97,6 +97,13 @@ class PatchEncoder(EncoderBase):
 
     def response(self, x: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
         """Every filter's response to every normalised patch, minus ``shift``: (B, K, H - k + 1, W - k + 1)."""
+        y, std, bias = self._conv(x, shift)
+        # in place: the convolution's backward does not read its output, and each pass over the map
+        # costs as much as the convolution's arithmetic
+        return y.div_(std).add_(bias)
+
+    def _conv(self, x: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The response as (filtered map, each patch's contrast, bias - shift): response = map / contrast + bias."""
         _, std = patch_stats(x, self.config.kernel_size)
         x = x.float()
         with exact(x):
@@ -107,9 +114,7 @@ class PatchEncoder(EncoderBase):
             # channels last: oneDNN's fast layout for a wide convolution of 3 channels (1.8x, BENCHMARKS.md)
             y = F.conv2d((x - x.mean((1, 2, 3), keepdim=True)).contiguous(memory_format=torch.channels_last), w)
             bias = -(w.flatten(1) @ self.patch_mean)  # the whitening centres on the patches' mean
-        # in place: the convolution's backward does not read its output, and each pass over the map
-        # costs as much as the convolution's arithmetic
-        return y.div_(std).add_((bias - shift).view(1, -1, 1, 1))
+        return y, std, (bias - shift).view(1, -1, 1, 1)
 
     @torch.no_grad()
     def fit_whitening(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -134,12 +139,65 @@ class PatchEncoder(EncoderBase):
         chunk = CHUNK.get(x.device.type, GPU_CHUNK)
         # an exported graph has no chunks: a branch on the batch size would fix it at export
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.shape[0] <= chunk:
-            return F.adaptive_avg_pool2d(self.response(x, self.config.threshold).relu_(), 2).flatten(1)
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+                return F.adaptive_avg_pool2d(self.response(x, self.config.threshold).relu_(), 2).flatten(1)
+            return self._pooled_with_gradient(x)
         # the (B, K, 27, 27) responses of a few images at a time (autograd follows the chunks)
         return torch.cat([self.quadrants(c) for c in x.split(chunk)])
 
+    def _pooled_with_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`quadrants` of one chunk where autograd follows (:class:`_PooledCode`)."""
+        _, std = patch_stats(x, self.config.kernel_size)
+        x = x.float()
+        with exact(x):
+            w = self.filters()
+            w = w - w.mean((1, 2, 3), keepdim=True)  # as in _conv
+            bias = -(w.flatten(1) @ self.patch_mean)
+            xc = (x - x.mean((1, 2, 3), keepdim=True)).contiguous(memory_format=torch.channels_last)
+            shift = (bias - self.config.threshold).view(1, -1, 1, 1)
+            return _PooledCode.apply(xc, w, std.reciprocal(), shift).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.quadrants(x))  # forward_pooled is the same: already pooled conv features
+
+
+def _bins(n: int, device: torch.device) -> torch.Tensor:
+    """(2, n): adaptive average pooling's two bins over ``n`` positions, as averaging weights."""
+    w = torch.zeros(2, n, device=device)
+    for p in range(2):
+        lo, hi = (p * n) // 2, -(-((p + 1) * n) // 2)
+        w[p, lo:hi] = 1.0 / (hi - lo)
+    return w
+
+
+class _PooledCode(torch.autograd.Function):
+    """relu(conv(x, w) * scale + shift) averaged over the map's quadrants, (B, K, H, W) -> (B, K, 2, 2),
+    with every pass over the (B, K, H, W) map in place: autograd's version allocates a new map for
+    each elementwise step and its backward (on the CPU a fresh allocation of a few MiB costs its page
+    faults, and the average pool's backward of a channels-last map a zero fill and two copies), 2.5x
+    slower than the convolution and its weight gradient together. ``x`` and ``scale`` (the images and
+    their patch contrast) take no gradient; ``w`` and ``shift`` do."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        r = F.conv2d(x, w).mul_(scale).add_(shift).relu_()
+        ctx.save_for_backward(x, w, r, scale)
+        return F.adaptive_avg_pool2d(r, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, r, scale = ctx.saved_tensors
+        assert not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]), "the images take no gradient"
+        b, k, h, wd = r.shape
+        bins = (_bins(h, r.device)[:, :, None, None] * _bins(wd, r.device)[None, None]).permute(1, 3, 0, 2)
+        # (B, H * W, K): the map's channels-last layout, which the convolution's backward reads
+        up = torch.matmul(bins.reshape(h * wd, 4), grad.float().permute(0, 2, 3, 1).reshape(b, 4, k))
+        # the rectifier's backward (zero where the output is zero): vectorised, unlike masked_fill or where
+        up = torch.ops.aten.threshold_backward(up.view(b, h, wd, k).permute(0, 3, 1, 2), r, 0)
+        grad_shift = up.sum((0, 2, 3), keepdim=True) if ctx.needs_input_grad[3] else None
+        grad_w = torch.ops.aten.convolution_backward(up.mul_(scale), x, w, None, [1, 1], [0, 0], [1, 1], False,
+                                                     [0, 0], 1, [False, True, False])[1]
+        return None, grad_w, None, grad_shift
 
 
 class PatchDecoder(nn.Module):
