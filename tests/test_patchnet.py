@@ -88,6 +88,27 @@ def test_the_pooled_code_with_its_own_backward_matches_autograd():
     assert g_ref.abs().sum() > 0
 
 
+def test_a_crop_the_size_of_a_patch_decodes_as_the_general_path_does():
+    """Pretraining decodes one code per k x k crop by a matrix product and a reshape; the result is
+    the 1x1 convolution and fold's."""
+    from convae.patchnet import patch_stats
+
+    torch.manual_seed(0)
+    ae = AutoEncoder(patch_config())
+    crops = torch.rand(7, 3, 5, 5)
+    h = torch.rand(7, 12, 1, 1, requires_grad=True)
+    out = ae.decoder(h, crops)
+    mean, std = patch_stats(crops, 5)
+    cols = (ae.decoder.dictionary(h) * std + mean).flatten(2)
+    ref = F.fold(cols, (5, 5), 5) / F.fold(torch.ones_like(cols[:1]), (5, 5), 5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.pow(2).sum().backward()
+    g_own = ae.decoder.dictionary.weight.grad.clone()
+    ae.zero_grad()
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(g_own, ae.decoder.dictionary.weight.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_perfect_patches_decode_to_the_image():
     """De-normalising every position's true patch and averaging the overlaps gives the input back."""
     torch.manual_seed(0)

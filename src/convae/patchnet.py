@@ -212,12 +212,17 @@ class PatchDecoder(nn.Module):
 
     def patches(self, h: torch.Tensor) -> torch.Tensor:
         """The normalised patch each position's code stands for: (B, C*k*k, H', W')."""
+        if h.shape[2:] == (1, 1):  # one code per crop (pretraining): a matrix product, 6x faster than a 1x1 conv
+            w = self.dictionary.weight
+            return F.linear(h.flatten(1), w.flatten(1), self.dictionary.bias).view(-1, w.shape[0], 1, 1)
         return self.dictionary(h)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         k, (H, W) = self.config.kernel_size, x.shape[2:]
         mean, std = patch_stats(x.float(), k)
         cols = (self.patches(h).float() * std + mean).flatten(2)  # (B, C*k*k, L) in pixels
+        if (H, W) == (k, k):  # a crop the size of a patch (pretraining): its one patch is the image
+            return cols.view(x.shape)
         image = F.fold(cols, (H, W), k)
         cover = F.fold(torch.ones_like(cols[:1]), (H, W), k)  # patches covering each pixel
         return image / cover
