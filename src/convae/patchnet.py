@@ -180,7 +180,8 @@ class _PooledCode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        r = F.conv2d(x, w).mul_(scale).add_(shift).relu_()
+        y = F.conv2d(x, w)
+        r = torch.addcmul(shift, y, scale, out=y).relu_()  # in place: one pass for the contrast and the bias
         ctx.save_for_backward(x, w, r, scale)
         return F.adaptive_avg_pool2d(r, 2)
 
@@ -192,8 +193,10 @@ class _PooledCode(torch.autograd.Function):
         bins = (_bins(h, r.device)[:, :, None, None] * _bins(wd, r.device)[None, None]).permute(1, 3, 0, 2)
         # (B, H * W, K): the map's channels-last layout, which the convolution's backward reads
         up = torch.matmul(bins.reshape(h * wd, 4), grad.float().permute(0, 2, 3, 1).reshape(b, 4, k))
-        # the rectifier's backward (zero where the output is zero): vectorised, unlike masked_fill or where
-        up = torch.ops.aten.threshold_backward(up.view(b, h, wd, k).permute(0, 3, 1, 2), r, 0)
+        # the rectifier's backward (zero where the output is zero), in place: vectorised, unlike
+        # masked_fill or where, and no new map (a fresh one costs its page faults)
+        up = up.view(b, h, wd, k).permute(0, 3, 1, 2)
+        up = torch.ops.aten.threshold_backward.grad_input(up, r, 0, grad_input=up)
         grad_shift = up.sum((0, 2, 3), keepdim=True) if ctx.needs_input_grad[3] else None
         grad_w = torch.ops.aten.convolution_backward(up.mul_(scale), x, w, None, [1, 1], [0, 0], [1, 1], False,
                                                      [0, 0], 1, [False, True, False])[1]
