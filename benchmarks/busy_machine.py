@@ -37,12 +37,12 @@ COMPETITORS = {
 }
 
 
-def competitor(kind: str | None):
-    """The competing process (None: alone); started, then given a moment to get going."""
+def competitor(kind: str | None, settle: float = 1.0):
+    """The competing process (None: alone); started, then given ``settle`` seconds to get going."""
     if kind is None:
         return None
     proc = subprocess.Popen([sys.executable, "-c", COMPETITORS[kind]])
-    time.sleep(1.0)
+    time.sleep(settle)
     return proc
 
 
@@ -73,6 +73,7 @@ def main(argv=None) -> dict:
     p.add_argument("--phases", nargs="+", default=["pretrain"], choices=["pretrain", "finetune"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--workers", type=int, default=4, help="the lecture DataLoader's workers (the lecture: 4)")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds the competitor runs before a measurement")
     p.add_argument("--arms", nargs="+", default=["lecture", "fixed", "follows"], choices=["lecture", "fixed", "follows"])
     p.add_argument("--json", help="output file (default benchmarks/results/busy_machine.json)")
     args = p.parse_args(argv)
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
         for phase in args.phases:
             for beside in (None, args.competitor):
                 for arm in args.arms:
-                    proc = competitor(beside)
+                    proc = competitor(beside, args.settle)
                     try:
                         ips, n = measure(arm, phase, images, labels, args, precision)
                     finally:
