@@ -42,12 +42,14 @@ RUN_ONNX = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("part", ["encoder", "classifier", "autoencoder"])
-def test_onnx_matches_pytorch_in_onnxruntime(checkpoints, tmp_path, part):
+def test_onnx_matches_pytorch_in_onnxruntime(checkpoints, tmp_path, part, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     ckpt, module = _module(checkpoints, part)
     out = tmp_path / f"{part}.onnx"
     assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--part", part, "--out", str(out)]) == 0
+    said = capsys.readouterr().out.splitlines()  # what it is doing before the seconds of tracing, then the result
+    assert said[0].startswith(f"exporting the {part} to onnx: tracing the model") and said[-1].startswith("wrote ")
     x = torch.rand(5, 3, 32, 32)  # another batch size than the export's example: the axis is dynamic
     np.save(tmp_path / "x.npy", x.numpy())
     subprocess.run([sys.executable, "-c", RUN_ONNX, str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],

@@ -82,7 +82,7 @@ def predict(checkpoint: str, images: list[str], device: str, batch_size: int, as
 def export(checkpoint: str, fmt: str, part: str, out: str, log: Log) -> Path:
     from .export import export as export_part
 
-    path = export_part(checkpoint, fmt, part, out)
+    path = export_part(checkpoint, fmt, part, out, log)
     log(f"wrote {part} as {fmt}: {path}")
     return path
 

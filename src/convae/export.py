@@ -132,8 +132,9 @@ def load_safetensors(path: str | Path) -> nn.Module:
     return rebuild(meta["part"], config, state, classes, str(path))
 
 
-def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path) -> Path:
-    """``convae export``: write ``part`` of ``checkpoint`` to ``out`` in ``fmt``."""
+def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path, log=lambda message: None) -> Path:
+    """``convae export``: write ``part`` of ``checkpoint`` to ``out`` in ``fmt``; ``log`` says when a
+    format that traces the model (seconds: no step of it reports progress) starts."""
     if fmt not in FORMATS:
         raise ConvaeError(f"the export format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if part not in PARTS:
@@ -151,6 +152,8 @@ def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path) -> Path
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=out.parent))
     try:
         tmp = work / out.name
+        if fmt != "safetensors":
+            log(f"exporting the {part} to {fmt}: tracing the model (seconds; torch reports no progress)")
         if fmt == "onnx":
             export_onnx(module, cfg, part, tmp, classes)
         elif fmt == "pt2":
