@@ -133,8 +133,9 @@ def main(argv=None) -> dict:
         print(f"{arm}, from {args.gb[0]:g} to {args.gb[-1]:g} GiB: peak anonymous memory "
               f"{last['peak_anon_mib'] - first['peak_anon_mib']:+.0f} MiB, shared "
               f"{last['peak_shared_mib'] - first['peak_shared_mib']:+.0f} MiB")
-    return write_json(args.json, "run_memory.json", {"size": args.size, "epochs": args.epochs, "extra": extra,
-                                                     "results": results}) and {"results": results}
+    payload = {"size": args.size, "epochs": args.epochs, "extra": extra, "results": results}
+    write_json(args.json, "run_memory.json", payload)
+    return payload
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from .data.sources import check_source
 from .device import provenance, resolve_precision
 from .errors import ConvaeError
 from .evaluate import class_results, evaluate_classifier, format_class_table
-from .probes import PROBE_BANK, random_encoder, representation_scores
+from .probes import bank_size, random_encoder, representation_scores
 from .records import Log, Representation, Results
 from .report import write_report
 from .rundir import RunDir
@@ -74,9 +74,8 @@ def _probe(cfg: Config, encoder: nn.Module, ds: ImageSet, train_data: str, what:
     if not bank.labelled or bank.classes != ds.classes:
         raise ConvaeError(f"the training data {train_data} must be labelled with the classes of {cfg.data}")
     baseline = random_encoder(m, cfg.seed, device)
-    sampled = f" (a seeded sample of {PROBE_BANK} of {len(bank)})" if len(bank) > PROBE_BANK else ""
-    log(f"measuring the frozen encoder: features of {min(len(bank), PROBE_BANK)} bank{sampled} and {len(ds)} "
-        "evaluation images, trained and random weights, then kNN and a linear probe on each")
+    log(f"measuring the frozen encoder: features of {bank_size(len(bank))} bank and {len(ds)} evaluation images, "
+        "trained and random weights, then kNN and a linear probe on each")
     rep = representation_scores(encoder, bank, bank.labels, ds, ds.labels, len(ds.classes),
                                 cfg.precision, cfg.seed, features=cfg.probe_features, baseline=baseline)
     rep.update({"encoder": what, "bank": f"--train-data {train_data}", "eval_set": cfg.data})

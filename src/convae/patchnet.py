@@ -97,13 +97,16 @@ class PatchEncoder(EncoderBase):
 
     def response(self, x: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
         """Every filter's response to every normalised patch, minus ``shift``: (B, K, H - k + 1, W - k + 1)."""
-        y, std, bias = self._conv(x, shift)
+        xc, w, std, bias = self._parts(x, shift)
+        with exact(xc):
+            y = F.conv2d(xc, w)
         # in place: the convolution's backward does not read its output, and each pass over the map
         # costs as much as the convolution's arithmetic
         return y.div_(std).add_(bias)
 
-    def _conv(self, x: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The response as (filtered map, each patch's contrast, bias - shift): response = map / contrast + bias."""
+    def _parts(self, x: torch.Tensor, shift: float) -> tuple[torch.Tensor, ...]:
+        """What the response is made of: (images centred, channels-last; filters centred; each patch's
+        contrast; bias - shift), with response = conv(images, filters) / contrast + bias."""
         _, std = patch_stats(x, self.config.kernel_size)
         x = x.float()
         with exact(x):
@@ -112,9 +115,9 @@ class PatchEncoder(EncoderBase):
             # mean exactly, in the same pass, and a constant shift of the image changes nothing
             w = w - w.mean((1, 2, 3), keepdim=True)
             # channels last: oneDNN's fast layout for a wide convolution of 3 channels (1.8x, BENCHMARKS.md)
-            y = F.conv2d((x - x.mean((1, 2, 3), keepdim=True)).contiguous(memory_format=torch.channels_last), w)
+            xc = (x - x.mean((1, 2, 3), keepdim=True)).contiguous(memory_format=torch.channels_last)
             bias = -(w.flatten(1) @ self.patch_mean)  # the whitening centres on the patches' mean
-        return y, std, (bias - shift).view(1, -1, 1, 1)
+        return xc, w, std, (bias - shift).view(1, -1, 1, 1)
 
     @torch.no_grad()
     def fit_whitening(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -138,23 +141,14 @@ class PatchEncoder(EncoderBase):
         """relu(response - threshold) averaged over the map's four quadrants: (B, K, 2, 2) -> (B, 4K)."""
         chunk = CHUNK.get(x.device.type, GPU_CHUNK)
         # an exported graph has no chunks: a branch on the batch size would fix it at export
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.shape[0] <= chunk:
-            if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-                return F.adaptive_avg_pool2d(self.response(x, self.config.threshold).relu_(), 2).flatten(1)
-            return self._pooled_with_gradient(x)
-        # the (B, K, 27, 27) responses of a few images at a time (autograd follows the chunks)
-        return torch.cat([self.quadrants(c) for c in x.split(chunk)])
-
-    def _pooled_with_gradient(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`quadrants` of one chunk where autograd follows (:class:`_PooledCode`)."""
-        _, std = patch_stats(x, self.config.kernel_size)
-        x = x.float()
-        with exact(x):
-            w = self.filters()
-            w = w - w.mean((1, 2, 3), keepdim=True)  # as in _conv
-            bias = -(w.flatten(1) @ self.patch_mean)
-            xc = (x - x.mean((1, 2, 3), keepdim=True)).contiguous(memory_format=torch.channels_last)
-            shift = (bias - self.config.threshold).view(1, -1, 1, 1)
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if not tracing and x.shape[0] > chunk:
+            # the (B, K, 27, 27) responses of a few images at a time (autograd follows the chunks)
+            return torch.cat([self.quadrants(c) for c in x.split(chunk)])
+        if tracing or not torch.is_grad_enabled():
+            return F.adaptive_avg_pool2d(self.response(x, self.config.threshold).relu_(), 2).flatten(1)
+        xc, w, std, shift = self._parts(x, self.config.threshold)
+        with exact(xc):
             return _PooledCode.apply(xc, w, std.reciprocal(), shift).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

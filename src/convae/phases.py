@@ -27,12 +27,13 @@ from .joint import joint_training
 from .loop import check_finite, freeze, train_one_epoch
 from .models import AutoEncoder, Classifier
 from .objectives import make_objective
-from .probes import PROBE_BANK, extract_features, fit_head, random_encoder, representation_scores
+from .probes import bank_size, extract_features, fit_head, random_encoder, representation_scores
 from .recipe import classification_loss, repeats, step_hook
 from .records import EpochRecord, Representation, Results, Validation
 
 
 MAP_POINTS = 2000  # evaluation images a run's t-SNE map shows (a seeded pick)
+
 
 def _fit_to_data(encoder: EncoderBase, images, seed: int) -> str | None:
     """What an encoder fits before pretraining (the patch network's whitening), on a seeded sample
@@ -162,9 +163,8 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     random_enc = random_encoder(ae.config, cfg.seed, device)
     bank, queries = data.finetune, data.val
     assert bank is not None and bank.labels is not None and queries.labels is not None
-    sampled = f" (a seeded sample of {PROBE_BANK} of {len(bank)})" if len(bank) > PROBE_BANK else ""
-    ctx.log(f"measuring the frozen representation: features of {min(len(bank), PROBE_BANK)} labelled{sampled} and "
-            f"{len(queries)} evaluation images, pretrained and random weights, then kNN and a linear probe on each")
+    ctx.log(f"measuring the frozen representation: features of {bank_size(len(bank))} labelled and {len(queries)} "
+            "evaluation images, pretrained and random weights, then kNN and a linear probe on each")
     rep: Representation = representation_scores(  # type: ignore[assignment]
         enc, bank, bank.labels, queries, queries.labels, len(data.classes), cfg.precision, cfg.seed,
         features=cfg.probe_features, baseline=random_enc)

@@ -24,6 +24,11 @@ PROBE_SETTINGS = {"model": "multinomial logistic regression", "optimizer": "full
 PROBE_BANK = 50_000
 
 
+def bank_size(n: int) -> str:
+    """How many of a bank of ``n`` labelled images the probes read, for a log line."""
+    return f"{PROBE_BANK} (a seeded sample of {n})" if n > PROBE_BANK else str(n)
+
+
 def bank_sample(n: int, limit: int, seed: int) -> torch.Tensor | None:
     """Sorted positions of a seeded sample of ``limit`` of ``n`` images; None when all fit."""
     if not limit or n <= limit:
