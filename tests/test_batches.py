@@ -211,3 +211,37 @@ def test_two_gloo_ranks_read_disjoint_shards_of_one_cache(tmp_path):
     assert np.unique(sum(every[0], []) + sum(every[1], [])).size == 45
     assert (tmp_path / "turns.txt").read_text().split() == ["0", "1"]  # rank 0 prepared the data first
     assert [(tmp_path / f"error{r}.txt").read_text() for r in range(2)] == ["ValueError", "ConvaeError"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_remainder_too_short_for_batch_norm_joins_the_batch_before(world_size):
+    """25 images in batches of 8 leave one: with ``min_last`` 2 per rank it is read with the batch
+    before, every image still once an epoch, and a resumed epoch replays the same batches."""
+    images = torch.arange(25, dtype=torch.uint8).view(25, 1, 1, 1).expand(25, 1, 2, 2).contiguous()
+    sizes = {}
+    for min_last in (1, 2 * world_size):
+        seen = []
+        for rank in range(world_size):
+            b = DeviceBatches(images, None, batch_size=8, shuffle=True, seed=3, rank=rank, world_size=world_size)
+            b.min_last = min_last
+            b.set_epoch(1)
+            batches = [x[:, 0, 0, 0] for x, _ in b]
+            assert len(batches) == len(b)
+            assert [b.global_size(i) for i in range(len(b))] == ([8, 8, 8, 1] if min_last == 1 else [8, 8, 9])
+            assert all(len(x) >= min_last // world_size for x in batches)
+            replay = [x[:, 0, 0, 0] for x, _ in b.iterate(len(b) - 1)]
+            assert len(replay) == 1 and torch.equal(replay[0], batches[-1])
+            seen += batches
+        assert sorted(torch.cat(seen).mul(255).round().long().tolist()) == list(range(25))
+        sizes[min_last] = len(b)
+    assert sizes == {1: 4, 2 * world_size: 3}
+
+
+def test_a_remainder_long_enough_or_a_single_batch_is_left_as_it_is():
+    images = torch.zeros(26, 1, 2, 2, dtype=torch.uint8)
+    b = DeviceBatches(images, None, batch_size=8, shuffle=True)
+    b.min_last = 2
+    assert [b.global_size(i) for i in range(len(b))] == [8, 8, 8, 2]
+    one = DeviceBatches(images[:1], None, batch_size=8)
+    one.min_last = 2
+    assert len(one) == 1 and one.global_size(0) == 1  # nothing to join: the loop's error says so

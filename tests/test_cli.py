@@ -350,17 +350,19 @@ def test_a_run_logged_to_a_file_says_where_it_is_between_epochs(image_folder, ca
     assert lines[len(pre):] and all(line.endswith("left in finetune") for line in lines[len(pre):])
 
 
-def test_a_network_whose_last_map_is_1x1_trains_and_a_batch_of_one_image_is_one_error_line(
-        image_folder, cache_dir, tmp_path, capsys):
+def test_a_network_whose_last_map_is_1x1_trains_and_its_last_image_joins_the_batch_before(
+        image_folder, cache_dir, tmp_path, capsys, monkeypatch):
     """The blocks network on 16x16 images ends on a 1x1 map: its size is measured in eval mode (a
-    training-mode batch norm refuses one image there), and a training batch of one image is a user
-    error, not a traceback."""
+    training-mode batch norm refuses one image there), and an epoch of 23 + 1 images trains one
+    step of 24 instead of failing on a batch of one."""
     common = ["pretrain", "--preset", "blocks", "--data", str(image_folder), "--cache-dir", str(cache_dir),
               "--height", "16", "--width", "16", "--val-fraction", "0.2", "--pretrain-epochs", "1", "--device", "cpu"]
     assert main(common + ["--out", str(tmp_path / "ok"), "--batch-size", "8"]) == 0  # 24 images: 3 batches of 8
     assert (tmp_path / "ok" / "checkpoints" / "autoencoder.pt").exists()
     capsys.readouterr()
-    assert main(common + ["--out", str(tmp_path / "one"), "--batch-size", "23"]) == 2  # 23 + 1
-    err = capsys.readouterr().err
-    assert "a training batch of 1 image(s) is too small for the network's batch norm" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    import convae.rundir
+
+    monkeypatch.setattr(convae.rundir, "HEARTBEAT_SECONDS", 0.0)  # a progress line after every step
+    assert main(common + ["--out", str(tmp_path / "one"), "--batch-size", "23"]) == 0  # 23 + 1: one step of 24
+    beats = [line for line in capsys.readouterr().out.splitlines() if line.endswith("left in pretrain")]
+    assert beats and all("step 1/1 " in line for line in beats)

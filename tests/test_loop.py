@@ -3,6 +3,7 @@
 import copy
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -163,3 +164,33 @@ def test_fp16_trains_on_cuda_with_its_scaler(image_folder, cache_dir, tmp_path):
                  "16", "--latent-dim", "16", "--batch-size", "8", "--pretrain-epochs", "1", "--finetune-epochs", "1"]) == 0
     state = torch.load(tmp_path / "r" / "checkpoints" / "state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0
+
+
+def test_a_last_batch_of_one_image_joins_the_one_before_when_the_network_has_batch_norm():
+    """9 images in batches of 8: a network with batch norm trains one step of 9 (one image cannot
+    train a batch norm), one without it two steps as before; a micro-batch of one image joins the
+    micro-batch before it; a lone image is one clear error."""
+    from convae.config import build_config
+    from convae.errors import ConvaeError
+    from convae.loop import train_step
+    from convae.records import Batch
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(9) % 3
+    bn = Classifier(build_config("blocks", overrides={"height": 16, "width": 16}).model_config())
+    plain = Classifier(replace(SMALL, height=16, width=16))
+    steps = {}
+    for name, clf in (("bn", bn), ("plain", plain)):
+        sizes = []
+        loss = train_one_epoch(clf, DeviceBatches(images, labels, 8, True, 0), torch.optim.SGD(clf.parameters(), 0.01),
+                               classification_criterion, after_step=lambda: sizes.append(None))
+        assert math.isfinite(loss)
+        steps[name] = len(sizes)
+    assert steps == {"bn": 1, "plain": 2}
+    parts = [len(p) for p in Batch(images, labels).chunks(4)]
+    assert parts == [4, 5]
+    bn.train()
+    with pytest.raises(ConvaeError, match="a training batch of 1 image"):
+        train_step(bn, Batch(images[:1].float() / 255, labels[:1]), torch.optim.SGD(bn.parameters(), 0.01),
+                   classification_criterion)

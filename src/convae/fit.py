@@ -26,8 +26,8 @@ from .device import grad_scaler, micro_batch_size
 from .distributed import Dist
 from .errors import ConvaeError, Interrupted, clip, first_line
 from .files import refuse_links
-from .loop import (PER_STEP_SCHEDULES, Criterion, EpochInterrupted, check_finite, make_optimizer, make_scheduler,
-                   train_one_epoch)
+from .loop import (PER_STEP_SCHEDULES, Criterion, EpochInterrupted, check_finite, keep_last_batch_trainable,
+                   make_optimizer, make_scheduler, train_one_epoch)
 from .recipe import WeightAverage, step_hook
 from .records import EpochRecord, Log, TrainingState, Validation
 from .rundir import Heartbeat, RunDir, TensorBoardLog, epoch_line
@@ -208,6 +208,7 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
     cfg = ctx.cfg
     net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
     net = torch.compile(net) if cfg.compile else net
+    keep_last_batch_trainable(model, batches)
     optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, lr, epochs, len(batches), ema,
                                                                    batches.device)
     first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)

@@ -127,10 +127,21 @@ def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
     return total
 
 
+def keep_last_batch_trainable(model: nn.Module, batches: DeviceBatches) -> DeviceBatches:
+    """A network with batch norm cannot train on one image per channel: an epoch whose remainder would
+    leave a rank fewer than two images reads it with the batch before (every image still seen once).
+    Called before anything counts ``len(batches)`` (the schedules); returns ``batches``."""
+    inner = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inner.modules()):
+        batches.min_last = max(batches.min_last, 2 * batches.world_size)
+    return batches
+
+
 @contextmanager
 def _one_image_batch_norm(images: int):
     """torch's batch norm refuses a training batch with one value per channel (one image on a 1x1
-    map, or before a BatchNorm1d): said in convae's terms, with what to change."""
+    map, or before a BatchNorm1d): said in convae's terms, with what to change. A short last batch
+    never gets here (:func:`keep_last_batch_trainable`); a training set of one image does."""
     try:
         yield
     except ValueError as e:
@@ -138,8 +149,7 @@ def _one_image_batch_norm(images: int):
             raise
         raise ConvaeError(f"a training batch of {images} image(s) is too small for the network's batch norm "
                           "(it needs two values per channel)",
-                          advice="use a --batch-size (and --micro-batch) that leaves at least 2 images in the last "
-                                 "batch of an epoch") from None
+                          advice="train on at least 2 images (2 per process under torchrun)") from None
 
 
 class EpochInterrupted(Exception):
@@ -179,6 +189,7 @@ def train_one_epoch(
     from tqdm.auto import tqdm
 
     train_mode(model)
+    keep_last_batch_trainable(model, batches)
     device = batches.device
     total = torch.full((), loss_sum, device=device, dtype=torch.float64)  # summed on the device: no sync per step
     bar = tqdm(batches.iterate(start_step), desc=desc, unit="batch", leave=False, disable=None,

@@ -24,7 +24,7 @@ from .device import autocast, micro_batch_size
 from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction
 from .fit import RunContext, StopFlag, fit, optimisation
 from .joint import joint_training
-from .loop import check_finite, freeze, train_one_epoch
+from .loop import check_finite, freeze, keep_last_batch_trainable, train_one_epoch
 from .models import AutoEncoder, Classifier
 from .objectives import make_objective
 from .probes import bank_size, extract_features, fit_head, random_encoder, representation_scores
@@ -217,6 +217,7 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
     device = next(clf.parameters()).device
     model, batches, criterion, side = _training(clf, train, unlabelled, [str(c) for c in range(num_classes)], cfg,
                                                 device, seed)
+    keep_last_batch_trainable(model, batches)
     total = steps if steps is not None else cfg.finetune_epochs * len(batches)
     epochs = -(-total // len(batches))
     optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, cfg.finetune_lr or cfg.lr, epochs,

@@ -51,14 +51,18 @@ class Batch:
         return self.x.shape[0]
 
     def chunks(self, size: int) -> Iterator["Batch"]:
-        """Micro-batches of ``size`` images of ``x`` (the whole batch when ``size`` >= its length);
-        a ``labelled`` batch is split into as many parts."""
+        """Micro-batches of ``size`` images of ``x`` (the whole batch when ``size`` >= its length; a
+        last one of one image is merged into the one before); a ``labelled`` batch is split into as
+        many parts."""
         n = len(self)
         step = size if 0 < size < n else n
         starts = list(range(0, n, step)) or [0]
+        if len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()  # a last chunk of one image joins the one before it (a batch norm needs two)
+        ends = starts[1:] + [n]
         side = list(self.labelled.split(len(starts))) if self.labelled is not None else [None] * len(starts)
-        for i, part in zip(starts, side):
-            yield Batch(self.x[i : i + step], None if self.y is None else self.y[i : i + step], part)
+        for i, j, part in zip(starts, ends, side):
+            yield Batch(self.x[i:j], None if self.y is None else self.y[i:j], part)
 
     def split(self, parts: int) -> Iterator["Batch"]:
         xs = self.x.tensor_split(parts)

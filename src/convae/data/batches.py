@@ -159,6 +159,9 @@ class DeviceBatches:
         self.epoch = 0
         self.rank, self.world_size = rank, world_size  # each rank takes a strided shard of every batch
         self.repeat = 1  # passes over the set per epoch, each reshuffled (few labels, enough steps)
+        # the fewest images the last batch may have; a shorter remainder joins the batch before it
+        # (a network with batch norm cannot train on one image: :func:`convae.loop.train_one_epoch`)
+        self.min_last = 1
 
     @classmethod
     def of(cls, ds: ImageSet, device: torch.device, batch_size: int, labels: bool = True, shuffle: bool = False,
@@ -198,7 +201,15 @@ class DeviceBatches:
         return self
 
     def __len__(self) -> int:
-        return -(-self.num_images // self.batch_size)
+        return len(self._starts())
+
+    def _starts(self) -> range:
+        """Where each batch starts in the epoch's stream; the last one ends at ``num_images``."""
+        n, b = self.num_images, self.batch_size
+        starts = range(0, n, b)
+        if len(starts) > 1 and n - starts[-1] < self.min_last:
+            return starts[:-1]  # the short remainder is read with the batch before it
+        return starts
 
     @property
     def num_images(self) -> int:
@@ -206,8 +217,11 @@ class DeviceBatches:
         return self.n * self.repeat
 
     def global_size(self, batch_index: int) -> int:
-        """Images in batch ``batch_index`` over all ranks (the last batch may be short)."""
-        return min(self.batch_size, self.num_images - batch_index * self.batch_size)
+        """Images in batch ``batch_index`` over all ranks (the last batch may be short, or hold the
+        remainder shorter than ``min_last``)."""
+        starts = self._starts()
+        end = starts[batch_index + 1] if batch_index + 1 < len(starts) else self.num_images
+        return end - starts[batch_index]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         return self.iterate(0)
@@ -224,11 +238,13 @@ class DeviceBatches:
         (taken from ``order``, the epoch's permutation wherever it lives, when shuffling)."""
         if self.shuffle and order is None:
             order = self._order()
-        for start in range(start_batch * self.batch_size, self.num_images, self.batch_size):
+        for i in range(start_batch, len(self)):
+            start = self._starts()[i]
+            end = start + self.global_size(i)
             if self.shuffle:
-                yield order[start : start + self.batch_size][self.rank :: self.world_size]
+                yield order[start:end][self.rank :: self.world_size]
             else:
-                yield torch.arange(start, min(start + self.batch_size, self.n))
+                yield torch.arange(start, end)
 
     def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """The epoch's batches from batch ``start_batch`` on (to continue an interrupted epoch)."""
