@@ -131,8 +131,8 @@ def keep_last_batch_trainable(model: nn.Module, batches: DeviceBatches) -> Devic
     """A network with batch norm cannot train on one image per channel: an epoch whose remainder would
     leave a rank fewer than two images reads it with the batch before (every image still seen once).
     Called before anything counts ``len(batches)`` (the schedules); returns ``batches``."""
-    inner = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inner.modules()):
+    # modules() walks into a DDP or torch.compile wrapper too
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         batches.min_last = max(batches.min_last, 2 * batches.world_size)
     return batches
 

@@ -160,7 +160,7 @@ class DeviceBatches:
         self.rank, self.world_size = rank, world_size  # each rank takes a strided shard of every batch
         self.repeat = 1  # passes over the set per epoch, each reshuffled (few labels, enough steps)
         # the fewest images the last batch may have; a shorter remainder joins the batch before it
-        # (a network with batch norm cannot train on one image: :func:`convae.loop.train_one_epoch`)
+        # (a network with batch norm cannot train on one image: :func:`convae.loop.keep_last_batch_trainable`)
         self.min_last = 1
 
     @classmethod
