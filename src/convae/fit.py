@@ -208,9 +208,8 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
     cfg = ctx.cfg
     net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
     net = torch.compile(net) if cfg.compile else net
-    keep_last_batch_trainable(model, batches)
-    optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, lr, epochs, len(batches), ema,
-                                                                   batches.device)
+    steps = len(keep_last_batch_trainable(model, batches))  # before anything counts the batches
+    optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, lr, epochs, steps, ema, batches.device)
     first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
     terms_state = _resume_terms(ctx, phase, criterion, step)
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())

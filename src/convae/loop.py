@@ -189,8 +189,7 @@ def train_one_epoch(
     from tqdm.auto import tqdm
 
     train_mode(model)
-    keep_last_batch_trainable(model, batches)
-    device = batches.device
+    device = keep_last_batch_trainable(model, batches).device
     total = torch.full((), loss_sum, device=device, dtype=torch.float64)  # summed on the device: no sync per step
     bar = tqdm(batches.iterate(start_step), desc=desc, unit="batch", leave=False, disable=None,
                total=len(batches), initial=start_step)
