@@ -201,15 +201,10 @@ class DeviceBatches:
         return self
 
     def __len__(self) -> int:
-        return len(self._starts())
-
-    def _starts(self) -> range:
-        """Where each batch starts in the epoch's stream; the last one ends at ``num_images``."""
         n, b = self.num_images, self.batch_size
-        starts = range(0, n, b)
-        if len(starts) > 1 and n - starts[-1] < self.min_last:
-            return starts[:-1]  # the short remainder is read with the batch before it
-        return starts
+        count = -(-n // b)
+        # a remainder shorter than min_last is read with the batch before it
+        return count - 1 if count > 1 and 0 < n % b < self.min_last else count
 
     @property
     def num_images(self) -> int:
@@ -219,9 +214,8 @@ class DeviceBatches:
     def global_size(self, batch_index: int) -> int:
         """Images in batch ``batch_index`` over all ranks (the last batch may be short, or hold the
         remainder shorter than ``min_last``)."""
-        starts = self._starts()
-        end = starts[batch_index + 1] if batch_index + 1 < len(starts) else self.num_images
-        return end - starts[batch_index]
+        start = batch_index * self.batch_size
+        return (self.num_images if batch_index == len(self) - 1 else start + self.batch_size) - start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         return self.iterate(0)
@@ -239,7 +233,7 @@ class DeviceBatches:
         if self.shuffle and order is None:
             order = self._order()
         for i in range(start_batch, len(self)):
-            start = self._starts()[i]
+            start = i * self.batch_size
             end = start + self.global_size(i)
             if self.shuffle:
                 yield order[start:end][self.rank :: self.world_size]
