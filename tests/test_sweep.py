@@ -27,6 +27,7 @@ def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
     for c in result["cells"]:
         assert c["method"] in methods and 0 <= c["accuracy"] <= 1
         assert c["labelled_images"] == (6 if c["labels_per_class"] == 2 else 24)
+        assert ("epoch_losses" in c) == (c["method"] not in probes)  # a probe trains no epochs
     # the three trained methods of one budget and seed see the same labelled subset
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert {(r["method"], r["labels_per_class"]) for r in rows} == {(m, b) for m in methods for b in ("2", "all")}
@@ -94,5 +95,7 @@ def test_cells_train_the_runs_recipe_or_a_fixed_step_count(image_folder, cache_d
     assert main(common + ["--out", str(tmp_path / "recipe"), "--epoch-images", "12", "--finetune-epochs", "2"]) == 0
     fixed, recipe = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("fixed", "recipe"))
     assert fixed["steps"] == 300 and recipe["steps"] is None and recipe["epoch_images"] == 12
+    losses = recipe["cells"][0]["epoch_losses"]  # one mean training loss per epoch, to see a cell converge
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
     assert "every cell trains 300 steps" in (tmp_path / "fixed" / "report.html").read_text()
     assert "2 epochs of at least 12 images" in (tmp_path / "recipe" / "report.html").read_text()

@@ -207,12 +207,14 @@ def _training(clf: Classifier, labelled: ImageSet, unlabelled: ImageSet | None, 
 
 
 def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int | None, seed: int,
-               num_classes: int, stop: StopFlag | None = None, unlabelled: ImageSet | None = None) -> float:
+               num_classes: int, stop: StopFlag | None = None, unlabelled: ImageSet | None = None
+               ) -> tuple[float, list[float]]:
     """The fine-tuning recipe of a run on the labelled ``train`` (``prepare_classifier`` done):
     ``cfg.finetune_epochs`` epochs of at least ``cfg.epoch_images`` images, or exactly ``steps``
     optimizer steps, with the run's schedule, label smoothing, weight average and augmentation,
     through the training loop of every run (its seeding, the stop flag, the NaN guard); then the
-    evaluation-set accuracy (of the average, when there is one). With ``cfg.joint`` the epochs are
+    evaluation-set accuracy (of the average, when there is one) and the mean training loss of each
+    epoch, so a cell's record shows whether it converged. With ``cfg.joint`` the epochs are
     passes over ``unlabelled``, ``train`` cycling beside them, as a joint run trains."""
     device = next(clf.parameters()).device
     model, batches, criterion, side = _training(clf, train, unlabelled, [str(c) for c in range(num_classes)], cfg,
@@ -224,7 +226,7 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
                                                                    len(batches), cfg.ema, device, total)
     hook = step_hook(model, scheduler if per_step else None, average)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
-    done, epoch = 0, 0
+    done, epoch, losses = 0, 0, []
     while done < total:
         epoch += 1
         batches.set_epoch(epoch)
@@ -237,8 +239,9 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
             labelled.close()
         done += n
         check_finite(loss, "fine-tuning", f"after {done} step(s) of a sweep cell")
+        losses.append(float(loss))
         if scheduler is not None and not per_step:
             scheduler.step()
     if average is not None:
         model.load_state_dict(average.shadow)
-    return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
+    return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"], losses

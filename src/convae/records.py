@@ -135,6 +135,7 @@ class SweepCell(TypedDict):
     labelled_images: int
     accuracy: float
     seconds: float
+    epoch_losses: NotRequired[list[float]]  # a recipe cell's mean training loss per epoch (probes have none)
 
 
 class TrainingState(TypedDict):

@@ -168,15 +168,17 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
     return _Sweep(cfg, data, ae, random_enc, device, val, feats, StopFlag()), run, pretrain_s
 
 
-def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None) -> float:
-    """One cell: ``method`` on the labelled images ``idx`` of the training split."""
+def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None
+             ) -> tuple[float, list[float] | None]:
+    """One cell: ``method`` on the labelled images ``idx`` of the training split; its accuracy and,
+    for a recipe, the training loss of each epoch (a probe has none)."""
     k, labels = len(sw.data.classes), sw.data.train.labels.to(sw.device)
     if method.probe != "recipe":
         train_f, val_f = sw.feats[method.weights]
         if method.probe == "knn":
-            return knn_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k)
+            return knn_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k), None
         # standardised features, fitted to convergence
-        return linear_probe_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k, seed=seed)
+        return linear_probe_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k, seed=seed), None
     torch.manual_seed(seed)
     clf = (Classifier.from_autoencoder(sw.ae, k) if method.weights == "pretrained"
            else Classifier(sw.cfg.model_config(num_classes=k)))
@@ -231,10 +233,12 @@ def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps
                     if budget is None and i > 0 and key in once:
                         continue  # the same data and features: a second seed would repeat the first
                     start = time.perf_counter()
-                    acc = _measure(sw, method, idx, seed, steps)
+                    acc, losses = _measure(sw, method, idx, seed, steps)
                     cell: SweepCell = {"method": key, "labels_per_class": "all" if budget is None else budget,
                                        "seed": seed, "labelled_images": int(len(idx)), "accuracy": acc,
                                        "seconds": time.perf_counter() - start}
+                    if losses is not None:
+                        cell["epoch_losses"] = losses
                     cells.append(cell)
                     run.log_metrics({"phase": "sweep", **cell})
                     log(f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {key:<15}  "
