@@ -194,3 +194,13 @@ def test_a_last_batch_of_one_image_joins_the_one_before_when_the_network_has_bat
     with pytest.raises(ConvaeError, match="a training batch of 1 image"):
         train_step(bn, Batch(images[:1].float() / 255, labels[:1]), torch.optim.SGD(bn.parameters(), 0.01),
                    classification_criterion)
+    # the advice names the setting that made the batch too small
+    x = images[:3].float() / 255
+    opt = torch.optim.SGD(bn.parameters(), 0.01)
+    cases = {"--micro-batch 2": dict(micro_batch=1), "--batch-size 4": dict(global_n=3, world_size=2),
+             "with --batch-size 2": {}}
+    for advice, kw in cases.items():
+        batch = Batch(x, labels[:3]) if kw.get("micro_batch") else Batch(x[:1], labels[:1])
+        with pytest.raises(ConvaeError) as e:
+            train_step(bn, batch, opt, classification_criterion, **kw)
+        assert advice in e.value.advice

@@ -114,7 +114,8 @@ def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
         # DDP all-reduces on the last chunk's backward only
         sync = nullcontext() if i == len(chunks) - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with autocast(device, precision), _one_image_batch_norm(len(part)):
+            with autocast(device, precision), _one_image_batch_norm(len(part), len(batch), global_n or len(batch),
+                                                                           world_size):
                 loss = criterion(model, part, generator)
             weighted = loss * (len(part) * scale)
             (weighted if scaler is None else scaler.scale(weighted)).backward()
@@ -138,18 +139,25 @@ def keep_last_batch_trainable(model: nn.Module, batches: DeviceBatches) -> Devic
 
 
 @contextmanager
-def _one_image_batch_norm(images: int):
+def _one_image_batch_norm(images: int, shard: int, global_n: int, world_size: int):
     """torch's batch norm refuses a training batch with one value per channel (one image on a 1x1
-    map, or before a BatchNorm1d): said in convae's terms, with what to change. A short last batch
-    never gets here (:func:`keep_last_batch_trainable`); a training set of one image does."""
+    map, or before a BatchNorm1d): said in convae's terms, with the setting to change. A short last
+    batch never gets here (:func:`keep_last_batch_trainable`); a micro-batch of one image, a global
+    batch smaller than two images per process, or a training set of one image does."""
     try:
         yield
     except ValueError as e:
         if "more than 1 value per channel" not in str(e):
             raise
+        if images < shard:
+            advice = "use --micro-batch 2 or more (or leave it unset)"
+        elif world_size > 1:  # a strided shard of a global batch of 2 per process holds 2
+            advice = (f"a batch of {global_n} image(s) over {world_size} processes leaves this one {shard}: "
+                      f"use --batch-size {2 * world_size} or more (and at least that many training images)")
+        else:
+            advice = "train on at least 2 images, with --batch-size 2 or more"
         raise ConvaeError(f"a training batch of {images} image(s) is too small for the network's batch norm "
-                          "(it needs two values per channel)",
-                          advice="train on at least 2 images (2 per process under torchrun)") from None
+                          "(it needs two values per channel)", advice=advice) from None
 
 
 class EpochInterrupted(Exception):
