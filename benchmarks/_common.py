@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convae.device import device_name
+from convae.device import cpu_flags, device_name
 from convae.reference import Model, autoencoder  # noqa: F401  (re-exported for the benchmarks)
 
 
@@ -123,9 +123,14 @@ def config_overrides(pairs) -> dict:
     return out
 
 
+CPU_FEATURES = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"}
+
+
 def machine() -> dict:
     info = {"cpu": device_name(torch.device("cpu")), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}
+    # the model name alone does not say which matrix units a CPU has (one "Intel Xeon" has AMX, another not)
+    info["cpu_features"] = sorted(cpu_flags() & CPU_FEATURES)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

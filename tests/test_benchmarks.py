@@ -94,6 +94,10 @@ def test_learning_quality_benchmark_runs_the_protocol(tmp_path, image_folder):
                          "--out", str(tmp_path / "runs"), cwd=tmp_path)
     (res,) = payload["results"]
     assert res["preset"] == "seed" and res["pretrain_s"] > 0 and "cpu" in payload["machine"]
+    from convae.device import cpu_flags  # the CPU's matrix units, which its model name does not say
+
+    assert payload["machine"]["cpu_features"] == sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16",
+                                                                       "avx512_fp16", "amx_bf16", "amx_tile"})
     methods = {r["method"] for r in res["summary"]}
     assert {"finetune", "scratch", "logistic_probe", "logistic_random", "knn", "knn_random"} <= methods
     # every seed measured, but with every label the frozen-feature probes only once (the same data)
