@@ -92,9 +92,11 @@ def test_cells_train_the_runs_recipe_or_a_fixed_step_count(image_folder, cache_d
     common = ["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--pretrain-epochs", "1",
               "--labels-per-class", "2", "--seeds", "1", "--methods", "scratch"] + SMALL
     assert main(common + ["--out", str(tmp_path / "fixed")]) == 0
-    assert main(common + ["--out", str(tmp_path / "recipe"), "--epoch-images", "12", "--finetune-epochs", "2"]) == 0
+    assert main(common + ["--out", str(tmp_path / "recipe"), "--epoch-images", "12", "--finetune-epochs", "2",
+                          "--augment", "--crop-padding", "2", "--jitter", "0.3"]) == 0
     fixed, recipe = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("fixed", "recipe"))
     assert fixed["steps"] == 300 and recipe["steps"] is None and recipe["epoch_images"] == 12
+    assert (recipe["augment"], recipe["crop_padding"], recipe["jitter"]) == (True, 2, 0.3)  # what trained
     losses = recipe["cells"][0]["epoch_losses"]  # one mean training loss per epoch, to see a cell converge
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
     assert "every cell trains 300 steps" in (tmp_path / "fixed" / "report.html").read_text()

@@ -257,6 +257,7 @@ def _write(run: RunDir, sw: _Sweep, budgets: list[int | None], seeds: int, steps
         "epoch_images": cfg.epoch_images, "batch_size": cfg.batch_size,
         "lr": cfg.finetune_lr or cfg.lr, "optimizer": cfg.optimizer, "methods": {k: m.label for k, m in chosen.items()},
         "probe_features": cfg.probe_features, "augment": cfg.augment,
+        "crop_padding": cfg.crop_padding, "jitter": cfg.jitter,
         "autoencoder": (cfg.init_checkpoint or str(run.checkpoints / "autoencoder.pt")
                         if any(m.weights == "pretrained" for m in chosen.values()) else None),
         "cells": cells, "summary": summary, "timing": timing,
