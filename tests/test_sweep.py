@@ -87,13 +87,21 @@ def test_a_sweep_cell_that_diverges_stops_with_one_line(image_folder, cache_dir,
     assert "fine-tuning loss became nan after 1 step(s) of a sweep cell" in capsys.readouterr().err
 
 
-def test_cells_train_the_runs_recipe_or_a_fixed_step_count(image_folder, cache_dir, tmp_path):
-    """With --epoch-images a cell is the run's fine-tuning (its epochs); without it, 300 steps."""
+def test_cells_train_the_runs_recipe_or_a_fixed_step_count(image_folder, cache_dir, tmp_path, capsys, monkeypatch):
+    """With --epoch-images a cell is the run's fine-tuning (its epochs); without it, 300 steps.
+    Logged to a file (no progress bar), a cell says where it is and how long it has left."""
+    import convae.rundir
+
     common = ["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--pretrain-epochs", "1",
               "--labels-per-class", "2", "--seeds", "1", "--methods", "scratch"] + SMALL
     assert main(common + ["--out", str(tmp_path / "fixed")]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(convae.rundir, "HEARTBEAT_SECONDS", 0.0)  # a progress line after every step
     assert main(common + ["--out", str(tmp_path / "recipe"), "--epoch-images", "12", "--finetune-epochs", "2",
                           "--augment", "--crop-padding", "2", "--jitter", "0.3"]) == 0
+    beats = [line for line in capsys.readouterr().out.splitlines() if " left in cell " in line]
+    assert beats[0].startswith("cell 2/class seed 0 scratch  epoch 1/2  step 1/")
+    assert beats[-1].startswith("cell 2/class seed 0 scratch  epoch 2/2") and "about 0 s left" in beats[-1]
     fixed, recipe = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("fixed", "recipe"))
     assert fixed["steps"] == 300 and recipe["steps"] is None and recipe["epoch_images"] == 12
     assert (recipe["augment"], recipe["crop_padding"], recipe["jitter"]) == (True, 2, 0.3)  # what trained

@@ -213,7 +213,7 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
     first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
     terms_state = _resume_terms(ctx, phase, criterion, step)
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
-    hook = _both(step_hook(model, scheduler if per_step else None, average), beat)
+    hook = both_hooks(step_hook(model, scheduler if per_step else None, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.device)
     for epoch in range(first, epochs + 1):
         batches.set_epoch(epoch)
@@ -283,7 +283,8 @@ def _epoch_lr(optimizer, resumed_schedule, first_step: int) -> float:
     return optimizer.param_groups[0]["initial_lr"] * resumed_schedule.lr_lambdas[0](first_step)
 
 
-def _both(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:
+def both_hooks(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:
+    """One after-step hook calling ``first`` (when there is one), then ``second``."""
     if first is None:
         return second
 

@@ -9,6 +9,7 @@ Each writes its checkpoint and figures into the run folder (rank 0 only).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 
@@ -22,14 +23,15 @@ from .arch import EncoderBase
 from .data import DeviceBatches, ImageSet, RunData, to_model_input
 from .device import autocast, micro_batch_size
 from .evaluate import class_results, evaluate_classifier, evaluate_reconstruction
-from .fit import RunContext, StopFlag, fit, optimisation
+from .fit import RunContext, StopFlag, both_hooks, fit, optimisation
 from .joint import joint_training
 from .loop import check_finite, freeze, keep_last_batch_trainable, train_one_epoch
 from .models import AutoEncoder, Classifier
 from .objectives import make_objective
 from .probes import bank_size, extract_features, fit_head, random_encoder, representation_scores
 from .recipe import classification_loss, repeats, step_hook
-from .records import EpochRecord, Representation, Results, Validation
+from .rundir import Heartbeat
+from .records import EpochRecord, Log, Representation, Results, Validation
 
 
 MAP_POINTS = 2000  # evaluation images a run's t-SNE map shows (a seeded pick)
@@ -207,15 +209,16 @@ def _training(clf: Classifier, labelled: ImageSet, unlabelled: ImageSet | None, 
 
 
 def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int | None, seed: int,
-               num_classes: int, stop: StopFlag | None = None, unlabelled: ImageSet | None = None
-               ) -> tuple[float, list[float]]:
+               num_classes: int, stop: StopFlag | None = None, unlabelled: ImageSet | None = None,
+               log: Log | None = None, name: str = "cell") -> tuple[float, list[float]]:
     """The fine-tuning recipe of a run on the labelled ``train`` (``prepare_classifier`` done):
     ``cfg.finetune_epochs`` epochs of at least ``cfg.epoch_images`` images, or exactly ``steps``
     optimizer steps, with the run's schedule, label smoothing, weight average and augmentation,
     through the training loop of every run (its seeding, the stop flag, the NaN guard); then the
     evaluation-set accuracy (of the average, when there is one) and the mean training loss of each
     epoch, so a cell's record shows whether it converged. With ``cfg.joint`` the epochs are
-    passes over ``unlabelled``, ``train`` cycling beside them, as a joint run trains."""
+    passes over ``unlabelled``, ``train`` cycling beside them, as a joint run trains. With ``log``
+    and no terminal, a line about every minute says where cell ``name`` is and its time left."""
     device = next(clf.parameters()).device
     model, batches, criterion, side = _training(clf, train, unlabelled, [str(c) for c in range(num_classes)], cfg,
                                                 device, seed)
@@ -224,15 +227,17 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
     epochs = -(-total // len(batches))
     optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, cfg.finetune_lr or cfg.lr, epochs,
                                                                    len(batches), cfg.ema, device, total)
-    hook = step_hook(model, scheduler if per_step else None, average)
+    beat = Heartbeat(log or print, name, epochs, len(batches), log is not None and not sys.stdout.isatty())
+    hook = both_hooks(step_hook(model, scheduler if per_step else None, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
     done, epoch, losses = 0, 0, []
     while done < total:
         epoch += 1
         batches.set_epoch(epoch)
+        beat.begin(epoch, 0)
         n = min(total - done, len(batches))
         labelled = side(done) if side is not None else None
-        loss = train_one_epoch(model, batches, optimizer, criterion, cfg.precision, "cell", micro,
+        loss = train_one_epoch(model, batches, optimizer, criterion, cfg.precision, beat.desc(), micro,
                                should_stop=stop, augmentation=cfg.augment_config(), seed=seed, max_steps=n,
                                labelled=labelled, after_step=hook, scaler=scaler)
         if labelled is not None:

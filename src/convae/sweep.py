@@ -168,10 +168,10 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
     return _Sweep(cfg, data, ae, random_enc, device, val, feats, StopFlag()), run, pretrain_s
 
 
-def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None
+def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None, log: Log, name: str
              ) -> tuple[float, list[float] | None]:
-    """One cell: ``method`` on the labelled images ``idx`` of the training split; its accuracy and,
-    for a recipe, the training loss of each epoch (a probe has none)."""
+    """One cell, ``name`` in the log: ``method`` on the labelled images ``idx`` of the training split;
+    its accuracy and, for a recipe, the training loss of each epoch (a probe has none)."""
     k, labels = len(sw.data.classes), sw.data.train.labels.to(sw.device)
     if method.probe != "recipe":
         train_f, val_f = sw.feats[method.weights]
@@ -187,7 +187,8 @@ def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: in
                   freeze_encoder=method.frozen, joint=method.joint)
     prepare_classifier(clf, sw.data.train.subset(idx.cpu()), sw.data.train, cfg, _quiet)
     try:
-        return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, cfg, steps, seed, k, sw.stop, sw.data.train)
+        return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, cfg, steps, seed, k, sw.stop, sw.data.train,
+                          log, name)
     except EpochInterrupted:
         raise Interrupted(sw.stop.signum, "in a sweep cell", str(Path(str(sw.cfg.out)) / "metrics.jsonl"),
                           resumable=False) from None
@@ -233,7 +234,8 @@ def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps
                     if budget is None and i > 0 and key in once:
                         continue  # the same data and features: a second seed would repeat the first
                     start = time.perf_counter()
-                    acc, losses = _measure(sw, method, idx, seed, steps)
+                    name = f"cell {'all' if budget is None else budget}/class seed {seed} {key}"
+                    acc, losses = _measure(sw, method, idx, seed, steps, log, name)
                     cell: SweepCell = {"method": key, "labels_per_class": "all" if budget is None else budget,
                                        "seed": seed, "labelled_images": int(len(idx)), "accuracy": acc,
                                        "seconds": time.perf_counter() - start}
