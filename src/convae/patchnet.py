@@ -145,10 +145,12 @@ class PatchEncoder(EncoderBase):
         if not tracing and x.shape[0] > chunk:
             # the (B, K, 27, 27) responses of a few images at a time (autograd follows the chunks)
             return torch.cat([self.quadrants(c) for c in x.split(chunk)])
-        if tracing or not torch.is_grad_enabled():
+        if tracing:
             return F.adaptive_avg_pool2d(self.response(x, self.config.threshold).relu_(), 2).flatten(1)
         xc, w, std, shift = self._parts(x, self.config.threshold)
         with exact(xc):
+            if not torch.is_grad_enabled():  # the probes' features: the training forward without its saved map
+                return _pooled(xc, w, std.reciprocal(), shift)[1].flatten(1)
             return _PooledCode.apply(xc, w, std.reciprocal(), shift).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +166,13 @@ def _bins(n: int, device: torch.device) -> torch.Tensor:
     return w
 
 
+def _pooled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rectified map relu(conv(x, w) * scale + shift), (B, K, H, W), and its quadrant average, (B, K, 2, 2)."""
+    y = F.conv2d(x, w)
+    r = torch.addcmul(shift, y, scale, out=y).relu_()  # in place: one pass for the contrast and the bias
+    return r, F.adaptive_avg_pool2d(r, 2)
+
+
 class _PooledCode(torch.autograd.Function):
     """relu(conv(x, w) * scale + shift) averaged over the map's quadrants, (B, K, H, W) -> (B, K, 2, 2),
     with every pass over the (B, K, H, W) map in place: autograd's version allocates a new map for
@@ -174,10 +183,9 @@ class _PooledCode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x, w)
-        r = torch.addcmul(shift, y, scale, out=y).relu_()  # in place: one pass for the contrast and the bias
+        r, pooled = _pooled(x, w, scale, shift)
         ctx.save_for_backward(x, w, r, scale)
-        return F.adaptive_avg_pool2d(r, 2)
+        return pooled
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
