@@ -174,3 +174,31 @@ def test_an_epoch_resumed_mid_way_records_the_lr_of_its_first_step():
     at_epoch_2 = _lrs("triangle", 2, 10, 0.5)[10]
     assert _epoch_lr(opt, sched, 10) == pytest.approx(at_epoch_2) and at_epoch_2 != opt.param_groups[0]["lr"]
     assert _epoch_lr(opt, None, 10) == opt.param_groups[0]["lr"] and first == pytest.approx(0.1)
+
+
+def test_the_hierarchical_decoder_reads_every_block_and_learns_its_mask_tokens():
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="blocks", channels=(8, 16), height=16, width=16, output_activation="none")
+    plain, skips = AutoEncoder(cfg), AutoEncoder(ModelConfig(**{**cfg.to_dict(), "skips": True}))
+    # without skips the autoencoder is the one old checkpoints hold: the same names, nothing more
+    assert set(skips.state_dict()) - set(plain.state_dict()) == {
+        "decoder.tokens.0", "decoder.tokens.1", "decoder.project.0.weight", "decoder.project.0.bias"}
+    x = torch.rand(2, 3, 16, 16)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, :8, :8] = 1
+    skips(x * (1 - mask), mask=mask).square().mean().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in skips.decoder.tokens)
+    assert skips.decoder.project[0].weight.grad.abs().sum() > 0
+    # the shallow block's map reaches the output through its own path, not only through the deepest map
+    with torch.no_grad():
+        code, context = skips.encoder.masked_code(x * (1 - mask), mask)
+        out = skips.decoder(code, context)
+        skips.decoder.project[0].weight.zero_()
+        assert not torch.allclose(out, skips.decoder(code, context))
+
+
+def test_skips_outside_masked_pretraining_are_one_clear_line(image_folder, tmp_path, capsys):
+    assert main(["pretrain", "--data", str(image_folder), "--out", str(tmp_path / "r"), *BLOCKS,
+                 "--objective", "reconstruct", "--skips"]) != 0
+    err = capsys.readouterr().err
+    assert "--skips" in err and "--objective masked" in err and "Traceback" not in err

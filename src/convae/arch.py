@@ -57,6 +57,9 @@ class ModelKnobs:
                             metavar="T")
     whiten: bool = knob(False, Flag(), "patch: ZCA-whiten the patches, fitted on the training images before "
                         "pretraining", group="model")
+    skips: bool = knob(False, Flag(), "blocks: the decoder also reads every block's map, hidden positions filled "
+                       "with a learned mask token under --objective masked (SparK's hierarchical decoder)",
+                       group="model")
     tta: bool = knob(False, Flag(), "the classifier averages its logits over each image and its mirror image when "
                      "evaluating and predicting (test-time flip)", group="finetune")
 

@@ -107,35 +107,49 @@ class BlocksEncoder(EncoderBase):
         w, b = self.stem_weight.to(x.dtype), self.stem_bias.to(x.dtype)
         return F.gelu(F.conv2d(x, w, b))
 
-    def maps(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The last block's map, (B, channels[-1], h, w); ``mask`` (B, 1, H, W), 1 on hidden pixels,
-        zeroes the hidden positions at every depth."""
+    def levels(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Every block's map, shallow first, each with its visible positions (B, 1, h, w), 1 = seen
+        (None: no mask). ``mask`` (B, 1, H, W), 1 on hidden pixels, zeroes the hidden positions at every depth."""
         keep = None if mask is None else 1 - mask.float()
         h = self.stem(x)
+        h, out = _masked(h, _visible(keep, h)), []
         for block in self.blocks:
-            h = _masked(h, keep)
             h = block(h)
-        return _masked(h, keep)
+            seen = _visible(keep, h)
+            h = _masked(h, seen)
+            out.append((h, seen))
+        return out
+
+    def maps(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's map, (B, channels[-1], h, w), hidden positions zeroed under ``mask``."""
+        return self.levels(x, mask)[-1][0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.amax(self.maps(x), dim=(2, 3))
 
     def code(self, x: torch.Tensor) -> Code:
-        return self.maps(x), None
+        return self._code(self.levels(x))
 
     def masked_code(self, x: torch.Tensor, mask: torch.Tensor) -> Code:
-        return self.maps(x, mask), None
+        return self._code(self.levels(x, mask))
+
+    def _code(self, levels: list) -> Code:
+        """The last map; with ``skips`` every level for the decoder too."""
+        return levels[-1][0], (levels if self.config.skips else None)
 
     def kernels(self) -> torch.Tensor:
         """The stem's filters, (8C, C, 2, 2): what the network sees of a patch."""
         return self.stem_weight.detach().clone()
 
 
-def _masked(h: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """``h`` with the positions whose pixels are mostly hidden set to zero."""
-    if keep is None:
-        return h
-    return h * (F.adaptive_avg_pool2d(keep, h.shape[2:]) > 0.5).to(h.dtype)
+def _visible(keep: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor | None:
+    """(B, 1, h, w) of ``h``'s size: 1 where most of the pixels under a position are seen (None: all)."""
+    return None if keep is None else (F.adaptive_avg_pool2d(keep, h.shape[2:]) > 0.5).to(h.dtype)
+
+
+def _masked(h: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    """``h`` with the hidden positions set to zero."""
+    return h if seen is None else h * seen
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -153,10 +167,27 @@ class BlocksDecoder(nn.Module):
         self.stages = nn.ModuleList(nn.Sequential(*_conv_bn(a, b, pool=False)) for a, b in zip(widths, widths[1:]))
         self.out = nn.Conv2d(widths[-1], cfg.in_channels, 3, padding=1)
         self.act = {"relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "none": nn.Identity()}[cfg.output_activation]
+        if cfg.skips:
+            # SparK's hierarchical decoder: every block's map, its hidden positions filled with a learned
+            # token (the encoder zeroed them), is projected to the decoder's width at that size and added
+            # before the stage; the zeros alone would tell the decoder nothing of what is missing
+            levels = list(cfg.channels)[::-1]  # deepest first
+            self.tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1)) for c in levels)
+            self.project = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(levels[1:], widths))
 
-    def forward(self, h: torch.Tensor, context: None = None) -> torch.Tensor:
-        for size, stage in zip(self.sizes, self.stages):
-            h = stage(F.interpolate(h, size=size, mode="bilinear", align_corners=False))
+    def forward(self, h: torch.Tensor, context: list | None = None) -> torch.Tensor:
+        """``h`` the last map; ``context`` (with ``skips``) every block's map and its seen positions, shallow first."""
+        filled = []
+        if context is not None:
+            maps = [h] + [m for m, _ in context[-2::-1]]  # deepest first; h, not the context's: code_fn acted on it
+            filled = [m if seen is None else m + (1 - seen) * t
+                      for m, (_, seen), t in zip(maps, context[::-1], self.tokens)]
+            h = filled[0]
+        for i, (size, stage) in enumerate(zip(self.sizes, self.stages)):
+            h = F.interpolate(h, size=size, mode="bilinear", align_corners=False)
+            if i + 1 < len(filled):
+                h = h + self.project[i](filled[i + 1])
+            h = stage(h)
         h = F.interpolate(h, size=(self.config.height, self.config.width), mode="bilinear", align_corners=False)
         return self.act(self.out(h))
 
@@ -176,7 +207,7 @@ PRESETS = {
     # random weights with the same recipe. Colour jitter 0.2 measured +1.6 to +3.1 points at 25, 100
     # and 400 labels per class (3 seeds each) and within a run's noise with every label.
     "blocks": {"arch": "blocks", "channels": (64, 256, 256), "convs_per_stage": 2, "output_activation": "none",
-               "objective": "masked", "mask_ratio": 0.6, "patch_size": 4, "norm_targets": True,
+               "objective": "masked", "skips": True, "mask_ratio": 0.6, "patch_size": 4, "norm_targets": True,
                "pretrain_epochs": 10, "finetune_epochs": 18, "batch_size": 256, "optimizer": "adamw",
                "lr": 2e-3, "weight_decay": 0.05, "schedule": "triangle", "warmup": 0.2, "label_smoothing": 0.2,
                "ema": 0.99, "tta": True, "epoch_images": 10000, "augment": True, "crop_padding": 2, "jitter": 0.2,

@@ -66,6 +66,10 @@ def validate(cfg: Any) -> None:
     _check_pairing(cfg.arch, cfg.objective)
     _check(not (cfg.joint != "off" and cfg.freeze_encoder),
            "joint training trains the encoder with the head: --joint and --freeze-encoder do not go together")
+    # every block's map straight to the decoder would copy the input through the shallow ones unless they are masked
+    _check(not cfg.skips or (cfg.arch == "blocks" and cfg.objective == "masked"),
+           f"--skips feeds the decoder every block's map: it pretrains --arch blocks with --objective masked only, "
+           f"got {cfg.arch} with {cfg.objective} (--no-skips turns it off)")
     _check(cfg.patch_size <= min(cfg.height, cfg.width),
            f"patch_size must be at most the input size {min(cfg.height, cfg.width)}, got {cfg.patch_size}")
 
