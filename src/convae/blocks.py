@@ -208,7 +208,7 @@ PRESETS = {
     # and 400 labels per class (3 seeds each) and within a run's noise with every label.
     "blocks": {"arch": "blocks", "channels": (64, 256, 256), "convs_per_stage": 2, "output_activation": "none",
                "objective": "masked", "skips": True, "mask_ratio": 0.6, "patch_size": 4, "norm_targets": True,
-               "pretrain_epochs": 10, "finetune_epochs": 18, "batch_size": 256, "optimizer": "adamw",
+               "pretrain_epochs": 16, "finetune_epochs": 18, "batch_size": 256, "optimizer": "adamw",
                "lr": 2e-3, "weight_decay": 0.05, "schedule": "triangle", "warmup": 0.2, "label_smoothing": 0.2,
                "ema": 0.99, "tta": True, "epoch_images": 10000, "augment": True, "crop_padding": 2, "jitter": 0.2,
                "probe_features": "pooled", "precision": "auto", "joint_noise": 0.15},
