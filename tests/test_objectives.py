@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from convae.models import AutoEncoder, ModelConfig
-from convae.objectives import (OBJECTIVES, ObjectiveConfig, make_objective, masked_mse, normalise_patches, patch_mask,
-                               winner_take_all)
+from convae.objectives import (OBJECTIVES, ObjectiveConfig, denormalise_patches, make_objective, masked_mse,
+                               normalise_patches, patch_mask, winner_take_all)
 
 
 class Echo(nn.Module):
@@ -60,6 +60,45 @@ def test_normalised_patch_targets_have_zero_mean_and_unit_std():
     t = normalise_patches(x, 4).view(2, 3, 2, 4, 2, 4)
     assert t.mean(dim=(1, 3, 5)).abs().max() < 1e-5
     assert (t.var(dim=(1, 3, 5), unbiased=False) - 1).abs().max() < 1e-3
+
+
+def test_denormalised_patches_invert_the_normalisation_at_odd_sizes():
+    x = torch.rand(2, 3, 7, 10) * 0.3 + 0.5
+    assert torch.allclose(denormalise_patches(normalise_patches(x, 4), x, 4), x, atol=1e-5)
+
+
+class Masking(nn.Module):
+    """Predicts 3.0 everywhere and records the mask it was told."""
+
+    def forward(self, x, mask=None):
+        self.mask = mask
+        return torch.full_like(x, 3.0)
+
+
+@pytest.mark.parametrize("norm_targets", [False, True])
+def test_masked_examples_show_the_seen_pixels_and_the_prediction_in_the_hidden_ones(norm_targets):
+    x = torch.rand(2, 3, 16, 16)
+    obj = make_objective(ObjectiveConfig("masked", mask_ratio=0.5, patch_size=4, norm_targets=norm_targets))
+    model = Masking()
+    rows = obj.examples(model, x, torch.Generator().manual_seed(1))
+    inp, mask = obj.corrupt(x, torch.Generator().manual_seed(1))
+    assert torch.equal(model.mask, mask)  # the network is told what is hidden, as in training
+    assert list(rows)[0] == "masked input" and list(rows)[1].startswith("hidden patches predicted")
+    assert ("true mean" in list(rows)[1]) == norm_targets  # the figure says what is not the network's
+    assert torch.equal(rows["masked input"], inp)
+    shown = list(rows.values())[1]
+    assert torch.equal(shown * (1 - mask), x * (1 - mask))  # seen pixels are the image's own
+    expected = denormalise_patches(torch.full_like(x, 3.0), x, 4) if norm_targets else torch.full_like(x, 3.0)
+    assert torch.allclose(shown * mask, expected * mask)  # hidden ones the prediction, in pixels
+
+
+def test_denoise_and_reconstruct_examples_name_their_rows():
+    ae = AutoEncoder(ModelConfig(channels=(8,), latent_dim=8, height=8, width=8))
+    x = torch.rand(2, 3, 8, 8)
+    noisy = make_objective(ObjectiveConfig("denoise", noise_std=0.5)).examples(ae, x, torch.Generator().manual_seed(0))
+    assert list(noisy) == ["corrupted input", "reconstruction"] and not torch.allclose(noisy["corrupted input"], x)
+    plain = make_objective(ObjectiveConfig("reconstruct")).examples(ae, x)
+    assert list(plain) == ["reconstruction"] and torch.equal(plain["reconstruction"], ae(x))
 
 
 def test_denoise_targets_the_clean_image():

@@ -44,6 +44,20 @@ def test_reconstructions_show_originals_over_reconstructions(tmp_path):
     assert np.nonzero(red)[0].mean() < np.nonzero(blue)[0].mean()
 
 
+def test_reconstructions_draw_one_row_per_named_row(tmp_path):
+    originals = torch.zeros(4, 3, 8, 8)
+    originals[:, 0] = 1.0
+    rows = {"masked input": torch.zeros(4, 3, 8, 8), "prediction": torch.zeros(4, 3, 8, 8)}
+    rows["masked input"][:, 1] = 1.0  # green in the middle
+    rows["prediction"][:, 2] = 1.0  # blue at the bottom
+    path = tmp_path / "r.png"
+    visualise.save_reconstructions(originals, rows, path)
+    img = _png(path).astype(int)
+    ys = [np.nonzero((img[..., c] > 200) & (img[..., (c + 1) % 3] < 60) & (img[..., (c + 2) % 3] < 60))[0].mean()
+          for c in range(3)]
+    assert ys[0] < ys[1] < ys[2]
+
+
 def test_confusion_matrix_and_curves_and_label_efficiency(tmp_path):
     visualise.save_confusion_matrix([[5, 1], [0, 4]], ["a", "b"], tmp_path / "cm.png")
     visualise.plot_curve({"train": [1.0, 0.5, 0.25]}, tmp_path / "c.png", "loss", "t")

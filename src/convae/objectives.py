@@ -93,16 +93,35 @@ def patch_mask(shape: torch.Size, patch: int, ratio: float, generator: torch.Gen
     return grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[:, :, :h, :w]
 
 
-def normalise_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """Each patch of ``x`` (all its channels together) shifted to mean 0 and scaled to std 1."""
+def _patch_blocks(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` padded to whole patches as (B, C, gh, patch, gw, patch) blocks, with each patch's mean
+    and std over all its channels together."""
     b, c, h, w = x.shape
     ph, pw = -(-h // patch) * patch, -(-w // patch) * patch
     xp = F.pad(x.float(), (0, pw - w, 0, ph - h), mode="replicate")
     blocks = xp.view(b, c, ph // patch, patch, pw // patch, patch)
     mean = blocks.mean(dim=(1, 3, 5), keepdim=True)
     var = blocks.var(dim=(1, 3, 5), keepdim=True, unbiased=False)
-    out = (blocks - mean) / (var + 1e-6).sqrt()
-    return out.view(b, c, ph, pw)[:, :, :h, :w]
+    return blocks, mean, (var + 1e-6).sqrt()
+
+
+def _unblock(blocks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, c, gh, p, gw, _ = blocks.shape
+    return blocks.reshape(b, c, gh * p, gw * p)[:, :, :h, :w]
+
+
+def normalise_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Each patch of ``x`` (all its channels together) shifted to mean 0 and scaled to std 1."""
+    blocks, mean, std = _patch_blocks(x, patch)
+    return _unblock((blocks - mean) / std, *x.shape[2:])
+
+
+def denormalise_patches(y: torch.Tensor, x: torch.Tensor, patch: int) -> torch.Tensor:
+    """The inverse of :func:`normalise_patches` with the statistics of ``x``: a prediction of
+    normalised patches ``y`` shown as pixels (MAE draws its predictions the same way)."""
+    _, mean, std = _patch_blocks(x, patch)
+    yb, _, _ = _patch_blocks(y, patch)
+    return _unblock(yb * std + mean, *x.shape[2:])
 
 
 def winner_take_all(z: torch.Tensor, k: int, lifetime_rate: float) -> torch.Tensor:
@@ -154,6 +173,12 @@ class Objective:
         """The loss summed over the images of ``x`` (float64), for a mean over an evaluation set."""
         return self.loss(model, x, generator).detach().double() * x.shape[0]
 
+    def examples(self, model: nn.Module, x: torch.Tensor,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The rows of the reconstructions figure under ``x``: what the network is given (when it is
+        not ``x``) and what it makes of it, named, as images comparable with ``x``."""
+        return {"reconstruction": model(x)}
+
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
     """Class decorator: ``cls.name`` becomes a choice of ``--objective``."""
@@ -199,6 +224,11 @@ class Denoise(Objective):
     def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return masked_mse(model(self.corrupt(x, generator)[0]), x, None)
 
+    def examples(self, model: nn.Module, x: torch.Tensor,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        inp = self.corrupt(x, generator)[0]
+        return {"corrupted input": inp, "reconstruction": model(inp)}
+
 
 @register_objective
 class Masked(Objective):
@@ -217,6 +247,17 @@ class Masked(Objective):
         out = model(inp, mask=weight) if takes_mask(model) else model(inp)
         return masked_mse(out, target, weight)
 
+    def examples(self, model: nn.Module, x: torch.Tensor,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        # the network as it is trained: told which patches are hidden, judged on those only;
+        # the seen pixels are shown as they are (the loss never asked the network for them)
+        inp, mask = self.corrupt(x, generator)
+        out = (model(inp, mask=mask) if takes_mask(model) else model(inp)).float()
+        name = "hidden patches predicted"
+        if self.cfg.norm_targets:  # the network predicts each patch's shape, not its mean and contrast
+            out, name = denormalise_patches(out, x, self.cfg.patch_size), f"{name} (with their true mean and std)"
+        return {"masked input": inp, name: x * (1 - mask) + out * mask}
+
 
 @register_objective
 class Sparse(Objective):
@@ -228,3 +269,10 @@ class Sparse(Objective):
     def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         c = self.cfg
         return masked_mse(model(x, code_fn=lambda z: winner_take_all(z, c.sparse_k, c.lifetime_rate)), x, None)
+
+    def examples(self, model: nn.Module, x: torch.Tensor,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        # each image's k winners, without the lifetime selection: that one is over a training batch,
+        # and a winner-take-all autoencoder is used without it once trained (Makhzani & Frey 2015)
+        k = self.cfg.sparse_k
+        return {"reconstruction": model(x, code_fn=lambda z: winner_take_all(z, k, 0.0))}

@@ -72,14 +72,16 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     pick = torch.linspace(0, len(data.val) - 1, min(16, len(data.val))).long()
     x = to_model_input(data.val.take(pick).to(device))
     ae.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the same masks or noise every run
     with torch.no_grad(), autocast(device, cfg.precision):
-        recon = ae(x).float()
+        rows = {k: v.float() for k, v in objective.examples(ae, x, gen).items()}
     pretrained = ae.encoder.kernels()
-    visualise.save_pretrain_figures(run.figures, initial, pretrained, history, x, recon, data.eval_label)
+    visualise.save_pretrain_figures(run.figures, initial, pretrained, history, x, rows, data.eval_label)
     if ctx.tb is not None:
         for tag, w in (("kernels/initial", initial), ("kernels/pretrained", pretrained)):
             ctx.tb.image(tag, visualise.kernel_grid(w))
-        ctx.tb.image("reconstructions", make_grid(torch.cat([x, recon.clamp(0, 1)]).cpu(), nrow=len(x)))
+        shown = torch.cat([x, *(r.clamp(0, 1) for r in rows.values())])
+        ctx.tb.image("reconstructions", make_grid(shown.cpu(), nrow=len(x)))
     return history
 
 

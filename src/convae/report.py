@@ -147,7 +147,8 @@ def _kernels(r: _Run) -> list[str]:
         parts.append("".join(img(r.fig / f, c, "small") for f, c in KERNEL_FIGURES))
     if (r.fig / "reconstructions.png").is_file():
         parts.append("<h2>Reconstructions</h2>" + img(r.fig / "reconstructions.png", f"images of the {r.set_name} "
-                                                        "(top) over their reconstructions (bottom)", "native"))
+                                                        "(top) over the network's input where the objective "
+                                                        "corrupts it, and its output", "native"))
     return parts
 
 

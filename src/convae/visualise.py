@@ -74,15 +74,17 @@ def save_kernels(weight: torch.Tensor, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def save_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path,
+def save_reconstructions(originals: torch.Tensor, rows: torch.Tensor | dict[str, torch.Tensor], path: Path,
                          set_name: str = "evaluation") -> None:
-    """Images in [0, 1] (N, C, H, W): originals (of ``set_name``) in the top row, reconstructions below."""
+    """Images in [0, 1] (N, C, H, W): originals (of ``set_name``) in the top row, below them each of
+    ``rows`` (name -> images, as an objective's ``examples`` gives them; a tensor: reconstructions)."""
+    rows = {"reconstruction": rows} if isinstance(rows, torch.Tensor) else rows
     n = originals.shape[0]
-    both = torch.cat([originals.float().cpu(), reconstructions.float().cpu().clamp(0, 1)])
+    both = torch.cat([originals.float().cpu(), *(r.float().cpu().clamp(0, 1) for r in rows.values())])
     grid = make_grid(both, nrow=n, padding=2, pad_value=1.0)
-    fig, ax = plt.subplots(figsize=(max(6, n * 0.6), 2))
+    fig, ax = plt.subplots(figsize=(max(6, n * 0.6), 1 + len(rows)))
     _show_grid(ax, grid)
-    ax.set_title(f"{label(set_name)} images (top) and their reconstructions (bottom)", fontsize=9)
+    ax.set_title(f"{label(set_name)} images (top), then: {label(', '.join(rows))}", fontsize=9)
     ax.axis("off")
     _save(fig, path)
 
@@ -215,10 +217,10 @@ def save_embedding_map(features, labels, classes: list[str], path: Path, title: 
 
 
 def save_pretrain_figures(folder: Path, initial: torch.Tensor, pretrained: torch.Tensor, history: list[dict],
-                          originals: torch.Tensor, reconstructions: torch.Tensor, eval_name: str = "evaluation set"
-                          ) -> None:
+                          originals: torch.Tensor, reconstructions: torch.Tensor | dict[str, torch.Tensor],
+                          eval_name: str = "evaluation set") -> None:
     """The pretraining phase's figures: kernels before, after and their change, the loss
-    curves, and evaluation images over their reconstructions."""
+    curves, and evaluation images over what the objective gives the network and its output."""
     save_kernels(initial, folder / "kernels_initial.png", "first-layer kernels, initial (random)")
     save_kernels(pretrained, folder / "kernels_pretrained.png", "first-layer kernels after pretraining")
     save_kernels(initial - pretrained, folder / "kernels_pretrain_delta.png",
