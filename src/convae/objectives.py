@@ -93,16 +93,19 @@ def patch_mask(shape: torch.Size, patch: int, ratio: float, generator: torch.Gen
     return grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[:, :, :h, :w]
 
 
-def _patch_blocks(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x`` padded to whole patches as (B, C, gh, patch, gw, patch) blocks, with each patch's mean
-    and std over all its channels together."""
+def _patch_blocks(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``x`` padded to whole patches as (B, C, gh, patch, gw, patch) blocks."""
     b, c, h, w = x.shape
     ph, pw = -(-h // patch) * patch, -(-w // patch) * patch
     xp = F.pad(x.float(), (0, pw - w, 0, ph - h), mode="replicate")
-    blocks = xp.view(b, c, ph // patch, patch, pw // patch, patch)
+    return xp.view(b, c, ph // patch, patch, pw // patch, patch)
+
+
+def _patch_stats(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's mean and std over all its channels together."""
     mean = blocks.mean(dim=(1, 3, 5), keepdim=True)
     var = blocks.var(dim=(1, 3, 5), keepdim=True, unbiased=False)
-    return blocks, mean, (var + 1e-6).sqrt()
+    return mean, (var + 1e-6).sqrt()
 
 
 def _unblock(blocks: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -112,16 +115,16 @@ def _unblock(blocks: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def normalise_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     """Each patch of ``x`` (all its channels together) shifted to mean 0 and scaled to std 1."""
-    blocks, mean, std = _patch_blocks(x, patch)
+    blocks = _patch_blocks(x, patch)
+    mean, std = _patch_stats(blocks)
     return _unblock((blocks - mean) / std, *x.shape[2:])
 
 
 def denormalise_patches(y: torch.Tensor, x: torch.Tensor, patch: int) -> torch.Tensor:
     """The inverse of :func:`normalise_patches` with the statistics of ``x``: a prediction of
     normalised patches ``y`` shown as pixels (MAE draws its predictions the same way)."""
-    _, mean, std = _patch_blocks(x, patch)
-    yb, _, _ = _patch_blocks(y, patch)
-    return _unblock(yb * std + mean, *x.shape[2:])
+    mean, std = _patch_stats(_patch_blocks(x, patch))
+    return _unblock(_patch_blocks(y, patch) * std + mean, *x.shape[2:])
 
 
 def winner_take_all(z: torch.Tensor, k: int, lifetime_rate: float) -> torch.Tensor:
@@ -244,15 +247,19 @@ class Masked(Objective):
     def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         inp, weight = self.corrupt(x, generator)
         target = normalise_patches(x, self.cfg.patch_size) if self.cfg.norm_targets else x
-        out = model(inp, mask=weight) if takes_mask(model) else model(inp)
-        return masked_mse(out, target, weight)
+        return masked_mse(self.predict(model, inp, weight), target, weight)
+
+    @staticmethod
+    def predict(model: nn.Module, inp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The network's output for the masked input, told which pixels are hidden when it takes that."""
+        return model(inp, mask=mask) if takes_mask(model) else model(inp)
 
     def examples(self, model: nn.Module, x: torch.Tensor,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         # the network as it is trained: told which patches are hidden, judged on those only;
         # the seen pixels are shown as they are (the loss never asked the network for them)
         inp, mask = self.corrupt(x, generator)
-        out = (model(inp, mask=mask) if takes_mask(model) else model(inp)).float()
+        out = self.predict(model, inp, mask).float()
         name = "hidden patches predicted"
         if self.cfg.norm_targets:  # the network predicts each patch's shape, not its mean and contrast
             out, name = denormalise_patches(out, x, self.cfg.patch_size), f"{name} (with their true mean and std)"

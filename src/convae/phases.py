@@ -14,7 +14,6 @@ import time
 from dataclasses import replace
 
 import torch
-from torchvision.utils import make_grid
 
 from . import visualise
 from .checkpoint import save_checkpoint
@@ -80,8 +79,7 @@ def pretrain_phase(ae: AutoEncoder, data: RunData, ctx: RunContext, device: torc
     if ctx.tb is not None:
         for tag, w in (("kernels/initial", initial), ("kernels/pretrained", pretrained)):
             ctx.tb.image(tag, visualise.kernel_grid(w))
-        shown = torch.cat([x, *(r.clamp(0, 1) for r in rows.values())])
-        ctx.tb.image("reconstructions", make_grid(shown.cpu(), nrow=len(x)))
+        ctx.tb.image("reconstructions", visualise.reconstruction_grid(x, rows))
     return history
 
 

@@ -74,16 +74,20 @@ def save_kernels(weight: torch.Tensor, path: Path, title: str) -> None:
     _save(fig, path)
 
 
+def reconstruction_grid(originals: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One image grid: ``originals`` in the top row, each of ``rows`` below, clamped to [0, 1]."""
+    shown = torch.cat([originals.float().cpu(), *(r.float().cpu().clamp(0, 1) for r in rows.values())])
+    return make_grid(shown, nrow=originals.shape[0], padding=2, pad_value=1.0)
+
+
 def save_reconstructions(originals: torch.Tensor, rows: torch.Tensor | dict[str, torch.Tensor], path: Path,
                          set_name: str = "evaluation") -> None:
     """Images in [0, 1] (N, C, H, W): originals (of ``set_name``) in the top row, below them each of
     ``rows`` (name -> images, as an objective's ``examples`` gives them; a tensor: reconstructions)."""
     rows = {"reconstruction": rows} if isinstance(rows, torch.Tensor) else rows
     n = originals.shape[0]
-    both = torch.cat([originals.float().cpu(), *(r.float().cpu().clamp(0, 1) for r in rows.values())])
-    grid = make_grid(both, nrow=n, padding=2, pad_value=1.0)
     fig, ax = plt.subplots(figsize=(max(6, n * 0.6), 1 + len(rows)))
-    _show_grid(ax, grid)
+    _show_grid(ax, reconstruction_grid(originals, rows))
     ax.set_title(f"{label(set_name)} images (top), then: {label(', '.join(rows))}", fontsize=9)
     ax.axis("off")
     _save(fig, path)
@@ -217,7 +221,7 @@ def save_embedding_map(features, labels, classes: list[str], path: Path, title: 
 
 
 def save_pretrain_figures(folder: Path, initial: torch.Tensor, pretrained: torch.Tensor, history: list[dict],
-                          originals: torch.Tensor, reconstructions: torch.Tensor | dict[str, torch.Tensor],
+                          originals: torch.Tensor, rows: torch.Tensor | dict[str, torch.Tensor],
                           eval_name: str = "evaluation set") -> None:
     """The pretraining phase's figures: kernels before, after and their change, the loss
     curves, and evaluation images over what the objective gives the network and its output."""
@@ -228,7 +232,7 @@ def save_pretrain_figures(folder: Path, initial: torch.Tensor, pretrained: torch
     if history:
         plot_curve({"train": [h["train_loss"] for h in history], eval_name: [h["val_loss"] for h in history]},
                    folder / "pretrain_loss.png", "loss per pixel", "autoencoder pretraining")
-    save_reconstructions(originals, reconstructions, folder / "reconstructions.png", eval_name)
+    save_reconstructions(originals, rows, folder / "reconstructions.png", eval_name)
 
 
 def save_finetune_figures(folder: Path, before: torch.Tensor, after: torch.Tensor, origin: str, history: list[dict],
