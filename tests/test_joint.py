@@ -235,3 +235,30 @@ def test_the_sweep_measures_the_joint_methods_without_pretraining(folder, tmp_pa
     assert sorted({c["method"] for c in result["cells"]}) == ["joint_gamma", "joint_plain", "scratch"]
     assert len(result["cells"]) == 6 and result["autoencoder"] is None
     assert not (out / "checkpoints" / "autoencoder.pt").exists()
+
+
+def test_the_sweeps_joint_finetuning_starts_from_the_pretrained_encoder_and_decoder(folder, tmp_path, monkeypatch):
+    data, cache = folder
+    seen = []
+    init = JointModel.__init__
+
+    def spy(self, clf, spec, objective=None, decoder=None):
+        seen.append((copy.deepcopy(clf.encoder.state_dict()), decoder and copy.deepcopy(decoder.state_dict())))
+        init(self, clf, spec, objective, decoder)
+
+    monkeypatch.setattr(JointModel, "__init__", spy)
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--data", str(data), "--cache-dir", str(cache), "--out", str(out), *BLOCKS,
+                 "--pretrain-epochs", "1", "--labels-per-class", "2", "--seeds", "1", "--steps", "2",
+                 "--batch-size", "8", "--objective", "masked", "--methods", "joint_finetune", "joint_plain"])
+    assert code == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert [c["method"] for c in result["cells"]] == ["joint_plain", "joint_finetune"]
+    ae = torch.load(out / "checkpoints" / "autoencoder.pt", weights_only=True)["model"]
+    (scratch_enc, scratch_dec), (enc, dec) = seen
+    assert dec is not None and scratch_dec is None  # joint_plain builds a fresh decoder
+    for k, v in dec.items():
+        assert torch.equal(v, ae[f"decoder.{k}"]), k
+    for k, v in enc.items():
+        assert torch.equal(v, ae[f"encoder.{k}"]), k
+    assert not all(torch.equal(v, ae[f"encoder.{k}"]) for k, v in scratch_enc.items())

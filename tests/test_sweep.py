@@ -18,12 +18,12 @@ def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
                 + SMALL) == 0
     result = json.loads((out / "sweep.json").read_text())
     assert result["budgets"] == [2, "all"] and result["seeds"] == [0, 1]
-    methods = {"finetune", "linear_probe", "scratch", "joint_plain", "joint_gamma", "knn", "logistic_probe", "knn_random",
-               "logistic_random"}
+    methods = {"finetune", "linear_probe", "scratch", "joint_plain", "joint_gamma", "joint_finetune", "knn",
+               "logistic_probe", "knn_random", "logistic_random"}
     assert set(result["methods"]) == methods
     # with every label the frozen-feature probes see the same data for every seed: measured once
     probes = {"knn", "logistic_probe", "knn_random", "logistic_random"}
-    assert len(result["cells"]) == 2 * 9 + 2 * 5 + 4  # 9 methods, 5 of them trained (every seed at 'all')
+    assert len(result["cells"]) == 2 * 10 + 2 * 6 + 4  # 10 methods, 6 of them trained (every seed at 'all')
     for c in result["cells"]:
         assert c["method"] in methods and 0 <= c["accuracy"] <= 1
         assert c["labelled_images"] == (6 if c["labels_per_class"] == 2 else 24)

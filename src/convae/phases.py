@@ -210,7 +210,8 @@ def _training(clf: Classifier, labelled: ImageSet, unlabelled: ImageSet | None, 
 
 def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int | None, seed: int,
                num_classes: int, stop: StopFlag | None = None, unlabelled: ImageSet | None = None,
-               log: Log | None = None, name: str = "cell") -> tuple[float, list[float]]:
+               log: Log | None = None, name: str = "cell", decoder: torch.nn.Module | None = None
+               ) -> tuple[float, list[float]]:
     """The fine-tuning recipe of a run on the labelled ``train`` (``prepare_classifier`` done):
     ``cfg.finetune_epochs`` epochs of at least ``cfg.epoch_images`` images, or exactly ``steps``
     optimizer steps, with the run's schedule, label smoothing, weight average and augmentation,
@@ -218,10 +219,11 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
     evaluation-set accuracy (of the average, when there is one) and the mean training loss of each
     epoch, so a cell's record shows whether it converged. With ``cfg.joint`` the epochs are
     passes over ``unlabelled``, ``train`` cycling beside them, as a joint run trains. With ``log``
-    and no terminal, a line about every minute says where cell ``name`` is and its time left."""
+    and no terminal, a line about every minute says where cell ``name`` is and its time left. ``decoder``: a
+    pretrained autoencoder's, where plain joint training starts from it (the cell trains a copy)."""
     device = next(clf.parameters()).device
     model, batches, criterion, side = _training(clf, train, unlabelled, [str(c) for c in range(num_classes)], cfg,
-                                                device, seed)
+                                                device, seed, decoder=decoder)
     keep_last_batch_trainable(model, batches)
     total = steps if steps is not None else cfg.finetune_epochs * len(batches)
     epochs = -(-total // len(batches))

@@ -5,9 +5,10 @@ the pretrained encoder fine-tuned, the pretrained encoder frozen (a linear probe
 the same recipe), and the same classifier from random init. On the same subset the frozen
 pretrained features are also scored by kNN and by logistic regression fitted to convergence on
 standardised features (the recipe's probe sees raw feature scales and a fixed step budget).
-The joint methods train the classifier from random init with every training image unlabelled beside
-the labelled subset (:mod:`convae.joint`). One autoencoder pretraining serves the whole sweep (none
-when no chosen method reads it).
+The joint methods train with every training image unlabelled beside the labelled subset
+(:mod:`convae.joint`): from random init, or (``joint_finetune``) from the pretrained encoder and decoder,
+the pretraining objective kept on. One autoencoder pretraining serves the whole sweep (none when no
+chosen method reads it).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ METHODS = {
     "scratch": Method("random init (scratch)", "recipe", "random"),
     "joint_plain": Method("joint, plain (objective + cross-entropy)", "recipe", "random", joint="plain"),
     "joint_gamma": Method("joint, Gamma-model (Ladder)", "recipe", "random", joint="gamma"),
+    "joint_finetune": Method("pretrained, joint fine-tuning (plain)", "recipe", "pretrained", joint="plain"),
     "knn": Method("pretrained, frozen (kNN, k=200)", "knn", "pretrained"),
     "logistic_probe": Method("pretrained, frozen (logistic regression)", "logistic", "pretrained"),
     "knn_random": Method("random weights, frozen (kNN, k=200)", "knn", "random"),
@@ -187,8 +189,10 @@ def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: in
                   freeze_encoder=method.frozen, joint=method.joint)
     prepare_classifier(clf, sw.data.train.subset(idx.cpu()), sw.data.train, cfg, _quiet)
     try:
+        # joint training from the pretrained autoencoder starts from its decoder too
+        decoder = sw.ae.decoder if method.joint != "off" and method.weights == "pretrained" else None
         return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, cfg, steps, seed, k, sw.stop, sw.data.train,
-                          log, name)
+                          log, name, decoder)
     except EpochInterrupted:
         raise Interrupted(sw.stop.signum, "in a sweep cell", str(Path(str(sw.cfg.out)) / "metrics.jsonl"),
                           resumable=False) from None
@@ -204,8 +208,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int | N
     ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures."""
     if seeds <= 0 or (steps is not None and steps <= 0):
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
-    if steps is None and not cfg.epoch_images:
-        steps = FIXED_STEPS
+    steps = FIXED_STEPS if steps is None and not cfg.epoch_images else steps
     chosen = _chosen(methods)
     started = time.perf_counter()
     with ExitStack() as hold:  # the sweep folder's lock, held to the end
@@ -278,8 +281,7 @@ def write_csv(path: Path, summary: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["method", "labels_per_class", "mean", "std", "n"])
         w.writeheader()
-        for row in summary:
-            w.writerow(row)
+        w.writerows(summary)
 
 
 def format_summary(result: dict) -> str:
