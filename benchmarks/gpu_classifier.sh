@@ -9,8 +9,9 @@
 # 4. `convae sweep --preset blocks --checkpoint 3.`: pretrained fine-tuned, scratch (the same
 #    recipe), and the logistic probe on pretrained and on random weights, at 25 / 100 / 400 / all
 #    labels per class, 3 seeds; then the same with LP-FT (--lp-ft) at 25 and 100 per class;
-# 5. the joint (semi-supervised) methods, Gamma-model and plain, from random init at 25 / 100 / 400
-#    labels per class, 3 seeds, $JOINT_STEPS steps a cell (720: the scratch cells' at 25 and 100);
+# 5. the joint (semi-supervised) methods, Gamma-model and plain from random init and plain from 3.'s
+#    encoder and decoder, at 25 / 100 / 400 labels per class, 3 seeds, $JOINT_STEPS steps a cell
+#    (720: the scratch cells' at 25 and 100);
 # 6. the blocks network against the FLOP limit (benchmarks/flops.py --preset blocks), then
 #    benchmarks/gpu.sh (throughput and the FLOP limit) in whatever time is left of $BUDGET seconds.
 # Each run folder lands in $RUNS; results.json / sweep.json (or, for a sweep stopped by its time
@@ -64,8 +65,8 @@ step sweep 300 sweep --preset blocks --checkpoint "$AE" --seeds 3 --labels-per-c
     --methods finetune scratch logistic_probe logistic_random "${SWEEP_EXTRA[@]}"
 step sweep_lpft 60 sweep --preset blocks --checkpoint "$AE" --seeds 3 --labels-per-class 25 100 --lp-ft \
     --methods finetune scratch "${SWEEP_EXTRA[@]}"
-step sweep_joint 150 sweep --preset blocks --seeds 3 --labels-per-class 25 100 400 --steps "${JOINT_STEPS:-720}" \
-    --methods joint_gamma joint_plain "${SWEEP_EXTRA[@]}"
+step sweep_joint 150 sweep --preset blocks --checkpoint "$AE" --seeds 3 --labels-per-class 25 100 400 \
+    --steps "${JOINT_STEPS:-720}" --methods joint_gamma joint_plain joint_finetune "${SWEEP_EXTRA[@]}"
 
 if [ "$DEVICE" = cuda ]; then  # the blocks network's step against the GPU's matrix-product limit
     timeout 90 $PY benchmarks/flops.py --preset blocks --device cuda --warmup 5 --steps 20 \

@@ -189,6 +189,7 @@ def test_gpu_classifier_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
     assert set(sweep["methods"]) == {"finetune", "scratch", "logistic_probe", "logistic_random"}
     assert sweep["budgets"] == [2, "all"] and sweep["steps"] is None  # the run's recipe, not a step count
     joint = json.loads((tmp_path / "results" / "classifier_sweep_joint.json").read_text())
-    assert set(joint["methods"]) == {"joint_gamma", "joint_plain"} and joint["steps"] == 2
+    assert set(joint["methods"]) == {"joint_gamma", "joint_plain", "joint_finetune"} and joint["steps"] == 2
+    assert joint["autoencoder"].endswith("autoencoder.pt")  # joint_finetune starts from step 3.'s
     scratch = json.loads((tmp_path / "results" / "classifier_scratch_all.json").read_text())
     assert scratch["init"] == "scratch" and 0 <= scratch["accuracy"] <= 1
