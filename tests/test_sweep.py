@@ -109,3 +109,21 @@ def test_cells_train_the_runs_recipe_or_a_fixed_step_count(image_folder, cache_d
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
     assert "every cell trains 300 steps" in (tmp_path / "fixed" / "report.html").read_text()
     assert "2 epochs of at least 12 images" in (tmp_path / "recipe" / "report.html").read_text()
+
+
+def test_curves_record_every_epochs_accuracy_without_changing_the_cell(image_folder, cache_dir, tmp_path):
+    """--curves evaluates the weight average after every epoch; the cells train exactly as without it."""
+    args = ["--data", str(image_folder), "--cache-dir", str(cache_dir), "--pretrain-epochs", "1",
+            "--labels-per-class", "2", "--seeds", "1", "--finetune-epochs", "3", "--epoch-images", "6", "--ema", "0.5",
+            "--methods", "finetune", "scratch", "knn"] + SMALL
+    assert main(["sweep", "--out", str(tmp_path / "plain"), *args]) == 0
+    assert main(["sweep", "--out", str(tmp_path / "curves"), "--curves", *args]) == 0
+    plain, curves = (json.loads((tmp_path / name / "sweep.json").read_text())["cells"] for name in ("plain", "curves"))
+    for a, b in zip(plain, curves):
+        assert a["method"] == b["method"] and a["accuracy"] == b["accuracy"]
+        assert a.get("epoch_losses") == b.get("epoch_losses") and "epoch_accuracy" not in a
+        if b["method"] == "knn":
+            assert "epoch_accuracy" not in b  # a probe trains no epochs
+        else:
+            assert len(b["epoch_accuracy"]) == len(b["epoch_losses"]) == 3
+            assert b["epoch_accuracy"][-1] == b["accuracy"] and all(0 <= v <= 1 for v in b["epoch_accuracy"])

@@ -93,6 +93,8 @@ def command_specs() -> dict[str, tuple[str, list]]:
                                          "recipe, --finetune-epochs epochs of at least --epoch-images images; 300 "
                                          "steps when --epoch-images is 0)")),
                    ("--methods", dict(nargs="+", choices=list(METHODS), metavar="M", help=f"{', '.join(METHODS)} (default all)")),
+                   ("--curves", dict(action="store_true", help="also evaluate every trained cell after each epoch "
+                                                                "(epoch_accuracy in sweep.json; one evaluation pass an epoch)")),
                    _batch(f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)")]
                   + DATA + MODEL + PRETRAIN + AUGMENT + [f for f in OPTIM if f != "--batch-size"]
                   + [f for f in FINETUNE if f not in ("--labels-per-class", "--init", "--freeze-encoder")] + EXEC),
@@ -200,9 +202,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    overrides = {k: v for k, v in _overrides(args).items() if k not in ("labels_per_class", "seeds", "steps", "methods")}
-    commands.sweep(args.preset, args.config, overrides, args.labels_per_class, args.seeds, args.steps,
-                   args.checkpoint, _log, args.methods)
+    own = ("labels_per_class", "seeds", "steps", "methods", "curves")
+    commands.sweep(args.preset, args.config, {k: v for k, v in _overrides(args).items() if k not in own},
+                   args.labels_per_class, args.seeds, args.steps, args.checkpoint, _log, args.methods, args.curves)
 
 
 def _encode(args: argparse.Namespace) -> None:

@@ -38,7 +38,8 @@ def train(command: str, preset: str, config_file: str | None, overrides: dict[st
 
 
 def sweep(preset: str, config_file: str | None, overrides: dict[str, Any], budgets: list[str], seeds: int,
-          steps: int | None, checkpoint: str | None, log: Log, methods: list[str] | None = None) -> RunDir:
+          steps: int | None, checkpoint: str | None, log: Log, methods: list[str] | None = None,
+          curves: bool = False) -> RunDir:
     """``convae sweep``; its batch size defaults to SWEEP_BATCH_SIZE, below the preset, the config file
     and the flags."""
     from .sweep import parse_budgets, run_sweep
@@ -48,7 +49,7 @@ def sweep(preset: str, config_file: str | None, overrides: dict[str, Any], budge
     if "batch_size" not in given:
         overrides["batch_size"] = SWEEP_BATCH_SIZE
     cfg = build_config(preset, config_file, overrides)
-    return run_sweep(cfg, parse_budgets(budgets), seeds, steps, checkpoint, log=log, methods=methods)
+    return run_sweep(cfg, parse_budgets(budgets), seeds, steps, checkpoint, log=log, methods=methods, curves=curves)
 
 
 def evaluate(overrides: dict[str, Any], checkpoint: str, train_data: str | None, log: Log) -> Results:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -210,8 +211,8 @@ def _training(clf: Classifier, labelled: ImageSet, unlabelled: ImageSet | None, 
 
 def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int | None, seed: int,
                num_classes: int, stop: StopFlag | None = None, unlabelled: ImageSet | None = None,
-               log: Log | None = None, name: str = "cell", decoder: torch.nn.Module | None = None
-               ) -> tuple[float, list[float]]:
+               log: Log | None = None, name: str = "cell", decoder: torch.nn.Module | None = None,
+               curve: bool = False) -> tuple[float, list[float], list[float] | None]:
     """The fine-tuning recipe of a run on the labelled ``train`` (``prepare_classifier`` done):
     ``cfg.finetune_epochs`` epochs of at least ``cfg.epoch_images`` images, or exactly ``steps``
     optimizer steps, with the run's schedule, label smoothing, weight average and augmentation,
@@ -220,7 +221,8 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
     epoch, so a cell's record shows whether it converged. With ``cfg.joint`` the epochs are
     passes over ``unlabelled``, ``train`` cycling beside them, as a joint run trains. With ``log``
     and no terminal, a line about every minute says where cell ``name`` is and its time left. ``decoder``: a
-    pretrained autoencoder's, where plain joint training starts from it (the cell trains a copy)."""
+    pretrained autoencoder's, where plain joint training starts from it (the cell trains a copy). With
+    ``curve`` also the evaluation-set accuracy after every epoch (of the average, as at the end), else None."""
     device = next(clf.parameters()).device
     model, batches, criterion, side = _training(clf, train, unlabelled, [str(c) for c in range(num_classes)], cfg,
                                                 device, seed, decoder=decoder)
@@ -232,7 +234,7 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
     beat = Heartbeat(log or print, name, epochs, len(batches), log is not None and not sys.stdout.isatty())
     hook = both_hooks(step_hook(model, scheduler if per_step else None, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
-    done, epoch, losses = 0, 0, []
+    done, epoch, losses, accuracies = 0, 0, [], []
     while done < total:
         epoch += 1
         batches.set_epoch(epoch)
@@ -249,6 +251,10 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
         losses.append(float(loss))
         if scheduler is not None and not per_step:
             scheduler.step()
+        if curve and done < total:  # the last epoch's is the cell's accuracy
+            with average.applied(model) if average is not None else nullcontext():
+                accuracies.append(evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"])
     if average is not None:
         model.load_state_dict(average.shadow)
-    return evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"], losses
+    accuracy = evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
+    return accuracy, losses, accuracies + [accuracy] if curve else None

@@ -136,6 +136,7 @@ class SweepCell(TypedDict):
     accuracy: float
     seconds: float
     epoch_losses: NotRequired[list[float]]  # a recipe cell's mean training loss per epoch (probes have none)
+    epoch_accuracy: NotRequired[list[float]]  # with --curves: its evaluation-set accuracy after every epoch
 
 
 class TrainingState(TypedDict):

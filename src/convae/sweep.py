@@ -13,8 +13,6 @@ chosen method reads it).
 
 from __future__ import annotations
 
-import csv
-import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -36,6 +34,7 @@ from .phases import prepare_classifier, pretrain_phase, train_cell
 from .probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
 from .records import Log, SweepCell
 from .report import write_report
+from .sweep_table import format_summary, summarise, write_csv
 from .rundir import RunDir
 from .validation import validate_model
 
@@ -91,19 +90,6 @@ def parse_budgets(values: list[str]) -> list[int | None]:
     return out
 
 
-def summarise(cells: list[SweepCell]) -> list[dict]:
-    """Mean and sample standard deviation of the accuracy per method and budget."""
-    groups: dict[tuple, list[float]] = {}
-    for c in cells:
-        groups.setdefault((c["method"], c["labels_per_class"]), []).append(c["accuracy"])
-    rows = []
-    for (method, budget), accs in groups.items():
-        mean = sum(accs) / len(accs)
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-        rows.append({"method": method, "labels_per_class": budget, "mean": mean, "std": std, "n": len(accs)})
-    return rows
-
-
 def _chosen(methods: list[str] | None) -> dict[str, Method]:
     unknown = sorted(set(methods or ()) - set(METHODS))
     if unknown or methods == []:
@@ -124,6 +110,7 @@ class _Sweep:
     val: DeviceBatches
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]]
     stop: StopFlag
+    curves: bool = False  # a trained cell evaluated after every epoch too
 
 
 def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Method], hold: ExitStack
@@ -171,16 +158,16 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
 
 
 def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None, log: Log, name: str
-             ) -> tuple[float, list[float] | None]:
+             ) -> tuple[float, list[float] | None, list[float] | None]:
     """One cell, ``name`` in the log: ``method`` on the labelled images ``idx`` of the training split;
     its accuracy and, for a recipe, the training loss of each epoch (a probe has none)."""
     k, labels = len(sw.data.classes), sw.data.train.labels.to(sw.device)
     if method.probe != "recipe":
         train_f, val_f = sw.feats[method.weights]
         if method.probe == "knn":
-            return knn_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k), None
+            return knn_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k), None, None
         # standardised features, fitted to convergence
-        return linear_probe_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k, seed=seed), None
+        return linear_probe_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k, seed=seed), None, None
     torch.manual_seed(seed)
     clf = (Classifier.from_autoencoder(sw.ae, k) if method.weights == "pretrained"
            else Classifier(sw.cfg.model_config(num_classes=k)))
@@ -192,7 +179,7 @@ def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: in
         # joint training from the pretrained autoencoder starts from its decoder too
         decoder = sw.ae.decoder if method.joint != "off" and method.weights == "pretrained" else None
         return train_cell(clf, sw.data.train.subset(idx.cpu()), sw.val, cfg, steps, seed, k, sw.stop, sw.data.train,
-                          log, name, decoder)
+                          log, name, decoder, sw.curves)
     except EpochInterrupted:
         raise Interrupted(sw.stop.signum, "in a sweep cell", str(Path(str(sw.cfg.out)) / "metrics.jsonl"),
                           resumable=False) from None
@@ -203,9 +190,10 @@ def _quiet(line: str) -> None:  # the recipe's notes, said once per run, would r
 
 
 def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int | None = None, checkpoint: str | None = None,
-              log: Log = print, methods: list[str] | None = None) -> RunDir:
+              log: Log = print, methods: list[str] | None = None, curves: bool = False) -> RunDir:
     """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png.
-    ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures."""
+    ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures; ``curves``
+    evaluates every trained cell after each of its epochs too (``epoch_accuracy``)."""
     if seeds <= 0 or (steps is not None and steps <= 0):
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
     steps = FIXED_STEPS if steps is None and not cfg.epoch_images else steps
@@ -213,6 +201,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int | N
     started = time.perf_counter()
     with ExitStack() as hold:  # the sweep folder's lock, held to the end
         sw, run, pretrain_s = _prepare(cfg, checkpoint, log, chosen, hold)
+        sw.curves = curves
         cells = _cells(sw, run, budgets, seeds, steps, chosen, log)
         timing = {"pretrain_s": pretrain_s, "total_s": time.perf_counter() - started}
         _write(run, sw, budgets, seeds, steps, chosen, cells, timing, log)
@@ -238,12 +227,14 @@ def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps
                         continue  # the same data and features: a second seed would repeat the first
                     start = time.perf_counter()
                     name = f"cell {'all' if budget is None else budget}/class seed {seed} {key}"
-                    acc, losses = _measure(sw, method, idx, seed, steps, log, name)
+                    acc, losses, curve = _measure(sw, method, idx, seed, steps, log, name)
                     cell: SweepCell = {"method": key, "labels_per_class": "all" if budget is None else budget,
                                        "seed": seed, "labelled_images": int(len(idx)), "accuracy": acc,
                                        "seconds": time.perf_counter() - start}
                     if losses is not None:
                         cell["epoch_losses"] = losses
+                    if curve is not None:
+                        cell["epoch_accuracy"] = curve
                     cells.append(cell)
                     run.log_metrics({"phase": "sweep", **cell})
                     log(f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {key:<15}  "
@@ -275,26 +266,3 @@ def _write(run: RunDir, sw: _Sweep, budgets: list[int | None], seeds: int, steps
     write_report(run.path)
     log(format_summary(result))
     log(f"sweep: {len(cells)} cells in {timing['total_s']:.1f} s")
-
-
-def write_csv(path: Path, summary: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "labels_per_class", "mean", "std", "n"])
-        w.writeheader()
-        w.writerows(summary)
-
-
-def format_summary(result: dict) -> str:
-    """Accuracy mean +- std (%), one row per method, one column per budget."""
-    budgets = result["budgets"]
-    cell = {(r["method"], r["labels_per_class"]): r for r in result["summary"]}
-    head = f"{'method':<44}" + "".join(f"{str(b) + '/class':>16}" for b in budgets)
-    lines = [head]
-    for method, name in result["methods"].items():
-        vals = []
-        for b in budgets:
-            r = cell.get((method, b))
-            vals.append("" if not r else f"{100 * r['mean']:6.2f} +- {100 * r['std']:4.2f}" if r["n"] > 1
-                        else f"{100 * r['mean']:6.2f}")
-        lines.append(f"{name:<44}" + "".join(f"{v:>16}" for v in vals))
-    return "\n".join(lines)
