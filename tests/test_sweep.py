@@ -127,3 +127,6 @@ def test_curves_record_every_epochs_accuracy_without_changing_the_cell(image_fol
         else:
             assert len(b["epoch_accuracy"]) == len(b["epoch_losses"]) == 3
             assert b["epoch_accuracy"][-1] == b["accuracy"] and all(0 <= v <= 1 for v in b["epoch_accuracy"])
+    assert (tmp_path / "curves" / "figures" / "cell_curves.png").is_file()
+    assert not (tmp_path / "plain" / "figures" / "cell_curves.png").exists()
+    assert "after each epoch (--curves)" in (tmp_path / "curves" / "report.html").read_text()

@@ -201,7 +201,8 @@ def _sweep(r: _Run) -> list[str]:
             f'<p class="note">Mean ± std over seeds {html.escape(str(sweep["seeds"]))}; every cell trains '
             f'{_cell_length(sweep)} of batch {html.escape(str(sweep["batch_size"]))} on the same labelled subset; '
             f'evaluated on the {html.escape(sweep["eval_set"])}.</p>',
-            img(r.fig / "label_efficiency.png", "accuracy against labelled images per class")]
+            img(r.fig / "label_efficiency.png", "accuracy against labelled images per class"),
+            img(r.fig / "cell_curves.png", "every cell's accuracy after each epoch (--curves)")]
 
 
 def _cell_length(sweep: dict) -> str:

@@ -191,7 +191,7 @@ def _quiet(line: str) -> None:  # the recipe's notes, said once per run, would r
 
 def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int | None = None, checkpoint: str | None = None,
               log: Log = print, methods: list[str] | None = None, curves: bool = False) -> RunDir:
-    """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png.
+    """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png (and cell_curves.png).
     ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures; ``curves``
     evaluates every trained cell after each of its epochs too (``epoch_accuracy``)."""
     if seeds <= 0 or (steps is not None and steps <= 0):
@@ -263,6 +263,8 @@ def _write(run: RunDir, sw: _Sweep, budgets: list[int | None], seeds: int, steps
     run.write_json("sweep.json", result)
     write_csv(run.path / "sweep.csv", summary)
     visualise.save_label_efficiency(result, run.figures / "label_efficiency.png")
+    if any("epoch_accuracy" in c for c in cells):
+        visualise.save_cell_curves(result, run.figures / "cell_curves.png")
     write_report(run.path)
     log(format_summary(result))
     log(f"sweep: {len(cells)} cells in {timing['total_s']:.1f} s")
