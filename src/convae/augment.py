@@ -1,6 +1,6 @@
 """Augmentation on the device: batched tensor operations on a batch already in memory.
 
-Random crop with padding, horizontal flip and optional colour jitter, drawn per image from
+Random crop with padding, horizontal flip, optional colour jitter and (for a classifier) Cutout, drawn per image from
 a generator seeded by (seed, epoch, step), so a resumed run sees the same augmented batches.
 No per-image Python and no DataLoader: each operation is one indexing or arithmetic call
 over the whole batch.
@@ -26,6 +26,8 @@ class AugmentKnobs:
                              metavar="P")
     jitter: float = knob(0.0, Num(0), "augment: colour jitter strength (default 0 = off)", group="augment",
                          metavar="J")
+    cutout: int = knob(0, Int(0), "augment: side of a square erased at a random place in every image a classifier "
+                       "trains on (Cutout; default 0 = off)", group="augment", metavar="S")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class AugmentConfig:
     flip: bool = True  # horizontal flip with probability 1/2
     jitter: float = 0.0  # colour jitter strength: brightness, contrast and saturation factors in [1-j, 1+j]
     pad_mode: str = "reflect"  # "reflect" or "zeros"
+    cutout: int = 0  # side of the square Cutout erases (0 = none)
 
 
 def step_generator(device: torch.device, seed: int, epoch: int, step: int) -> torch.Generator:
@@ -84,10 +87,24 @@ def colour_jitter(x: torch.Tensor, strength: float, generator: torch.Generator |
     return x.clamp(0, 1)
 
 
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017): in each image a size x size square around a uniformly drawn centre
+    (cut off at the borders, so a corner square can be smaller) set to the image's mean colour."""
+    if size <= 0:
+        return x
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1), generator=generator, device=x.device) - size // 2
+    cx = torch.randint(0, w, (b, 1), generator=generator, device=x.device) - size // 2
+    rows, cols = torch.arange(h, device=x.device)[None], torch.arange(w, device=x.device)[None]
+    inside = (((rows >= cy) & (rows < cy + size))[:, :, None] & ((cols >= cx) & (cols < cx + size))[:, None, :])
+    return torch.where(inside[:, None], x.mean(dim=(2, 3), keepdim=True), x)
+
+
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """``x`` (B, C, H, W) in [0, 1], cropped, flipped and jittered; channels_last like the input."""
+    """``x`` (B, C, H, W) in [0, 1], cropped, flipped, jittered and cut out; channels_last like the input."""
     x = random_crop(x, cfg.crop_padding, generator, cfg.pad_mode)
     if cfg.flip:
         x = random_flip(x, generator)
     x = colour_jitter(x, cfg.jitter, generator)
+    x = cutout(x, cfg.cutout, generator)
     return x.contiguous(memory_format=torch.channels_last)

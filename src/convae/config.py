@@ -133,9 +133,13 @@ class Config(ExecKnobs, JointKnobs, RecipeKnobs, TrainKnobs, AugmentKnobs, Objec
         return ObjectiveConfig(**{f: getattr(self, f) for f in ObjectiveKnobs.__dataclass_fields__},
                                crop_size=self.kernel_size)
 
-    def augment_config(self) -> AugmentConfig | None:
-        """None when augmentation is off (the seed preset)."""
-        return AugmentConfig(crop_padding=self.crop_padding, flip=True, jitter=self.jitter) if self.augment else None
+    def augment_config(self, classify: bool = False) -> AugmentConfig | None:
+        """None when augmentation is off (the seed preset); Cutout only where a classifier trains
+        (``classify``): the reconstruction objectives hide or corrupt parts of the image themselves."""
+        if not self.augment:
+            return None
+        return AugmentConfig(crop_padding=self.crop_padding, flip=True, jitter=self.jitter,
+                             cutout=self.cutout if classify else 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -225,8 +225,8 @@ def fit(model: nn.Module, phase: str, batches: DeviceBatches, validate: Callable
             # under DDP the ranks agree to stop at epoch ends only: no collective per step
             train_loss = train_one_epoch(net, batches, optimizer, criterion, cfg.precision, beat.desc(),
                                          micro, step, loss_sum, None if ctx.dist.enabled else ctx.stop,
-                                         cfg.augment_config(), cfg.seed, labelled=side, after_step=hook,
-                                         scaler=scaler)
+                                         cfg.augment_config(phase != "pretrain"), cfg.seed, labelled=side,
+                                         after_step=hook, scaler=scaler)
         except EpochInterrupted as e:
             if math.isfinite(e.loss_sum):  # never save weights that went bad
                 ctx.save_state(phase, model, optimizer, scheduler, epoch - 1, e.step, e.loss_sum,

@@ -242,7 +242,7 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
         n = min(total - done, len(batches))
         labelled = side(done) if side is not None else None
         loss = train_one_epoch(model, batches, optimizer, criterion, cfg.precision, beat.desc(), micro,
-                               should_stop=stop, augmentation=cfg.augment_config(), seed=seed, max_steps=n,
+                               should_stop=stop, augmentation=cfg.augment_config(True), seed=seed, max_steps=n,
                                labelled=labelled, after_step=hook, scaler=scaler)
         if labelled is not None:
             labelled.close()
