@@ -121,12 +121,12 @@ def test_curves_record_every_epochs_accuracy_without_changing_the_cell(image_fol
     plain, curves = (json.loads((tmp_path / name / "sweep.json").read_text())["cells"] for name in ("plain", "curves"))
     for a, b in zip(plain, curves):
         assert a["method"] == b["method"] and a["accuracy"] == b["accuracy"]
-        assert a.get("epoch_losses") == b.get("epoch_losses") and "epoch_accuracy" not in a
+        assert a.get("epoch_losses") == b.get("epoch_losses") and "curve" not in a
         if b["method"] == "knn":
-            assert "epoch_accuracy" not in b  # a probe trains no epochs
-        else:
-            assert len(b["epoch_accuracy"]) == len(b["epoch_losses"]) == 3
-            assert b["epoch_accuracy"][-1] == b["accuracy"] and all(0 <= v <= 1 for v in b["epoch_accuracy"])
+            assert "curve" not in b  # a probe trains no epochs
+        else:  # 6 labelled images, batch 8: one step an epoch
+            assert [s for s, _ in b["curve"]] == [1, 2, 3] and len(b["epoch_losses"]) == 3
+            assert b["curve"][-1][1] == b["accuracy"] and all(0 <= v <= 1 for _, v in b["curve"])
     assert (tmp_path / "curves" / "figures" / "cell_curves.png").is_file()
     assert not (tmp_path / "plain" / "figures" / "cell_curves.png").exists()
     assert "after each epoch (--curves)" in (tmp_path / "curves" / "report.html").read_text()

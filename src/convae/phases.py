@@ -212,7 +212,7 @@ def _training(clf: Classifier, labelled: ImageSet, unlabelled: ImageSet | None, 
 def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config, steps: int | None, seed: int,
                num_classes: int, stop: StopFlag | None = None, unlabelled: ImageSet | None = None,
                log: Log | None = None, name: str = "cell", decoder: torch.nn.Module | None = None,
-               curve: bool = False) -> tuple[float, list[float], list[float] | None]:
+               curve: bool = False) -> tuple[float, list[float], list[list[float]] | None]:
     """The fine-tuning recipe of a run on the labelled ``train`` (``prepare_classifier`` done):
     ``cfg.finetune_epochs`` epochs of at least ``cfg.epoch_images`` images, or exactly ``steps``
     optimizer steps, with the run's schedule, label smoothing, weight average and augmentation,
@@ -222,7 +222,8 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
     passes over ``unlabelled``, ``train`` cycling beside them, as a joint run trains. With ``log``
     and no terminal, a line about every minute says where cell ``name`` is and its time left. ``decoder``: a
     pretrained autoencoder's, where plain joint training starts from it (the cell trains a copy). With
-    ``curve`` also the evaluation-set accuracy after every epoch (of the average, as at the end), else None."""
+    ``curve`` also [optimizer steps done, evaluation-set accuracy] after every epoch (of the average, as at
+    the end), else None."""
     device = next(clf.parameters()).device
     model, batches, criterion, side = _training(clf, train, unlabelled, [str(c) for c in range(num_classes)], cfg,
                                                 device, seed, decoder=decoder)
@@ -253,8 +254,8 @@ def train_cell(clf: Classifier, train: ImageSet, val: DeviceBatches, cfg: Config
             scheduler.step()
         if curve and done < total:  # the last epoch's is the cell's accuracy
             with average.applied(model) if average is not None else nullcontext():
-                accuracies.append(evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"])
+                accuracies.append([done, evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]])
     if average is not None:
         model.load_state_dict(average.shadow)
     accuracy = evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
-    return accuracy, losses, accuracies + [accuracy] if curve else None
+    return accuracy, losses, accuracies + [[done, accuracy]] if curve else None

@@ -136,7 +136,7 @@ class SweepCell(TypedDict):
     accuracy: float
     seconds: float
     epoch_losses: NotRequired[list[float]]  # a recipe cell's mean training loss per epoch (probes have none)
-    epoch_accuracy: NotRequired[list[float]]  # with --curves: its evaluation-set accuracy after every epoch
+    curve: NotRequired[list[list[float]]]  # with --curves: [optimizer steps done, evaluation accuracy] per epoch
 
 
 class TrainingState(TypedDict):

@@ -158,7 +158,7 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
 
 
 def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None, log: Log, name: str
-             ) -> tuple[float, list[float] | None, list[float] | None]:
+             ) -> tuple[float, list[float] | None, list[list[float]] | None]:
     """One cell, ``name`` in the log: ``method`` on the labelled images ``idx`` of the training split;
     its accuracy and, for a recipe, the training loss of each epoch (a probe has none)."""
     k, labels = len(sw.data.classes), sw.data.train.labels.to(sw.device)
@@ -193,7 +193,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int | N
               log: Log = print, methods: list[str] | None = None, curves: bool = False) -> RunDir:
     """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png (and cell_curves.png).
     ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures; ``curves``
-    evaluates every trained cell after each of its epochs too (``epoch_accuracy``)."""
+    evaluates every trained cell after each of its epochs too (``curve``: [steps, accuracy] pairs)."""
     if seeds <= 0 or (steps is not None and steps <= 0):
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
     steps = FIXED_STEPS if steps is None and not cfg.epoch_images else steps
@@ -234,7 +234,7 @@ def _cells(sw: _Sweep, run: RunDir, budgets: list[int | None], seeds: int, steps
                     if losses is not None:
                         cell["epoch_losses"] = losses
                     if curve is not None:
-                        cell["epoch_accuracy"] = curve
+                        cell["curve"] = curve
                     cells.append(cell)
                     run.log_metrics({"phase": "sweep", **cell})
                     log(f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {key:<15}  "
@@ -263,7 +263,7 @@ def _write(run: RunDir, sw: _Sweep, budgets: list[int | None], seeds: int, steps
     run.write_json("sweep.json", result)
     write_csv(run.path / "sweep.csv", summary)
     visualise.save_label_efficiency(result, run.figures / "label_efficiency.png")
-    if any("epoch_accuracy" in c for c in cells):
+    if any("curve" in c for c in cells):
         visualise.save_cell_curves(result, run.figures / "cell_curves.png")
     write_report(run.path)
     log(format_summary(result))

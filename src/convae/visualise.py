@@ -152,23 +152,24 @@ def save_label_efficiency(result: dict, path: Path) -> None:
 
 
 def save_cell_curves(result: dict, path: Path) -> None:
-    """Every trained cell's evaluation accuracy after each epoch (``convae sweep --curves``): one panel
-    per budget, one colour per method, one line per seed."""
-    budgets = [b for b in result["budgets"] if any("epoch_accuracy" in c and c["labels_per_class"] == b
+    """Every trained cell's evaluation accuracy after each epoch against its optimizer steps (``convae
+    sweep --curves``; a joint cell's epoch is longer): one panel per budget, one colour per method, one
+    line per seed."""
+    budgets = [b for b in result["budgets"] if any("curve" in c and c["labels_per_class"] == b
                                                     for c in result["cells"])]
     fig, axes = plt.subplots(1, len(budgets), figsize=(3.6 * len(budgets) + 2.2, 3.4), squeeze=False, sharey=True)
     colours = {m: f"C{i}" for i, m in enumerate(result["methods"])}
     for ax, budget in zip(axes[0], budgets):
         seen = set()
         for c in result["cells"]:
-            if c["labels_per_class"] != budget or "epoch_accuracy" not in c:
+            if c["labels_per_class"] != budget or "curve" not in c:
                 continue
             m = c["method"]
-            ax.plot(range(1, len(c["epoch_accuracy"]) + 1), [100 * a for a in c["epoch_accuracy"]], color=colours[m],
+            ax.plot([s for s, _ in c["curve"]], [100 * a for _, a in c["curve"]], color=colours[m], marker=".",
                     alpha=0.8, label=None if m in seen else result["methods"][m])
             seen.add(m)
         ax.set_title(f"{budget} / class", fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimizer steps")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
