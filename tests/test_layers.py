@@ -14,7 +14,7 @@ LAYERS = [
     {"data", "data.images", "data.archives", "data.decode", "data.cache", "data.sources", "data.batches",
      "data.rundata", "data.rows", "data.inventory",
      "data.memory"},
-    {"checkpoint", "rundir", "report", "pages", "visualise", "reference", "hub"},
+    {"checkpoint", "rundir", "report", "pages", "visualise", "reference", "hub", "sweep_table"},
     {"loop", "evaluate", "probes", "fit", "joint"},
     {"phases", "pipeline", "sweep", "embeddings", "prediction", "export", "evaluation"},
     {"commands", "api", "cli", "__main__", "__init__"},
