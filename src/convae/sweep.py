@@ -34,8 +34,8 @@ from .phases import prepare_classifier, pretrain_phase, train_cell
 from .probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
 from .records import Log, SweepCell
 from .report import write_report
-from .sweep_table import format_summary, summarise, write_csv
 from .rundir import RunDir
+from .sweep_table import format_summary, summarise, write_csv
 from .validation import validate_model
 
 @dataclass(frozen=True)
