@@ -7,15 +7,28 @@ import io
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # files only; no display needed on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+from .errors import ConvaeError, clip, first_line
+from .files import atomic_write_bytes
 
-from .errors import ConvaeError, clip, first_line  # noqa: E402
-from .files import atomic_write_bytes  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot, imported when a figure is drawn: with torchvision it took more than half of
+    every command's start (7 s against 3 s for ``convae --version``) where nothing is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def make_grid(images: torch.Tensor, **kwargs) -> torch.Tensor:
+    """torchvision's image grid (imported here, as pyplot is)."""
+    from torchvision.utils import make_grid as grid
+
+    return grid(images, **kwargs)
 
 
 def _save(fig, path: Path) -> None:
@@ -24,7 +37,7 @@ def _save(fig, path: Path) -> None:
     try:
         fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
@@ -39,7 +52,7 @@ def plot_curve(series: dict[str, list[float]], path: Path, ylabel: str, title: s
     """Per-epoch curves (epochs counted from 1), one line per named series."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _pyplot().subplots(figsize=(5, 3.5))
     for (name, values), style in zip(series.items(), ("g-o", "b--s", "r-o")):
         ax.plot(range(1, len(values) + 1), values, style, label=label(name))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -67,7 +80,7 @@ def kernel_grid(weight: torch.Tensor) -> torch.Tensor:
 
 def save_kernels(weight: torch.Tensor, path: Path, title: str) -> None:
     grid = kernel_grid(weight)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _pyplot().subplots(figsize=(5, 5))
     _show_grid(ax, grid)
     ax.set_title(label(title), fontsize=10)
     ax.axis("off")
@@ -86,7 +99,7 @@ def save_reconstructions(originals: torch.Tensor, rows: torch.Tensor | dict[str,
     ``rows`` (name -> images, as an objective's ``examples`` gives them; a tensor: reconstructions)."""
     rows = {"reconstruction": rows} if isinstance(rows, torch.Tensor) else rows
     n = originals.shape[0]
-    fig, ax = plt.subplots(figsize=(max(6, n * 0.6), 1 + len(rows)))
+    fig, ax = _pyplot().subplots(figsize=(max(6, n * 0.6), 1 + len(rows)))
     _show_grid(ax, reconstruction_grid(originals, rows))
     ax.set_title(f"{label(set_name)} images (top), then: {label(', '.join(rows))}", fontsize=9)
     ax.axis("off")
@@ -108,7 +121,7 @@ def save_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path) -
     m = torch.tensor(cm, dtype=torch.float64)
     rates = m / m.sum(1, keepdim=True).clamp(min=1)
     size = min(max(4.0, 0.55 * k + 2), MAX_FIGURE_INCHES)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = _pyplot().subplots(figsize=(size, size))
     ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
         for i in range(k):
@@ -130,7 +143,7 @@ def save_label_efficiency(result: dict, path: Path) -> None:
     """
     full = result["images_per_class_all"]
     xs = {b: (full if b == "all" else b) for b in result["budgets"]}
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4.2))
     for method, name in result["methods"].items():
         rows = sorted((r for r in result["summary"] if r["method"] == method), key=lambda r: xs[r["labels_per_class"]])
         if not rows:
@@ -157,7 +170,7 @@ def save_cell_curves(result: dict, path: Path) -> None:
     line per seed."""
     budgets = [b for b in result["budgets"] if any("curve" in c and c["labels_per_class"] == b
                                                     for c in result["cells"])]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(3.6 * len(budgets) + 2.2, 3.4), squeeze=False, sharey=True)
+    fig, axes = _pyplot().subplots(1, len(budgets), figsize=(3.6 * len(budgets) + 2.2, 3.4), squeeze=False, sharey=True)
     colours = {m: f"C{i}" for i, m in enumerate(result["methods"])}
     for ax, budget in zip(axes[0], budgets):
         seen = set()
@@ -228,12 +241,12 @@ def save_embedding_map(features, labels, classes: list[str], path: Path, title: 
         raise ValueError(f"t-SNE needs at least {MIN_MAP_POINTS} images, the set has {n}")
     pick = np.arange(n) if picked else map_points(n, max_points, seed)
     xy = embedding_map(np.asarray(features)[pick], seed)
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig, ax = _pyplot().subplots(figsize=(6, 5.5))
     if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.6)
     else:
         lab = np.asarray(labels)[pick]
-        cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+        cmap = _pyplot().get_cmap("tab10" if len(classes) <= 10 else "tab20")
         for k, name in enumerate(classes):
             sel = lab == k
             ax.scatter(xy[sel, 0], xy[sel, 1], s=3, alpha=0.7, color=cmap(k % cmap.N), label=label(name))

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
@@ -53,11 +52,15 @@ def convert_images(x: torch.Tensor, channels: int, height: int, width: int) -> t
         if c == 1:
             x = x.expand(*x.shape[:-3], channels, *x.shape[-2:])
         elif c == 3 and channels == 1:
+            from torchvision.transforms.v2 import functional as TF  # here: torchvision takes seconds to import
+
             x = TF.rgb_to_grayscale(x)
         else:
             raise ValueError(f"cannot convert {c} channels to {channels}")
     resized = tuple(x.shape[-2:]) != (height, width)
     if resized:
+        from torchvision.transforms.v2 import functional as TF
+
         x = TF.resize(x, [height, width], antialias=True)
     return x.contiguous(), mode_changed, resized
 
