@@ -113,8 +113,8 @@ class _Sweep:
     curves: bool = False  # a trained cell evaluated after every epoch too
 
 
-def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Method], hold: ExitStack
-             ) -> tuple[_Sweep, RunDir, float]:
+def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Method], hold: ExitStack,
+             curves: bool = False) -> tuple[_Sweep, RunDir, float]:
     """The autoencoder (loaded, or pretrained once into the sweep folder), the data and the features."""
     device = resolve_device(cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
@@ -154,7 +154,7 @@ def _prepare(cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Me
                                    for x, name in ((data.train, "training"), (data.val, "evaluation")))
             log(f"sweep: {weights} features in {time.perf_counter() - start:.1f} s")
     val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
-    return _Sweep(cfg, data, ae, random_enc, device, val, feats, StopFlag()), run, pretrain_s
+    return _Sweep(cfg, data, ae, random_enc, device, val, feats, StopFlag(), curves), run, pretrain_s
 
 
 def _measure(sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None, log: Log, name: str
@@ -200,8 +200,7 @@ def run_sweep(cfg: Config, budgets: list[int | None], seeds: int, steps: int | N
     chosen = _chosen(methods)
     started = time.perf_counter()
     with ExitStack() as hold:  # the sweep folder's lock, held to the end
-        sw, run, pretrain_s = _prepare(cfg, checkpoint, log, chosen, hold)
-        sw.curves = curves
+        sw, run, pretrain_s = _prepare(cfg, checkpoint, log, chosen, hold, curves)
         cells = _cells(sw, run, budgets, seeds, steps, chosen, log)
         timing = {"pretrain_s": pretrain_s, "total_s": time.perf_counter() - started}
         _write(run, sw, budgets, seeds, steps, chosen, cells, timing, log)
