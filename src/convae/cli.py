@@ -10,6 +10,7 @@ import argparse
 import gc
 import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from . import __version__, commands, cores
@@ -258,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def terminated(signum, frame):  # SIGTERM outside training (decoding, probes, export): stop cleanly
         raise Interrupted(signum, "before it finished", "", resumable=False)
 
-    previous = signal.signal(signal.SIGTERM, terminated) if _main_thread() else None
+    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
     cores.follow()  # unless OMP_NUM_THREADS pins the threads
     try:
         HANDLERS[args.command](args)
@@ -294,18 +295,5 @@ def entry() -> None:
     """The ``convae`` command: :func:`main`, then exit with its status."""
     try:
         sys.exit(main())  # argparse's --help, --version and usage errors exit from inside main
-    finally:
-        # The interpreter's last garbage collections walk every object torch, scikit-learn and
-        # matplotlib made (about 1.4 s after a tiny run on a 2-core CPU); frozen, they are left
-        # to the process's exit. Everything convae writes is closed by then.
-        gc.freeze()
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    entry()
+    finally:  # the interpreter's last collections walk every object torch and scikit-learn made
+        gc.freeze()  # (1.4 s after a tiny run, 2-core CPU); frozen, they go with the process (files are closed)
