@@ -453,3 +453,33 @@ def test_cache_list_and_clean_remove_only_what_no_run_reads(tmp_path, capsys):
     assert main(["cache", "clean", "--all", "--cache-dir", str(cache)]) == 0
     assert not [p for p in tensors.iterdir() if p.is_dir()]
     assert "freed" in capsys.readouterr().out
+
+
+def test_stopping_the_decode_workers_ends_their_processes_and_the_pools_thread(monkeypatch):
+    """A signal during a parallel decode: the workers and the pool's manager thread are gone before the
+    exit handlers run (concurrent.futures' handler writes to a pipe that thread closes; the two raced on
+    a loaded machine and the exit printed a traceback after convae's one line). The thread is made as
+    slow to finish as a loaded machine makes it."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor, process
+
+    from convae.data.decode import _stop_workers
+
+    real = process._ExecutorManagerThread.join_executor_internals
+
+    def slowly(self):
+        time.sleep(0.5)
+        real(self)
+
+    monkeypatch.setattr(process._ExecutorManagerThread, "join_executor_internals", slowly)
+    methods = multiprocessing.get_all_start_methods()
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork" if "fork" in methods else "spawn"))
+    jobs = [pool.submit(time.sleep, 30) for _ in range(4)]
+    deadline = time.time() + 30
+    while not jobs[0].running() and time.time() < deadline:
+        time.sleep(0.01)
+    processes, manager = list(pool._processes.values()), pool._executor_manager_thread
+    _stop_workers(pool)
+    assert not any(p.is_alive() for p in processes)
+    assert not manager.is_alive()  # its pipe is closed: nothing left for the exit handler to race with

@@ -166,11 +166,16 @@ def _worker_init() -> None:
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """End the pool's processes now (their chunks in flight are lost; the saved ones are kept)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle on them
+    manager = getattr(pool, "_executor_manager_thread", None)
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
         p.terminate()
     for p in processes:
         p.join(timeout=5)
+    if manager is not None:
+        # its end closes the pipe that concurrent.futures' exit handler writes to; closed during that
+        # write (a race on a loaded machine), the exit printed an "Exception ignored" traceback
+        manager.join(timeout=5)
 
 
 def remove_partial(partial: Path | None) -> None:
