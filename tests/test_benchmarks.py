@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from convae import heap
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -67,8 +69,10 @@ def test_run_memory_benchmark_measures_whole_runs_from_a_folder_it_writes(tmp_pa
 
 
 def test_flops_benchmark_counts_the_models_training_flops(tmp_path):
-    res = run_script("flops", "--data", "random", "--batch-size", "16", "--warmup", "1", "--steps", "1",
-                     "--inference-images", "32", cwd=tmp_path)["results"]
+    payload = run_script("flops", "--data", "random", "--batch-size", "16", "--warmup", "1", "--steps", "1",
+                         "--inference-images", "32", cwd=tmp_path)
+    res = payload["results"]
+    assert payload["heap_kept"] == heap.glibc()  # measured with the heap the convae command runs with
     per_image = {r["phase"]: r.get("train_flops_per_image", r.get("flops_per_image")) / 1e6 for r in res}
     # the seed autoencoder, forward + backward (no input gradient for the image)
     assert per_image["pretrain"] == pytest.approx(179.1, abs=0.05)

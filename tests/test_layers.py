@@ -8,7 +8,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "convae"
 
 # highest last, as in docs/architecture.md
 LAYERS = [
-    {"errors", "files", "records", "device", "cores", "distributed", "knobs"},
+    {"errors", "files", "records", "device", "cores", "distributed", "knobs", "heap"},
     {"arch", "stages", "models", "patchnet", "blocks", "ops", "objectives", "augment", "recipe"},
     {"config", "validation"},
     {"data", "data.images", "data.archives", "data.decode", "data.cache", "data.sources", "data.batches",

@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
-from . import __version__, commands, cores
+from . import __version__, commands, cores, heap
 from .config import DEVICES, INFERENCE_BATCH_SIZE, SWEEP_BATCH_SIZE, Config, presets
 from .errors import ConvaeError, Interrupted, clip, first_line
 from .export import FORMATS as EXPORT_FORMATS
@@ -293,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``convae`` command: :func:`main`, then exit with its status."""
+    heap.keep_freed_memory()  # the command's own process: each training step reuses the last one's pages
     try:
         sys.exit(main())  # argparse's --help, --version and usage errors exit from inside main
     finally:  # the interpreter's last collections walk every object torch and scikit-learn made
