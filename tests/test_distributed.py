@@ -29,6 +29,22 @@ def test_ranks_take_disjoint_shards_of_the_same_permutation():
         assert whole.global_size(step) == len(y)
 
 
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_worker_leaves_without_the_interpreters_teardown(world):
+    """DDP keeps gloo's threads alive past destroy_process_group; a rank torn down around them aborted
+    now and then ("terminate called without an active exception"). A worker's exit handlers run and its
+    output is flushed, but nothing is finalised; one process exits as usual. The status is kept both ways."""
+    code = ("import atexit, sys; from convae.distributed import leave\n"
+            "class Torn:\n    def __del__(self): print('torn down', flush=True)\n"
+            "kept = Torn(); atexit.register(lambda: print('exit handlers ran')); sys.stdout.write('unflushed'); "
+            "leave(3)")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WORLD_SIZE": world},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith("unflushed") and "exit handlers ran" in done.stdout
+    assert ("torn down" in done.stdout) == (world == "1"), done.stdout
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 @pytest.mark.parametrize("extra", [(), ("--joint", "plain", "--labels-per-class", "4")], ids=["run", "joint"])
 def test_two_gloo_processes_match_one_process(tmp_path, extra):

@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 
 from . import __version__, commands, cores, heap
 from .config import DEVICES, INFERENCE_BATCH_SIZE, SWEEP_BATCH_SIZE, Config, presets
+from .distributed import leave
 from .errors import ConvaeError, Interrupted, clip, first_line
-from .export import FORMATS as EXPORT_FORMATS
-from .export import PARTS as EXPORT_PARTS
+from .export import FORMATS as EXPORT_FORMATS, PARTS as EXPORT_PARTS
 from .files import utf8
 from .knobs import GROUPS, Choice, group_fields, knobs, value_type
 from .sweep import DEFAULT_BUDGETS, METHODS
@@ -235,8 +235,7 @@ def did_you_mean(command: str, unknown: str, parser: argparse.ArgumentParser) ->
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     own = [o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     flag = unknown.split("=", 1)[0]
-    meant = MEANT.get(flag, {})
-    hints = meant.get(command, meant.get("*", []))
+    hints = MEANT.get(flag, {}).get(command, MEANT.get(flag, {}).get("*", []))
     return [h for h in hints if h in own] or difflib.get_close_matches(flag, own, n=1, cutoff=0.8)
 
 
@@ -295,6 +294,7 @@ def entry() -> None:
     """The ``convae`` command: :func:`main`, then exit with its status."""
     heap.keep_freed_memory()  # the command's own process: each training step reuses the last one's pages
     try:
-        sys.exit(main())  # argparse's --help, --version and usage errors exit from inside main
+        status = main()  # argparse's --help, --version and usage errors exit from inside main
     finally:  # the interpreter's last collections walk every object torch and scikit-learn made
         gc.freeze()  # (1.4 s after a tiny run, 2-core CPU); frozen, they go with the process (files are closed)
+    leave(status)

@@ -11,9 +11,11 @@ the epoch's loss is all-reduced; rank 0 alone writes the run folder.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -113,3 +115,23 @@ def setup_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
 def teardown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(status: int) -> NoReturn:
+    """End the process with ``status``; a process torchrun started ends without the interpreter's teardown.
+
+    DDP keeps gloo's worker threads alive after :func:`teardown_distributed` (a reference to the process
+    group outlives the wrapped model), and tearing the interpreter and the C++ statics down around them
+    aborted a rank now and then on a loaded CPU ("terminate called without an active exception"; torchrun
+    then stopped the other ranks in the middle of their work). The exit handlers still run, the output is
+    flushed, and every file convae writes is already closed.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
+                pass
+        os._exit(status)
+    sys.exit(status)
