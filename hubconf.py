@@ -20,7 +20,7 @@ def _entry(kind: str, pretrained: str | None, kwargs: dict):
     if pretrained:
         model = convae.from_pretrained(pretrained)
         if convae.models.kind_of(model) != kind:
-            raise convae.errors.ConvaeError(f"{pretrained} holds a {type(model).__name__}, not a {kind}")
+            raise convae.utils.errors.ConvaeError(f"{pretrained} holds a {type(model).__name__}, not a {kind}")
         return model
     return convae.build(kind, **kwargs)
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convae.device import cpu_flags, device_name
-from convae.reference import Model, autoencoder  # noqa: F401  (re-exported for the benchmarks)
-
+from convae.models.reference import Model, autoencoder  # noqa: F401  (re-exported for the benchmarks)
+from convae.utils.device import cpu_flags, device_name
 
 # ----------------------------------------------------------------------------- the lecture's data path
 
@@ -43,8 +42,10 @@ def load_images(source: str, n: int | None = None, cache_dir: str = "~/.cache/co
     if source == "random":
         g = torch.Generator().manual_seed(0)
         n = n or 50_000
-        return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                torch.randint(0, 10, (n,), generator=g))
+        return (
+            torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n,), generator=g),
+        )
     from convae.data import load_source
 
     ds = load_source(source, 3, 32, 32, cache_dir, log=lambda m: None)
@@ -127,8 +128,13 @@ CPU_FEATURES = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "am
 
 
 def machine() -> dict:
-    info = {"cpu": device_name(torch.device("cpu")), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+    info = {
+        "cpu": device_name(torch.device("cpu")),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
     # the model name alone does not say which matrix units a CPU has (one "Intel Xeon" has AMX, another not)
     info["cpu_features"] = sorted(cpu_flags() & CPU_FEATURES)
     if torch.cuda.is_available():

@@ -5,7 +5,7 @@
 
 Every arm runs in this process, interleaved over ``--rounds``: the lecture's loop (as in
 train_throughput.py), convae's loop with torch's default thread count (``fixed``), and convae's
-loop following the free cores as the command line does (``follows``, :mod:`convae.cores`), each
+loop following the free cores as the command line does (``follows``, :mod:`convae.utils.cores`), each
 alone and beside a competitor started for that measurement: ``loop`` is one single-threaded busy
 Python process, ``torch`` a 1024x1024 matrix-product loop on torch's default threads. The table
 gives each arm's images/s and its ratio beside / alone. The warm-up should last longer than
@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_images, print_table, write_json  # noqa: E402
-from train_throughput import convae_loop, reference_loop  # noqa: E402
-
-from convae import cores  # noqa: E402
-from convae.device import device_name, micro_batch_size, resolve_precision  # noqa: E402
+from _common import load_images, print_table, write_json
+from convae.utils import cores
+from convae.utils.device import device_name, micro_batch_size, resolve_precision
+from train_throughput import convae_loop, reference_loop
 
 COMPETITORS = {
     "loop": "while True: pass",
@@ -50,12 +49,22 @@ def measure(arm: str, phase: str, images, labels, args, precision: str) -> tuple
     """images/s of one arm, and the thread count it ended on."""
     cpu = torch.device("cpu")
     if arm == "lecture":
-        return reference_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, cpu,
-                              args.workers), torch.get_num_threads()
+        return reference_loop(
+            phase, images, labels, args.batch_size, args.warmup, args.steps, cpu, args.workers
+        ), torch.get_num_threads()
     share = cores.follow(True) if arm == "follows" else None
     try:
-        ips = convae_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, cpu, precision,
-                          micro=micro_batch_size(0, precision, cpu))
+        ips = convae_loop(
+            phase,
+            images,
+            labels,
+            args.batch_size,
+            args.warmup,
+            args.steps,
+            cpu,
+            precision,
+            micro=micro_batch_size(0, precision, cpu),
+        )
         return ips, share.threads if share else torch.get_num_threads()
     finally:
         cores.stop_following()
@@ -74,15 +83,20 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--workers", type=int, default=4, help="the lecture DataLoader's workers (the lecture: 4)")
     p.add_argument("--settle", type=float, default=1.0, help="seconds the competitor runs before a measurement")
-    p.add_argument("--arms", nargs="+", default=["lecture", "fixed", "follows"], choices=["lecture", "fixed", "follows"])
+    p.add_argument(
+        "--arms", nargs="+", default=["lecture", "fixed", "follows"], choices=["lecture", "fixed", "follows"]
+    )
     p.add_argument("--json", help="output file (default benchmarks/results/busy_machine.json)")
     args = p.parse_args(argv)
     precision = resolve_precision(args.precision, torch.device("cpu"), warn=lambda m: None)
     need = args.batch_size * (args.warmup + args.steps)
     images, labels = load_images(args.data, None if args.data != "random" else need, args.cache_dir)
     cpu = device_name(torch.device("cpu"))
-    print(f"CPU: {cpu}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; convae in {precision}; "
-          f"competitor: {args.competitor}", flush=True)
+    print(
+        f"CPU: {cpu}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; convae in {precision}; "
+        f"competitor: {args.competitor}",
+        flush=True,
+    )
     results: dict[tuple, list[float]] = {}
     threads: dict[tuple, int] = {}
     for r in range(args.rounds):
@@ -99,17 +113,38 @@ def main(argv=None) -> dict:
                     key = (phase, arm, beside or "alone")
                     results.setdefault(key, []).append(ips)
                     threads[key] = n
-                    print(f"round {r + 1}: {phase:<8} {arm:<8} {beside or 'alone':<6} {ips:8.0f} images/s "
-                          f"({n} threads at the end)", flush=True)
+                    print(
+                        f"round {r + 1}: {phase:<8} {arm:<8} {beside or 'alone':<6} {ips:8.0f} images/s "
+                        f"({n} threads at the end)",
+                        flush=True,
+                    )
     rows, out = [], []
     for (phase, arm, beside), vals in results.items():
         mean = statistics.mean(vals)
         alone = statistics.mean(results[(phase, arm, "alone")])
         ratio = mean / alone
-        rows.append([phase, arm, beside, f"{mean:.0f}", " ".join(f"{v:.0f}" for v in vals),
-                     str(threads[(phase, arm, beside)]), f"{ratio:.2f}x"])
-        out.append({"phase": phase, "arm": arm, "beside": beside, "images_per_s": mean, "rounds": vals,
-                    "threads_at_end": threads[(phase, arm, beside)], "ratio_vs_alone": ratio})
+        rows.append(
+            [
+                phase,
+                arm,
+                beside,
+                f"{mean:.0f}",
+                " ".join(f"{v:.0f}" for v in vals),
+                str(threads[(phase, arm, beside)]),
+                f"{ratio:.2f}x",
+            ]
+        )
+        out.append(
+            {
+                "phase": phase,
+                "arm": arm,
+                "beside": beside,
+                "images_per_s": mean,
+                "rounds": vals,
+                "threads_at_end": threads[(phase, arm, beside)],
+                "ratio_vs_alone": ratio,
+            }
+        )
     print()
     print_table(["phase", "arm", "beside", "images/s", "per round", "threads", "vs alone"], rows)
     payload = {"args": vars(args), "cpu": cpu, "cores": os.cpu_count(), "precision": precision, "results": out}

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
-
-from convae.data.cache import read_cache, write_cache  # noqa: E402
+from _common import print_table, write_json
+from convae.data.cache import read_cache, write_cache
 
 
 def best_of(n: int, fn) -> float:

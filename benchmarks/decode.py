@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
-
-from convae.data.archives import extract_archive, file_sha256, is_archive  # noqa: E402
-from convae.data.decode import available_cores, decode_files  # noqa: E402
-from convae.data.sources import scan_folder  # noqa: E402
+from _common import print_table, write_json
+from convae.data.archives import extract_archive, file_sha256, is_archive
+from convae.data.decode import available_cores, decode_files
+from convae.data.sources import scan_folder
 
 
 def main() -> None:
@@ -44,15 +43,17 @@ def main() -> None:
     for n in counts:
         with tempfile.TemporaryDirectory() as tmp:  # no decoded cache, no resume chunks reused
             start = time.perf_counter()
-            images, keep, skipped = decode_files(files, root, 3, 32, 32, lambda m: None, workers=n,
-                                                 partial=Path(tmp) / "partial")
+            images, keep, skipped = decode_files(
+                files, root, 3, 32, 32, lambda m: None, workers=n, partial=Path(tmp) / "partial"
+            )
             seconds = time.perf_counter() - start
             images = images.tensor()  # the chunks saved in the folder about to be removed
         if reference is None:
             reference = (images, keep, seconds)
         assert torch.equal(images, reference[0]) and keep == reference[1], "a different result with more processes"
-        results.append({"workers": n, "seconds": seconds, "images_per_s": len(files) / seconds,
-                        "speedup": reference[2] / seconds})
+        results.append(
+            {"workers": n, "seconds": seconds, "images_per_s": len(files) / seconds, "speedup": reference[2] / seconds}
+        )
         rows.append([n, f"{seconds:.1f}", f"{len(files) / seconds:.0f}", f"{reference[2] / seconds:.2f}x"])
     print_table(["processes", "seconds", "images/s", "vs 1 process"], rows)
     write_json(args.json, "decode.json", {"source": str(src), "files": len(files), "results": results})

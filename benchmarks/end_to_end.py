@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CIFARLike, Model, autoencoder, print_table, write_json  # noqa: E402
+from _common import CIFARLike, Model, autoencoder, print_table, write_json
 
 
 def reference_pipeline(args) -> dict:
@@ -108,8 +108,13 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-dir", default="~/.cache/convae")
     p.add_argument("--pretrain-epochs", type=int, default=5)
     p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                   help="convae's precision(s); each runs as its own pipeline")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="convae's precision(s); each runs as its own pipeline",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--reference-child", help=argparse.SUPPRESS)
@@ -122,30 +127,93 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for precision in args.precision:
             run = Path(tmp) / f"run-{precision}"
-            cmd = [sys.executable, "-m", "convae", "run", "--preset", "seed", "--data", args.data, "--cache-dir",
-                   args.cache_dir, "--out", str(run), "--pretrain-epochs", str(args.pretrain_epochs),
-                   "--finetune-epochs", str(args.finetune_epochs), "--precision", precision, "--device", args.device]
+            cmd = [
+                sys.executable,
+                "-m",
+                "convae",
+                "run",
+                "--preset",
+                "seed",
+                "--data",
+                args.data,
+                "--cache-dir",
+                args.cache_dir,
+                "--out",
+                str(run),
+                "--pretrain-epochs",
+                str(args.pretrain_epochs),
+                "--finetune-epochs",
+                str(args.finetune_epochs),
+                "--precision",
+                precision,
+                "--device",
+                args.device,
+            ]
             wall, rss = _run_child(cmd)
             res = json.loads((run / "results.json").read_text())
             t = res["timing"]
             metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-            out.append({"pipeline": "convae", "precision": precision, "wall_s": wall, "peak_rss_mib": rss,
-                        "accuracy": res["accuracy"], "metrics": metrics, **t})
-            rows.append([f"convae {precision}", f"{t['pretrain_s']:.1f}", f"{t['finetune_s']:.1f}", f"{wall:.1f}",
-                         f"{rss:.0f}", f"{100 * res['accuracy']:.2f}%"])
+            out.append(
+                {
+                    "pipeline": "convae",
+                    "precision": precision,
+                    "wall_s": wall,
+                    "peak_rss_mib": rss,
+                    "accuracy": res["accuracy"],
+                    "metrics": metrics,
+                    **t,
+                }
+            )
+            rows.append(
+                [
+                    f"convae {precision}",
+                    f"{t['pretrain_s']:.1f}",
+                    f"{t['finetune_s']:.1f}",
+                    f"{wall:.1f}",
+                    f"{rss:.0f}",
+                    f"{100 * res['accuracy']:.2f}%",
+                ]
+            )
         if not args.skip_reference:
             result_file = Path(tmp) / "reference.json"
-            ref_cmd = [sys.executable, __file__, "--data", args.data, "--cache-dir", args.cache_dir,
-                       "--pretrain-epochs", str(args.pretrain_epochs), "--finetune-epochs", str(args.finetune_epochs),
-                       "--reference-child", str(result_file)]
+            ref_cmd = [
+                sys.executable,
+                __file__,
+                "--data",
+                args.data,
+                "--cache-dir",
+                args.cache_dir,
+                "--pretrain-epochs",
+                str(args.pretrain_epochs),
+                "--finetune-epochs",
+                str(args.finetune_epochs),
+                "--reference-child",
+                str(result_file),
+            ]
             wall_r, rss_r = _run_child(ref_cmd)
             r = json.loads(result_file.read_text())
             out.append({"pipeline": "lecture", "wall_s": wall_r, "peak_rss_mib": rss_r, **r})
-            rows.append(["lecture", f"{r['pretrain_s']:.1f}", f"{r['finetune_s']:.1f}", f"{wall_r:.1f}",
-                         f"{rss_r:.0f}", f"{100 * r['accuracy']:.2f}%"])
+            rows.append(
+                [
+                    "lecture",
+                    f"{r['pretrain_s']:.1f}",
+                    f"{r['finetune_s']:.1f}",
+                    f"{wall_r:.1f}",
+                    f"{rss_r:.0f}",
+                    f"{100 * r['accuracy']:.2f}%",
+                ]
+            )
             for o in out[:-1]:
-                rows.append([f"lecture / convae {o['precision']}", f"{r['pretrain_s'] / o['pretrain_s']:.2f}x",
-                             f"{r['finetune_s'] / o['finetune_s']:.2f}x", f"{wall_r / o['wall_s']:.2f}x", "", ""])
+                rows.append(
+                    [
+                        f"lecture / convae {o['precision']}",
+                        f"{r['pretrain_s'] / o['pretrain_s']:.2f}x",
+                        f"{r['finetune_s'] / o['finetune_s']:.2f}x",
+                        f"{wall_r / o['wall_s']:.2f}x",
+                        "",
+                        "",
+                    ]
+                )
     print_table(["pipeline", "pretrain s", "finetune s", "wall s", "peak RSS MiB", "val accuracy"], rows)
     return write_json(args.json, "end_to_end.json", {"args": vars(args), "results": out})
 

@@ -3,8 +3,10 @@
     python benchmarks/flops.py [--device cpu|cuda] [--preset seed|blocks|...] [--batch-size N] [--steps 5]
                                [--data random|ARCHIVE]
 
-Counts the preset's model's training FLOPs per image (default: the seed model) (forward + backward, torch.utils.flop_counter:
-convolutions and matrix products) and its encoder's inference FLOPs (the features the probes read), measures the machine's sustained matrix-product FLOP/s in
+Counts the preset's model's training FLOPs per image (default: the seed model) (forward + backward,
+torch.utils.flop_counter:
+convolutions and matrix products) and its encoder's inference FLOPs (the features the probes read), measures
+the machine's sustained matrix-product FLOP/s in
 float32 and bfloat16 in the same run, and prints convae's measured throughput as a fraction of
 the limit those give (limit = FLOP/s / FLOPs per image), for training and for feature
 extraction. Prints a table and writes JSON.
@@ -22,20 +24,20 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_images, print_table, sync, write_json  # noqa: E402
-from train_throughput import convae_loop  # noqa: E402
+from _common import load_images, print_table, sync, write_json
+from convae.config import build_config
+from convae.evaluation.probes import extract_features
+from convae.models import AutoEncoder, Classifier, ModelConfig
+from convae.models.objectives import ObjectiveConfig, make_objective
+from convae.utils import heap
+from convae.utils.device import bf16_is_fast, device_name
+from convae.utils.records import Batch
+from train_throughput import convae_loop
 
-from convae import heap  # noqa: E402
-from convae.config import build_config  # noqa: E402
-from convae.device import bf16_is_fast, device_name  # noqa: E402
-from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
-from convae.objectives import ObjectiveConfig, make_objective  # noqa: E402
-from convae.probes import extract_features  # noqa: E402
-from convae.records import Batch  # noqa: E402
 
-
-def training_flops_per_image(phase: str, batch: int = 8, cfg: ModelConfig | None = None,
-                             objective: ObjectiveConfig | None = None) -> float:
+def training_flops_per_image(
+    phase: str, batch: int = 8, cfg: ModelConfig | None = None, objective: ObjectiveConfig | None = None
+) -> float:
     cfg = cfg or ModelConfig()
     model = AutoEncoder(cfg) if phase == "pretrain" else Classifier(cfg)
     if phase == "pretrain" and hasattr(model.decoder, "fuse_upsample"):
@@ -61,8 +63,9 @@ def inference_flops_per_image(cfg: ModelConfig, features: str, batch: int = 8) -
     return counter.get_total_flops() / batch
 
 
-def inference_rate(cfg: ModelConfig, features: str, images: torch.Tensor, device, precision: str,
-                   rounds: int = 3) -> float:
+def inference_rate(
+    cfg: ModelConfig, features: str, images: torch.Tensor, device, precision: str, rounds: int = 3
+) -> float:
     """Images/s of feature extraction (extract_features, as the probes run it), the best of ``rounds``."""
     torch.manual_seed(0)
     enc = Classifier(cfg).encoder.to(device, memory_format=torch.channels_last).eval()
@@ -125,27 +128,74 @@ def main(argv=None) -> dict:
         per_image = training_flops_per_image(phase, cfg=mcfg, objective=objective)
         for prec in precisions:
             limit = peak[prec] / per_image
-            ips = convae_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device, prec,
-                              cfg=mcfg, objective=objective)
-            rows.append([phase, prec, f"{per_image / 1e6:.1f}", f"{peak[prec] / 1e9:.0f}", f"{limit:.0f}",
-                         f"{ips:.0f}", f"{100 * ips / limit:.0f}%"])
-            out.append({"phase": phase, "precision": prec, "train_flops_per_image": per_image,
-                        "matmul_flops_per_s": peak[prec], "limit_images_per_s": limit, "images_per_s": ips,
-                        "fraction_of_limit": ips / limit})
+            ips = convae_loop(
+                phase,
+                images,
+                labels,
+                args.batch_size,
+                args.warmup,
+                args.steps,
+                device,
+                prec,
+                cfg=mcfg,
+                objective=objective,
+            )
+            rows.append(
+                [
+                    phase,
+                    prec,
+                    f"{per_image / 1e6:.1f}",
+                    f"{peak[prec] / 1e9:.0f}",
+                    f"{limit:.0f}",
+                    f"{ips:.0f}",
+                    f"{100 * ips / limit:.0f}%",
+                ]
+            )
+            out.append(
+                {
+                    "phase": phase,
+                    "precision": prec,
+                    "train_flops_per_image": per_image,
+                    "matmul_flops_per_s": peak[prec],
+                    "limit_images_per_s": limit,
+                    "images_per_s": ips,
+                    "fraction_of_limit": ips / limit,
+                }
+            )
     per_image = inference_flops_per_image(mcfg, run_cfg.probe_features)
     sample = images[: args.inference_images]
     for prec in precisions:
         limit = peak[prec] / per_image
         ips = inference_rate(mcfg, run_cfg.probe_features, sample, device, prec)
-        rows.append([f"features ({run_cfg.probe_features})", prec, f"{per_image / 1e6:.1f}", f"{peak[prec] / 1e9:.0f}",
-                     f"{limit:.0f}", f"{ips:.0f}", f"{100 * ips / limit:.0f}%"])
-        out.append({"phase": "features", "features": run_cfg.probe_features, "precision": prec,
-                    "flops_per_image": per_image, "matmul_flops_per_s": peak[prec], "limit_images_per_s": limit,
-                    "images_per_s": ips, "fraction_of_limit": ips / limit})
-    print_table(["phase", "precision", "MFLOP/image", "matmul GFLOP/s", "limit img/s", "convae img/s", "of limit"],
-                rows)
-    return write_json(args.json, "flops.json", {"args": vars(args), "device": device_name(device), "heap_kept": kept,
-                                                      "results": out})
+        rows.append(
+            [
+                f"features ({run_cfg.probe_features})",
+                prec,
+                f"{per_image / 1e6:.1f}",
+                f"{peak[prec] / 1e9:.0f}",
+                f"{limit:.0f}",
+                f"{ips:.0f}",
+                f"{100 * ips / limit:.0f}%",
+            ]
+        )
+        out.append(
+            {
+                "phase": "features",
+                "features": run_cfg.probe_features,
+                "precision": prec,
+                "flops_per_image": per_image,
+                "matmul_flops_per_s": peak[prec],
+                "limit_images_per_s": limit,
+                "images_per_s": ips,
+                "fraction_of_limit": ips / limit,
+            }
+        )
+    print_table(
+        ["phase", "precision", "MFLOP/image", "matmul GFLOP/s", "limit img/s", "convae img/s", "of limit"], rows
+    )
+    return write_json(
+        args.json, "flops.json", {"args": vars(args), "device": device_name(device), "heap_kept": kept, "results": out}
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""One decoder layer, plain against fused: ``Upsample(2) -> Conv2d`` and ``convae.ops.upsample_conv``.
+"""One decoder layer, plain against fused: ``Upsample(2) -> Conv2d`` and ``convae.models.upsample_conv.upsample_conv``.
 
     python benchmarks/fused_layer.py [--batch 200] [--steps 10] [--rounds 2] [--precision fp32 bf16]
 
 Times forward + backward (input, weight and bias gradients) of one layer on a channels_last
 batch, for the seed decoder's last layer (64 -> 3 at 16 -> 32) and for wider outputs, the two
 ways alternating in the same process. The decoder fuses only the shapes where this pays
-(``convae.ops.fusion_pays``). Prints a table and writes JSON.
+(``convae.models.upsample_conv.fusion_pays``). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
-
-from convae.ops import fusion_pays, upsample_conv  # noqa: E402
+from _common import print_table, write_json
+from convae.models.upsample_conv import fusion_pays, upsample_conv
 
 # (in channels, out channels, low-resolution size): the seed's last layer first, then wider
 SHAPES = [(64, 3, 16), (64, 8, 16), (64, 16, 16), (128, 16, 8), (64, 64, 8), (128, 64, 4)]
@@ -38,6 +37,7 @@ def fused(x, w, b):
 
 def time_layer(fn, x, w, b, precision: str, steps: int) -> float:
     """Milliseconds per forward + backward."""
+
     def once():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             y = fn(x, w, b)
@@ -72,10 +72,21 @@ def main(argv=None) -> dict:
                     times[name].append(time_layer(fn, x, w, b, precision, args.steps))
             tp, tf = statistics.mean(times["plain"]), statistics.mean(times["fused"])
             chosen = "fused" if fusion_pays(torch.nn.Conv2d(c, o, 3)) else "plain"
-            rows.append([precision, f"{c} -> {o}", f"{n} -> {2 * n}", f"{tp:.1f}", f"{tf:.1f}", f"{tp / tf:.2f}x",
-                         chosen])
-            out.append({"precision": precision, "in": c, "out": o, "size": n, "plain_ms": times["plain"],
-                        "fused_ms": times["fused"], "speedup": tp / tf, "decoder_uses": chosen})
+            rows.append(
+                [precision, f"{c} -> {o}", f"{n} -> {2 * n}", f"{tp:.1f}", f"{tf:.1f}", f"{tp / tf:.2f}x", chosen]
+            )
+            out.append(
+                {
+                    "precision": precision,
+                    "in": c,
+                    "out": o,
+                    "size": n,
+                    "plain_ms": times["plain"],
+                    "fused_ms": times["fused"],
+                    "speedup": tp / tf,
+                    "decoder_uses": chosen,
+                }
+            )
             print(" ".join(map(str, rows[-1])), flush=True)
     print()
     print_table(["precision", "channels", "size", "plain ms", "fused ms", "plain / fused", "decoder uses"], rows)

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import config_overrides, machine, print_table  # noqa: E402
-
-from convae.checkpoint import load_checkpoint  # noqa: E402
-from convae.config import build_config  # noqa: E402
-from convae.data import prepare_data, to_model_input  # noqa: E402
-from convae.patchnet import patch_stats, random_patches  # noqa: E402
-from convae.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder  # noqa: E402
+from _common import config_overrides, machine, print_table
+from convae.config import build_config
+from convae.data import to_model_input
+from convae.evaluation.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
+from convae.models.patch import patch_stats, random_patches
+from convae.outputs.checkpoint import load_checkpoint
+from convae.training.rundata import prepare_data
 
 
 def spherical_kmeans(z: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
@@ -89,14 +89,25 @@ def main(argv: list[str] | None = None) -> dict:
     scores = {}
     for name, e in (("pretrained", enc), ("kmeans", kmeans_enc), ("random", random_encoder(ae.config, cfg.seed))):
         ftr, fva = (extract_features(e, x, features="pooled") for x in (data.train, data.val))
-        scores[name] = {"logistic": linear_probe_accuracy(ftr, ytr, fva, yva, k, seed=args.seed),
-                        "knn": knn_accuracy(ftr, ytr, fva, yva, k)}
+        scores[name] = {
+            "logistic": linear_probe_accuracy(ftr, ytr, fva, yva, k, seed=args.seed),
+            "knn": knn_accuracy(ftr, ytr, fva, yva, k),
+        }
         print(f"{name}: logistic {100 * scores[name]['logistic']:.2f} %, kNN {100 * scores[name]['knn']:.2f} %")
-    payload = {"machine": machine(), "checkpoint": str(args.checkpoint), "patches": int(z.shape[0]),
-               "iterations": args.iterations, "kmeans_s": kmeans_s, "eval_set": data.eval_name, "scores": scores}
+    payload = {
+        "machine": machine(),
+        "checkpoint": str(args.checkpoint),
+        "patches": int(z.shape[0]),
+        "iterations": args.iterations,
+        "kmeans_s": kmeans_s,
+        "eval_set": data.eval_name,
+        "scores": scores,
+    }
     print(f"machine: {payload['machine']}")
-    print_table(["filters", "logistic (%)", "kNN (%)"],
-                [[n, f"{100 * s['logistic']:.2f}", f"{100 * s['knn']:.2f}"] for n, s in scores.items()])
+    print_table(
+        ["filters", "logistic (%)", "kNN (%)"],
+        [[n, f"{100 * s['logistic']:.2f}", f"{100 * s['knn']:.2f}"] for n, s in scores.items()],
+    )
     if args.json:
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return payload

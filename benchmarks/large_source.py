@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, sync, write_json  # noqa: E402
-
-from convae.data.cache import read_cache, write_cache  # noqa: E402
+from _common import machine, print_table, sync, write_json
+from convae.data.cache import read_cache, write_cache
 
 
 def make_source(folder: Path, n: int, size: int) -> None:
@@ -60,11 +59,11 @@ def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batc
     """One arm, in its own process: open, split, train; timings and memory."""
     from convae.config import build_config
     from convae.data import DeviceBatches, ImageSet, split_indices
-    from convae.device import micro_batch_size, resolve_precision
-    from convae.loop import make_optimizer, train_step
     from convae.models import AutoEncoder
-    from convae.objectives import make_objective
-    from convae.records import Batch
+    from convae.models.objectives import make_objective
+    from convae.training.loop import make_optimizer, train_step
+    from convae.utils.device import micro_batch_size, resolve_precision
+    from convae.utils.records import Batch
 
     start = time.perf_counter()
     d = read_cache(folder, print)
@@ -73,9 +72,19 @@ def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batc
     full = ImageSet(d["images"], d["labels"], d["classes"], d["files"], d["skipped"], file=d["file"])
     tr, _ = split_indices(full.labels, len(full), 0.1, 0)
     train = full.subset(tr)
-    cfg = build_config("seed", None, {"height": size, "width": size, "batch_size": batch, "precision": "auto",
-                                      "device": device_name, "placement": placement})
-    from convae.device import resolve_device
+    cfg = build_config(
+        "seed",
+        None,
+        {
+            "height": size,
+            "width": size,
+            "batch_size": batch,
+            "precision": "auto",
+            "device": device_name,
+            "placement": placement,
+        },
+    )
+    from convae.utils.device import resolve_device
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -99,10 +108,18 @@ def child(folder: Path, placement: str, size: int, steps: int, warmup: int, batc
         train_step(model, Batch(x, y), opt, objective, precision, micro, len(x), 1)
     sync(device)
     seconds = time.perf_counter() - start
-    return {"placement": batches.placement, "open_s": open_s, "place_s": place_s, "images_per_s": steps * batch / seconds,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_file_mib": _status_kib("RssFile") / 1024, "rss_anon_mib": _status_kib("RssAnon") / 1024,
-            "precision": precision, "train_images": len(train), "device": str(device)}
+    return {
+        "placement": batches.placement,
+        "open_s": open_s,
+        "place_s": place_s,
+        "images_per_s": steps * batch / seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_file_mib": _status_kib("RssFile") / 1024,
+        "rss_anon_mib": _status_kib("RssAnon") / 1024,
+        "precision": precision,
+        "train_images": len(train),
+        "device": str(device),
+    }
 
 
 def main() -> None:
@@ -129,29 +146,61 @@ def main() -> None:
             folder = Path(tmp) / "source"
             start = time.perf_counter()
             make_source(folder, n, args.size)
-            print(f"{gb:g} GB: {n:,} images of 3x{args.size}x{args.size} written in {time.perf_counter() - start:.1f} s")
+            print(
+                f"{gb:g} GB: {n:,} images of 3x{args.size}x{args.size} written in {time.perf_counter() - start:.1f} s"
+            )
             arms = {}
             for placement in ("host", "device"):
-                out = subprocess.run([sys.executable, __file__, "--child", str(folder), placement, "--size",
-                                      str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                      "--batch", str(args.batch), "--device", args.device],
-                                     capture_output=True, text=True)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        str(folder),
+                        placement,
+                        "--size",
+                        str(args.size),
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--batch",
+                        str(args.batch),
+                        "--device",
+                        args.device,
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if out.returncode != 0:
                     raise SystemExit(f"the {placement} arm failed:\n{out.stderr[-3000:]}")
                 arms[placement] = json.loads(out.stdout.split("RESULT ", 1)[1])
         h, d = arms["host"], arms["device"]
         results.append({"gb": gb, "images": n, "host": h, "device": d})
         for name, a in (("host (cache file)", h), ("device (in memory)", d)):
-            rows.append([f"{gb:g}", f"{n:,}", name, f"{a['open_s']:.3f}", f"{a['place_s']:.1f}",
-                         f"{a['peak_rss_mib'] / 1024:.2f}", f"{a['images_per_s']:.0f}"])
-        print(f"  host / in-memory images/s: {h['images_per_s'] / d['images_per_s']:.3f}; "
-              f"peak RSS host {h['peak_rss_mib'] / 1024:.2f} GiB, in memory {d['peak_rss_mib'] / 1024:.2f} GiB")
+            rows.append(
+                [
+                    f"{gb:g}",
+                    f"{n:,}",
+                    name,
+                    f"{a['open_s']:.3f}",
+                    f"{a['place_s']:.1f}",
+                    f"{a['peak_rss_mib'] / 1024:.2f}",
+                    f"{a['images_per_s']:.0f}",
+                ]
+            )
+        print(
+            f"  host / in-memory images/s: {h['images_per_s'] / d['images_per_s']:.3f}; "
+            f"peak RSS host {h['peak_rss_mib'] / 1024:.2f} GiB, in memory {d['peak_rss_mib'] / 1024:.2f} GiB"
+        )
     print_table(["GB", "images", "placement", "open (s)", "placing (s)", "peak RSS (GiB)", "images/s"], rows)
     host = [r["host"]["peak_rss_mib"] for r in results]
     print(f"host path peak RSS, largest vs smallest source: {100 * (host[-1] / host[0] - 1):+.1f} %")
-    write_json(args.json, "large_source.json", {"size": args.size, "batch": args.batch, "steps": args.steps,
-                                                "device": args.device,
-                                                "results": results})
+    write_json(
+        args.json,
+        "large_source.json",
+        {"size": args.size, "batch": args.batch, "steps": args.steps, "device": args.device, "results": results},
+    )
 
 
 if __name__ == "__main__":

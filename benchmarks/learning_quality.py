@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import config_overrides, machine, print_table  # noqa: E402
-
-from convae.checkpoint import load_checkpoint  # noqa: E402
-from convae.config import SWEEP_BATCH_SIZE, build_config  # noqa: E402
-from convae.data import per_class_subset, prepare_data  # noqa: E402
-from convae.pipeline import run_training  # noqa: E402
-from convae.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder  # noqa: E402
-from convae.sweep import parse_budgets, run_sweep  # noqa: E402
+from _common import config_overrides, machine, print_table
+from convae.commands.run import run_training
+from convae.commands.sweep import parse_budgets, run_sweep
+from convae.config import SWEEP_BATCH_SIZE, build_config
+from convae.data import per_class_subset
+from convae.evaluation.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
+from convae.outputs.checkpoint import load_checkpoint
+from convae.training.rundata import prepare_data
 
 
 def feature_kinds(cfg) -> tuple[str, ...]:
@@ -64,24 +64,32 @@ def probes_all_labels(cfg, checkpoint: Path, log, budgets: list[int] = (), seeds
         for name, enc in encoders.items():
             if name == "random_filters_whitened" and features != "pooled":
                 continue
-            ftr, fva = (extract_features(enc, x, precision=cfg.precision, features=features)
-                        for x in (data.train, data.val))
-            r = {"logistic": linear_probe_accuracy(ftr, ytr, fva, yva, k, seed=cfg.seed),
-                 "knn": knn_accuracy(ftr, ytr, fva, yva, k)}
+            ftr, fva = (
+                extract_features(enc, x, precision=cfg.precision, features=features) for x in (data.train, data.val)
+            )
+            r = {
+                "logistic": linear_probe_accuracy(ftr, ytr, fva, yva, k, seed=cfg.seed),
+                "knn": knn_accuracy(ftr, ytr, fva, yva, k),
+            }
             for budget in budgets:
                 cells = [per_class_subset(ytr, torch.arange(len(ytr)), budget, cfg.seed + i) for i in range(seeds)]
                 r.setdefault("budgets", {})[str(budget)] = {
-                    "logistic": [linear_probe_accuracy(ftr[i], ytr[i], fva, yva, k, seed=cfg.seed + s)
-                                 for s, i in enumerate(cells)],
-                    "knn": [knn_accuracy(ftr[i], ytr[i], fva, yva, k) for i in cells]}
+                    "logistic": [
+                        linear_probe_accuracy(ftr[i], ytr[i], fva, yva, k, seed=cfg.seed + s)
+                        for s, i in enumerate(cells)
+                    ],
+                    "knn": [knn_accuracy(ftr[i], ytr[i], fva, yva, k) for i in cells],
+                }
             out[features][name] = r
-            log(f"probes: {features} features, {name}: logistic {100 * r['logistic']:.2f} %, "
-                f"kNN {100 * r['knn']:.2f} %")
+            log(
+                f"probes: {features} features, {name}: logistic {100 * r['logistic']:.2f} %, kNN {100 * r['knn']:.2f} %"
+            )
     return out
 
 
 def probe_rows(spec: str, probes: dict, budgets: list[int], pretrain_s: float | None) -> list[list[str]]:
     """One table row per feature kind and weights: mean +- std over the seeds at each budget, then all labels."""
+
     def ms(values: list[float]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
@@ -90,22 +98,40 @@ def probe_rows(spec: str, probes: dict, budgets: list[int], pretrain_s: float | 
     for features, by_weights in probes.items():
         for weights, r in by_weights.items():
             cells = [f"{ms(r['budgets'][str(b)]['logistic'])} / {ms(r['budgets'][str(b)]['knn'])}" for b in budgets]
-            rows.append([spec, f"{features}: {weights}", *cells, f"{100 * r['logistic']:.2f} / {100 * r['knn']:.2f}",
-                         "" if pretrain_s is None else f"{pretrain_s:.0f} s"])
+            rows.append(
+                [
+                    spec,
+                    f"{features}: {weights}",
+                    *cells,
+                    f"{100 * r['logistic']:.2f} / {100 * r['knn']:.2f}",
+                    "" if pretrain_s is None else f"{pretrain_s:.0f} s",
+                ]
+            )
     return rows
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--presets", nargs="+", required=True, metavar="PRESET[:KEY=VALUE,...]",
-                   help="pretraining recipes: convae presets, each optionally with its own config keys "
-                        "(denoise:objective=masked)")
-    p.add_argument("--probes-only", action="store_true",
-                   help="pretrain and probe (latent and pooled, pretrained and random; all labels, and logistic "
-                        "regression and kNN at each numeric --budgets over --seeds subsets); no fine-tuning")
-    p.add_argument("--checkpoint", metavar="CKPT", help="with --probes-only and one preset: probe this "
-                   "autoencoder (pretrained with that preset) instead of pretraining again")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        required=True,
+        metavar="PRESET[:KEY=VALUE,...]",
+        help="pretraining recipes: convae presets, each optionally with its own config keys (denoise:objective=masked)",
+    )
+    p.add_argument(
+        "--probes-only",
+        action="store_true",
+        help="pretrain and probe (latent and pooled, pretrained and random; all labels, and logistic "
+        "regression and kNN at each numeric --budgets over --seeds subsets); no fine-tuning",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="with --probes-only and one preset: probe this "
+        "autoencoder (pretrained with that preset) instead of pretraining again",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys for every preset")
     p.add_argument("--budgets", nargs="+", default=["25", "100", "400", "all"])
     p.add_argument("--seeds", type=int, default=3)
@@ -136,8 +162,13 @@ def main() -> int:
             ckpt = out / "pretrain" / "checkpoints" / "autoencoder.pt"
         budgets = [b for b in parse_budgets(args.budgets) if b is not None] if args.probes_only else []
         probes = probes_all_labels(base, ckpt, log, budgets, args.seeds)
-        row = {"preset": spec, "config": base.to_dict(), "checkpoint": str(ckpt), "pretrain_s": pretrain_s,
-               "probes_all_labels": probes}
+        row = {
+            "preset": spec,
+            "config": base.to_dict(),
+            "checkpoint": str(ckpt),
+            "pretrain_s": pretrain_s,
+            "probes_all_labels": probes,
+        }
         results.append(row)
         if args.probes_only:
             rows += probe_rows(spec, probes, budgets, pretrain_s)
@@ -153,21 +184,39 @@ def main() -> int:
             return f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" if r else ""
 
         for method in ("finetune", "scratch", "logistic_probe", "logistic_random", "knn", "knn_random"):
-            rows.append([spec if method == "finetune" else "", sweep["methods"][method]]
-                        + [ms(method, b) for b in sweep["budgets"]])
+            rows.append(
+                [spec if method == "finetune" else "", sweep["methods"][method]]
+                + [ms(method, b) for b in sweep["budgets"]]
+            )
         for features in feature_kinds(base):
             pr = probes[features]
-            rows.append(["", f"{features} features, all labels: logistic / kNN",
-                         f"pretrained {100 * pr['pretrained']['logistic']:.2f} / {100 * pr['pretrained']['knn']:.2f}",
-                         f"random {100 * pr['random']['logistic']:.2f} / {100 * pr['random']['knn']:.2f}", "", ""])
+            rows.append(
+                [
+                    "",
+                    f"{features} features, all labels: logistic / kNN",
+                    f"pretrained {100 * pr['pretrained']['logistic']:.2f} / {100 * pr['pretrained']['knn']:.2f}",
+                    f"random {100 * pr['random']['logistic']:.2f} / {100 * pr['random']['knn']:.2f}",
+                    "",
+                    "",
+                ]
+            )
         rows.append(["", f"pretraining wall time: {pretrain_s:.0f} s", "", "", "", ""])
-    headers = (["recipe", "features: weights"] + [f"{b}/class: logistic / kNN" for b in budgets]
-               + ["all: logistic / kNN", "pretraining"] if args.probes_only
-               else ["preset", "method"] + [f"{b}/class" for b in args.budgets])
+    headers = (
+        ["recipe", "features: weights"]
+        + [f"{b}/class: logistic / kNN" for b in budgets]
+        + ["all: logistic / kNN", "pretraining"]
+        if args.probes_only
+        else ["preset", "method"] + [f"{b}/class" for b in args.budgets]
+    )
     print_table(headers, [r[: len(headers)] + [""] * (len(headers) - len(r)) for r in rows])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"machine": info, "seeds": args.seeds, "steps": args.steps,
-                                           "budgets": args.budgets, "results": results}, indent=2) + "\n")
+    Path(args.json).write_text(
+        json.dumps(
+            {"machine": info, "seeds": args.seeds, "steps": args.steps, "budgets": args.budgets, "results": results},
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -22,15 +22,14 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CIFARLike, Model, PeakRSS, autoencoder, load_images, print_table, sync, write_json  # noqa: E402
-
-from convae import cores  # noqa: E402
-from convae.data import DeviceBatches  # noqa: E402
-from convae.models import AutoEncoder, Classifier, ModelConfig  # noqa: E402
-from convae.device import micro_batch_size  # noqa: E402
-from convae.loop import classification_criterion, train_step  # noqa: E402
-from convae.objectives import ObjectiveConfig, make_objective  # noqa: E402
-from convae.records import Batch  # noqa: E402
+from _common import CIFARLike, Model, PeakRSS, autoencoder, load_images, print_table, sync, write_json
+from convae.data import DeviceBatches
+from convae.models import AutoEncoder, Classifier, ModelConfig
+from convae.models.objectives import ObjectiveConfig, make_objective
+from convae.training.loop import classification_criterion, train_step
+from convae.utils import cores
+from convae.utils.device import micro_batch_size
+from convae.utils.records import Batch
 
 
 def reference_loop(phase: str, images, labels, batch_size: int, warmup: int, steps: int, device, workers: int):
@@ -67,9 +66,21 @@ def reference_loop(phase: str, images, labels, batch_size: int, warmup: int, ste
                 return steps * batch_size / (time.perf_counter() - start)
 
 
-def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps: int, device, precision: str,
-                compile: bool = False, micro: int = 0, fuse: bool = True, cfg: ModelConfig | None = None,
-                objective: ObjectiveConfig | None = None):
+def convae_loop(
+    phase: str,
+    images,
+    labels,
+    batch_size: int,
+    warmup: int,
+    steps: int,
+    device,
+    precision: str,
+    compile: bool = False,
+    micro: int = 0,
+    fuse: bool = True,
+    cfg: ModelConfig | None = None,
+    objective: ObjectiveConfig | None = None,
+):
     """convae's training step over on-device uint8 batches; returns images/s over the timed steps.
 
     ``micro`` 0 picks the micro-batch as ``convae run`` does; ``fuse=False`` computes the
@@ -85,8 +96,9 @@ def convae_loop(phase: str, images, labels, batch_size: int, warmup: int, steps:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     if compile:
         model = torch.compile(model)
-    loss_fn = (make_objective(objective or ObjectiveConfig("reconstruct")) if phase == "pretrain"
-               else classification_criterion)
+    loss_fn = (
+        make_objective(objective or ObjectiveConfig("reconstruct")) if phase == "pretrain" else classification_criterion
+    )
     micro = micro_batch_size(micro, precision, device)
     batches = DeviceBatches(images.to(device), labels.to(device), batch_size, shuffle=True, seed=0)
     total = torch.zeros((), device=device, dtype=torch.float64)
@@ -121,10 +133,18 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=4, help="the reference DataLoader's workers (the lecture: 4)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--compile", action="store_true", help="also measure convae's loop under torch.compile")
-    p.add_argument("--plain", action="store_true",
-                   help="also measure convae's loop with the decoder's upsample and last conv unfused")
-    p.add_argument("--micro-batch", nargs="+", type=int, default=[0],
-                   help="convae's micro-batch sizes to measure (0 = auto, as convae run)")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="also measure convae's loop with the decoder's upsample and last conv unfused",
+    )
+    p.add_argument(
+        "--micro-batch",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="convae's micro-batch sizes to measure (0 = auto, as convae run)",
+    )
     p.add_argument("--json", help="output file (default benchmarks/results/train_throughput.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -147,31 +167,76 @@ def main(argv=None) -> dict:
                     continue  # the classifier has no decoder
                 with PeakRSS() as mem:
                     if name == "lecture":
-                        ips = reference_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device,
-                                             args.workers)
+                        ips = reference_loop(
+                            phase, images, labels, args.batch_size, args.warmup, args.steps, device, args.workers
+                        )
                     else:
-                        ips = convae_loop(phase, images, labels, args.batch_size, args.warmup, args.steps, device,
-                                          prec, compile=name == "compiled", micro=mb or args.batch_size,
-                                          fuse=name != "plain")
+                        ips = convae_loop(
+                            phase,
+                            images,
+                            labels,
+                            args.batch_size,
+                            args.warmup,
+                            args.steps,
+                            device,
+                            prec,
+                            compile=name == "compiled",
+                            micro=mb or args.batch_size,
+                            fuse=name != "plain",
+                        )
                 key = (phase, name, prec, mb)
                 results.setdefault(key, []).append(ips)
                 peaks[key] = max(peaks.get(key, 0.0), mem.peak)
-                print(f"round {r + 1}: {phase:<8} {name:<8} {prec:<5} micro {mb or '-':<5} {ips:8.0f} images/s",
-                      flush=True)
+                print(
+                    f"round {r + 1}: {phase:<8} {name:<8} {prec:<5} micro {mb or '-':<5} {ips:8.0f} images/s",
+                    flush=True,
+                )
     rows, out = [], []
     for (phase, name, prec, mb), vals in results.items():
         mean = statistics.mean(vals)
         ref = results.get((phase, "lecture", "fp32", None))
         ratio = mean / statistics.mean(ref) if ref else None
-        rows.append([phase, name, prec, str(mb or "-"), f"{mean:.0f}", " ".join(f"{v:.0f}" for v in vals),
-                     f"{ratio:.2f}x" if ratio else "-", f"{peaks[(phase, name, prec, mb)]:.0f}",
-                     f"{50_000 / mean:.2f}"])
-        out.append({"phase": phase, "loop": name, "precision": prec, "micro_batch": mb, "images_per_s": mean,
-                    "rounds": vals, "seconds_per_50k_epoch": 50_000 / mean,
-                    "ratio_vs_lecture": ratio, "peak_rss_mib": peaks[(phase, name, prec, mb)]})
+        rows.append(
+            [
+                phase,
+                name,
+                prec,
+                str(mb or "-"),
+                f"{mean:.0f}",
+                " ".join(f"{v:.0f}" for v in vals),
+                f"{ratio:.2f}x" if ratio else "-",
+                f"{peaks[(phase, name, prec, mb)]:.0f}",
+                f"{50_000 / mean:.2f}",
+            ]
+        )
+        out.append(
+            {
+                "phase": phase,
+                "loop": name,
+                "precision": prec,
+                "micro_batch": mb,
+                "images_per_s": mean,
+                "rounds": vals,
+                "seconds_per_50k_epoch": 50_000 / mean,
+                "ratio_vs_lecture": ratio,
+                "peak_rss_mib": peaks[(phase, name, prec, mb)],
+            }
+        )
     print()
-    print_table(["phase", "loop", "precision", "micro-batch", "images/s", "per round", "vs lecture",
-                 "peak RSS MiB", "s per 50k epoch"], rows)
+    print_table(
+        [
+            "phase",
+            "loop",
+            "precision",
+            "micro-batch",
+            "images/s",
+            "per round",
+            "vs lecture",
+            "peak RSS MiB",
+            "s per 50k epoch",
+        ],
+        rows,
+    )
     payload = {"args": vars(args), "device": str(device), "results": out}
     write_json(args.json, "train_throughput.json", payload)
     return payload

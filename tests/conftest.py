@@ -24,8 +24,15 @@ def make_image(rng: np.random.Generator, colour, size=(16, 16), mode="RGB") -> I
     return img.convert(mode) if mode != "RGB" else img
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 10, size=(16, 16), labelled: bool = True,
-                      ext: str = ".png", seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path,
+    classes: int = 3,
+    per_class: int = 10,
+    size=(16, 16),
+    labelled: bool = True,
+    ext: str = ".png",
+    seed: int = 0,
+) -> Path:
     """``root/class_k/img_i.ext`` (labelled) or ``root/img_i.ext`` (unlabelled)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import torch
 import convae
 import convae.api
 from conftest import make_image_folder
-from convae.errors import ConvaeError
+from convae.utils.errors import ConvaeError
 
 
 def test_docstring_examples_run():
@@ -29,19 +29,41 @@ def test_encode_takes_uint8_or_float_and_restores_mode():
 
 def test_pretrain_and_finetune_from_code(tmp_path):
     data = make_image_folder(tmp_path / "d")
-    common = dict(height=16, width=16, channels=[8, 16], latent_dim=32, batch_size=8, device="cpu",
-                  cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
+    common = dict(
+        height=16,
+        width=16,
+        channels=[8, 16],
+        latent_dim=32,
+        batch_size=8,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.2,
+    )
     ae = convae.pretrain(str(data), pretrain_epochs=1, out=str(tmp_path / "pre"), **common)
     assert isinstance(ae, convae.AutoEncoder) and ae.config.height == 16
-    clf = convae.finetune(str(data), checkpoint=tmp_path / "pre" / "checkpoints" / "autoencoder.pt",
-                          finetune_epochs=1, out=str(tmp_path / "ft"), **common)
+    clf = convae.finetune(
+        str(data),
+        checkpoint=tmp_path / "pre" / "checkpoints" / "autoencoder.pt",
+        finetune_epochs=1,
+        out=str(tmp_path / "ft"),
+        **common,
+    )
     assert isinstance(clf, convae.Classifier) and clf.classes == ["class_0", "class_1", "class_2"]
     assert (tmp_path / "ft" / "results.json").is_file()
 
 
 def _common(tmp_path, **extra):
-    return dict(height=16, width=16, channels=[8, 16], latent_dim=32, batch_size=8, device="cpu",
-                cache_dir=str(tmp_path / "cache"), val_fraction=0.25, **extra)
+    return dict(
+        height=16,
+        width=16,
+        channels=[8, 16],
+        latent_dim=32,
+        batch_size=8,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.25,
+        **extra,
+    )
 
 
 def _coloured(n_per_class: int, classes: int = 2, size: int = 16, seed: int = 0):
@@ -62,15 +84,27 @@ def test_training_from_tensors_with_a_model_object_progress_and_a_callback(tmp_p
     assert ae.run_dir == tmp_path / "pre" and (ae.run_dir / "report.html").is_file()
     # the model pretrain returned is the checkpoint; channels-last float images with labels
     nhwc = (x.permute(0, 2, 3, 1).float() / 255).numpy()
-    clf = convae.finetune(nhwc, checkpoint=ae, labels=y.numpy(), classes=["red", "blue"], finetune_epochs=1,
-                          out=str(tmp_path / "ft"), quiet=True, **_common(tmp_path))
+    clf = convae.finetune(
+        nhwc,
+        checkpoint=ae,
+        labels=y.numpy(),
+        classes=["red", "blue"],
+        finetune_epochs=1,
+        out=str(tmp_path / "ft"),
+        quiet=True,
+        **_common(tmp_path),
+    )
     assert capsys.readouterr().out == ""
     assert clf.classes == ["red", "blue"] and clf.run_dir == tmp_path / "ft"
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert results["num_images"] == 4 and "representation" in results
     for k, v in ae.encoder.state_dict().items():  # fine-tuning started from the object's weights
-        assert torch.equal(torch.load(Path(json.loads((tmp_path / "ft" / "config.json").read_text())
-                                            ["init_checkpoint"]), weights_only=True)["model"]["encoder." + k], v)
+        assert torch.equal(
+            torch.load(
+                Path(json.loads((tmp_path / "ft" / "config.json").read_text())["init_checkpoint"]), weights_only=True
+            )["model"]["encoder." + k],
+            v,
+        )
     pred = convae.predict(clf, x[:3])
     assert len(pred.classes) == 3 and pred.probabilities.shape == (3, 2)
     torch.testing.assert_close(pred.probabilities.sum(1), torch.ones(3))
@@ -81,8 +115,9 @@ def test_training_from_a_torchvision_dataset(tmp_path):
 
     ds = FakeData(size=16, image_size=(3, 20, 20), num_classes=2, random_offset=0)  # PIL images, int labels
     ae = convae.pretrain(ds, pretrain_epochs=1, out=str(tmp_path / "pre"), quiet=True, **_common(tmp_path))
-    clf = convae.finetune(ds, checkpoint=ae, finetune_epochs=1, out=str(tmp_path / "ft"), quiet=True,
-                          **_common(tmp_path))
+    clf = convae.finetune(
+        ds, checkpoint=ae, finetune_epochs=1, out=str(tmp_path / "ft"), quiet=True, **_common(tmp_path)
+    )
     assert clf.config.height == 16 and len(clf.classes) == 2  # resized to the model, as a decoded source
 
 
@@ -98,10 +133,12 @@ def test_encode_converts_what_can_be_converted_and_refuses_the_rest():
     big = torch.nn.functional.interpolate(x.float(), size=64).to(torch.uint8)
     assert convae.encode(ae, big).shape == (2, 32)  # a 64x64 image on a 32x32 model: resized as in training
     assert convae.transform(ae)(pil[0]).shape == (1, 3, 32, 32)
-    for bad, match in [("images.png", "cannot read images from a str"),
-                       (torch.zeros(2, 5, 32, 32), "1 (grey) or 3 (RGB) channels"),
-                       (torch.full((1, 3, 32, 32), 2.0), "values in [0, 1]"),
-                       (torch.zeros(2, 3, 32, 32, 2), "must be (H, W), (C, H, W) or (N, C, H, W)")]:
+    for bad, match in [
+        ("images.png", "cannot read images from a str"),
+        (torch.zeros(2, 5, 32, 32), "1 (grey) or 3 (RGB) channels"),
+        (torch.full((1, 3, 32, 32), 2.0), "values in [0, 1]"),
+        (torch.zeros(2, 3, 32, 32, 2), "must be (H, W), (C, H, W) or (N, C, H, W)"),
+    ]:
         with pytest.raises(ConvaeError, match=re.escape(match)):
             convae.encode(ae, bad)
 
@@ -142,13 +179,15 @@ def test_no_submodule_shadows_an_api_function():
 def test_messages_say_what_the_run_uses_and_a_prediction_prints_short(tmp_path, capsys):
     images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8)
     labels = torch.arange(24) % 2
-    small = dict(height=16, width=16, channels=[8, 16], latent_dim=16, batch_size=8, pretrain_epochs=1,
-                 finetune_epochs=1)
+    small = dict(
+        height=16, width=16, channels=[8, 16], latent_dim=16, batch_size=8, pretrain_epochs=1, finetune_epochs=1
+    )
     convae.pretrain(images, labels=labels, out=str(tmp_path / "pre"), **small)
     out = capsys.readouterr().out
     assert "labelled for fine-tuning" not in out and "the labels are not used" in out
-    clf = convae.finetune(images, labels=labels, init="scratch", labels_per_class=100, out=str(tmp_path / "ft"),
-                          **small)
+    clf = convae.finetune(
+        images, labels=labels, init="scratch", labels_per_class=100, out=str(tmp_path / "ft"), **small
+    )
     assert "a class has only" in capsys.readouterr().out  # 100 asked, fewer there: said, not silent
     text = repr(convae.predict(clf, images))
     assert text.startswith("Prediction(24 image(s)") and len(text) < 200

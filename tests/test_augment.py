@@ -2,8 +2,8 @@
 
 import torch
 
-from convae.augment import AugmentConfig, augment, colour_jitter, cutout, random_crop, random_flip, step_generator
 from convae.config import build_config
+from convae.data.augment import AugmentConfig, augment, colour_jitter, cutout, random_crop, random_flip, step_generator
 
 
 def test_a_flip_is_an_exact_mirror_or_nothing():
@@ -67,15 +67,47 @@ def test_cutout_is_for_the_classifier_only():
 
 
 def test_a_run_cuts_out_in_fine_tuning_and_not_in_pretraining(image_folder, cache_dir, tmp_path, monkeypatch):
-    import convae.loop
+    import convae.training.loop
     from convae.cli import main
 
     seen = []
-    real = convae.loop.augment
-    monkeypatch.setattr(convae.loop, "augment", lambda x, cfg, g: seen.append(cfg.cutout) or real(x, cfg, g))
-    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "r"),
-                 "--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32", "--batch-size", "8",
-                 "--val-fraction", "0.2", "--device", "cpu", "--pretrain-epochs", "1", "--finetune-epochs", "1",
-                 "--augment", "--cutout", "4"]) == 0
+    real = convae.training.loop.augment
+    monkeypatch.setattr(convae.training.loop, "augment", lambda x, cfg, g: seen.append(cfg.cutout) or real(x, cfg, g))
+    assert (
+        main(
+            [
+                "run",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(tmp_path / "r"),
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--channels",
+                "8",
+                "16",
+                "--latent-dim",
+                "32",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.2",
+                "--device",
+                "cpu",
+                "--pretrain-epochs",
+                "1",
+                "--finetune-epochs",
+                "1",
+                "--augment",
+                "--cutout",
+                "4",
+            ]
+        )
+        == 0
+    )
     first = seen.index(4)
     assert first > 0 and set(seen[:first]) == {0} and set(seen[first:]) == {4}

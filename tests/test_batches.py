@@ -137,10 +137,20 @@ def test_training_reads_only_the_rows_of_its_batches(tmp_path, monkeypatch):
     ds = _cached_set(tmp_path, n=40)
     sizes = []
     real = sources.gather
-    monkeypatch.setattr(sources, "gather", lambda images, rows, file, pin=False: sizes.append(len(rows))
-                        or real(images, rows, file, pin))
-    b = DeviceBatches.of(ds.subset(torch.arange(3, 40)), torch.device("cpu"), batch_size=8, shuffle=True,
-                         placement="host", rank=1, world_size=2)
+    monkeypatch.setattr(
+        sources,
+        "gather",
+        lambda images, rows, file, pin=False: sizes.append(len(rows)) or real(images, rows, file, pin),
+    )
+    b = DeviceBatches.of(
+        ds.subset(torch.arange(3, 40)),
+        torch.device("cpu"),
+        batch_size=8,
+        shuffle=True,
+        placement="host",
+        rank=1,
+        world_size=2,
+    )
     b.set_epoch(1)
     list(b)
     assert sizes == [4, 4, 4, 4, 2]  # rank 1's half of each batch of 8 (37 images: the last batch has 5)
@@ -154,7 +164,7 @@ def _read_shards(rank: int, world: int, path: str, port: int, out) -> None:
     import time
     from pathlib import Path
 
-    from convae.distributed import Dist
+    from convae.utils.distributed import Dist
 
     def first_rank_first() -> None:  # rank 0 (the decoder) finishes before any other rank starts
         if rank == 0:
@@ -170,12 +180,13 @@ def _read_shards(rank: int, world: int, path: str, port: int, out) -> None:
 
     try:  # rank 0's failure stops the others instead of leaving them waiting
         Dist(rank, world, rank).in_turn(fails_on_rank_0, torch.device("cpu"))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         Path(path).parent.joinpath(f"error{rank}.txt").write_text(type(e).__name__)
     d = read_cache(Path(path), print)
     ds = ImageSet(d["images"], d["labels"], d["classes"], d["files"], file=d["file"])
-    b = DeviceBatches.of(ds, torch.device("cpu"), batch_size=10, shuffle=True, seed=2, rank=rank,
-                         world_size=world, placement="host")
+    b = DeviceBatches.of(
+        ds, torch.device("cpu"), batch_size=10, shuffle=True, seed=2, rank=rank, world_size=world, placement="host"
+    )
     b.set_epoch(3)
     mine = [y.tolist() for _, y in b]
     every = [None] * world

@@ -13,22 +13,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from convae import heap
+from convae.utils import heap
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def run_script(name: str, *args: str, cwd: Path) -> dict:
     out = cwd / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args, "--json", str(out)],
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), *args, "--json", str(out)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text())
 
 
 def test_fused_layer_benchmark(tmp_path):
-    res = run_script("fused_layer", "--batch", "4", "--steps", "1", "--rounds", "1", "--precision", "fp32",
-                     cwd=tmp_path)["results"]
+    res = run_script(
+        "fused_layer", "--batch", "4", "--steps", "1", "--rounds", "1", "--precision", "fp32", cwd=tmp_path
+    )["results"]
     assert [(r["in"], r["out"]) for r in res][:2] == [(64, 3), (64, 8)]
     # the table's last column is what the decoder really does
     assert [r["decoder_uses"] for r in res] == ["fused", "fused", "plain", "plain", "plain", "plain"]
@@ -36,9 +42,27 @@ def test_fused_layer_benchmark(tmp_path):
 
 
 def test_train_throughput_benchmark_measures_every_loop(tmp_path):
-    payload = run_script("train_throughput", "--data", "random", "--batch-size", "16", "--warmup", "1",
-                         "--steps", "1", "--rounds", "1", "--phases", "pretrain", "--precision", "fp32",
-                         "--plain", "--workers", "0", cwd=tmp_path)
+    payload = run_script(
+        "train_throughput",
+        "--data",
+        "random",
+        "--batch-size",
+        "16",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--phases",
+        "pretrain",
+        "--precision",
+        "fp32",
+        "--plain",
+        "--workers",
+        "0",
+        cwd=tmp_path,
+    )
     rows = {(r["loop"], r["micro_batch"]): r for r in payload["results"]}
     assert set(rows) == {("lecture", None), ("convae", 200), ("plain", 200)}
     assert rows[("lecture", None)]["ratio_vs_lecture"] == pytest.approx(1.0)
@@ -46,8 +70,24 @@ def test_train_throughput_benchmark_measures_every_loop(tmp_path):
 
 
 def test_busy_machine_benchmark_measures_every_arm_alone_and_beside_a_competitor(tmp_path):
-    payload = run_script("busy_machine", "--batch-size", "16", "--warmup", "1", "--steps", "1", "--rounds", "1",
-                         "--precision", "fp32", "--workers", "0", "--settle", "0.1", cwd=tmp_path)
+    payload = run_script(
+        "busy_machine",
+        "--batch-size",
+        "16",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--settle",
+        "0.1",
+        cwd=tmp_path,
+    )
     rows = {(r["arm"], r["beside"]): r for r in payload["results"]}
     assert set(rows) == {(a, b) for a in ("lecture", "fixed", "follows") for b in ("alone", "loop")}
     assert all(r["ratio_vs_alone"] == pytest.approx(1.0) for (_, b), r in rows.items() if b == "alone")
@@ -57,8 +97,9 @@ def test_busy_machine_benchmark_measures_every_arm_alone_and_beside_a_competitor
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="samples memory from Linux's /proc")
 def test_run_memory_benchmark_measures_whole_runs_from_a_folder_it_writes(tmp_path):
-    payload = run_script("run_memory", "--gb", "0.0005", "--size", "16", "--commands", "pretrain", "--dir",
-                         str(tmp_path), cwd=tmp_path)
+    payload = run_script(
+        "run_memory", "--gb", "0.0005", "--size", "16", "--commands", "pretrain", "--dir", str(tmp_path), cwd=tmp_path
+    )
     (size,) = payload["results"]
     assert size["images"] == 0.0005 * 2**30 // (3 * 16 * 16)
     runs = size["runs"]
@@ -69,8 +110,20 @@ def test_run_memory_benchmark_measures_whole_runs_from_a_folder_it_writes(tmp_pa
 
 
 def test_flops_benchmark_counts_the_models_training_flops(tmp_path):
-    payload = run_script("flops", "--data", "random", "--batch-size", "16", "--warmup", "1", "--steps", "1",
-                         "--inference-images", "32", cwd=tmp_path)
+    payload = run_script(
+        "flops",
+        "--data",
+        "random",
+        "--batch-size",
+        "16",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--inference-images",
+        "32",
+        cwd=tmp_path,
+    )
     res = payload["results"]
     assert payload["heap_kept"] == heap.glibc()  # measured with the heap the convae command runs with
     per_image = {r["phase"]: r.get("train_flops_per_image", r.get("flops_per_image")) / 1e6 for r in res}
@@ -83,40 +136,95 @@ def test_flops_benchmark_counts_the_models_training_flops(tmp_path):
 
 
 def test_end_to_end_benchmark_runs_convae(tmp_path, image_folder):
-    payload = run_script("end_to_end", "--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"),
-                         "--pretrain-epochs", "1", "--finetune-epochs", "1", "--skip-reference", cwd=tmp_path)
+    payload = run_script(
+        "end_to_end",
+        "--data",
+        str(image_folder),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--pretrain-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--skip-reference",
+        cwd=tmp_path,
+    )
     (convae,) = payload["results"]
     assert convae["precision"] == "fp32" and convae["wall_s"] > convae["pretrain_s"] > 0
     assert [m["phase"] for m in convae["metrics"]] == ["pretrain", "finetune"]
 
 
 def test_learning_quality_benchmark_runs_the_protocol(tmp_path, image_folder):
-    payload = run_script("learning_quality", "--data", str(image_folder), "--presets", "seed",
-                         "--set", "pretrain_epochs=1", "height=16", "width=16", "channels=[8,16]", "latent_dim=32",
-                         "batch_size=8", "val_fraction=0.2", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
-                         "--budgets", "2", "all", "--seeds", "2", "--steps", "2", "--sweep-batch-size", "8",
-                         "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    payload = run_script(
+        "learning_quality",
+        "--data",
+        str(image_folder),
+        "--presets",
+        "seed",
+        "--set",
+        "pretrain_epochs=1",
+        "height=16",
+        "width=16",
+        "channels=[8,16]",
+        "latent_dim=32",
+        "batch_size=8",
+        "val_fraction=0.2",
+        "device=cpu",
+        f"cache_dir={tmp_path / 'cache'}",
+        "--budgets",
+        "2",
+        "all",
+        "--seeds",
+        "2",
+        "--steps",
+        "2",
+        "--sweep-batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )
     (res,) = payload["results"]
     assert res["preset"] == "seed" and res["pretrain_s"] > 0 and "cpu" in payload["machine"]
-    from convae.device import cpu_flags  # the CPU's matrix units, which its model name does not say
+    from convae.utils.device import cpu_flags  # the CPU's matrix units, which its model name does not say
 
-    assert payload["machine"]["cpu_features"] == sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16",
-                                                                       "avx512_fp16", "amx_bf16", "amx_tile"})
+    assert payload["machine"]["cpu_features"] == sorted(
+        cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"}
+    )
     methods = {r["method"] for r in res["summary"]}
     assert {"finetune", "scratch", "logistic_probe", "logistic_random", "knn", "knn_random"} <= methods
     # every seed measured, but with every label the frozen-feature probes only once (the same data)
-    assert all(r["n"] == (1 if r["labels_per_class"] == "all" and r["method"].startswith(("knn", "logistic")) else 2)
-               for r in res["summary"])
+    assert all(
+        r["n"] == (1 if r["labels_per_class"] == "all" and r["method"].startswith(("knn", "logistic")) else 2)
+        for r in res["summary"]
+    )
     for features in ("latent", "pooled"):
         for weights in ("pretrained", "random"):
             assert set(res["probes_all_labels"][features][weights]) == {"logistic", "knn"}
 
 
 def test_learning_quality_probes_the_patch_network_and_its_whitening_alone(tmp_path, image_folder):
-    payload = run_script("learning_quality", "--data", str(image_folder), "--presets", "patches", "--probes-only",
-                         "--set", "pretrain_epochs=1", "height=16", "width=16", "channels=[8]", "kernel_size=4",
-                         "batch_size=8", "val_fraction=0.2", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
-                         "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    payload = run_script(
+        "learning_quality",
+        "--data",
+        str(image_folder),
+        "--presets",
+        "patches",
+        "--probes-only",
+        "--set",
+        "pretrain_epochs=1",
+        "height=16",
+        "width=16",
+        "channels=[8]",
+        "kernel_size=4",
+        "batch_size=8",
+        "val_fraction=0.2",
+        "device=cpu",
+        f"cache_dir={tmp_path / 'cache'}",
+        "--out",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )
     (res,) = payload["results"]
     probes = res["probes_all_labels"]
     assert list(probes) == ["pooled"]  # the patch network's features are pooled conv features: one kind
@@ -125,8 +233,22 @@ def test_learning_quality_probes_the_patch_network_and_its_whitening_alone(tmp_p
 
 
 def test_large_source_benchmark_runs_both_placements(tmp_path):
-    payload = run_script("large_source", "--gb", "0.0005", "--size", "16", "--batch", "8", "--steps", "1",
-                         "--warmup", "0", "--dir", str(tmp_path), cwd=tmp_path)
+    payload = run_script(
+        "large_source",
+        "--gb",
+        "0.0005",
+        "--size",
+        "16",
+        "--batch",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--dir",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     (r,) = payload["results"]
     n = int(0.0005e9 // (3 * 16 * 16))
     assert r["images"] == n and r["host"]["train_images"] == r["device"]["train_images"] == n - round(n * 0.1)
@@ -148,27 +270,49 @@ def test_spherical_kmeans_finds_the_directions_the_data_clusters_around():
 
 
 def test_kmeans_dictionary_benchmark_scores_three_dictionaries_in_one_encoder(tmp_path, image_folder):
-    from convae.checkpoint import save_checkpoint
     from convae.models import AutoEncoder, ModelConfig
+    from convae.outputs.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     ae = AutoEncoder(ModelConfig(arch="patch", channels=(8,), kernel_size=4, height=16, width=16, whiten=True))
     ae.encoder.fit_whitening(torch.rand(20, 3, 16, 16), torch.Generator().manual_seed(0))
     save_checkpoint(tmp_path / "ae.pt", ae, "autoencoder")
-    payload = run_script("kmeans_dictionary", "--checkpoint", str(tmp_path / "ae.pt"), "--data", str(image_folder),
-                         "--set", "val_fraction=0.2", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
-                         "--images", "10", "--per-image", "4", "--iterations", "3", cwd=tmp_path)
+    payload = run_script(
+        "kmeans_dictionary",
+        "--checkpoint",
+        str(tmp_path / "ae.pt"),
+        "--data",
+        str(image_folder),
+        "--set",
+        "val_fraction=0.2",
+        "device=cpu",
+        f"cache_dir={tmp_path / 'cache'}",
+        "--images",
+        "10",
+        "--per-image",
+        "4",
+        "--iterations",
+        "3",
+        cwd=tmp_path,
+    )
     assert payload["patches"] == 40 and set(payload["scores"]) == {"pretrained", "kmeans", "random"}
     assert all(0 <= s["logistic"] <= 1 and 0 <= s["knn"] <= 1 for s in payload["scores"].values())
 
 
 def test_gpu_learning_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
     """The GPU script as a user tries it first on a CPU: every sweep runs and its JSON is copied."""
-    extra = (f"--height 16 --width 16 --channels 8 --kernel-size 4 --pretrain-epochs 1 --steps 2 --seeds 1 "
-             f"--labels-per-class 2 --batch-size 8 --val-fraction 0.2 --cache-dir {tmp_path / 'cache'}")
+    extra = (
+        f"--height 16 --width 16 --channels 8 --kernel-size 4 --pretrain-epochs 1 --steps 2 --seeds 1 "
+        f"--labels-per-class 2 --batch-size 8 --val-fraction 0.2 --cache-dir {tmp_path / 'cache'}"
+    )
     env = {**os.environ, "DEVICE": "cpu", "SWEEP_ARGS": extra, "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(BENCH / "gpu_learning.sh"), str(image_folder), str(tmp_path / "results")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_learning.sh"), str(image_folder), str(tmp_path / "results")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     names = {"learning_patches", "learning_patches_lr3e-4", "learning_patches_lr3e-3", "learning_patches1600"}
     assert {p.stem for p in (tmp_path / "results").glob("*.json")} == names  # the names results/gpu/ holds
@@ -178,16 +322,36 @@ def test_gpu_learning_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
 
 def test_gpu_classifier_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
     """The strong-classifier protocol as a user tries it first on a CPU, at toy size."""
-    extra = (f"--height 16 --width 16 --channels 8 16 --batch-size 8 --val-fraction 0.2 --precision fp32 "
-             f"--cache-dir {tmp_path / 'cache'}")
-    env = {**os.environ, "DEVICE": "cpu", "EXTRA": extra, "FT_EXTRA": "--finetune-epochs 1 --epoch-images 8",
-           "SWEEP_EXTRA": "--seeds 1 --labels-per-class 2 all",
-           "PRETRAIN_EPOCHS": "1", "JOINT_STEPS": "2", "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(BENCH / "gpu_classifier.sh"), str(image_folder), str(tmp_path / "results")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    extra = (
+        f"--height 16 --width 16 --channels 8 16 --batch-size 8 --val-fraction 0.2 --precision fp32 "
+        f"--cache-dir {tmp_path / 'cache'}"
+    )
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "EXTRA": extra,
+        "FT_EXTRA": "--finetune-epochs 1 --epoch-images 8",
+        "SWEEP_EXTRA": "--seeds 1 --labels-per-class 2 all",
+        "PRETRAIN_EPOCHS": "1",
+        "JOINT_STEPS": "2",
+        "RUNS": str(tmp_path / "runs"),
+        "PYTHON": sys.executable,
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_classifier.sh"), str(image_folder), str(tmp_path / "results")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    names = {"classifier_scratch_all", "classifier_pretrain", "classifier_sweep", "classifier_sweep_lpft",
-             "classifier_sweep_joint"}
+    names = {
+        "classifier_scratch_all",
+        "classifier_pretrain",
+        "classifier_sweep",
+        "classifier_sweep_lpft",
+        "classifier_sweep_joint",
+    }
     assert {p.stem for p in (tmp_path / "results").glob("*.json")} == names
     sweep = json.loads((tmp_path / "results" / "classifier_sweep.json").read_text())
     assert set(sweep["methods"]) == {"finetune", "scratch", "logistic_probe", "logistic_random"}

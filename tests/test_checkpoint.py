@@ -3,9 +3,9 @@ import pickle
 import pytest
 import torch
 
-from convae.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from convae.errors import ConvaeError
 from convae.models import AutoEncoder, Classifier, ModelConfig
+from convae.outputs.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from convae.utils.errors import ConvaeError
 
 SMALL = ModelConfig(channels=(8, 16, 16), latent_dim=32, num_classes=4)
 
@@ -41,6 +41,7 @@ def test_mismatched_architecture_names_the_tensors(tmp_path):
 class Evil:
     def __reduce__(self):
         import os
+
         return (os.system, ("touch pwned",))
 
 
@@ -66,7 +67,7 @@ def test_foreign_and_missing_files(tmp_path):
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """A simulated full disk at the file write (test_hostile.py fills a real one)."""
-    import convae.files
+    import convae.utils.files
 
     path = tmp_path / "ae.pt"
     save_checkpoint(path, AutoEncoder(SMALL), "autoencoder")
@@ -75,7 +76,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convae.files.os, "fsync", full_disk)
+    monkeypatch.setattr(convae.utils.files.os, "fsync", full_disk)
     with pytest.raises(ConvaeError, match="could not write .*ae.pt: No space left on device"):
         save_checkpoint(path, AutoEncoder(SMALL), "autoencoder")
     assert path.read_bytes() == before

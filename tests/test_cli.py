@@ -9,19 +9,44 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder
 import convae
+from conftest import make_image_folder
 from convae.cli import main
 from convae.models import Classifier
 
-SMALL = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32",
-         "--batch-size", "8", "--val-fraction", "0.2", "--device", "cpu"]
+SMALL = [
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--channels",
+    "8",
+    "16",
+    "--latent-dim",
+    "32",
+    "--batch-size",
+    "8",
+    "--val-fraction",
+    "0.2",
+    "--device",
+    "cpu",
+]
 PRETRAIN = SMALL + ["--pretrain-epochs", "2"]
 TINY = PRETRAIN + ["--finetune-epochs", "3"]
 
-FIGURES = {"pretrain_loss.png", "finetune_loss.png", "finetune_accuracy.png", "kernels_initial.png",
-           "kernels_pretrained.png", "kernels_pretrain_delta.png", "kernels_finetuned.png",
-           "kernels_finetune_delta.png", "reconstructions.png", "confusion_matrix.png", "embedding_map.png"}
+FIGURES = {
+    "pretrain_loss.png",
+    "finetune_loss.png",
+    "finetune_accuracy.png",
+    "kernels_initial.png",
+    "kernels_pretrained.png",
+    "kernels_pretrain_delta.png",
+    "kernels_finetuned.png",
+    "kernels_finetune_delta.png",
+    "reconstructions.png",
+    "confusion_matrix.png",
+    "embedding_map.png",
+}
 
 
 def _png_ok(path):
@@ -43,8 +68,13 @@ def test_run_writes_the_whole_run_folder(image_folder, cache_dir, tmp_path, caps
     assert "out" not in cfg and cfg["preset"] == "seed"  # the folder is where config.json is
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["epoch"]) for r in lines] == [("pretrain", 1), ("pretrain", 2),
-                                                         ("finetune", 1), ("finetune", 2), ("finetune", 3)]
+    assert [(r["phase"], r["epoch"]) for r in lines] == [
+        ("pretrain", 1),
+        ("pretrain", 2),
+        ("finetune", 1),
+        ("finetune", 2),
+        ("finetune", 3),
+    ]
     for r in lines:
         assert {"train_loss", "seconds", "images_per_s", "val_loss"} <= set(r)
         assert r["train_loss"] > 0 and r["seconds"] > 0 and r["images_per_s"] > 0
@@ -84,8 +114,13 @@ def test_run_writes_the_whole_run_folder(image_folder, cache_dir, tmp_path, caps
 
 def test_frozen_encoder_keeps_the_pretrained_weights(image_folder, cache_dir, tmp_path):
     out = tmp_path / "probe"
-    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out),
-                 "--freeze-encoder"] + TINY) == 0
+    assert (
+        main(
+            ["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out), "--freeze-encoder"]
+            + TINY
+        )
+        == 0
+    )
     ae = torch.load(out / "checkpoints" / "autoencoder.pt", weights_only=True)["model"]
     clf = torch.load(out / "checkpoints" / "classifier.pt", weights_only=True)["model"]
     for k, v in clf.items():
@@ -95,16 +130,43 @@ def test_frozen_encoder_keeps_the_pretrained_weights(image_folder, cache_dir, tm
 
 def test_pretrain_then_finetune_then_evaluate(image_folder, cache_dir, tmp_path, capsys):
     common = ["--cache-dir", str(cache_dir)]
-    assert main(["pretrain", "--data", str(image_folder), "--out", str(tmp_path / "pre")] + common + SMALL
-                + ["--pretrain-epochs", "1"]) == 0
+    assert (
+        main(
+            ["pretrain", "--data", str(image_folder), "--out", str(tmp_path / "pre")]
+            + common
+            + SMALL
+            + ["--pretrain-epochs", "1"]
+        )
+        == 0
+    )
     ae = tmp_path / "pre" / "checkpoints" / "autoencoder.pt"
     assert ae.is_file() and not (tmp_path / "pre" / "checkpoints" / "classifier.pt").exists()
     pre = json.loads((tmp_path / "pre" / "results.json").read_text())  # what ran, and that it finished
     assert pre["phase"] == "pretrain" and pre["precision"] == "fp32" and "finished" in pre and "per_class" not in pre
 
-    assert main(["finetune", "--checkpoint", str(ae), "--data", str(image_folder), "--out", str(tmp_path / "ft"),
-                 "--finetune-epochs", "2", "--batch-size", "8", "--labels-per-class", "4", "--device", "cpu"]
-                + common) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(ae),
+                "--data",
+                str(image_folder),
+                "--out",
+                str(tmp_path / "ft"),
+                "--finetune-epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--labels-per-class",
+                "4",
+                "--device",
+                "cpu",
+            ]
+            + common
+        )
+        == 0
+    )
     ft_cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert ft_cfg["channels"] == [8, 16] and ft_cfg["height"] == 16  # the model came from the checkpoint
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
@@ -112,8 +174,12 @@ def test_pretrain_then_finetune_then_evaluate(image_folder, cache_dir, tmp_path,
 
     clf = tmp_path / "ft" / "checkpoints" / "classifier.pt"
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(clf), "--data", str(image_folder), "--out", str(tmp_path / "ev")]
-                + common) == 0
+    assert (
+        main(
+            ["evaluate", "--checkpoint", str(clf), "--data", str(image_folder), "--out", str(tmp_path / "ev")] + common
+        )
+        == 0
+    )
     ev = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert ev["num_images"] == 30 and (tmp_path / "ev" / "figures" / "confusion_matrix.png").is_file()
     printed = capsys.readouterr().out
@@ -126,8 +192,13 @@ def test_pretrain_then_finetune_then_evaluate(image_folder, cache_dir, tmp_path,
 
 def test_scratch_init_skips_pretraining(image_folder, cache_dir, tmp_path):
     out = tmp_path / "scratch"
-    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out),
-                 "--init", "scratch"] + TINY) == 0
+    assert (
+        main(
+            ["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out), "--init", "scratch"]
+            + TINY
+        )
+        == 0
+    )
     assert not (out / "checkpoints" / "autoencoder.pt").exists()
     phases = {json.loads(x)["phase"] for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert phases == {"finetune"}
@@ -154,13 +225,16 @@ def test_both_placements_train_the_same_weights(image_folder, cache_dir, tmp_pat
     assert json.loads((tmp_path / "d" / "config.json").read_text())["placement"] == "device"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--data", "/no/such/folder"], "data source not found: /no/such/folder"),
-    (["run", "--batch-size", "0"], "batch_size must be an integer > 0"),
-    (["run", "--val-fraction", "1.5"], r"val_fraction must be in (0, 1)"),
-    (["finetune", "--data", "DATA"], "needs an autoencoder checkpoint; pass --checkpoint AE.pt"),
-    (["evaluate", "--checkpoint", "/no/such.pt", "--data", "DATA"], "checkpoint not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--data", "/no/such/folder"], "data source not found: /no/such/folder"),
+        (["run", "--batch-size", "0"], "batch_size must be an integer > 0"),
+        (["run", "--val-fraction", "1.5"], r"val_fraction must be in (0, 1)"),
+        (["finetune", "--data", "DATA"], "needs an autoencoder checkpoint; pass --checkpoint AE.pt"),
+        (["evaluate", "--checkpoint", "/no/such.pt", "--data", "DATA"], "checkpoint not found"),
+    ],
+)
 def test_user_mistakes_are_one_line_and_exit_2(args, message, image_folder, cache_dir, capsys):
     args = [str(image_folder) if a == "DATA" else a for a in args] + ["--cache-dir", str(cache_dir)]
     assert main(args) == 2
@@ -174,8 +248,10 @@ def test_unlabelled_data_cannot_be_fine_tuned(tmp_path, cache_dir, capsys):
     assert "fine-tuning needs labelled data" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before anything was written
     # ... but pretraining on it is fine
-    assert main(["pretrain", "--data", str(root), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "p")]
-                + PRETRAIN) == 0
+    assert (
+        main(["pretrain", "--data", str(root), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "p")] + PRETRAIN)
+        == 0
+    )
 
 
 def test_an_existing_run_is_never_overwritten(image_folder, cache_dir, tmp_path, capsys):
@@ -189,15 +265,31 @@ def test_an_existing_run_is_never_overwritten(image_folder, cache_dir, tmp_path,
 
 def test_checkpoint_of_another_architecture(image_folder, cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)]
-                + PRETRAIN) == 0
+    assert (
+        main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)] + PRETRAIN)
+        == 0
+    )
     path = out / "checkpoints" / "autoencoder.pt"
     ck = torch.load(path, weights_only=True)
     ck["config"]["channels"] = [8, 32]
     torch.save(ck, path)
     capsys.readouterr()
-    assert main(["finetune", "--checkpoint", str(path), "--data", str(image_folder), "--cache-dir", str(cache_dir),
-                 "--out", str(tmp_path / "ft")]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(path),
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(tmp_path / "ft"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "does not match the model architecture" in err and "encoder.conv.2.weight" in err
 
@@ -216,15 +308,24 @@ def test_console_script_end_to_end(image_folder, cache_dir, tmp_path, capsys):
         text = capsys.readouterr().out
         assert stop.value.code == 0 and "--preset" in text and "--config" in text
     out = tmp_path / "cli"
-    done = subprocess.run(exe + ["run", "--data", str(image_folder), "--cache-dir", str(cache_dir),
-                                 "--out", str(out)] + TINY, capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        exe + ["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)] + TINY,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert (out / "results.json").is_file() and "per-class accuracy" in done.stdout
-    bad = subprocess.run(exe + ["run", "--data", str(tmp_path / "missing"), "--cache-dir", str(cache_dir)],
-                         capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        exe + ["run", "--data", str(tmp_path / "missing"), "--cache-dir", str(cache_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines() == [f"convae: error: data source not found: {tmp_path / 'missing'} "
-                                               "(expected cifar10, a folder or an archive)"]
+    assert bad.stderr.strip().splitlines() == [
+        f"convae: error: data source not found: {tmp_path / 'missing'} (expected cifar10, a folder or an archive)"
+    ]
 
 
 def test_a_single_class_cannot_be_fine_tuned(tmp_path, cache_dir, capsys):
@@ -234,8 +335,11 @@ def test_a_single_class_cannot_be_fine_tuned(tmp_path, cache_dir, capsys):
 
 
 def test_help_states_each_commands_own_batch_size_default(capsys):
-    for command, expected in (("sweep", "default 256 for the sweep"), ("encode", "default 1024"),
-                              ("evaluate", "default 1024")):
+    for command, expected in (
+        ("sweep", "default 256 for the sweep"),
+        ("encode", "default 1024"),
+        ("evaluate", "default 1024"),
+    ):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
@@ -244,12 +348,15 @@ def test_help_states_each_commands_own_batch_size_default(capsys):
             assert "--preset" not in text and "--config" not in text and "random-weights baseline" in text
 
 
-@pytest.mark.parametrize("args, hint", [
-    (["run", "--epochs", "3"], "(did you mean --finetune-epochs or --pretrain-epochs?)"),
-    (["sweep", "--epochs", "3"], "(did you mean --steps?)"),
-    (["pretrain", "--latentdim", "3"], "(did you mean --latent-dim?)"),
-    (["run", "--channel", "8", "16"], "(did you mean --channels?)"),  # no prefix matching
-])
+@pytest.mark.parametrize(
+    "args, hint",
+    [
+        (["run", "--epochs", "3"], "(did you mean --finetune-epochs or --pretrain-epochs?)"),
+        (["sweep", "--epochs", "3"], "(did you mean --steps?)"),
+        (["pretrain", "--latentdim", "3"], "(did you mean --latent-dim?)"),
+        (["run", "--channel", "8", "16"], "(did you mean --channels?)"),  # no prefix matching
+    ],
+)
 def test_unknown_flags_name_the_flags_meant(args, hint, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -265,8 +372,14 @@ def test_unknown_config_keys_name_the_key_meant(tmp_path, capsys):
 
 def test_a_run_config_reruns_as_a_config_file(image_folder, cache_dir, tmp_path, monkeypatch, capsys):
     first = tmp_path / "first"
-    assert main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(first)]
-                + SMALL + ["--pretrain-epochs", "1"]) == 0
+    assert (
+        main(
+            ["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(first)]
+            + SMALL
+            + ["--pretrain-epochs", "1"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     ckpt = first / "checkpoints" / "autoencoder.pt"
     assert f"autoencoder: {ckpt}" in printed and f"convae finetune --checkpoint {ckpt}" in printed  # the next step
@@ -286,10 +399,9 @@ def test_the_best_epochs_classifier_is_kept(image_folder, cache_dir, tmp_path):
     best = results["best"]
     assert best["epoch"] == accs.index(max(accs)) + 1 and best["val_accuracy"] == max(accs)
     assert best["checkpoint"] == "checkpoints/classifier_best.pt" and best["selected_on"].startswith("validation")
-    from convae.checkpoint import load_checkpoint
-    from convae.data import DeviceBatches, load_source
-    from convae.evaluate import evaluate_classifier
-    from convae.data import split_indices
+    from convae.data import DeviceBatches, load_source, split_indices
+    from convae.evaluation.metrics import evaluate_classifier
+    from convae.outputs.checkpoint import load_checkpoint
 
     clf, _ = load_checkpoint(out / "checkpoints" / "classifier_best.pt", kind="classifier")
     cfg = json.loads((out / "config.json").read_text())
@@ -305,14 +417,69 @@ def test_the_stl10_case_unlabelled_pretraining_then_a_small_labelled_set_at_64x6
     unlabelled = make_image_folder(tmp_path / "unlabelled", classes=3, per_class=8, size=(64, 64), labelled=False)
     labelled = make_image_folder(tmp_path / "labelled", classes=3, per_class=3, size=(64, 64), seed=1)
     test = make_image_folder(tmp_path / "test", classes=3, per_class=2, size=(64, 64), seed=2)
-    arch = ["--height", "64", "--width", "64", "--channels", "8", "8", "16", "16", "--latent-dim", "32",
-            "--batch-size", "8", "--device", "cpu", "--cache-dir", str(cache_dir)]
-    assert main(["pretrain", "--data", str(unlabelled), "--out", str(tmp_path / "pre"), "--pretrain-epochs", "1",
-                 "--preset", "denoise"] + arch) == 0
+    arch = [
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--channels",
+        "8",
+        "8",
+        "16",
+        "16",
+        "--latent-dim",
+        "32",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(cache_dir),
+    ]
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(unlabelled),
+                "--out",
+                str(tmp_path / "pre"),
+                "--pretrain-epochs",
+                "1",
+                "--preset",
+                "denoise",
+            ]
+            + arch
+        )
+        == 0
+    )
     ckpt = tmp_path / "pre" / "checkpoints" / "autoencoder.pt"
-    assert main(["finetune", "--checkpoint", str(ckpt), "--data", str(labelled), "--test-data", str(test),
-                 "--out", str(tmp_path / "ft"), "--finetune-epochs", "1", "--preset", "denoise", "--batch-size", "4",
-                 "--device", "cpu", "--cache-dir", str(cache_dir)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(labelled),
+                "--test-data",
+                str(test),
+                "--out",
+                str(tmp_path / "ft"),
+                "--finetune-epochs",
+                "1",
+                "--preset",
+                "denoise",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--cache-dir",
+                str(cache_dir),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert results["num_images"] == 6 and results["labelled_images"] == 9 and "finished" in results
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
@@ -322,10 +489,40 @@ def test_the_stl10_case_unlabelled_pretraining_then_a_small_labelled_set_at_64x6
 def test_the_patches_preset_end_to_end(image_folder, cache_dir, tmp_path, capsys):
     """One wide conv learned on whitened patches: pretrain, transfer, fine-tune, probe, figures."""
     out = tmp_path / "run"
-    assert main(["run", "--preset", "patches", "--data", str(image_folder), "--cache-dir", str(cache_dir),
-                 "--out", str(out), "--height", "16", "--width", "16", "--channels", "8", "--kernel-size", "4",
-                 "--batch-size", "8", "--pretrain-epochs", "2", "--finetune-epochs", "2", "--val-fraction", "0.2",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--preset",
+                "patches",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--channels",
+                "8",
+                "--kernel-size",
+                "4",
+                "--batch-size",
+                "8",
+                "--pretrain-epochs",
+                "2",
+                "--finetune-epochs",
+                "2",
+                "--val-fraction",
+                "0.2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "whitening fitted" in capsys.readouterr().out
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["arch"], cfg["whiten"], cfg["objective"], cfg["channels"]) == ("patch", True, "patches", [8])
@@ -338,35 +535,80 @@ def test_the_patches_preset_end_to_end(image_folder, cache_dir, tmp_path, capsys
     assert all(_png_ok(out / "figures" / f) for f in ("kernels_pretrained.png", "reconstructions.png"))
 
 
-def test_a_run_logged_to_a_file_says_where_it_is_between_epochs(image_folder, cache_dir, tmp_path, capsys,
-                                                                monkeypatch):
+def test_a_run_logged_to_a_file_says_where_it_is_between_epochs(image_folder, cache_dir, tmp_path, capsys, monkeypatch):
     """No progress bar in a log file: a line with the step and the phase's time left instead."""
-    import convae.rundir
+    import convae.outputs.rundir
 
-    monkeypatch.setattr(convae.rundir, "HEARTBEAT_SECONDS", 0.0)
-    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "r"),
-                 "--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "16", "--batch-size", "8",
-                 "--pretrain-epochs", "2", "--finetune-epochs", "1", "--device", "cpu"]) == 0
+    monkeypatch.setattr(convae.outputs.rundir, "HEARTBEAT_SECONDS", 0.0)
+    assert (
+        main(
+            [
+                "run",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(tmp_path / "r"),
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--channels",
+                "8",
+                "16",
+                "--latent-dim",
+                "16",
+                "--batch-size",
+                "8",
+                "--pretrain-epochs",
+                "2",
+                "--finetune-epochs",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if " left in " in line]
     pre = [line for line in lines if line.endswith("left in pretrain")]
     steps = int(pre[0].split("step 1/")[1].split()[0])  # steps per pretraining epoch
     assert len(pre) == 2 * steps and pre[-1].startswith(f"pretrain  epoch 2/2  step {steps}/{steps}  about 0 s left")
-    assert lines[len(pre):] and all(line.endswith("left in finetune") for line in lines[len(pre):])
+    assert lines[len(pre) :] and all(line.endswith("left in finetune") for line in lines[len(pre) :])
 
 
 def test_a_network_whose_last_map_is_1x1_trains_and_its_last_image_joins_the_batch_before(
-        image_folder, cache_dir, tmp_path, capsys, monkeypatch):
+    image_folder, cache_dir, tmp_path, capsys, monkeypatch
+):
     """The blocks network on 16x16 images ends on a 1x1 map: its size is measured in eval mode (a
     training-mode batch norm refuses one image there), and an epoch of 23 + 1 images trains one
     step of 24 instead of failing on a batch of one."""
-    common = ["pretrain", "--preset", "blocks", "--data", str(image_folder), "--cache-dir", str(cache_dir),
-              "--height", "16", "--width", "16", "--val-fraction", "0.2", "--pretrain-epochs", "1", "--device", "cpu"]
+    common = [
+        "pretrain",
+        "--preset",
+        "blocks",
+        "--data",
+        str(image_folder),
+        "--cache-dir",
+        str(cache_dir),
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--val-fraction",
+        "0.2",
+        "--pretrain-epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert main(common + ["--out", str(tmp_path / "ok"), "--batch-size", "8"]) == 0  # 24 images: 3 batches of 8
     assert (tmp_path / "ok" / "checkpoints" / "autoencoder.pt").exists()
     capsys.readouterr()
-    import convae.rundir
+    import convae.outputs.rundir
 
-    monkeypatch.setattr(convae.rundir, "HEARTBEAT_SECONDS", 0.0)  # a progress line after every step
+    monkeypatch.setattr(convae.outputs.rundir, "HEARTBEAT_SECONDS", 0.0)  # a progress line after every step
     assert main(common + ["--out", str(tmp_path / "one"), "--batch-size", "23"]) == 0  # 23 + 1: one step of 24
     beats = [line for line in capsys.readouterr().out.splitlines() if line.endswith("left in pretrain")]
     assert beats and all("step 1/1 " in line for line in beats)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from convae.config import PRESETS, Config, build_config
-from convae.errors import ConvaeError
+from convae.utils.errors import ConvaeError
 
 
 def test_seed_preset_is_the_lecture_recipe():
@@ -30,11 +30,14 @@ def test_json_config_file(tmp_path):
     assert cfg.channels == (8, 16) and cfg.upsample == "nearest"
 
 
-@pytest.mark.parametrize("content, match", [
-    ("bogus: 1\n", "unknown config key"),
-    ("- a list\n", "mapping"),
-    ("lr: [\n", "could not be parsed"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("bogus: 1\n", "unknown config key"),
+        ("- a list\n", "mapping"),
+        ("lr: [\n", "could not be parsed"),
+    ],
+)
 def test_bad_config_files(tmp_path, content, match):
     f = tmp_path / "c.yaml"
     f.write_text(content)
@@ -42,19 +45,22 @@ def test_bad_config_files(tmp_path, content, match):
         build_config("seed", f)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"pretrain_epochs": -1}, "pretrain_epochs must be an integer >= 0"),
-    ({"batch_size": 0}, "batch_size must be an integer > 0"),
-    ({"lr": 0}, "lr must be a number > 0"),
-    ({"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
-    ({"val_fraction": 0}, r"val_fraction must be in \(0, 1\)"),
-    ({"labels_per_class": 0}, "labels_per_class must be an integer > 0"),
-    ({"upsample": "cubic"}, "upsample must be one of bilinear, nearest, transposed, unpool"),
-    ({"optimizer": "lbfgs"}, "optimizer must be one of"),
-    ({"height": 4}, "too small for 3 encoder stages: height and width must be >= 8"),
-    ({"channels": []}, "channels must be a list of 1 to 8 integers > 0"),
-    ({"nonsense": 1}, "unknown config key"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"pretrain_epochs": -1}, "pretrain_epochs must be an integer >= 0"),
+        ({"batch_size": 0}, "batch_size must be an integer > 0"),
+        ({"lr": 0}, "lr must be a number > 0"),
+        ({"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
+        ({"val_fraction": 0}, r"val_fraction must be in \(0, 1\)"),
+        ({"labels_per_class": 0}, "labels_per_class must be an integer > 0"),
+        ({"upsample": "cubic"}, "upsample must be one of bilinear, nearest, transposed, unpool"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+        ({"height": 4}, "too small for 3 encoder stages: height and width must be >= 8"),
+        ({"channels": []}, "channels must be a list of 1 to 8 integers > 0"),
+        ({"nonsense": 1}, "unknown config key"),
+    ],
+)
 def test_invalid_values_are_refused_with_the_valid_range(overrides, match):
     with pytest.raises(ConvaeError, match=match):
         build_config("seed", None, overrides)
@@ -69,8 +75,9 @@ def test_unknown_preset_and_missing_file(tmp_path):
 
 def test_config_round_trips_through_json():
     cfg = build_config("seed", None, {"channels": [8, 16, 16]})
-    again = build_config("seed", None, {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items()
-                                         if k != "preset"})
+    again = build_config(
+        "seed", None, {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "preset"}
+    )
     assert again == cfg and isinstance(cfg, Config)
 
 
@@ -99,7 +106,7 @@ def test_the_denoise_preset_keeps_the_lecture_widths_and_changes_only_the_recipe
 def test_every_knob_is_declared_once_with_its_flag_and_its_rule():
     """The flags, their help and every value check come from the Config fields themselves."""
     from convae.cli import build_parser, config_flags
-    from convae.knobs import knobs
+    from convae.utils.knobs import knobs
 
     flags = config_flags()
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["run"].format_help().split())

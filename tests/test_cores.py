@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from convae import cores
 from convae.cli import main
-
+from convae.utils import cores
 from test_cli import SMALL
 
 STAT = """cpu  900 0 100 1000 0 0 0 0 0 0
@@ -48,9 +47,14 @@ class Machine:
 
 def share(machine: Machine, max_threads: int = 2, cpus: int = 2) -> tuple[cores.CoreShare, list[int]]:
     calls: list[int] = []
-    s = cores.CoreShare(every=2.0, max_threads=max_threads, cpus=set(range(cpus)),
-                        sample=lambda: (machine.busy, machine.own), clock=lambda: machine.t,
-                        set_threads=calls.append)
+    s = cores.CoreShare(
+        every=2.0,
+        max_threads=max_threads,
+        cpus=set(range(cpus)),
+        sample=lambda: (machine.busy, machine.own),
+        clock=lambda: machine.t,
+        set_threads=calls.append,
+    )
     return s, calls
 
 
@@ -124,8 +128,14 @@ def test_the_command_line_follows_and_the_training_loop_polls(monkeypatch, tmp_p
     real_follow = cores.follow
     monkeypatch.setattr(cores, "follow", lambda enabled=None: follows.append(real_follow(False)))
     out = tmp_path / "run"
-    assert main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)]
-                + SMALL + ["--pretrain-epochs", "2", "--batch-size", "9"]) == 0
+    assert (
+        main(
+            ["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)]
+            + SMALL
+            + ["--pretrain-epochs", "2", "--batch-size", "9"]
+        )
+        == 0
+    )
     assert follows == [None]  # OMP_NUM_THREADS is set for the tests: asked, and off
     # 24 training images in batches of 9, 2 epochs: 6 steps (and the validation batches poll too)
     assert len(polls) >= 6

@@ -1,5 +1,5 @@
-import json
 import io
+import json
 import shutil
 import tarfile
 import zipfile
@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder
+from convae.data import DeviceBatches, load_source, per_class_subset, split_indices
 from convae.data import archives as archives_mod
 from convae.data import images as images_mod
-from convae.data import DeviceBatches, load_source, per_class_subset, split_indices
-from convae.errors import ConvaeError
+from convae.utils.errors import ConvaeError
 
 
 def test_labelled_folder(image_folder, cache_dir):

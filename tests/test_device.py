@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from convae.device import autocast, micro_batch_size, resolve_device
-from convae.errors import ConvaeError
-
+from convae.utils.device import autocast, micro_batch_size, resolve_device
+from convae.utils.errors import ConvaeError
 
 HAS_MPS = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
@@ -40,7 +39,7 @@ def test_micro_batch_defaults():
 
 
 def test_precision_auto_picks_what_the_hardware_runs_fast(monkeypatch):
-    import convae.device as dev
+    import convae.utils.device as dev
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(dev, "cpu_flags", lambda: {"avx512f", "avx512bw"})  # Cascade Lake: AVX-512, no bf16
@@ -54,8 +53,8 @@ def test_precision_auto_picks_what_the_hardware_runs_fast(monkeypatch):
 
 
 def test_precision_auto_on_a_pre_ampere_gpu_is_fp16_and_fp16_needs_cuda(monkeypatch):
-    import convae.device as dev
-    from convae.errors import ConvaeError
+    import convae.utils.device as dev
+    from convae.utils.errors import ConvaeError
 
     gpu = torch.device("cuda")
     for capability, expect in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
@@ -68,16 +67,42 @@ def test_precision_auto_on_a_pre_ampere_gpu_is_fp16_and_fp16_needs_cuda(monkeypa
 
 
 def test_the_precision_that_ran_is_recorded(tmp_path, monkeypatch):
-    import convae.device as dev
+    import convae.utils.device as dev
     from conftest import make_image_folder
     from convae.cli import main
 
     monkeypatch.setattr(dev, "cpu_flags", lambda: set())
     data = make_image_folder(tmp_path / "d", classes=2, per_class=4)
     out = tmp_path / "run"
-    assert main(["pretrain", "--data", str(data), "--cache-dir", str(tmp_path / "c"), "--out", str(out),
-                 "--precision", "auto", "--height", "16", "--width", "16", "--channels", "8", "16",
-                 "--latent-dim", "16", "--pretrain-epochs", "1", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(data),
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(out),
+                "--precision",
+                "auto",
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--channels",
+                "8",
+                "16",
+                "--latent-dim",
+                "16",
+                "--pretrain-epochs",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["precision"] == "fp32" and results["provenance"]["precision"] == "fp32"
     assert json.loads((out / "config.json").read_text())["precision"] == "fp32"  # a resume runs the same arithmetic
@@ -99,7 +124,7 @@ def test_version_from_a_source_tree_that_is_not_installed(monkeypatch):
     import importlib.metadata
 
     import convae
-    from convae.device import convae_version
+    from convae.utils.device import convae_version
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

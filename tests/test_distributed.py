@@ -13,15 +13,36 @@ from conftest import make_image_folder
 from convae.cli import main
 from convae.data import DeviceBatches
 
-ARGS = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32", "--batch-size", "10",
-        "--val-fraction", "0.2", "--pretrain-epochs", "2", "--finetune-epochs", "2", "--device", "cpu"]
+ARGS = [
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--channels",
+    "8",
+    "16",
+    "--latent-dim",
+    "32",
+    "--batch-size",
+    "10",
+    "--val-fraction",
+    "0.2",
+    "--pretrain-epochs",
+    "2",
+    "--finetune-epochs",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def test_ranks_take_disjoint_shards_of_the_same_permutation():
     images = torch.arange(23, dtype=torch.uint8).view(23, 1, 1, 1)
     whole = DeviceBatches(images, torch.arange(23), batch_size=8, shuffle=True, seed=3)
-    shards = [DeviceBatches(images, torch.arange(23), batch_size=8, shuffle=True, seed=3, rank=r, world_size=2)
-              for r in range(2)]
+    shards = [
+        DeviceBatches(images, torch.arange(23), batch_size=8, shuffle=True, seed=3, rank=r, world_size=2)
+        for r in range(2)
+    ]
     for b in [whole, *shards]:
         b.set_epoch(4)
     for step, ((_, y), (_, y0), (_, y1)) in enumerate(zip(whole, *shards)):
@@ -34,12 +55,19 @@ def test_a_torchrun_worker_leaves_without_the_interpreters_teardown(world):
     """DDP keeps gloo's threads alive past destroy_process_group; a rank torn down around them aborted
     now and then ("terminate called without an active exception"). A worker's exit handlers run and its
     output is flushed, but nothing is finalised; one process exits as usual. The status is kept both ways."""
-    code = ("import atexit, sys; from convae.distributed import leave\n"
-            "class Torn:\n    def __del__(self): print('torn down', flush=True)\n"
-            "kept = Torn(); atexit.register(lambda: print('exit handlers ran')); sys.stdout.write('unflushed'); "
-            "leave(3)")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WORLD_SIZE": world},
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import atexit, sys; from convae.utils.distributed import leave\n"
+        "class Torn:\n    def __del__(self): print('torn down', flush=True)\n"
+        "kept = Torn(); atexit.register(lambda: print('exit handlers ran')); sys.stdout.write('unflushed'); "
+        "leave(3)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "WORLD_SIZE": world},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 3, done.stderr
     assert done.stdout.startswith("unflushed") and "exit handlers ran" in done.stdout
     assert ("torn down" in done.stdout) == (world == "1"), done.stdout
@@ -57,9 +85,30 @@ def test_two_gloo_processes_match_one_process(tmp_path, extra):
     assert main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(single)] + args) == 0
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "convae", "run", "--data", str(data), "--cache-dir", str(cache), "--out", str(ddp)]
-                          + args, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "convae",
+            "run",
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(ddp),
+        ]
+        + args,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("pretrain  epoch 1/2") == 1  # rank 0 alone prints and writes
     assert "2 processes" in done.stdout

@@ -9,13 +9,57 @@ from convae.cli import main
 
 def test_encode_writes_embeddings_sources_and_a_map(image_folder, cache_dir, tmp_path, capsys):
     run = tmp_path / "pre"
-    assert main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(run),
-                 "--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32",
-                 "--batch-size", "8", "--pretrain-epochs", "1", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(run),
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--channels",
+                "8",
+                "16",
+                "--latent-dim",
+                "32",
+                "--batch-size",
+                "8",
+                "--pretrain-epochs",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "emb" / "feats.npy"
     ckpt = run / "checkpoints" / "autoencoder.pt"
-    assert main(["encode", "--checkpoint", str(ckpt), "--data", str(image_folder), "--cache-dir", str(cache_dir),
-                 "--out", str(out), "--val-fraction", "0.2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+                "--val-fraction",
+                "0.2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     feats = np.load(out)
     assert feats.shape == (30, 32) and feats.dtype == np.float32
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
@@ -32,13 +76,46 @@ def test_encode_writes_embeddings_sources_and_a_map(image_folder, cache_dir, tmp
     ds = load_source(str(image_folder), 3, 16, 16, cache_dir, log=lambda m: None)
     np.testing.assert_allclose(feats, convae.encode(model, ds.images).numpy(), rtol=1e-5, atol=1e-6)
     capsys.readouterr()
-    assert main(["encode", "--checkpoint", str(ckpt), "--data", str(image_folder), "--cache-dir", str(cache_dir),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "already exists" in capsys.readouterr().err
     # pooled features: every stage averaged to 2x2 and concatenated, 4 * (8 + 16) per image
     pooled = tmp_path / "emb" / "pooled.npy"
-    assert main(["encode", "--checkpoint", str(ckpt), "--data", str(image_folder), "--cache-dir", str(cache_dir),
-                 "--out", str(pooled), "--probe-features", "pooled", "--no-map", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(pooled),
+                "--probe-features",
+                "pooled",
+                "--no-map",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with torch.no_grad():
         expected = model.encoder.forward_pooled(ds.images.float() / 255)
     assert np.load(pooled).shape == (30, 96)
@@ -49,24 +126,82 @@ def test_encode_writes_embeddings_sources_and_a_map(image_folder, cache_dir, tmp
 
     other = make_image_folder(tmp_path / "other", classes=2, per_class=5, seed=3)
     test_out = tmp_path / "emb" / "other.npy"
-    assert main(["encode", "--checkpoint", str(ckpt), "--data", str(other), "--cache-dir", str(cache_dir),
-                 "--out", str(test_out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(other),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(test_out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert {r["split"] for r in csv.DictReader(open(test_out.with_suffix(".csv")))} == {""}
     assert (tmp_path / "emb" / "other_map.png").is_file() and the_map.read_bytes() == before
 
 
 def test_evaluate_an_autoencoder_with_a_bank(image_folder, cache_dir, tmp_path, capsys):
     run = tmp_path / "pre"
-    assert main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(run),
-                 "--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32",
-                 "--batch-size", "8", "--pretrain-epochs", "1", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(run),
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--channels",
+                "8",
+                "16",
+                "--latent-dim",
+                "32",
+                "--batch-size",
+                "8",
+                "--pretrain-epochs",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ckpt = str(run / "checkpoints" / "autoencoder.pt")
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", ckpt, "--data", str(image_folder), "--cache-dir", str(cache_dir)]) == 2
     assert "needs labelled training images" in capsys.readouterr().err
     out = tmp_path / "ev"
-    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(image_folder), "--train-data", str(image_folder),
-                 "--cache-dir", str(cache_dir), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                ckpt,
+                "--data",
+                str(image_folder),
+                "--train-data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     import json
 
     rep = json.loads((out / "results.json").read_text())["representation"]

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from convae.data import DeviceBatches
-from convae.evaluate import class_results, evaluate_classifier, evaluate_reconstruction, format_class_table
+from convae.evaluation.metrics import class_results, evaluate_classifier, evaluate_reconstruction, format_class_table
 
 
 class Fixed(nn.Module):

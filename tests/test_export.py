@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import convae
-from convae.checkpoint import save_checkpoint
 from convae.cli import main
 from convae.models import AutoEncoder, Classifier, ModelConfig
+from convae.outputs.checkpoint import save_checkpoint
 
 SMALL = ModelConfig(channels=(8, 16, 16), latent_dim=32, num_classes=3)
 
@@ -52,8 +52,9 @@ def test_onnx_matches_pytorch_in_onnxruntime(checkpoints, tmp_path, part, capsys
     assert said[0].startswith(f"exporting the {part} to onnx: tracing the model") and said[-1].startswith("wrote ")
     x = torch.rand(5, 3, 32, 32)  # another batch size than the export's example: the axis is dynamic
     np.save(tmp_path / "x.npy", x.numpy())
-    subprocess.run([sys.executable, "-c", RUN_ONNX, str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-c", RUN_ONNX, str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], check=True
+    )
     with torch.no_grad():
         expected = module.eval()(x)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected.numpy(), atol=1e-4, rtol=1e-4)
@@ -79,8 +80,12 @@ def test_torch_export_pt2_reloads_without_convae(checkpoints, tmp_path, part):
     """)
     x = torch.rand(5, 3, 32, 32)  # another batch size than the export's example
     torch.save(x, tmp_path / "x.pt")
-    done = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                          check=True, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert done.stdout.strip() == "['a', 'b', 'c']"
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), module.eval()(x), atol=1e-5, rtol=1e-5)
@@ -94,8 +99,22 @@ def test_onnx_of_the_unpool_autoencoder(tmp_path):
     ae = AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16, upsample="unpool", height=28, width=28))
     save_checkpoint(tmp_path / "ae.pt", ae, "autoencoder")
     out = tmp_path / "ae.onnx"
-    assert main(["export", "--checkpoint", str(tmp_path / "ae.pt"), "--format", "onnx", "--part", "autoencoder",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "ae.pt"),
+                "--format",
+                "onnx",
+                "--part",
+                "autoencoder",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     x = torch.rand(3, 3, 28, 28)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
@@ -111,8 +130,10 @@ def test_onnx_of_the_whitened_patch_network(tmp_path, part):
     ae.encoder.fit_whitening(torch.rand(40, 3, 32, 32), torch.Generator().manual_seed(0))
     save_checkpoint(tmp_path / "ae.pt", ae, "autoencoder")
     out = tmp_path / "patch.onnx"
-    assert main(["export", "--checkpoint", str(tmp_path / "ae.pt"), "--format", "onnx", "--part", part,
-                 "--out", str(out)]) == 0
+    assert (
+        main(["export", "--checkpoint", str(tmp_path / "ae.pt"), "--format", "onnx", "--part", part, "--out", str(out)])
+        == 0
+    )
     x = torch.rand(3, 3, 32, 32)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     module = ae.encoder if part == "encoder" else ae
@@ -124,8 +145,9 @@ def test_onnx_of_the_whitened_patch_network(tmp_path, part):
 def test_torchscript_reloads_with_torch_jit_load(checkpoints, tmp_path, part):
     ckpt, module = _module(checkpoints, part)
     out = tmp_path / f"{part}.ts"
-    assert main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--part", part,
-                 "--out", str(out)]) == 0
+    assert (
+        main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--part", part, "--out", str(out)]) == 0
+    )
     loaded = torch.jit.load(str(out))
     x = torch.rand(7, 3, 32, 32)
     with torch.no_grad():
@@ -137,8 +159,9 @@ def test_safetensors_reloads_through_the_api(checkpoints, tmp_path, part):
     pytest.importorskip("safetensors")
     ckpt, module = _module(checkpoints, part)
     out = tmp_path / f"{part}.safetensors"
-    assert main(["export", "--checkpoint", str(ckpt), "--format", "safetensors", "--part", part,
-                 "--out", str(out)]) == 0
+    assert (
+        main(["export", "--checkpoint", str(ckpt), "--format", "safetensors", "--part", part, "--out", str(out)]) == 0
+    )
     fresh = convae.load(out)
     assert type(fresh) is type(module) and fresh.config == module.config and fresh.classes == ["a", "b", "c"]
     x = torch.rand(4, 3, 32, 32)
@@ -148,9 +171,25 @@ def test_safetensors_reloads_through_the_api(checkpoints, tmp_path, part):
 
 def test_export_mistakes(checkpoints, tmp_path, capsys):
     ae_ckpt = str(checkpoints["autoencoder"][0])
-    assert main(["export", "--checkpoint", ae_ckpt, "--format", "torchscript", "--part", "classifier",
-                 "--out", str(tmp_path / "x.ts")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                ae_ckpt,
+                "--format",
+                "torchscript",
+                "--part",
+                "classifier",
+                "--out",
+                str(tmp_path / "x.ts"),
+            ]
+        )
+        == 2
+    )
     assert "has no classifier part" in capsys.readouterr().err
     (tmp_path / "taken.ts").write_text("keep me")
-    assert main(["export", "--checkpoint", ae_ckpt, "--format", "torchscript", "--out", str(tmp_path / "taken.ts")]) == 2
+    assert (
+        main(["export", "--checkpoint", ae_ckpt, "--format", "torchscript", "--out", str(tmp_path / "taken.ts")]) == 2
+    )
     assert "already exists" in capsys.readouterr().err and (tmp_path / "taken.ts").read_text() == "keep me"

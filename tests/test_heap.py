@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from convae import cli, heap
+from convae import cli
+from convae.utils import heap
 
 STEPS = """
 import ctypes, importlib.util, resource, sys
@@ -35,8 +36,9 @@ EVERY_PAGE_AGAIN = 3 * 20 * (9 << 20) // 4096 // 2  # half the pages the 3 timed
 
 
 def _faults(arm: str, env: dict) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", STEPS, arm, heap.__file__], capture_output=True, text=True, env=env,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", STEPS, arm, heap.__file__], capture_output=True, text=True, env=env, check=True
+    )
     kept, faults = out.stdout.split()
     return kept, int(faults)
 

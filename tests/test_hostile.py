@@ -23,22 +23,41 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_image_folder
-from convae.checkpoint import FORMAT
-from convae.data.cache import CACHE_VERSION
 from convae.cli import main
 from convae.config import Config
-from convae.errors import ConvaeError
+from convae.data.cache import CACHE_VERSION
 from convae.models import AutoEncoder, ModelConfig
+from convae.outputs.checkpoint import FORMAT
+from convae.utils.errors import ConvaeError
 
-SMALL = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "16", "--batch-size", "8",
-         "--val-fraction", "0.5", "--device", "cpu"]
+SMALL = [
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--channels",
+    "8",
+    "16",
+    "--latent-dim",
+    "16",
+    "--batch-size",
+    "8",
+    "--val-fraction",
+    "0.5",
+    "--device",
+    "cpu",
+]
 RUN = SMALL + ["--pretrain-epochs", "1", "--finetune-epochs", "1"]
 PRE = SMALL + ["--pretrain-epochs", "1"]
 HOSTILE_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
     st.sampled_from([math.inf, -math.inf, math.nan, -1.0, 0.0, 1e300, 10**11, 2**63, 100_000]),
-    st.text(max_size=300), st.sampled_from(["", "x" * 5000, "é\n\x00", "../../etc"]),
-    st.lists(st.integers(-5, 5), max_size=4), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.text(max_size=300),
+    st.sampled_from(["", "x" * 5000, "é\n\x00", "../../etc"]),
+    st.lists(st.integers(-5, 5), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
 FIELDS = sorted(f for f in Config.__dataclass_fields__ if f not in ("out", "preset", "device", "data", "cache_dir"))
 
@@ -97,46 +116,59 @@ def test_generated_config_files_are_refused_in_one_line(world, capsys, key, valu
         valid = True
     except ConvaeError:
         valid = False
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         pytest.fail(f"Config({key}={value!r}) raised {type(e).__name__}, not ConvaeError")
     assume(not valid)  # a valid value is not a hostile case
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         path = Path(tmp) / ("c.yaml" if yaml_file else "c.json")
         path.write_text(text)
         out = Path(tmp) / "out"
-        refused(["pretrain", "--config", str(path), "--data", str(data), "--cache-dir", str(cache), "--out", str(out)],
-                capsys, untouched=(data, cache))
+        refused(
+            ["pretrain", "--config", str(path), "--data", str(data), "--cache-dir", str(cache), "--out", str(out)],
+            capsys,
+            untouched=(data, cache),
+        )
         assert not out.exists(), "a folder was made before the config was refused"
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--seed", str(10**30)], "seed must be an integer in [0, 2**32)"),
-    (["--height", "100000", "--width", "100000"], "more than this machine's"),
-    (["--latent-dim", str(10**11)], "more than this machine's"),
-    (["--lr", "inf"], "lr must be a number > 0 and finite"),
-    (["--lr", "nan"], "lr must be a number > 0 and finite"),
-    (["--weight-decay", "inf"], "weight_decay must be a number >= 0 and finite"),
-    (["--channels"] + ["8"] * 9, "channels must be a list of 1 to 8 integers"),
-    (["--patch-size", "64"], "patch_size must be at most the input size 16"),
-])
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--seed", str(10**30)], "seed must be an integer in [0, 2**32)"),
+        (["--height", "100000", "--width", "100000"], "more than this machine's"),
+        (["--latent-dim", str(10**11)], "more than this machine's"),
+        (["--lr", "inf"], "lr must be a number > 0 and finite"),
+        (["--lr", "nan"], "lr must be a number > 0 and finite"),
+        (["--weight-decay", "inf"], "weight_decay must be a number >= 0 and finite"),
+        (["--channels"] + ["8"] * 9, "channels must be a list of 1 to 8 integers"),
+        (["--patch-size", "64"], "patch_size must be at most the input size 16"),
+    ],
+)
 def test_absurd_flags_are_refused_before_any_folder_is_made(world, tmp_path, capsys, flags, match):
     root, data, cache = world
     out = tmp_path / "out"
-    refused(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + RUN + flags, capsys,
-            match, untouched=(data, cache))
+    refused(
+        ["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + RUN + flags,
+        capsys,
+        match,
+        untouched=(data, cache),
+    )
     assert not out.exists()
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"lr: 0.01\nnote: caf\xe9\n", "is not UTF-8 text"),
-    (b"test_data: 123\n", "test_data must be a path or null"),
-    (b"cache_dir: null\n", "cache_dir must be a non-empty path"),
-    (b"out: 5\n", "out must be a path or null"),
-    (b"channels: [8, 16.5]\n", "channels must be a list of 1 to 8 integers"),
-    (b"[1, 2]\n", "must hold a mapping"),
-    (b"lr: [\n", "could not be parsed"),
-    (b"latentdim: 8\n", "did you mean latent_dim"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"lr: 0.01\nnote: caf\xe9\n", "is not UTF-8 text"),
+        (b"test_data: 123\n", "test_data must be a path or null"),
+        (b"cache_dir: null\n", "cache_dir must be a non-empty path"),
+        (b"out: 5\n", "out must be a path or null"),
+        (b"channels: [8, 16.5]\n", "channels must be a list of 1 to 8 integers"),
+        (b"[1, 2]\n", "must hold a mapping"),
+        (b"lr: [\n", "could not be parsed"),
+        (b"latentdim: 8\n", "did you mean latent_dim"),
+    ],
+)
 def test_config_files_of_every_kind_of_wrong(world, tmp_path, capsys, content, match):
     root, data, cache = world
     path = tmp_path / "c.yaml"
@@ -150,8 +182,15 @@ def test_config_files_of_every_kind_of_wrong(world, tmp_path, capsys, content, m
 
 def _payload(**change) -> dict:
     ae = AutoEncoder(ModelConfig(in_channels=3, height=16, width=16, channels=(8, 16), latent_dim=16))
-    payload = {"format": FORMAT, "version": 1, "kind": "autoencoder", "model": ae.state_dict(),
-               "config": ae.config.to_dict(), "classes": ["class_0", "class_1"], "run_config": {}}
+    payload = {
+        "format": FORMAT,
+        "version": 1,
+        "kind": "autoencoder",
+        "model": ae.state_dict(),
+        "config": ae.config.to_dict(),
+        "classes": ["class_0", "class_1"],
+        "run_config": {},
+    }
     for key, value in change.items():
         if key.startswith("config."):
             payload["config"][key[7:]] = value
@@ -160,37 +199,67 @@ def _payload(**change) -> dict:
     return payload
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"config.channels": []}, "channels must be a list of 1 to 8 integers"),
-    ({"config.latent_dim": -4}, "latent_dim must be an integer > 0"),
-    ({"config.latent_dim": 10**11}, "more than this machine's"),
-    ({"config.height": "16"}, "height must be an integer > 0"),
-    ({"config.upsample": "magic"}, "upsample must be one of"),
-    ({"config.surprise": 1}, "unknown model config key"),
-    ({"config": [1, 2]}, "the model config is not a mapping"),
-    ({"model": torch.zeros(3)}, "its model is not a mapping of names to tensors"),
-    ({"classes": "ab"}, "its classes are not a list of names"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"config.channels": []}, "channels must be a list of 1 to 8 integers"),
+        ({"config.latent_dim": -4}, "latent_dim must be an integer > 0"),
+        ({"config.latent_dim": 10**11}, "more than this machine's"),
+        ({"config.height": "16"}, "height must be an integer > 0"),
+        ({"config.upsample": "magic"}, "upsample must be one of"),
+        ({"config.surprise": 1}, "unknown model config key"),
+        ({"config": [1, 2]}, "the model config is not a mapping"),
+        ({"model": torch.zeros(3)}, "its model is not a mapping of names to tensors"),
+        ({"classes": "ab"}, "its classes are not a list of names"),
+    ],
+)
 def test_the_config_inside_a_checkpoint_is_untrusted(world, tmp_path, capsys, change, match):
     root, data, cache = world
     path = tmp_path / "bad.pt"
     torch.save(_payload(**change), path)
-    for argv in (["evaluate", "--checkpoint", str(path), "--data", str(data), "--train-data", str(data),
-                  "--cache-dir", str(cache)],
-                 ["export", "--checkpoint", str(path), "--format", "safetensors", "--out", str(tmp_path / "x.st")],
-                 ["finetune", "--checkpoint", str(path), "--data", str(data), "--cache-dir", str(cache),
-                  "--out", str(tmp_path / "ft")]):
+    for argv in (
+        [
+            "evaluate",
+            "--checkpoint",
+            str(path),
+            "--data",
+            str(data),
+            "--train-data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+        ],
+        ["export", "--checkpoint", str(path), "--format", "safetensors", "--out", str(tmp_path / "x.st")],
+        [
+            "finetune",
+            "--checkpoint",
+            str(path),
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+    ):
         refused(argv, capsys, match, untouched=(data, cache, path))
     assert not (tmp_path / "ft").exists() and not (tmp_path / "x.st").exists()
 
 
-@pytest.mark.parametrize("name, content, match", [
-    ("results.json", '{"accuracy": 0.5, "per_cl', "is not readable JSON"),
-    ("config.json", "[1, 2, 3]", "not a mapping"),
-    ("metrics.jsonl", '{"phase": "pretrain"}\nnot json\n', "line 2 is not JSON"),
-    ("results.json", '{"per_class": {"a": 5}, "accuracy": "x", "num_images": 1, "classes": ["a"]}', "damaged results"),
-    ("results.json", b'{"eval_set": "caf\xe9"}', "is not readable JSON"),
-])
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("results.json", '{"accuracy": 0.5, "per_cl', "is not readable JSON"),
+        ("config.json", "[1, 2, 3]", "not a mapping"),
+        ("metrics.jsonl", '{"phase": "pretrain"}\nnot json\n', "line 2 is not JSON"),
+        (
+            "results.json",
+            '{"per_class": {"a": 5}, "accuracy": "x", "num_images": 1, "classes": ["a"]}',
+            "damaged results",
+        ),
+        ("results.json", b'{"eval_set": "caf\xe9"}', "is not readable JSON"),
+    ],
+)
 def test_convae_report_reads_run_folders_as_untrusted(world, tmp_path, capsys, name, content, match):
     root, data, cache = world
     run = tmp_path / "run"
@@ -209,16 +278,40 @@ def test_an_output_that_cannot_be_created_is_refused_before_decoding(world, tmp_
     blocker = tmp_path / "a"
     blocker.mkdir()
     (blocker / "config.json").write_text("{}")
-    refused(["run", "--data", str(data), "--cache-dir", str(tmp_path / "fresh-cache"),
-             "--out", str(blocker / "config.json" / "x")] + RUN, capsys, "is a file, not a folder",
-            untouched=(data,))
+    refused(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(tmp_path / "fresh-cache"),
+            "--out",
+            str(blocker / "config.json" / "x"),
+        ]
+        + RUN,
+        capsys,
+        "is a file, not a folder",
+        untouched=(data,),
+    )
     assert not (tmp_path / "fresh-cache").exists(), "the data was decoded before the output was checked"
-    refused(["export", "--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt"), "--format", "onnx",
-             "--out", str(blocker / "config.json" / "m.onnx")], capsys, "config.json", untouched=(blocker,))
+    refused(
+        [
+            "export",
+            "--checkpoint",
+            str(root / "pre" / "checkpoints" / "autoencoder.pt"),
+            "--format",
+            "onnx",
+            "--out",
+            str(blocker / "config.json" / "m.onnx"),
+        ],
+        capsys,
+        "config.json",
+        untouched=(blocker,),
+    )
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
-    from convae.files import atomic_write_text
+    from convae.utils.files import atomic_write_text
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
@@ -254,8 +347,12 @@ def test_a_real_full_disk_is_one_line_and_leaves_no_temporary(world, small_disk,
     root, data, cache = world
     out = small_disk / "run"
     big = ["--channels", "32", "64", "--latent-dim", "256"]  # ~1 MB of state
-    refused(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + RUN + big, capsys,
-            "could not write", untouched=(data, cache))
+    refused(
+        ["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out)] + RUN + big,
+        capsys,
+        "could not write",
+        untouched=(data, cache),
+    )
     assert not temporaries(small_disk)
     # the decoded-data cache on a full disk: the same line, and no half file left filling it
     (small_disk / "cache" / "tensors").mkdir(parents=True)
@@ -265,8 +362,13 @@ def test_a_real_full_disk_is_one_line_and_leaves_no_temporary(world, small_disk,
                 f.write(b"\0" * 4096)
         except OSError:
             pass
-    refused(["pretrain", "--data", str(data), "--cache-dir", str(small_disk / "cache"), "--out",
-             str(small_disk / "never")] + PRE, capsys, "could not write", untouched=(data,))
+    refused(
+        ["pretrain", "--data", str(data), "--cache-dir", str(small_disk / "cache"), "--out", str(small_disk / "never")]
+        + PRE,
+        capsys,
+        "could not write",
+        untouched=(data,),
+    )
     assert not temporaries(small_disk)
 
 
@@ -276,8 +378,12 @@ def test_a_read_only_file_system_is_refused_before_decoding(world, tmp_path, cap
     if not _mount_tmpfs(mnt, "1m", readonly=True):
         pytest.skip("mounting a read-only tmpfs needs Linux and the right to mount")
     try:
-        refused(["run", "--data", str(data), "--cache-dir", str(tmp_path / "c2"), "--out", str(mnt / "run")] + RUN,
-                capsys, "is not writable", untouched=(data,))
+        refused(
+            ["run", "--data", str(data), "--cache-dir", str(tmp_path / "c2"), "--out", str(mnt / "run")] + RUN,
+            capsys,
+            "is not writable",
+            untouched=(data,),
+        )
         assert not (tmp_path / "c2").exists()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
@@ -288,7 +394,7 @@ def test_a_read_only_file_system_is_refused_before_decoding(world, tmp_path, cap
 
 def _stop_after_first_epoch(monkeypatch, phase: str = "pretrain", signum: int = 15):
     """As if SIGTERM arrived during the first epoch of ``phase``: fit saves and stops at its end."""
-    from convae.fit import RunContext
+    from convae.training.fit import RunContext
 
     real = RunContext.record
 
@@ -305,15 +411,18 @@ def _stopped_run(world, tmp_path, monkeypatch, capsys, data=None) -> Path:
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         _stop_after_first_epoch(m)
-        code = main(["run", "--data", str(data or data0), "--cache-dir", str(cache), "--out", str(out)] + SMALL
-                    + ["--pretrain-epochs", "2", "--finetune-epochs", "1"])
+        code = main(
+            ["run", "--data", str(data or data0), "--cache-dir", str(cache), "--out", str(out)]
+            + SMALL
+            + ["--pretrain-epochs", "2", "--finetune-epochs", "1"]
+        )
     assert code == 128 + 15, capsys.readouterr().err
     capsys.readouterr()
     return out
 
 
 def test_a_run_folder_has_one_owner(world, tmp_path, monkeypatch, capsys):
-    from convae.rundir import locked
+    from convae.outputs.rundir import locked
 
     run = _stopped_run(world, tmp_path, monkeypatch, capsys)
     with locked(run, "a test holding it"):
@@ -351,7 +460,7 @@ def test_resume_refuses_changed_inputs(world, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("where", ["measure_representation", "write_report"])
 def test_a_signal_after_the_last_epoch_stops_and_resume_finishes(world, tmp_path, monkeypatch, capsys, where):
-    import convae.pipeline as pipeline
+    import convae.commands.run as pipeline
 
     root, data, cache = world
     out = tmp_path / "run"
@@ -363,6 +472,7 @@ def test_a_signal_after_the_last_epoch_stops_and_resume_finishes(world, tmp_path
             calls.append(1)
             if len(calls) == 1:
                 import signal
+
                 os.kill(os.getpid(), signal.SIGTERM)  # a real signal, during the report
         else:
             a[2].stop.signum = 2  # SIGINT as the probes start
@@ -388,8 +498,10 @@ def test_an_evaluation_set_too_small_for_a_map_still_finishes(world, tmp_path, c
     root, data, cache = world
     tiny = make_image_folder(tmp_path / "test", classes=2, per_class=1)  # 2 evaluation images
     out = tmp_path / "run"
-    assert main(["run", "--data", str(data), "--test-data", str(tiny), "--cache-dir", str(cache),
-                 "--out", str(out)] + RUN) == 0
+    assert (
+        main(["run", "--data", str(data), "--test-data", str(tiny), "--cache-dir", str(cache), "--out", str(out)] + RUN)
+        == 0
+    )
     assert "warning: the embedding map was not drawn" in capsys.readouterr().out
     assert not (out / "figures" / "embedding_map.png").exists()
     results = json.loads((out / "results.json").read_text())
@@ -411,8 +523,24 @@ def test_file_names_of_any_bytes_are_recorded_faithfully(world, tmp_path, capsys
     assert any(line.startswith("class_0/bad_\\xff.png: ") for line in skipped)
     assert any(line.startswith("class_1/bad\\nline.png: ") for line in skipped)
     npy = tmp_path / "emb.npy"
-    assert main(["encode", "--checkpoint", str(out / "checkpoints" / "autoencoder.pt"), "--data", str(data),
-                 "--cache-dir", str(cache), "--out", str(npy), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(out / "checkpoints" / "autoencoder.pt"),
+                "--data",
+                str(data),
+                "--cache-dir",
+                str(cache),
+                "--out",
+                str(npy),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     table = npy.with_suffix(".csv").read_text(encoding="utf-8")
     assert "class_0/ok_\\xfe.png" in table
 
@@ -444,8 +572,12 @@ def test_a_zip_with_a_bad_crc_is_one_line(world, tmp_path, capsys):
     first = zipfile.ZipFile(archive).infolist()[0]
     raw[first.header_offset + 30 + len(first.filename) + 40] ^= 0xFF  # a byte inside the first member's data
     archive.write_bytes(bytes(raw))
-    refused(["pretrain", "--data", str(archive), "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
-            + PRE, capsys, "is damaged", untouched=(archive,))
+    refused(
+        ["pretrain", "--data", str(archive), "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")] + PRE,
+        capsys,
+        "is damaged",
+        untouched=(archive,),
+    )
     assert not temporaries(tmp_path / "c")
 
 
@@ -509,9 +641,27 @@ def test_resume_refuses_a_changed_initial_checkpoint(world, tmp_path, monkeypatc
     out = tmp_path / "ft"
     with monkeypatch.context() as m:
         _stop_after_first_epoch(m, phase="finetune")
-        code = main(["finetune", "--checkpoint", str(ckpt), "--data", str(data), "--cache-dir", str(cache),
-                     "--out", str(out), "--finetune-epochs", "2", "--batch-size", "8", "--val-fraction", "0.5",
-                     "--device", "cpu"])
+        code = main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(data),
+                "--cache-dir",
+                str(cache),
+                "--out",
+                str(out),
+                "--finetune-epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.5",
+                "--device",
+                "cpu",
+            ]
+        )
     assert code == 128 + 15
     capsys.readouterr()
     payload = torch.load(ckpt, weights_only=True)
@@ -520,12 +670,15 @@ def test_resume_refuses_a_changed_initial_checkpoint(world, tmp_path, monkeypatc
     refused(["finetune", "--out", str(out), "--resume"], capsys, f"the initial checkpoint {ckpt} changed")
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"phase": 5}, "damaged training state (phase)"),
-    ({"epoch": "x", "metrics": None}, "damaged training state (epoch, metrics)"),
-    ({"model": {"encoder.fc.0.weight": torch.zeros(2, 2)}}, "does not match the model architecture"),
-    ({"optimizer": {"state": {}, "param_groups": []}}, "does not match this run's optimizer"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"phase": 5}, "damaged training state (phase)"),
+        ({"epoch": "x", "metrics": None}, "damaged training state (epoch, metrics)"),
+        ({"model": {"encoder.fc.0.weight": torch.zeros(2, 2)}}, "does not match the model architecture"),
+        ({"optimizer": {"state": {}, "param_groups": []}}, "does not match this run's optimizer"),
+    ],
+)
 def test_a_hostile_training_state_is_refused_on_resume(world, tmp_path, monkeypatch, capsys, change, match):
     run = _stopped_run(world, tmp_path, monkeypatch, capsys)
     path = run / "checkpoints" / "state.pt"
@@ -536,7 +689,7 @@ def test_a_hostile_training_state_is_refused_on_resume(world, tmp_path, monkeypa
 
 
 def test_files_written_whole_get_the_usual_permissions(tmp_path):
-    from convae.files import UMASK, atomic_write_text
+    from convae.utils.files import UMASK, atomic_write_text
 
     path = atomic_write_text(tmp_path / "results.json", "{}")
     assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK  # not mkstemp's private 0600
@@ -546,7 +699,7 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
     import errno
     import fcntl
 
-    from convae.rundir import locked
+    from convae.outputs.rundir import locked
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -613,16 +766,15 @@ def test_a_link_planted_before_a_resume_is_refused_and_its_target_kept(tmp_path,
 
 def test_the_lock_cannot_be_deleted_away(tmp_path):
     """The lock is held on the folder itself: removing RUN/.lock does not free the folder."""
-    from convae.rundir import locked
+    from convae.outputs.rundir import locked
 
     run = tmp_path / "run"
     run.mkdir()
     with locked(run, "training"):
         assert "training" in (run / ".lock").read_text()
         (run / ".lock").unlink()
-        with pytest.raises(ConvaeError, match="is in use by"):
-            with locked(run, "resuming a run"):
-                pass
+        with pytest.raises(ConvaeError, match="is in use by"), locked(run, "resuming a run"):
+            pass
     assert not (run / ".lock").exists()  # no note left behind to read as a live lock
     with locked(run, "writing the report"):  # free again once the holder let go
         pass
@@ -644,6 +796,7 @@ def _tamper_labels_range(entry):
 
 def _tamper_labels_dtype(entry):
     import numpy as np
+
     np.save(entry / "labels.npy", np.load(entry / "labels.npy").astype(np.int32))
 
 
@@ -652,22 +805,40 @@ def _tamper_meta(key, value):
         meta = json.loads((entry / "meta.json").read_text())
         meta[key] = value(meta[key])
         (entry / "meta.json").write_text(json.dumps(meta))
+
     return tamper
 
 
 def _tamper_images(entry):
     import numpy as np
+
     images = np.load(entry / "images.npy")
     np.save(entry / "images.npy", 255 - images)  # another array of the same shape and dtype
 
 
-@pytest.mark.parametrize("tamper", [
-    _tamper_labels_range, _tamper_labels_dtype, _tamper_images,
-    _tamper_meta("classes", lambda c: c + ["ghost"]), _tamper_meta("classes", lambda c: 5),
-    _tamper_meta("files", lambda f: f[:-3]), _tamper_meta("shape", lambda s: [s[0], 3, 8, 8]),
-    _tamper_meta("skipped", lambda s: {"a": 1}),
-], ids=["label-range", "label-dtype", "images-replaced", "ghost-class", "classes-int", "files-cut", "shape",
-        "skipped"])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        _tamper_labels_range,
+        _tamper_labels_dtype,
+        _tamper_images,
+        _tamper_meta("classes", lambda c: c + ["ghost"]),
+        _tamper_meta("classes", lambda c: 5),
+        _tamper_meta("files", lambda f: f[:-3]),
+        _tamper_meta("shape", lambda s: [s[0], 3, 8, 8]),
+        _tamper_meta("skipped", lambda s: {"a": 1}),
+    ],
+    ids=[
+        "label-range",
+        "label-dtype",
+        "images-replaced",
+        "ghost-class",
+        "classes-int",
+        "files-cut",
+        "shape",
+        "skipped",
+    ],
+)
 def test_a_tampered_cache_is_decoded_again_with_a_log_line(tmp_path, capsys, tamper):
     from convae.data import load_source
 
@@ -689,7 +860,7 @@ def test_a_tampered_cache_is_decoded_again_with_a_log_line(tmp_path, capsys, tam
 def test_a_damaged_partial_chunk_is_decoded_again(tmp_path, monkeypatch):
     import convae.data.decode as decode
     from convae.data import load_source
-    from convae.files import atomic_torch_save
+    from convae.utils.files import atomic_torch_save
 
     monkeypatch.setattr(decode, "CHUNK", 4)
     data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
@@ -697,8 +868,13 @@ def test_a_damaged_partial_chunk_is_decoded_again(tmp_path, monkeypatch):
     reference = load_source(str(data), 3, 16, 16, tmp_path / "ref", log=lambda m: None)
     key = _cache_entry(tmp_path / "ref").name
     partial = cache / "tensors" / f"{key}.partial"
-    bad = {"images": torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "keep": [0, 9], "skipped": ["x", "y"],
-           "n_mode": 0, "n_size": 0}  # position 9 in a chunk of 4 files
+    bad = {
+        "images": torch.zeros(2, 3, 16, 16, dtype=torch.uint8),
+        "keep": [0, 9],
+        "skipped": ["x", "y"],
+        "n_mode": 0,
+        "n_size": 0,
+    }  # position 9 in a chunk of 4 files
     atomic_torch_save(bad, partial / "0000000.pt")
     got = load_source(str(data), 3, 16, 16, cache, log=lambda m: None)
     assert torch.equal(got.images, reference.images) and torch.equal(got.labels, reference.labels)
@@ -706,10 +882,19 @@ def test_a_damaged_partial_chunk_is_decoded_again(tmp_path, monkeypatch):
 
 def test_two_processes_decoding_one_source_into_one_cache_both_succeed(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=2, per_class=30)
-    code = ("import sys; from convae.data import load_source; "
-            "s = load_source(sys.argv[1], 3, 16, 16, sys.argv[2], log=lambda m: None); print(len(s))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(data), str(tmp_path / "cache")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    code = (
+        "import sys; from convae.data import load_source; "
+        "s = load_source(sys.argv[1], 3, 16, 16, sys.argv[2], log=lambda m: None); print(len(s))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(data), str(tmp_path / "cache")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
     assert [o.strip() for o, _ in outs] == ["60"] * 3
@@ -720,7 +905,7 @@ def test_two_processes_decoding_one_source_into_one_cache_both_succeed(tmp_path)
 
 
 def test_an_output_written_meanwhile_by_another_process_is_never_overwritten(world, tmp_path, monkeypatch):
-    import convae.export as export_module
+    import convae.commands.export as export_module
 
     root, _, _ = world
     out = tmp_path / "enc.safetensors"
@@ -734,7 +919,7 @@ def test_an_output_written_meanwhile_by_another_process_is_never_overwritten(wor
     with pytest.raises(ConvaeError, match="another process wrote it meanwhile"):
         export_module.export(root / "pre" / "checkpoints" / "autoencoder.pt", "safetensors", "encoder", out)
     assert out.read_bytes() == b"the other process's export" and temporaries(tmp_path) == []
-    from convae.files import atomic_write_bytes
+    from convae.utils.files import atomic_write_bytes
 
     (tmp_path / "e.npy").write_bytes(b"first")
     with pytest.raises(ConvaeError, match="already exists"):
@@ -749,13 +934,25 @@ def test_a_killed_exports_folder_is_swept_and_exports_get_the_usual_mode(world, 
     stale.mkdir()
     (stale / "enc.safetensors").write_bytes(b"half")
     out = tmp_path / "enc.safetensors"
-    assert main(["export", "--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt"), "--format",
-                 "safetensors", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(root / "pre" / "checkpoints" / "autoencoder.pt"),
+                "--format",
+                "safetensors",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert not stale.exists() and (out.stat().st_mode & 0o777) == 0o666 & ~convae_umask()
 
 
 def convae_umask() -> int:
-    from convae.files import UMASK
+    from convae.utils.files import UMASK
 
     return UMASK
 
@@ -763,22 +960,28 @@ def convae_umask() -> int:
 def test_sizes_from_small_inputs_are_bounded(tmp_path):
     from PIL import Image
 
-    from convae.visualise import save_confusion_matrix
+    from convae.outputs.figures import save_confusion_matrix
 
     k = 1100
-    save_confusion_matrix([[1 if i == j else 0 for j in range(k)] for i in range(k)], [f"c{i}" for i in range(k)],
-                          tmp_path / "cm.png")
+    save_confusion_matrix(
+        [[1 if i == j else 0 for j in range(k)] for i in range(k)], [f"c{i}" for i in range(k)], tmp_path / "cm.png"
+    )
     with Image.open(tmp_path / "cm.png") as im:
         assert max(im.size) < 2500
     # a YAML alias bomb under a known key: 9**9 leaves if expanded, 330 bytes on disk
     bomb = "test_data:\n  - &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"  - &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+        f"  - &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
     (tmp_path / "bomb.yaml").write_text(bomb)
     assert len(bomb) < 400
-    proc = subprocess.run([sys.executable, "-m", "convae", "run", "--config", str(tmp_path / "bomb.yaml"),
-                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "convae", "run", "--config", str(tmp_path / "bomb.yaml"), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "test_data must be a path or null" in proc.stderr and len(proc.stderr) < 600
-    from convae.errors import short
+    from convae.utils.errors import short
 
     nested = [1]
     for _ in range(40):
@@ -789,8 +992,9 @@ def test_sizes_from_small_inputs_are_bounded(tmp_path):
 def test_a_model_config_with_a_huge_head_is_refused_before_allocation(tmp_path):
     import convae
 
-    folder = convae.save_pretrained(AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16, height=16, width=16)),
-                                    tmp_path / "m")
+    folder = convae.save_pretrained(
+        AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16, height=16, width=16)), tmp_path / "m"
+    )
     config = json.loads((folder / "config.json").read_text())
     config.update(convae_kind="classifier", num_classes=10**9)
     (folder / "config.json").write_text(json.dumps(config))
@@ -806,10 +1010,25 @@ def test_identical_images_skip_the_embedding_map_with_a_warning(world, tmp_path)
     data.mkdir()
     for i in range(16):
         Image.new("RGB", (16, 16)).save(data / f"{i}.png")
-    proc = subprocess.run([sys.executable, "-m", "convae", "encode", "--checkpoint",
-                           str(root / "pre" / "checkpoints" / "autoencoder.pt"), "--data", str(data),
-                           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "e.npy")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convae",
+            "encode",
+            "--checkpoint",
+            str(root / "pre" / "checkpoints" / "autoencoder.pt"),
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "e.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert "the embedding map was not drawn" in proc.stdout + proc.stderr and "distinct" in proc.stdout + proc.stderr
     assert (tmp_path / "e.npy").is_file() and not (tmp_path / "e_map.png").exists()
@@ -820,7 +1039,7 @@ def test_float_tiffs_in_0_1_are_scaled_and_names_with_dollars_are_drawn(tmp_path
     from PIL import Image
 
     from convae.data.images import load_image
-    from convae.visualise import save_confusion_matrix, save_embedding_map
+    from convae.outputs.figures import save_confusion_matrix, save_embedding_map
 
     Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "f.tif")
     img, _, _ = load_image(tmp_path / "f.tif", 1, 8, 8)
@@ -860,19 +1079,28 @@ def _zip_with(tmp_path: Path, flag_bits: int = 0, method: int | None = None) -> 
 @pytest.mark.parametrize("kind, match", [("encrypted", "is encrypted"), ("method", "compression method 99")])
 def test_zip_members_python_cannot_read_are_one_line(tmp_path, capsys, kind, match):
     archive = _zip_with(tmp_path, flag_bits=1) if kind == "encrypted" else _zip_with(tmp_path, method=99)
-    refused(["pretrain", "--data", str(archive), "--cache-dir", str(tmp_path / "cache"),
-             "--out", str(tmp_path / "r")] + PRE, capsys, match)
+    refused(
+        ["pretrain", "--data", str(archive), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r")]
+        + PRE,
+        capsys,
+        match,
+    )
 
 
-@pytest.mark.parametrize("damage, match", [
-    ("sparse", "not a mapping of names to tensors"), ("meta", "not a mapping of names to tensors"),
-    ("classes", "class names for a classifier of 2 outputs"), ("nan", "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("sparse", "not a mapping of names to tensors"),
+        ("meta", "not a mapping of names to tensors"),
+        ("classes", "class names for a classifier of 2 outputs"),
+        ("nan", "NaN or infinite"),
+    ],
+)
 def test_checkpoints_with_unusable_tensors_or_classes_are_refused(world, tmp_path, capsys, damage, match):
     root, data, _ = world
     clf_ckpt = tmp_path / "clf.pt"
-    from convae.checkpoint import read_checkpoint, save_checkpoint
     from convae.models import Classifier
+    from convae.outputs.checkpoint import read_checkpoint, save_checkpoint
 
     ae = AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16, height=16, width=16))
     save_checkpoint(clf_ckpt, Classifier.from_autoencoder(ae, 2), "classifier", ["a", "b"])
@@ -892,8 +1120,11 @@ def test_checkpoints_with_unusable_tensors_or_classes_are_refused(world, tmp_pat
 
 def test_one_image_per_class_is_refused_before_any_folder(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=1)
-    refused(["run", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r")] + RUN,
-            capsys, "leaves")
+    refused(
+        ["run", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r")] + RUN,
+        capsys,
+        "leaves",
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -915,25 +1146,54 @@ def test_infinity_in_metrics_still_reports(world, tmp_path, capsys):
     assert main(["report", str(run)]) == 0, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("images, kwargs, match", [
-    (__import__("numpy").empty((0, 16, 16, 3), "uint8"), {}, "no images given"),
-    (__import__("numpy").array([[[object()]]], dtype=object), {}, "numpy array of object"),
-    (torch.zeros(4, 3, 16, 16, dtype=torch.uint8), {"labels": [0, 1, 0, 1], "classes": [0, 1]}, "class names"),
-    (torch.zeros(4, 3, 16, 16, dtype=torch.uint8), {"labels": ["a", "b", "a", "b"]}, "labels must be 4 integers"),
-])
+@pytest.mark.parametrize(
+    "images, kwargs, match",
+    [
+        (__import__("numpy").empty((0, 16, 16, 3), "uint8"), {}, "no images given"),
+        (__import__("numpy").array([[[object()]]], dtype=object), {}, "numpy array of object"),
+        (torch.zeros(4, 3, 16, 16, dtype=torch.uint8), {"labels": [0, 1, 0, 1], "classes": [0, 1]}, "class names"),
+        (torch.zeros(4, 3, 16, 16, dtype=torch.uint8), {"labels": ["a", "b", "a", "b"]}, "labels must be 4 integers"),
+    ],
+)
 def test_the_api_refuses_unusable_images_labels_and_classes_before_training(tmp_path, images, kwargs, match):
     import convae
 
     with pytest.raises(ConvaeError, match=match):
-        convae.finetune(images, init="scratch", quiet=True, out=str(tmp_path / "r"), height=16, width=16,
-                        channels=[8, 16], latent_dim=16, **kwargs)
+        convae.finetune(
+            images,
+            init="scratch",
+            quiet=True,
+            out=str(tmp_path / "r"),
+            height=16,
+            width=16,
+            channels=[8, 16],
+            latent_dim=16,
+            **kwargs,
+        )
     assert not (tmp_path / "r").exists()
 
 
 def test_duplicate_sweep_budgets_are_refused(world, capsys, tmp_path):
     root, data, cache = world
-    refused(["sweep", "--data", str(data), "--cache-dir", str(cache), "--out", str(tmp_path / "s"),
-             "--labels-per-class", "2", "2", "--seeds", "1"] + SMALL, capsys, "given twice")
+    refused(
+        [
+            "sweep",
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(tmp_path / "s"),
+            "--labels-per-class",
+            "2",
+            "2",
+            "--seeds",
+            "1",
+        ]
+        + SMALL,
+        capsys,
+        "given twice",
+    )
 
 
 def test_encode_marks_the_training_runs_own_split(tmp_path):
@@ -944,9 +1204,26 @@ def test_encode_marks_the_training_runs_own_split(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=2, per_class=8)
     run = tmp_path / "run"
     args = [a if a != "0.5" else "0.25" for a in PRE] + ["--seed", "3"]
-    assert main(["pretrain", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(run)] + args) == 0
-    assert main(["encode", "--checkpoint", str(run / "checkpoints" / "autoencoder.pt"), "--data", str(data),
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "e.npy"), "--no-map"]) == 0
+    assert (
+        main(["pretrain", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(run)] + args) == 0
+    )
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(run / "checkpoints" / "autoencoder.pt"),
+                "--data",
+                str(data),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(tmp_path / "e.npy"),
+                "--no-map",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "e.csv")))
     ds = load_source(str(data), 3, 16, 16, tmp_path / "cache", log=lambda m: None)
     _, val = split_indices(ds.labels, len(ds), 0.25, 3)
@@ -959,17 +1236,41 @@ def test_markup_and_formulas_from_files_are_escaped(world, tmp_path, capsys):
     root, _, _ = world
     run = tmp_path / "run"
     shutil.copytree(root / "pre", run)
-    (run / "results.json").write_text(json.dumps({"phase": "pretrain", "accuracy": 0.5, "per_class": {},
-                                                  "num_images": "<script>alert(1)</script>",
-                                                  "timing": {"<b>x</b>_s": 1.0}, "classes": []}))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "phase": "pretrain",
+                "accuracy": 0.5,
+                "per_class": {},
+                "num_images": "<script>alert(1)</script>",
+                "timing": {"<b>x</b>_s": 1.0},
+                "classes": [],
+            }
+        )
+    )
     assert main(["report", str(run)]) == 0, capsys.readouterr().err
     page = (run / "report.html").read_text()
     assert "<script>" not in page and "<b>x</b>" not in page
     data = tmp_path / "data"
     for name in ("=HYPERLINK(1)", "@sum"):
         make_image_folder(data / name, classes=1, per_class=3)
-    assert main(["encode", "--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt"), "--data", str(data),
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "e.npy"), "--no-map"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(root / "pre" / "checkpoints" / "autoencoder.pt"),
+                "--data",
+                str(data),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(tmp_path / "e.npy"),
+                "--no-map",
+            ]
+        )
+        == 0
+    )
     classes = {r["class"] for r in csv.DictReader(open(tmp_path / "e.csv"))}
     assert classes == {"'=HYPERLINK(1)", "'@sum"}
 
@@ -977,8 +1278,8 @@ def test_markup_and_formulas_from_files_are_escaped(world, tmp_path, capsys):
 def test_a_file_name_with_a_newline_keeps_one_row(world, tmp_path, capsys):
     from PIL import Image
 
-    from convae.checkpoint import save_checkpoint
     from convae.models import Classifier
+    from convae.outputs.checkpoint import save_checkpoint
 
     ae = AutoEncoder(ModelConfig(channels=(8, 16), latent_dim=16, height=16, width=16))
     save_checkpoint(tmp_path / "clf.pt", Classifier.from_autoencoder(ae, 2), "classifier", ["a", "b"])
@@ -994,9 +1295,8 @@ def test_sigterm_during_a_parallel_decode_leaves_no_worker(tmp_path):
     import signal
     import time
 
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -1005,9 +1305,26 @@ def test_sigterm_during_a_parallel_decode_leaves_no_worker(tmp_path):
         for i in range(1500):
             Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(data / f"c{k}" / f"{i}.png")
     marker = tmp_path / "decode-marker-out"
-    proc = subprocess.Popen([sys.executable, "-m", "convae", "pretrain", "--data", str(data), "--workers", "2",
-                             "--cache-dir", str(tmp_path / "cache"), "--out", str(marker)] + PRE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "convae",
+            "pretrain",
+            "--data",
+            str(data),
+            "--workers",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(marker),
+        ]
+        + PRE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("decoding"):
             break
@@ -1032,29 +1349,43 @@ def test_sigterm_during_a_parallel_decode_leaves_no_worker(tmp_path):
     assert survivors() == []
 
 
-@pytest.mark.parametrize("argv", [
-    ["run", "--test-data", "NaN"],
-    ["evaluate", "--train-data", "NaN"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--test-data", "NaN"],
+        ["evaluate", "--train-data", "NaN"],
+    ],
+)
 def test_every_path_is_checked_before_anything_is_decoded(world, tmp_path, capsys, argv):
     root, data, _ = world
     cache = tmp_path / "fresh-cache"
-    extra = (["--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt")] if argv[0] == "evaluate"
-             else ["--out", str(tmp_path / "r")] + RUN)
+    extra = (
+        ["--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt")]
+        if argv[0] == "evaluate"
+        else ["--out", str(tmp_path / "r")] + RUN
+    )
     refused(argv + ["--data", str(data), "--cache-dir", str(cache)] + extra, capsys, "data source not found: NaN")
     assert not cache.exists()  # the training data was not decoded first
 
 
 @pytest.mark.parametrize("command", ["run", "sweep", "evaluate"])
 def test_a_new_output_folder_claimed_by_another_process_is_refused_before_any_write(world, tmp_path, capsys, command):
-    from convae.rundir import locked
+    from convae.outputs.rundir import locked
 
     root, data, cache = world
     out = tmp_path / "claimed"
     out.mkdir()
-    args = {"run": ["run"] + RUN, "sweep": ["sweep", "--labels-per-class", "2", "--seeds", "1", "--steps", "1"] + PRE,
-            "evaluate": ["evaluate", "--checkpoint", str(root / "pre" / "checkpoints" / "autoencoder.pt"),
-                         "--train-data", str(data)]}[command]
+    args = {
+        "run": ["run"] + RUN,
+        "sweep": ["sweep", "--labels-per-class", "2", "--seeds", "1", "--steps", "1"] + PRE,
+        "evaluate": [
+            "evaluate",
+            "--checkpoint",
+            str(root / "pre" / "checkpoints" / "autoencoder.pt"),
+            "--train-data",
+            str(data),
+        ],
+    }[command]
     with locked(out, "training"):  # another process started on the same --out a moment earlier
         refused(args + ["--data", str(data), "--cache-dir", str(cache), "--out", str(out)], capsys, "is in use by")
         assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from conftest import make_image_folder
-from convae.arch import ModelConfig
-from convae.augment import AugmentConfig
 from convae.cli import main
 from convae.data import DeviceBatches
-from convae.errors import ConvaeError
-from convae.joint import JointLoss, JointModel, JointSpec, check_labels, cycling
-from convae.loop import train_one_epoch
+from convae.data.augment import AugmentConfig
 from convae.models import AutoEncoder, Classifier
-from convae.objectives import ObjectiveConfig, make_objective
-from convae.recipe import classification_loss
-from convae.records import Batch
+from convae.models.objectives import ObjectiveConfig, make_objective
+from convae.models.registry import ModelConfig
+from convae.training.joint import JointLoss, JointModel, JointSpec, check_labels, cycling
+from convae.training.loop import train_one_epoch
+from convae.training.recipe import classification_loss
+from convae.utils.errors import ConvaeError
+from convae.utils.records import Batch
 
 CFG = ModelConfig(arch="blocks", channels=(8, 16), height=16, width=16, num_classes=3)
 BLOCKS = ["--arch", "blocks", "--channels", "8", "16", "--height", "16", "--width", "16", "--device", "cpu"]
@@ -26,7 +26,7 @@ BLOCKS = ["--arch", "blocks", "--channels", "8", "16", "--height", "16", "--widt
 
 def _ids(n, start=0):
     """Images whose every pixel is their id: a batch says which images it holds."""
-    return (torch.arange(start, start + n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 16, 16).contiguous())
+    return torch.arange(start, start + n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 16, 16).contiguous()
 
 
 def test_the_labelled_stream_cycles_and_the_unlabelled_one_is_seen_once_per_epoch():
@@ -42,8 +42,13 @@ def test_the_labelled_stream_cycles_and_the_unlabelled_one_is_seen_once_per_epoc
 
     for epoch in (1, 2):
         unlabelled.set_epoch(epoch)
-        train_one_epoch(clf, unlabelled, torch.optim.SGD(clf.parameters(), 0.0), recording,
-                        labelled=cycling(labelled_set, (epoch - 1) * len(unlabelled)))
+        train_one_epoch(
+            clf,
+            unlabelled,
+            torch.optim.SGD(clf.parameters(), 0.0),
+            recording,
+            labelled=cycling(labelled_set, (epoch - 1) * len(unlabelled)),
+        )
     for e in range(2):  # every unlabelled image once per epoch
         assert sorted(sum(seen_u[3 * e : 3 * e + 3], [])) == list(range(12))
     assert len(seen_l) == 6  # one labelled batch beside every step: 3 passes over the 8 labelled images
@@ -81,16 +86,25 @@ def test_weight_zero_is_supervised_training_step_for_step(mode):
 
     sup = labelled_batches()
     sup.set_epoch(1)
-    train_one_epoch(clf, sup, torch.optim.AdamW(clf.parameters(), 1e-2), classification_loss(0.1),
-                    augmentation=aug, seed=7)
+    train_one_epoch(
+        clf, sup, torch.optim.AdamW(clf.parameters(), 1e-2), classification_loss(0.1), augmentation=aug, seed=7
+    )
 
-    joint = JointModel(twin, JointSpec(mode, weight=0.0, label_smoothing=0.1),
-                       make_objective(ObjectiveConfig(objective="masked")))
+    joint = JointModel(
+        twin, JointSpec(mode, weight=0.0, label_smoothing=0.1), make_objective(ObjectiveConfig(objective="masked"))
+    )
     assert joint.ae is None and joint.combinator is None  # nothing else trains
     unlabelled = DeviceBatches(torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8), None, 8, True, 9)
     unlabelled.set_epoch(1)
-    train_one_epoch(joint, unlabelled, torch.optim.AdamW(joint.parameters(), 1e-2), JointLoss(0.0),
-                    augmentation=aug, seed=7, labelled=cycling(labelled_batches(), 0))
+    train_one_epoch(
+        joint,
+        unlabelled,
+        torch.optim.AdamW(joint.parameters(), 1e-2),
+        JointLoss(0.0),
+        augmentation=aug,
+        seed=7,
+        labelled=cycling(labelled_batches(), 0),
+    )
     for (k, a), b in zip(clf.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), k
     assert not torch.equal(clf.head.weight, _supervised_twin()[0].head.weight)  # and it did train
@@ -126,7 +140,9 @@ def test_the_running_statistics_are_the_clean_classification_pass_s(mode):
     batch-norm statistics (what evaluation uses) to the clean pass: the unlabelled images' for the
     Gamma-model, the labelled ones' for plain."""
     torch.manual_seed(0)
-    model = JointModel(Classifier(CFG), JointSpec(mode, weight=1.0), make_objective(ObjectiveConfig(objective="masked")))
+    model = JointModel(
+        Classifier(CFG), JointSpec(mode, weight=1.0), make_objective(ObjectiveConfig(objective="masked"))
+    )
     reference = copy.deepcopy(model.clf)
     x, lx, ly = torch.rand(8, 3, 16, 16), torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
     model.train(), reference.train()
@@ -174,8 +190,12 @@ def test_the_plain_cost_is_the_objective_on_the_unlabelled_and_labelled_images_t
 def test_plain_joint_training_after_pretraining_starts_from_a_copy_of_the_pretrained_decoder():
     torch.manual_seed(0)
     ae = AutoEncoder(CFG)
-    model = JointModel(Classifier.from_autoencoder(ae, 3), JointSpec("plain"),
-                       make_objective(ObjectiveConfig(objective="reconstruct")), decoder=ae.decoder)
+    model = JointModel(
+        Classifier.from_autoencoder(ae, 3),
+        JointSpec("plain"),
+        make_objective(ObjectiveConfig(objective="reconstruct")),
+        decoder=ae.decoder,
+    )
     assert model.ae.decoder is not ae.decoder  # the pretrained autoencoder is left as it was
     for (k, a), b in zip(model.ae.decoder.state_dict().items(), ae.decoder.state_dict().values()):
         assert torch.equal(a, b), k
@@ -197,9 +217,30 @@ def folder(tmp_path_factory):
 def test_a_joint_run_from_the_command_line_with_one_label_per_class(folder, tmp_path, mode):
     data, cache = folder
     out = tmp_path / "run"
-    code = main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(out), *BLOCKS,
-                 "--init", "scratch", "--joint", mode, "--labels-per-class", "1", "--finetune-epochs", "2",
-                 "--batch-size", "8", "--objective", "masked"])
+    code = main(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(out),
+            *BLOCKS,
+            "--init",
+            "scratch",
+            "--joint",
+            mode,
+            "--labels-per-class",
+            "1",
+            "--finetune-epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--objective",
+            "masked",
+        ]
+    )
     assert code == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2] and all(m["phase"] == "finetune" for m in metrics)
@@ -216,8 +257,21 @@ def test_a_joint_run_from_the_command_line_with_one_label_per_class(folder, tmp_
 
 def test_joint_training_refuses_a_frozen_encoder(folder, tmp_path, capsys):
     data, cache = folder
-    code = main(["run", "--data", str(data), "--cache-dir", str(cache), "--out", str(tmp_path / "r"), *BLOCKS,
-                 "--joint", "plain", "--freeze-encoder"])
+    code = main(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(tmp_path / "r"),
+            *BLOCKS,
+            "--joint",
+            "plain",
+            "--freeze-encoder",
+        ]
+    )
     assert code != 0
     assert "--joint and --freeze-encoder" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
@@ -226,9 +280,32 @@ def test_joint_training_refuses_a_frozen_encoder(folder, tmp_path, capsys):
 def test_the_sweep_measures_the_joint_methods_without_pretraining(folder, tmp_path, capsys):
     data, cache = folder
     out = tmp_path / "sweep"
-    code = main(["sweep", "--data", str(data), "--cache-dir", str(cache), "--out", str(out), *BLOCKS,
-                 "--labels-per-class", "2", "--seeds", "2", "--steps", "3", "--batch-size", "8",
-                 "--objective", "masked", "--methods", "scratch", "joint_plain", "joint_gamma"])
+    code = main(
+        [
+            "sweep",
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(out),
+            *BLOCKS,
+            "--labels-per-class",
+            "2",
+            "--seeds",
+            "2",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--objective",
+            "masked",
+            "--methods",
+            "scratch",
+            "joint_plain",
+            "joint_gamma",
+        ]
+    )
     assert code == 0
     assert "no pretraining" in capsys.readouterr().out
     result = json.loads((out / "sweep.json").read_text())
@@ -248,9 +325,33 @@ def test_the_sweeps_joint_finetuning_starts_from_the_pretrained_encoder_and_deco
 
     monkeypatch.setattr(JointModel, "__init__", spy)
     out = tmp_path / "sweep"
-    code = main(["sweep", "--data", str(data), "--cache-dir", str(cache), "--out", str(out), *BLOCKS,
-                 "--pretrain-epochs", "1", "--labels-per-class", "2", "--seeds", "1", "--steps", "2",
-                 "--batch-size", "8", "--objective", "masked", "--methods", "joint_finetune", "joint_plain"])
+    code = main(
+        [
+            "sweep",
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(out),
+            *BLOCKS,
+            "--pretrain-epochs",
+            "1",
+            "--labels-per-class",
+            "2",
+            "--seeds",
+            "1",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--objective",
+            "masked",
+            "--methods",
+            "joint_finetune",
+            "joint_plain",
+        ]
+    )
     assert code == 0
     result = json.loads((out / "sweep.json").read_text())
     assert [c["method"] for c in result["cells"]] == ["joint_plain", "joint_finetune"]

@@ -1,4 +1,4 @@
-"""The loop (convae.loop): micro-batching, learning, schedules."""
+"""The loop (convae.training.loop): micro-batching, learning, schedules."""
 
 import copy
 import itertools
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from convae.data import DeviceBatches
-from convae.device import micro_batch_size
-from convae.loop import classification_criterion, make_optimizer, make_scheduler, train_one_epoch
 from convae.models import AutoEncoder, Classifier, ModelConfig
-from convae.objectives import ObjectiveConfig, make_objective
+from convae.models.objectives import ObjectiveConfig, make_objective
+from convae.training.loop import classification_criterion, make_optimizer, make_scheduler, train_one_epoch
+from convae.utils.device import micro_batch_size
 
 reconstruction = make_objective(ObjectiveConfig("reconstruct"))
 
@@ -24,10 +24,12 @@ def test_micro_batches_give_the_whole_batch_update():
     a = AutoEncoder(SMALL)
     b = copy.deepcopy(a)
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
-    la = train_one_epoch(a, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(a.parameters(), 0.5),
-                         reconstruction)
-    lb = train_one_epoch(b, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(b.parameters(), 0.5),
-                         reconstruction, micro_batch=7)
+    la = train_one_epoch(
+        a, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(a.parameters(), 0.5), reconstruction
+    )
+    lb = train_one_epoch(
+        b, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(b.parameters(), 0.5), reconstruction, micro_batch=7
+    )
     assert la == pytest.approx(lb, rel=1e-6)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
@@ -80,7 +82,7 @@ def test_optimizers_train_only_parameters_that_require_grad():
 
 
 def test_a_frozen_encoder_keeps_its_batch_norm_statistics():
-    from convae.loop import freeze
+    from convae.training.loop import freeze
 
     torch.manual_seed(0)
     clf = Classifier(ModelConfig(channels=(8, 16), latent_dim=16, num_classes=3, norm="batch"))
@@ -102,16 +104,18 @@ def test_a_labelled_stream_joins_every_step_and_is_split_with_the_micro_batches(
     clf = Classifier(SMALL)
     unlabelled = DeviceBatches(torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), None, 8, True, 0)
     labelled_images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8).float() / 255
-    labelled = itertools.cycle([(labelled_images[:3], torch.tensor([0, 1, 2])),
-                                (labelled_images[3:], torch.tensor([2, 1, 0]))])
+    labelled = itertools.cycle(
+        [(labelled_images[:3], torch.tensor([0, 1, 2])), (labelled_images[3:], torch.tensor([2, 1, 0]))]
+    )
     seen = []
 
     def joint(model, batch, generator=None):
         seen.append((len(batch), batch.y, batch.labelled.y.tolist()))
         return classification_criterion(model, batch.labelled) + 0 * model(batch.x).sum()
 
-    loss = train_one_epoch(clf, unlabelled, torch.optim.SGD(clf.parameters(), 0.1), joint, micro_batch=4,
-                           labelled=labelled)
+    loss = train_one_epoch(
+        clf, unlabelled, torch.optim.SGD(clf.parameters(), 0.1), joint, micro_batch=4, labelled=labelled
+    )
     assert math.isfinite(loss)
     # 3 steps of 8 unlabelled images, each in 2 micro-batches of 4; the labelled batches cycle
     assert [(n, y) for n, y, _ in seen] == [(4, None)] * 6
@@ -135,21 +139,21 @@ def test_a_step_budget_ends_the_epoch_early():
 def test_the_fp16_gradient_scaler_gives_the_same_step_and_skips_an_overflowing_one():
     """The scaler's logic on the CPU (fp16 itself is for CUDA): a scaled step is the unscaled one,
     a step whose gradient overflowed is skipped and the scale lowered."""
-    from convae.records import Batch
-    from convae.loop import train_step
+    from convae.training.loop import train_step
+    from convae.utils.records import Batch
 
     torch.manual_seed(0)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     plain, scaled = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     scaled.load_state_dict(plain.state_dict())
-    crit = lambda m, b, g=None: torch.nn.functional.cross_entropy(m(b.x), b.y)  # noqa: E731
+    crit = lambda m, b, g=None: torch.nn.functional.cross_entropy(m(b.x), b.y)
     train_step(plain, Batch(x, y), torch.optim.SGD(plain.parameters(), lr=0.1), crit, micro_batch=3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     train_step(scaled, Batch(x, y), torch.optim.SGD(scaled.parameters(), lr=0.1), crit, micro_batch=3, scaler=scaler)
     for a, b in zip(plain.parameters(), scaled.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     before = [p.detach().clone() for p in scaled.parameters()]
-    overflow = lambda m, b, g=None: crit(m, b) * float("inf")  # noqa: E731
+    overflow = lambda m, b, g=None: crit(m, b) * float("inf")
     train_step(scaled, Batch(x, y), torch.optim.SGD(scaled.parameters(), lr=0.1), overflow, scaler=scaler)
     assert all(torch.equal(a, b) for a, b in zip(before, scaled.parameters()))
     assert scaler.get_scale() == 2.0**9
@@ -159,9 +163,39 @@ def test_the_fp16_gradient_scaler_gives_the_same_step_and_skips_an_overflowing_o
 def test_fp16_trains_on_cuda_with_its_scaler(image_folder, cache_dir, tmp_path):
     from convae.cli import main
 
-    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "r"),
-                 "--device", "cuda", "--precision", "fp16", "--height", "16", "--width", "16", "--channels", "8",
-                 "16", "--latent-dim", "16", "--batch-size", "8", "--pretrain-epochs", "1", "--finetune-epochs", "1"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(tmp_path / "r"),
+                "--device",
+                "cuda",
+                "--precision",
+                "fp16",
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--channels",
+                "8",
+                "16",
+                "--latent-dim",
+                "16",
+                "--batch-size",
+                "8",
+                "--pretrain-epochs",
+                "1",
+                "--finetune-epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     state = torch.load(tmp_path / "r" / "checkpoints" / "state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0
 
@@ -171,9 +205,9 @@ def test_a_last_batch_of_one_image_joins_the_one_before_when_the_network_has_bat
     train a batch norm), one without it two steps as before; a micro-batch of one image joins the
     micro-batch before it; a lone image is one clear error."""
     from convae.config import build_config
-    from convae.errors import ConvaeError
-    from convae.loop import train_step
-    from convae.records import Batch
+    from convae.training.loop import train_step
+    from convae.utils.errors import ConvaeError
+    from convae.utils.records import Batch
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8)
@@ -183,8 +217,13 @@ def test_a_last_batch_of_one_image_joins_the_one_before_when_the_network_has_bat
     steps = {}
     for name, clf in (("bn", bn), ("plain", plain)):
         sizes = []
-        loss = train_one_epoch(clf, DeviceBatches(images, labels, 8, True, 0), torch.optim.SGD(clf.parameters(), 0.01),
-                               classification_criterion, after_step=lambda: sizes.append(None))
+        loss = train_one_epoch(
+            clf,
+            DeviceBatches(images, labels, 8, True, 0),
+            torch.optim.SGD(clf.parameters(), 0.01),
+            classification_criterion,
+            after_step=lambda: sizes.append(None),
+        )
         assert math.isfinite(loss)
         steps[name] = len(sizes)
     assert steps == {"bn": 1, "plain": 2}
@@ -192,13 +231,20 @@ def test_a_last_batch_of_one_image_joins_the_one_before_when_the_network_has_bat
     assert parts == [4, 5]
     bn.train()
     with pytest.raises(ConvaeError, match="a training batch of 1 image"):
-        train_step(bn, Batch(images[:1].float() / 255, labels[:1]), torch.optim.SGD(bn.parameters(), 0.01),
-                   classification_criterion)
+        train_step(
+            bn,
+            Batch(images[:1].float() / 255, labels[:1]),
+            torch.optim.SGD(bn.parameters(), 0.01),
+            classification_criterion,
+        )
     # the advice names the setting that made the batch too small
     x = images[:3].float() / 255
     opt = torch.optim.SGD(bn.parameters(), 0.01)
-    cases = {"--micro-batch 2": dict(micro_batch=1), "--batch-size 4": dict(global_n=3, world_size=2),
-             "with --batch-size 2": {}}
+    cases = {
+        "--micro-batch 2": dict(micro_batch=1),
+        "--batch-size 4": dict(global_n=3, world_size=2),
+        "with --batch-size 2": {},
+    }
     for advice, kw in cases.items():
         batch = Batch(x, labels[:3]) if kw.get("micro_batch") else Batch(x[:1], labels[:1])
         with pytest.raises(ConvaeError) as e:

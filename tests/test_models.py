@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from convae.models import UPSAMPLE_MODES, AutoEncoder, Classifier, Encoder, ModelConfig, count_parameters
-from convae.stages import stage_sizes
-from convae.reference import Model as LectureClassifier
-from convae.reference import autoencoder as LectureAutoencoder
+from convae.models.reference import Model as LectureClassifier
+from convae.models.reference import autoencoder as LectureAutoencoder
+from convae.models.stages import stage_sizes
 
 
 def leaf_reprs(model: nn.Module) -> list[str]:

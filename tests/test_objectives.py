@@ -5,8 +5,16 @@ import torch
 from torch import nn
 
 from convae.models import AutoEncoder, ModelConfig
-from convae.objectives import (OBJECTIVES, ObjectiveConfig, denormalise_patches, make_objective, masked_mse,
-                               normalise_patches, patch_mask, winner_take_all)
+from convae.models.objectives import (
+    OBJECTIVES,
+    ObjectiveConfig,
+    denormalise_patches,
+    make_objective,
+    masked_mse,
+    normalise_patches,
+    patch_mask,
+    winner_take_all,
+)
 
 
 class Echo(nn.Module):
@@ -124,13 +132,25 @@ def test_winner_take_all_keeps_exactly_k_winners_per_image_and_the_lifetime_top(
 
 
 @pytest.mark.parametrize("name", [o for o in OBJECTIVES if o != "patches"])  # patches: tests/test_patchnet.py
-@pytest.mark.parametrize("shape, upsample", [((1, 28, 28), "nearest"), ((3, 32, 32), "bilinear"),
-                                             ((3, 32, 32), "unpool"), ((1, 28, 28), "transposed")])
+@pytest.mark.parametrize(
+    "shape, upsample",
+    [((1, 28, 28), "nearest"), ((3, 32, 32), "bilinear"), ((3, 32, 32), "unpool"), ((1, 28, 28), "transposed")],
+)
 def test_every_objective_trains_every_shape_and_upsample(name, shape, upsample):
     torch.manual_seed(0)
     c, h, w = shape
-    ae = AutoEncoder(ModelConfig(in_channels=c, height=h, width=w, channels=(8, 16), latent_dim=32,
-                                 upsample=upsample, norm="batch", output_activation="none"))
+    ae = AutoEncoder(
+        ModelConfig(
+            in_channels=c,
+            height=h,
+            width=w,
+            channels=(8, 16),
+            latent_dim=32,
+            upsample=upsample,
+            norm="batch",
+            output_activation="none",
+        )
+    )
     obj = make_objective(ObjectiveConfig(name, sparse_k=8, lifetime_rate=0.5, drop_prob=0.2))  # 4 of 8 images per unit
     x = torch.rand(8, c, h, w)
     opt = torch.optim.Adam(ae.parameters(), 3e-3)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convae.models import AutoEncoder, ModelConfig
-from convae.ops import can_fuse, upsample_conv
+from convae.models.upsample_conv import can_fuse, upsample_conv
 
 
 def unfused(x, w, b, mode):
@@ -37,8 +37,9 @@ def test_fused_upsample_conv_is_the_same_function_and_gradient(mode, shape, bias
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_fused_upsample_conv_passes_gradcheck(mode):
     g = torch.Generator().manual_seed(1)
-    args = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True)
-            for s in [(2, 3, 3, 4), (2, 3, 3, 3), (2,)]]
+    args = [
+        torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in [(2, 3, 3, 4), (2, 3, 3, 3), (2,)]
+    ]
     assert torch.autograd.gradcheck(lambda x, w, b: upsample_conv(x, w, b, mode), args)
 
 
@@ -95,8 +96,9 @@ def test_only_exact_pairs_are_fused():
     assert not can_fuse(nn.Upsample(scale_factor=3, mode="bilinear"), conv)
     assert not can_fuse(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(8, 3, 3, padding=1, stride=2))
     assert not can_fuse(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(8, 3, 5, padding=2))
-    assert not can_fuse(nn.Upsample(scale_factor=2, mode="bilinear"),
-                        nn.Conv2d(8, 3, 3, padding=1, padding_mode="reflect"))
+    assert not can_fuse(
+        nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(8, 3, 3, padding=1, padding_mode="reflect")
+    )
 
 
 def test_only_narrow_convs_are_fused_where_it_was_measured_to_pay():

@@ -32,12 +32,15 @@ def test_the_command_line_starts_without_torchvision_or_pyplot():
 def test_the_command_exits_with_its_status_and_its_objects_frozen():
     """The interpreter's last garbage collections over torch's objects took 1.4 s after a tiny
     run's "done"; the command freezes them first. A user mistake still exits 2."""
-    code = ("import atexit, gc, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
-            "sys.argv = ['convae'] + sys.argv[1:]; from convae.cli import entry; entry()")
+    code = (
+        "import atexit, gc, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+        "sys.argv = ['convae'] + sys.argv[1:]; from convae.cli import entry; entry()"
+    )
     ok = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.split("\n")[1] == "frozen True", ok.stdout + ok.stderr
-    bad = subprocess.run([sys.executable, "-c", code, "run", "--data", "/nonexistent/images"], capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [sys.executable, "-c", code, "run", "--data", "/nonexistent/images"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "data source not found" in bad.stderr and "Traceback" not in bad.stderr
     assert "frozen True" in bad.stdout
     assert "entry()" in (Path(convae.__file__).parent / "__main__.py").read_text()  # python -m convae: the same way out
@@ -46,8 +49,11 @@ def test_the_command_exits_with_its_status_and_its_objects_frozen():
 @pytest.mark.skipif(not (ROOT / "pyproject.toml").is_file(), reason="needs the source tree")
 def test_wheel_builds_and_installs_in_a_fresh_venv(tmp_path):
     # --no-isolation: build with this environment's setuptools, so no download is needed
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
-                    str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     wheels = list((tmp_path / "dist").glob("convae-*.whl"))
     assert len(wheels) == 1
     env_dir = tmp_path / "fresh"
@@ -56,8 +62,9 @@ def test_wheel_builds_and_installs_in_a_fresh_venv(tmp_path):
     subprocess.run([py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheels[0])], check=True)
     # torch and friends are large: borrow this environment's copies, convae comes from the wheel
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages())}
-    where = subprocess.run([py, "-c", "import convae; print(convae.__file__)"], capture_output=True, text=True,
-                           env=env, check=True).stdout.strip()
+    where = subprocess.run(
+        [py, "-c", "import convae; print(convae.__file__)"], capture_output=True, text=True, env=env, check=True
+    ).stdout.strip()
     assert where.startswith(str(env_dir))
     version = subprocess.run([env_dir / "bin" / "convae", "--version"], capture_output=True, text=True, env=env)
     assert version.returncode == 0 and version.stdout.startswith("convae ")

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from convae.config import build_config
-from convae.errors import ConvaeError
+from convae.evaluation.probes import random_encoder
 from convae.models import AutoEncoder, Classifier, ModelConfig
-from convae.objectives import ObjectiveConfig, make_objective
-from convae.patchnet import VARIANCE_FLOOR, WHITENING_EPS, patch_stats, random_patches
-from convae.probes import random_encoder
+from convae.models.objectives import ObjectiveConfig, make_objective
+from convae.models.patch import VARIANCE_FLOOR, WHITENING_EPS, patch_stats, random_patches
+from convae.utils.errors import ConvaeError
 
 
 def patch_config(**kw) -> ModelConfig:
@@ -27,7 +27,7 @@ def test_the_response_is_each_filters_dot_product_with_the_normalised_patch():
     w = enc.conv.weight.flatten(1)
     w = w / w.norm(dim=1, keepdim=True)
     for b, i, j in ((0, 0, 0), (1, 7, 3), (1, 11, 11)):
-        p = x[b, :, i:i + 5, j:j + 5].flatten()
+        p = x[b, :, i : i + 5, j : j + 5].flatten()
         p = (p - p.mean()) / (p.var() + VARIANCE_FLOOR).sqrt()
         torch.testing.assert_close(y[b, :, i, j], w @ p, rtol=1e-4, atol=1e-4)
 
@@ -47,7 +47,7 @@ def test_features_are_the_thresholded_code_summed_over_quadrants():
 def test_features_in_chunks_are_the_whole_batchs_with_the_same_gradients(monkeypatch):
     """The CPU computes the response map a few images at a time (cache-sized chunks); the features
     and every gradient are the whole batch's, in training and in inference."""
-    from convae import patchnet
+    from convae.models import patch as patchnet
 
     torch.manual_seed(0)
     clf = Classifier(patch_config(threshold=0.25))
@@ -78,8 +78,13 @@ def test_the_pooled_code_with_its_own_backward_matches_autograd():
     for own in (True, False):
         enc.zero_grad()
         with torch.enable_grad():
-            f = enc.quadrants(x) if own else F.adaptive_avg_pool2d(  # 5 images: one chunk, through _PooledCode
-                F.relu(enc.response(x) - 0.25), 2).flatten(1)
+            f = (
+                enc.quadrants(x)
+                if own
+                else F.adaptive_avg_pool2d(  # 5 images: one chunk, through _PooledCode
+                    F.relu(enc.response(x) - 0.25), 2
+                ).flatten(1)
+            )
             (f * g).sum().backward()
         grads.append((f.detach(), enc.conv.weight.grad.clone()))
     (f_own, g_own), (f_ref, g_ref) = grads
@@ -91,7 +96,7 @@ def test_the_pooled_code_with_its_own_backward_matches_autograd():
 def test_a_crop_the_size_of_a_patch_decodes_as_the_general_path_does():
     """Pretraining decodes one code per k x k crop by a matrix product and a reshape; the result is
     the 1x1 convolution and fold's."""
-    from convae.patchnet import patch_stats
+    from convae.models.patch import patch_stats
 
     torch.manual_seed(0)
     ae = AutoEncoder(patch_config())
@@ -117,7 +122,7 @@ def test_a_crop_the_size_of_a_patch_responds_as_the_general_path_does():
     enc = AutoEncoder(patch_config()).encoder
     enc.patch_mean.normal_(0, 0.1)  # a fitted whitening's centre: the bias counts
     x = torch.rand(3, 3, 6, 6)  # 2 x 2 positions of a 5 x 5 filter
-    crops = torch.stack([x[:, :, i:i + 5, j:j + 5] for i in range(2) for j in range(2)], 1).flatten(0, 1)
+    crops = torch.stack([x[:, :, i : i + 5, j : j + 5] for i in range(2) for j in range(2)], 1).flatten(0, 1)
     mean, std = patch_stats(crops, 5)
     ref_mean, ref_std = patch_stats(x, 5)  # the convolution's statistics: (3, 1, 2, 2)
     torch.testing.assert_close(mean.view(3, 2, 2), ref_mean.view(3, 2, 2), rtol=1e-5, atol=1e-6)
@@ -151,7 +156,7 @@ def test_random_patches_are_crops_of_their_own_image():
     assert crops.shape == (15, 2, 4, 4)
     for n, crop in enumerate(crops):
         img = x[n // 5]
-        found = [(i, j) for i in range(7) for j in range(9) if torch.equal(img[:, i:i + 4, j:j + 4], crop)]
+        found = [(i, j) for i in range(7) for j in range(9) if torch.equal(img[:, i : i + 4, j : j + 4], crop)]
         assert len(found) == 1  # random pixels: exactly one place it can come from
     again = random_patches(x, 4, 5, torch.Generator().manual_seed(0))
     assert torch.equal(crops, again)
@@ -203,7 +208,8 @@ def test_the_patches_objective_keeps_each_units_lifetime_winners():
     seen = {}
     ae.decoder.register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))
     make_objective(ObjectiveConfig("patches", crop_size=4, patches_per_image=5, lifetime_rate=0.2)).loss(
-        ae, torch.rand(4, 3, 16, 16), torch.Generator().manual_seed(0))
+        ae, torch.rand(4, 3, 16, 16), torch.Generator().manual_seed(0)
+    )
     h = seen["h"]
     assert h.shape == (20, 6, 1, 1)
     assert ((h.flatten(1) > 0).sum(0) <= 4).all() and ((h.flatten(1) > 0).sum(0) == 4).any()
@@ -221,14 +227,17 @@ def test_transfer_copies_filters_and_whitening_and_the_baseline_has_none():
     assert torch.equal(base.whitening, torch.eye(75)) and not torch.equal(base.conv.weight, ae.encoder.conv.weight)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"arch": "patch", "channels": [8, 16], "objective": "patches"}, "has one layer"),
-    ({"arch": "patch", "channels": [8], "kernel_size": 40, "objective": "patches"}, "at most the input size"),
-    ({"arch": "patch", "channels": [8]}, "patches objective trains the patch architecture"),
-    ({"objective": "patches"}, "patches objective trains the patch architecture"),
-    ({"threshold": -1.0}, "threshold must be"),
-    ({"kernel_size": 1}, "kernel_size must be"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"arch": "patch", "channels": [8, 16], "objective": "patches"}, "has one layer"),
+        ({"arch": "patch", "channels": [8], "kernel_size": 40, "objective": "patches"}, "at most the input size"),
+        ({"arch": "patch", "channels": [8]}, "patches objective trains the patch architecture"),
+        ({"objective": "patches"}, "patches objective trains the patch architecture"),
+        ({"threshold": -1.0}, "threshold must be"),
+        ({"kernel_size": 1}, "kernel_size must be"),
+    ],
+)
 def test_patch_config_mistakes_are_refused(overrides, message):
     with pytest.raises(ConvaeError, match=message):
         build_config("seed", None, overrides)
@@ -242,7 +251,7 @@ def test_the_preset_is_the_documented_recipe():
 
 
 def test_the_hugging_face_folder_keeps_the_whitening(tmp_path):
-    from convae import hub
+    from convae.outputs import hub
 
     torch.manual_seed(0)
     ae = AutoEncoder(patch_config(whiten=True))

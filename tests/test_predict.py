@@ -6,17 +6,46 @@ import torch
 import convae
 from conftest import COLOURS, make_image
 from convae.cli import main
+from convae.commands.predict import predict
 from convae.data import load_source
-from convae.prediction import predict
 
 
 def _trained(tmp_path, image_folder):
     """A classifier trained through the CLI on the tiny coloured classes."""
     out = tmp_path / "run"
-    assert main(["run", "--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-                 "--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32",
-                 "--batch-size", "10", "--pretrain-epochs", "1", "--finetune-epochs", "15", "--lr", "3e-3",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(out),
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--channels",
+                "8",
+                "16",
+                "--latent-dim",
+                "32",
+                "--batch-size",
+                "10",
+                "--pretrain-epochs",
+                "1",
+                "--finetune-epochs",
+                "15",
+                "--lr",
+                "3e-3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out / "checkpoints" / "classifier.pt"
 
 
@@ -45,8 +74,7 @@ def test_predict_cli_table_json_other_sizes_and_bad_files(tmp_path, image_folder
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
     capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(ckpt), str(big), str(grey), str(bad), "--json",
-                 "--device", "cpu"]) == 0
+    assert main(["predict", "--checkpoint", str(ckpt), str(big), str(grey), str(bad), "--json", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     rows = json.loads(captured.out)
     assert [r["file"] for r in rows] == [str(big), str(grey)] and rows[0]["class"] == "class_0"

@@ -1,7 +1,7 @@
 import torch
 
+from convae.evaluation.probes import extract_features, knn_predict, linear_probe_accuracy
 from convae.models import Encoder, ModelConfig
-from convae.probes import extract_features, knn_predict, linear_probe_accuracy
 
 
 def test_knn_votes_by_weighted_nearest_neighbours():
@@ -44,7 +44,7 @@ def _probe_data(n_train=60, n_test=45):
 
 def test_representation_scores_stream_the_queries_and_match_the_whole_set_probes():
     """The test features are scored chunk by chunk; the accuracies are the whole-set probes'."""
-    from convae import probes
+    from convae.evaluation import probes
 
     enc, xtr, ytr, xte, yte = _probe_data()
     rep = probes.representation_scores(enc, xtr, ytr, xte, yte, 2, seed=3, batch_size=7)  # 7 query chunks
@@ -55,7 +55,7 @@ def test_representation_scores_stream_the_queries_and_match_the_whole_set_probes
 
 
 def test_a_bank_over_the_limit_is_a_seeded_sample_of_it():
-    from convae.probes import bank_sample, representation_scores
+    from convae.evaluation.probes import bank_sample, representation_scores
 
     enc, xtr, ytr, xte, yte = _probe_data()
     pick = bank_sample(60, 25, seed=3)

@@ -16,7 +16,7 @@ from convae.models import UPSAMPLE_MODES, AutoEncoder, ModelConfig
     mode=st.sampled_from(UPSAMPLE_MODES),
 )
 def test_autoencoder_returns_the_input_shape(channels, stages, data, mode):
-    smallest = 2 ** stages
+    smallest = 2**stages
     h = data.draw(st.integers(smallest, 40), label="height")
     w = data.draw(st.integers(smallest, 40), label="width")
     cfg = ModelConfig(in_channels=channels, height=h, width=w, channels=(4,) * stages, latent_dim=8, upsample=mode)

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convae.arch import ModelConfig
-from convae.blocks import BlocksEncoder
 from convae.cli import main
 from convae.data import DeviceBatches
-from convae.loop import classification_criterion, make_scheduler
+from convae.evaluation.probes import fit_head, linear_probe_accuracy
 from convae.models import AutoEncoder, Classifier
-from convae.probes import fit_head, linear_probe_accuracy
-from convae.recipe import WeightAverage, classification_loss, repeats
-from convae.records import Batch
+from convae.models.blocks import BlocksEncoder
+from convae.models.registry import ModelConfig
+from convae.training.loop import classification_criterion, make_scheduler
+from convae.training.recipe import WeightAverage, classification_loss, repeats
+from convae.utils.records import Batch
 
 BLOCKS = ["--arch", "blocks", "--channels", "8", "16", "--height", "16", "--width", "16", "--device", "cpu"]
 
@@ -50,8 +50,7 @@ def test_the_weight_average_follows_the_formula_and_is_applied_only_inside_its_b
     d = 2 / 11
     expect = start["0.weight"] * d + model[0].weight.detach() * (1 - d)
     assert torch.allclose(avg.shadow["0.weight"], expect)
-    assert torch.allclose(avg.shadow["1.running_mean"], start["1.running_mean"] * d
-                          + model[1].running_mean * (1 - d))
+    assert torch.allclose(avg.shadow["1.running_mean"], start["1.running_mean"] * d + model[1].running_mean * (1 - d))
     assert avg.shadow["1.num_batches_tracked"] == model[1].num_batches_tracked
     own = model[0].weight.detach().clone()
     with avg.applied(model):
@@ -64,8 +63,9 @@ def test_label_smoothing_is_the_smoothed_cross_entropy_and_zero_is_the_plain_one
     model = torch.nn.Linear(4, 3)
     batch = Batch(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
     assert torch.equal(classification_loss(0.0)(model, batch), classification_criterion(model, batch))
-    assert torch.allclose(classification_loss(0.2)(model, batch),
-                          F.cross_entropy(model(batch.x), batch.y, label_smoothing=0.2))
+    assert torch.allclose(
+        classification_loss(0.2)(model, batch), F.cross_entropy(model(batch.x), batch.y, label_smoothing=0.2)
+    )
 
 
 def test_repeated_batches_make_whole_passes_each_in_its_own_order():
@@ -144,10 +144,44 @@ def test_masked_pretraining_zeroes_hidden_positions_so_they_do_not_reach_visible
 
 def test_a_run_with_the_whole_recipe_saves_the_average_and_logs_lp_ft(image_folder, cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out), *BLOCKS,
-                 "--init", "scratch", "--finetune-epochs", "2", "--batch-size", "8", "--optimizer", "nesterov",
-                 "--lr", "0.05", "--schedule", "triangle", "--warmup", "0.3", "--label-smoothing", "0.1",
-                 "--ema", "0.9", "--lp-ft", "--tta", "--epoch-images", "40", "--augment"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+                *BLOCKS,
+                "--init",
+                "scratch",
+                "--finetune-epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--optimizer",
+                "nesterov",
+                "--lr",
+                "0.05",
+                "--schedule",
+                "triangle",
+                "--warmup",
+                "0.3",
+                "--label-smoothing",
+                "0.1",
+                "--ema",
+                "0.9",
+                "--lp-ft",
+                "--tta",
+                "--epoch-images",
+                "40",
+                "--augment",
+            ]
+        )
+        == 0
+    )
     log = capsys.readouterr().out
     assert "whitening stem fitted" in log and "LP-FT: head fitted on the frozen features" in log
     assert "passes per epoch" in log
@@ -163,7 +197,7 @@ def test_a_run_with_the_whole_recipe_saves_the_average_and_logs_lp_ft(image_fold
 
 
 def test_an_epoch_resumed_mid_way_records_the_lr_of_its_first_step():
-    from convae.fit import _epoch_lr
+    from convae.training.fit import _epoch_lr
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = make_scheduler(opt, "triangle", 2, steps_per_epoch=10, warmup=0.5)
@@ -182,7 +216,11 @@ def test_the_hierarchical_decoder_reads_every_block_and_learns_its_mask_tokens()
     plain, skips = AutoEncoder(cfg), AutoEncoder(ModelConfig(**{**cfg.to_dict(), "skips": True}))
     # without skips the autoencoder is the one old checkpoints hold: the same names, nothing more
     assert set(skips.state_dict()) - set(plain.state_dict()) == {
-        "decoder.tokens.0", "decoder.tokens.1", "decoder.project.0.weight", "decoder.project.0.bias"}
+        "decoder.tokens.0",
+        "decoder.tokens.1",
+        "decoder.project.0.weight",
+        "decoder.project.0.bias",
+    }
     x = torch.rand(2, 3, 16, 16)
     mask = torch.zeros(2, 1, 16, 16)
     mask[:, :, :8, :8] = 1
@@ -198,7 +236,21 @@ def test_the_hierarchical_decoder_reads_every_block_and_learns_its_mask_tokens()
 
 
 def test_skips_outside_masked_pretraining_are_one_clear_line(image_folder, tmp_path, capsys):
-    assert main(["pretrain", "--data", str(image_folder), "--out", str(tmp_path / "r"), *BLOCKS,
-                 "--objective", "reconstruct", "--skips"]) != 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(image_folder),
+                "--out",
+                str(tmp_path / "r"),
+                *BLOCKS,
+                "--objective",
+                "reconstruct",
+                "--skips",
+            ]
+        )
+        != 0
+    )
     err = capsys.readouterr().err
     assert "--skips" in err and "--objective masked" in err and "Traceback" not in err

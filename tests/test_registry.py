@@ -13,22 +13,31 @@ import torch.nn.functional as F
 from torch import nn
 
 import convae
-from convae.arch import ARCHITECTURES, Architecture, EncoderBase, ModelConfig, register_architecture, unregister_architecture
-from convae.checkpoint import load_checkpoint, save_checkpoint
-from convae.cli import main
-from convae.config import build_config
-from convae.errors import ConvaeError
-from convae.export import export
-from convae.loop import classification_criterion, make_optimizer, train_step
-from convae.models import AutoEncoder, Classifier, count_parameters, model_size
-from convae.objectives import OBJECTIVES, make_objective
-from convae.probes import extract_features, linear_probe_accuracy
-from convae.records import Batch
-
 from conftest import make_image_folder
+from convae.cli import main
+from convae.commands.export import export
+from convae.config import build_config
+from convae.evaluation.probes import extract_features, linear_probe_accuracy
+from convae.models import AutoEncoder, Classifier, count_parameters, model_size
+from convae.models.objectives import OBJECTIVES, make_objective
+from convae.models.registry import (
+    ARCHITECTURES,
+    Architecture,
+    EncoderBase,
+    ModelConfig,
+    register_architecture,
+    unregister_architecture,
+)
+from convae.outputs.checkpoint import load_checkpoint, save_checkpoint
+from convae.training.loop import classification_criterion, make_optimizer, train_step
+from convae.utils.errors import ConvaeError
+from convae.utils.records import Batch
 
-SMALL = {"stages": {"channels": [8, 16], "latent_dim": 24, "output_activation": "none"}, "patch": {"channels": [12], "kernel_size": 5},
-         "blocks": {"channels": [8, 16], "output_activation": "none"}}
+SMALL = {
+    "stages": {"channels": [8, 16], "latent_dim": 24, "output_activation": "none"},
+    "patch": {"channels": [12], "kernel_size": 5},
+    "blocks": {"channels": [8, 16], "output_activation": "none"},
+}
 FORMATS = [(1, 28, 28), (3, 32, 32)]
 
 
@@ -42,8 +51,20 @@ PAIRS = [(a, o) for a in SMALL for o in OBJECTIVES if trains(a, o)]
 
 def config(arch: str, objective: str, fmt: tuple[int, int, int]):
     c, h, w = fmt
-    return build_config("seed", None, {"arch": arch, "objective": objective, "in_channels": c, "height": h,
-                                       "width": w, "sparse_k": 4, "lifetime_rate": 0.5, **SMALL[arch]})
+    return build_config(
+        "seed",
+        None,
+        {
+            "arch": arch,
+            "objective": objective,
+            "in_channels": c,
+            "height": h,
+            "width": w,
+            "sparse_k": 4,
+            "lifetime_rate": 0.5,
+            **SMALL[arch],
+        },
+    )
 
 
 def test_every_architecture_is_covered_and_every_objective_trains_one():
@@ -60,8 +81,13 @@ def test_a_step_of_every_objective_transfers_and_probes(arch, objective, fmt):
     x = torch.rand(8, *fmt)
     assert ae(x).shape == x.shape
     before = {k: v.clone() for k, v in ae.state_dict().items()}
-    loss = train_step(ae, Batch(x), make_optimizer(ae.parameters(), "adam", 1e-2), make_objective(cfg.objective_config()),
-                      generator=torch.Generator().manual_seed(0))
+    loss = train_step(
+        ae,
+        Batch(x),
+        make_optimizer(ae.parameters(), "adam", 1e-2),
+        make_objective(cfg.objective_config()),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.isfinite(loss) and loss > 0
     assert any(not torch.equal(before[k], v) for k, v in ae.state_dict().items())  # the step changed weights
     clf = Classifier.from_autoencoder(ae, 3)
@@ -125,7 +151,7 @@ def test_sizes_come_from_the_real_modules(arch):
 
 def test_a_head_too_large_for_memory_is_refused_before_anything_is_allocated():
     with pytest.raises(ConvaeError, match="10000000000 classes\\) needs at least"):
-        convae.validation.validate_model(ModelConfig(num_classes=10**10))
+        convae.config.validation.validate_model(ModelConfig(num_classes=10**10))
 
 
 # ----------------------------------------------------------------------------- a toy architecture
@@ -165,8 +191,16 @@ def _toy_rules(cfg: ModelConfig, where: str) -> None:
 
 @pytest.fixture
 def toy():
-    register_architecture(Architecture("toy", ToyEncoder, ToyDecoder, feature_dim=lambda cfg: cfg.channels[0],
-                                       check=_toy_rules, presets={"toy": {"arch": "toy", "channels": [6]}}))
+    register_architecture(
+        Architecture(
+            "toy",
+            ToyEncoder,
+            ToyDecoder,
+            feature_dim=lambda cfg: cfg.channels[0],
+            check=_toy_rules,
+            presets={"toy": {"arch": "toy", "channels": [6]}},
+        )
+    )
     yield
     unregister_architecture("toy")
 
@@ -174,20 +208,56 @@ def toy():
 def test_a_registered_architecture_runs_end_to_end_through_the_cli(toy, tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=8)
     out = tmp_path / "run"
-    args = ["run", "--preset", "toy", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--height", "16", "--width", "16", "--pretrain-epochs", "1", "--finetune-epochs", "1",
-            "--batch-size", "8", "--objective", "denoise"]
+    args = [
+        "run",
+        "--preset",
+        "toy",
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--pretrain-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--objective",
+        "denoise",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     assert (out / "report.html").is_file() and (out / "figures" / "kernels_pretrained.png").is_file()
     assert "6 kernels of 3×3 RGB" in (out / "report.html").read_text()
     clf = convae.load(out / "checkpoints" / "classifier.pt")
     assert type(clf.encoder) is ToyEncoder and clf.head.in_features == 6
     onnx = tmp_path / "toy.onnx"
-    assert main(["export", "--checkpoint", str(out / "checkpoints" / "classifier.pt"), "--format", "safetensors",
-                 "--part", "encoder", "--out", str(onnx.with_suffix(".safetensors"))]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(out / "checkpoints" / "classifier.pt"),
+                "--format",
+                "safetensors",
+                "--part",
+                "encoder",
+                "--out",
+                str(onnx.with_suffix(".safetensors")),
+            ]
+        )
+        == 0
+    )
     assert type(convae.load(onnx.with_suffix(".safetensors"))) is ToyEncoder
     assert type(convae.build("encoder", arch="toy", channels=[5])) is ToyEncoder  # the API asks the same registry
-    assert main(["run", "--arch", "toy", "--channels", "4", "8", "--data", str(data), "--out", str(tmp_path / "r2")]) == 2
+    assert (
+        main(["run", "--arch", "toy", "--channels", "4", "8", "--data", str(data), "--out", str(tmp_path / "r2")]) == 2
+    )
     assert "the toy architecture has one layer" in capsys.readouterr().err
 
 

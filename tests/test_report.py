@@ -7,8 +7,27 @@ import pytest
 
 from convae.cli import main
 
-TINY = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32", "--batch-size", "8",
-        "--val-fraction", "0.2", "--pretrain-epochs", "2", "--finetune-epochs", "2", "--device", "cpu"]
+TINY = [
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--channels",
+    "8",
+    "16",
+    "--latent-dim",
+    "32",
+    "--batch-size",
+    "8",
+    "--val-fraction",
+    "0.2",
+    "--pretrain-epochs",
+    "2",
+    "--finetune-epochs",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +47,16 @@ def test_report_is_self_contained_and_complete(run_dir):
     assert 'src="data:image/png;base64,' in page and 'src="figures/' not in page  # images inlined
     figures = sorted(p.name for p in (run_dir / "figures").glob("*.png"))
     assert page.count("<img ") == len(figures) == 11
-    for section in ("Training", "First-layer kernels", "Reconstructions", "Per-class accuracy",
-                    "The frozen representation", "Configuration"):
+    for section in (
+        "Training",
+        "First-layer kernels",
+        "Reconstructions",
+        "Per-class accuracy",
+        "The frozen representation",
+        "Configuration",
+    ):
         assert f"<h2>{section}</h2>" in page
-    assert page.count("<tr><td class=\"l\">class_") == 3  # one per-class row per class
+    assert page.count('<tr><td class="l">class_') == 3  # one per-class row per class
 
 
 def test_report_command_rewrites_the_page(run_dir, tmp_path, capsys):
@@ -45,23 +70,42 @@ def test_report_command_rewrites_the_page(run_dir, tmp_path, capsys):
     assert "not a convae run folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting, shown", [
-    ({}, True),  # the lecture's recipe on a full validation split
-    ({"pretrain_epochs": 1, "finetune_epochs": 1}, False),  # a short run is not set beside the lecture
-    ({"num_images": 1000}, False),  # nor a run on a slice
-])
+@pytest.mark.parametrize(
+    "setting, shown",
+    [
+        ({}, True),  # the lecture's recipe on a full validation split
+        ({"pretrain_epochs": 1, "finetune_epochs": 1}, False),  # a short run is not set beside the lecture
+        ({"num_images": 1000}, False),  # nor a run on a slice
+    ],
+)
 def test_lecture_figures_stand_only_beside_the_lecture_setting(tmp_path, setting, shown):
     from convae.config import Config
-    from convae.report import CIFAR10, build_report
+    from convae.outputs.report import CIFAR10, build_report
 
     cfg = {**Config(data="cifar10").to_dict(), **{k: v for k, v in setting.items() if k != "num_images"}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     per_class = {c: {"accuracy": 0.5, "correct": 50, "total": 100} for c in CIFAR10}
-    (tmp_path / "results.json").write_text(json.dumps({
-        "accuracy": 0.5, "num_images": setting.get("num_images", 5000), "classes": CIFAR10, "per_class": per_class,
-        "eval_set": "validation split (10% of cifar10, seed 0)"}))
-    rec = {"phase": "finetune", "epoch": 5, "epochs": 5, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5,
-           "seconds": 1.0, "images_per_s": 10.0}
+    (tmp_path / "results.json").write_text(
+        json.dumps(
+            {
+                "accuracy": 0.5,
+                "num_images": setting.get("num_images", 5000),
+                "classes": CIFAR10,
+                "per_class": per_class,
+                "eval_set": "validation split (10% of cifar10, seed 0)",
+            }
+        )
+    )
+    rec = {
+        "phase": "finetune",
+        "epoch": 5,
+        "epochs": 5,
+        "train_loss": 1.0,
+        "val_loss": 1.0,
+        "val_accuracy": 0.5,
+        "seconds": 1.0,
+        "images_per_s": 10.0,
+    }
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
     page = build_report(tmp_path)
     assert ("55.72 %" in page and "lecture (test)" in page and "72.8 %" in page) == shown
@@ -70,7 +114,7 @@ def test_lecture_figures_stand_only_beside_the_lecture_setting(tmp_path, setting
 
 def test_the_report_says_what_happened(run_dir):
     """Captions from the model and the set used, provenance, a short run flagged, text left-aligned."""
-    from convae.report import build_report
+    from convae.outputs.report import build_report
 
     page = build_report(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -79,7 +123,9 @@ def test_the_report_says_what_happened(run_dir):
     prov = json.loads((run_dir / "results.json").read_text())["provenance"]
     assert {"convae", "torch", "date", "device", "device_name", "precision"} <= set(prov)
     assert f"torch {prov['torch']}" in page and f"precision {prov['precision']}" in page
-    assert "optimizer step(s), fewer than 200: the reconstructions" in page  # a few steps: the figures show an early stage
+    assert (
+        "optimizer step(s), fewer than 200: the reconstructions" in page
+    )  # a few steps: the figures show an early stage
     assert '<td class="l">cpu</td>' in page and '"cpu"' not in page  # config values without JSON quotes
     # the recipe is what differs from the defaults; the rest is in config.json
     assert '<td class="l">channels</td>' in page and '<td class="l">upsample</td>' not in page
@@ -108,9 +154,17 @@ def test_the_report_renders_in_a_real_browser(run_dir, tmp_path):
     from PIL import Image, ImageStat
 
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto((run_dir / "report.html").resolve().as_uri())
         page.wait_for_load_state("load")

@@ -12,12 +12,31 @@ import pytest
 import torch
 
 from conftest import make_image_folder
-from convae.objectives import Objective
 from convae.cli import main
+from convae.models.objectives import Objective
 
-ARGS = ["--height", "32", "--width", "32", "--channels", "64", "128", "128", "--latent-dim", "256",
-        "--batch-size", "8", "--val-fraction", "0.2", "--pretrain-epochs", "3", "--finetune-epochs", "3",
-        "--device", "cpu"]
+ARGS = [
+    "--height",
+    "32",
+    "--width",
+    "32",
+    "--channels",
+    "64",
+    "128",
+    "128",
+    "--latent-dim",
+    "256",
+    "--batch-size",
+    "8",
+    "--val-fraction",
+    "0.2",
+    "--pretrain-epochs",
+    "3",
+    "--finetune-epochs",
+    "3",
+    "--device",
+    "cpu",
+]
 TIMING = {"seconds", "images_per_s"}
 
 
@@ -28,8 +47,20 @@ def dataset(tmp_path_factory):
 
 
 def _cmd(data, cache, out, *extra):
-    return [sys.executable, "-m", "convae", "run", "--data", str(data), "--cache-dir", str(cache),
-            "--out", str(out), *ARGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "convae",
+        "run",
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(out),
+        *ARGS,
+        *extra,
+    ]
 
 
 def _env():
@@ -54,7 +85,7 @@ def _same_run(a, b):
         assert wa.keys() == wb.keys()
         for k in wa:
             assert torch.equal(wa[k], wb[k]), f"{name}.{k} differs"
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]
     assert strip(_metrics(a)) == strip(_metrics(b))
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     assert ra["confusion_matrix"] == rb["confusion_matrix"]
@@ -118,8 +149,9 @@ def _resume_cmd(out):
 def test_sigint_finishes_the_step_saves_and_resumes(dataset, reference, tmp_path):
     data, cache = dataset
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(_cmd(data, cache, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        _cmd(data, cache, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     assert _wait_for_lines(proc, out, 1)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -164,7 +196,7 @@ def test_nan_loss_stops_with_the_last_good_state_intact(dataset, tmp_path, monke
 
 def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypatch, capsys):
     """The second state write meets a full disk at its file write (simulated; test_hostile.py fills a real one)."""
-    import convae.files as files
+    import convae.utils.files as files
 
     data, cache = dataset
     real_bytes, real_fsync = files.torch_bytes, files.os.fsync
@@ -193,19 +225,73 @@ def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypa
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("extra, after, phase", [
-    (("--augment", "--jitter", "0.2", "--objective", "masked", "--norm", "batch", "--output-activation", "none"),
-     1, "pretrain"),
-    (("--preset", "patches", "--channels", "16", "--kernel-size", "5"), 1, "pretrain"),  # whitening fitted once
-    # the fine-tuning recipe: a per-step schedule, the weight average, LP-FT and repeated epochs, stopped inside
-    # fine-tuning epoch 2
-    (("--arch", "blocks", "--channels", "8", "16", "--objective", "masked", "--augment", "--optimizer", "nesterov",
-      "--lr", "0.05", "--schedule", "triangle", "--warmup", "0.3", "--ema", "0.9", "--label-smoothing", "0.1",
-      "--lp-ft", "--tta", "--epoch-images", "300"), 4, "finetune"),
-    # joint training (the Gamma-model): both streams, the noise and the loss terms, stopped inside its epoch 2
-    (("--arch", "blocks", "--channels", "8", "16", "--augment", "--joint", "gamma", "--labels-per-class", "5",
-      "--pretrain-epochs", "1", "--schedule", "triangle", "--ema", "0.9"), 2, "finetune"),
-], ids=["masked", "patches", "recipe", "joint"])
+@pytest.mark.parametrize(
+    "extra, after, phase",
+    [
+        (
+            ("--augment", "--jitter", "0.2", "--objective", "masked", "--norm", "batch", "--output-activation", "none"),
+            1,
+            "pretrain",
+        ),
+        (("--preset", "patches", "--channels", "16", "--kernel-size", "5"), 1, "pretrain"),  # whitening fitted once
+        # the fine-tuning recipe: a per-step schedule, the weight average, LP-FT and repeated epochs, stopped inside
+        # fine-tuning epoch 2
+        (
+            (
+                "--arch",
+                "blocks",
+                "--channels",
+                "8",
+                "16",
+                "--objective",
+                "masked",
+                "--augment",
+                "--optimizer",
+                "nesterov",
+                "--lr",
+                "0.05",
+                "--schedule",
+                "triangle",
+                "--warmup",
+                "0.3",
+                "--ema",
+                "0.9",
+                "--label-smoothing",
+                "0.1",
+                "--lp-ft",
+                "--tta",
+                "--epoch-images",
+                "300",
+            ),
+            4,
+            "finetune",
+        ),
+        # joint training (the Gamma-model): both streams, the noise and the loss terms, stopped inside its epoch 2
+        (
+            (
+                "--arch",
+                "blocks",
+                "--channels",
+                "8",
+                "16",
+                "--augment",
+                "--joint",
+                "gamma",
+                "--labels-per-class",
+                "5",
+                "--pretrain-epochs",
+                "1",
+                "--schedule",
+                "triangle",
+                "--ema",
+                "0.9",
+            ),
+            2,
+            "finetune",
+        ),
+    ],
+    ids=["masked", "patches", "recipe", "joint"],
+)
 def test_augmentation_and_masking_replay_exactly_after_a_mid_epoch_stop(dataset, tmp_path, extra, after, phase):
     """The augmented batches, the masks (or crops) and the recipe's state of a resumed epoch are those of
     the uninterrupted run."""
@@ -213,8 +299,9 @@ def test_augmentation_and_masking_replay_exactly_after_a_mid_epoch_stop(dataset,
     ref = tmp_path / "ref"
     subprocess.run(_cmd(data, cache, ref, *extra), check=True, env=_env(), capture_output=True)
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(_cmd(data, cache, out, *extra), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(data, cache, out, *extra), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     assert _wait_for_lines(proc, out, after)
     proc.send_signal(signal.SIGINT)  # inside the next epoch: the state holds a step within it
     _, err = proc.communicate(timeout=120)

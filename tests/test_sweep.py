@@ -4,22 +4,68 @@ import json
 import pytest
 
 from convae.cli import main
-from convae.sweep import parse_budgets, summarise
-from convae.errors import ConvaeError
+from convae.commands.sweep import parse_budgets, summarise
+from convae.utils.errors import ConvaeError
 
-SMALL = ["--height", "16", "--width", "16", "--channels", "8", "16", "--latent-dim", "32", "--batch-size", "8",
-         "--val-fraction", "0.2", "--device", "cpu"]
+SMALL = [
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--channels",
+    "8",
+    "16",
+    "--latent-dim",
+    "32",
+    "--batch-size",
+    "8",
+    "--val-fraction",
+    "0.2",
+    "--device",
+    "cpu",
+]
 
 
 def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out),
-                 "--pretrain-epochs", "1", "--labels-per-class", "2", "all", "--seeds", "2", "--steps", "3"]
-                + SMALL) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+                "--pretrain-epochs",
+                "1",
+                "--labels-per-class",
+                "2",
+                "all",
+                "--seeds",
+                "2",
+                "--steps",
+                "3",
+            ]
+            + SMALL
+        )
+        == 0
+    )
     result = json.loads((out / "sweep.json").read_text())
     assert result["budgets"] == [2, "all"] and result["seeds"] == [0, 1]
-    methods = {"finetune", "linear_probe", "scratch", "joint_plain", "joint_gamma", "joint_finetune", "knn",
-               "logistic_probe", "knn_random", "logistic_random"}
+    methods = {
+        "finetune",
+        "linear_probe",
+        "scratch",
+        "joint_plain",
+        "joint_gamma",
+        "joint_finetune",
+        "knn",
+        "logistic_probe",
+        "knn_random",
+        "logistic_random",
+    }
     assert set(result["methods"]) == methods
     # with every label the frozen-feature probes see the same data for every seed: measured once
     probes = {"knn", "logistic_probe", "knn_random", "logistic_random"}
@@ -39,16 +85,56 @@ def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
 
 def test_sweep_reuses_a_given_checkpoint(image_folder, cache_dir, tmp_path):
     pre = tmp_path / "pre"
-    assert main(["pretrain", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(pre),
-                 "--pretrain-epochs", "1"] + SMALL) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(pre),
+                "--pretrain-epochs",
+                "1",
+            ]
+            + SMALL
+        )
+        == 0
+    )
     out = tmp_path / "sweep"
-    assert main(["sweep", "--checkpoint", str(pre / "checkpoints" / "autoencoder.pt"), "--data", str(image_folder),
-                 "--cache-dir", str(cache_dir), "--out", str(out), "--labels-per-class", "3", "--seeds", "1",
-                 "--steps", "2", "--batch-size", "8", "--val-fraction", "0.2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--checkpoint",
+                str(pre / "checkpoints" / "autoencoder.pt"),
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+                "--labels-per-class",
+                "3",
+                "--seeds",
+                "1",
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert not (out / "checkpoints" / "autoencoder.pt").exists()
     assert json.loads((out / "sweep.json").read_text())["autoencoder"].endswith("autoencoder.pt")
     page = (out / "report.html").read_text()  # the report shows what happened: no pretraining recipe it never ran
-    assert "No pretraining in this run" in page and "<td class=\"l\">pretrain_epochs</td>" not in page
+    assert "No pretraining in this run" in page and '<td class="l">pretrain_epochs</td>' not in page
 
 
 def test_budget_parsing_and_summary():
@@ -61,13 +147,40 @@ def test_budget_parsing_and_summary():
 
 def test_sweep_measures_only_the_methods_asked_for(image_folder, cache_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out),
-                 "--pretrain-epochs", "1", "--labels-per-class", "2", "--seeds", "2", "--steps", "2",
-                 "--methods", "finetune", "scratch"] + SMALL) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+                "--pretrain-epochs",
+                "1",
+                "--labels-per-class",
+                "2",
+                "--seeds",
+                "2",
+                "--steps",
+                "2",
+                "--methods",
+                "finetune",
+                "scratch",
+            ]
+            + SMALL
+        )
+        == 0
+    )
     result = json.loads((out / "sweep.json").read_text())
     assert list(result["methods"]) == ["finetune", "scratch"]
-    assert sorted((c["method"], c["seed"]) for c in result["cells"]) == [("finetune", 0), ("finetune", 1),
-                                                                         ("scratch", 0), ("scratch", 1)]
+    assert sorted((c["method"], c["seed"]) for c in result["cells"]) == [
+        ("finetune", 0),
+        ("finetune", 1),
+        ("scratch", 0),
+        ("scratch", 1),
+    ]
     assert (out / "figures" / "label_efficiency.png").is_file()
     with pytest.raises(SystemExit) as stop:
         main(["sweep", "--data", str(image_folder), "--methods", "knn", "finetuned"])
@@ -76,29 +189,84 @@ def test_sweep_measures_only_the_methods_asked_for(image_folder, cache_dir, tmp_
 
 def test_a_sweep_cell_that_diverges_stops_with_one_line(image_folder, cache_dir, tmp_path, monkeypatch, capsys):
     """The cells train through the run's loop, so the NaN guard stops them too."""
-    import convae.phases
+    import convae.training.phases
 
-    real = convae.phases.classification_loss
-    monkeypatch.setattr(convae.phases, "classification_loss",
-                        lambda smoothing: lambda model, batch, g=None: real(smoothing)(model, batch, g) * float("nan"))
-    assert main(["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "s"),
-                 "--pretrain-epochs", "1", "--labels-per-class", "2", "--seeds", "1", "--steps", "3",
-                 "--methods", "scratch"] + SMALL) == 2
+    real = convae.training.phases.classification_loss
+    monkeypatch.setattr(
+        convae.training.phases,
+        "classification_loss",
+        lambda smoothing: lambda model, batch, g=None: real(smoothing)(model, batch, g) * float("nan"),
+    )
+    assert (
+        main(
+            [
+                "sweep",
+                "--data",
+                str(image_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(tmp_path / "s"),
+                "--pretrain-epochs",
+                "1",
+                "--labels-per-class",
+                "2",
+                "--seeds",
+                "1",
+                "--steps",
+                "3",
+                "--methods",
+                "scratch",
+            ]
+            + SMALL
+        )
+        == 2
+    )
     assert "fine-tuning loss became nan after 1 step(s) of a sweep cell" in capsys.readouterr().err
 
 
 def test_cells_train_the_runs_recipe_or_a_fixed_step_count(image_folder, cache_dir, tmp_path, capsys, monkeypatch):
     """With --epoch-images a cell is the run's fine-tuning (its epochs); without it, 300 steps.
     Logged to a file (no progress bar), a cell says where it is and how long it has left."""
-    import convae.rundir
+    import convae.outputs.rundir
 
-    common = ["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--pretrain-epochs", "1",
-              "--labels-per-class", "2", "--seeds", "1", "--methods", "scratch"] + SMALL
+    common = [
+        "sweep",
+        "--data",
+        str(image_folder),
+        "--cache-dir",
+        str(cache_dir),
+        "--pretrain-epochs",
+        "1",
+        "--labels-per-class",
+        "2",
+        "--seeds",
+        "1",
+        "--methods",
+        "scratch",
+    ] + SMALL
     assert main(common + ["--out", str(tmp_path / "fixed")]) == 0
     capsys.readouterr()
-    monkeypatch.setattr(convae.rundir, "HEARTBEAT_SECONDS", 0.0)  # a progress line after every step
-    assert main(common + ["--out", str(tmp_path / "recipe"), "--epoch-images", "12", "--finetune-epochs", "2",
-                          "--augment", "--crop-padding", "2", "--jitter", "0.3"]) == 0
+    monkeypatch.setattr(convae.outputs.rundir, "HEARTBEAT_SECONDS", 0.0)  # a progress line after every step
+    assert (
+        main(
+            common
+            + [
+                "--out",
+                str(tmp_path / "recipe"),
+                "--epoch-images",
+                "12",
+                "--finetune-epochs",
+                "2",
+                "--augment",
+                "--crop-padding",
+                "2",
+                "--jitter",
+                "0.3",
+            ]
+        )
+        == 0
+    )
     beats = [line for line in capsys.readouterr().out.splitlines() if " left in cell " in line]
     assert beats[0].startswith("cell 2/class seed 0 scratch  epoch 1/2  step 1/")
     assert beats[-1].startswith("cell 2/class seed 0 scratch  epoch 2/2") and "about 0 s left" in beats[-1]
@@ -113,9 +281,28 @@ def test_cells_train_the_runs_recipe_or_a_fixed_step_count(image_folder, cache_d
 
 def test_curves_record_every_epochs_accuracy_without_changing_the_cell(image_folder, cache_dir, tmp_path):
     """--curves evaluates the weight average after every epoch; the cells train exactly as without it."""
-    args = ["--data", str(image_folder), "--cache-dir", str(cache_dir), "--pretrain-epochs", "1",
-            "--labels-per-class", "2", "--seeds", "1", "--finetune-epochs", "3", "--epoch-images", "6", "--ema", "0.5",
-            "--methods", "finetune", "scratch", "knn"] + SMALL
+    args = [
+        "--data",
+        str(image_folder),
+        "--cache-dir",
+        str(cache_dir),
+        "--pretrain-epochs",
+        "1",
+        "--labels-per-class",
+        "2",
+        "--seeds",
+        "1",
+        "--finetune-epochs",
+        "3",
+        "--epoch-images",
+        "6",
+        "--ema",
+        "0.5",
+        "--methods",
+        "finetune",
+        "scratch",
+        "knn",
+    ] + SMALL
     assert main(["sweep", "--out", str(tmp_path / "plain"), *args]) == 0
     assert main(["sweep", "--out", str(tmp_path / "curves"), "--curves", *args]) == 0
     plain, curves = (json.loads((tmp_path / name / "sweep.json").read_text())["cells"] for name in ("plain", "curves"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from convae import visualise
+from convae.outputs import figures as visualise
 
 
 def _png(path):
@@ -53,18 +53,27 @@ def test_reconstructions_draw_one_row_per_named_row(tmp_path):
     path = tmp_path / "r.png"
     visualise.save_reconstructions(originals, rows, path)
     img = _png(path).astype(int)
-    ys = [np.nonzero((img[..., c] > 200) & (img[..., (c + 1) % 3] < 60) & (img[..., (c + 2) % 3] < 60))[0].mean()
-          for c in range(3)]
+    ys = [
+        np.nonzero((img[..., c] > 200) & (img[..., (c + 1) % 3] < 60) & (img[..., (c + 2) % 3] < 60))[0].mean()
+        for c in range(3)
+    ]
     assert ys[0] < ys[1] < ys[2]
 
 
 def test_confusion_matrix_and_curves_and_label_efficiency(tmp_path):
     visualise.save_confusion_matrix([[5, 1], [0, 4]], ["a", "b"], tmp_path / "cm.png")
     visualise.plot_curve({"train": [1.0, 0.5, 0.25]}, tmp_path / "c.png", "loss", "t")
-    result = {"images_per_class_all": 100, "budgets": [10, "all"], "seeds": [0, 1],
-              "methods": {"finetune": "pretrained, fine-tuned", "scratch": "random init (scratch)"},
-              "summary": [{"method": m, "labels_per_class": b, "mean": 0.5, "std": 0.01, "n": 2}
-                          for m in ("finetune", "scratch") for b in (10, "all")]}
+    result = {
+        "images_per_class_all": 100,
+        "budgets": [10, "all"],
+        "seeds": [0, 1],
+        "methods": {"finetune": "pretrained, fine-tuned", "scratch": "random init (scratch)"},
+        "summary": [
+            {"method": m, "labels_per_class": b, "mean": 0.5, "std": 0.01, "n": 2}
+            for m in ("finetune", "scratch")
+            for b in (10, "all")
+        ],
+    }
     visualise.save_label_efficiency(result, tmp_path / "le.png")
     for name in ("cm.png", "c.png", "le.png"):
         img = _png(tmp_path / name)
@@ -76,14 +85,23 @@ def test_phase_figure_sets(tmp_path):
     x = torch.rand(4, 3, 8, 8)
     history = [{"train_loss": 0.2, "val_loss": 0.3}, {"train_loss": 0.1, "val_loss": 0.2}]
     visualise.save_pretrain_figures(tmp_path, k0, k1, history, x, x)
-    assert {p.name for p in tmp_path.iterdir()} == {"kernels_initial.png", "kernels_pretrained.png",
-                                                   "kernels_pretrain_delta.png", "pretrain_loss.png",
-                                                   "reconstructions.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "kernels_initial.png",
+        "kernels_pretrained.png",
+        "kernels_pretrain_delta.png",
+        "pretrain_loss.png",
+        "reconstructions.png",
+    }
     ft = tmp_path / "ft"
     history = [{"train_loss": 1.0, "val_loss": 1.1, "val_accuracy": 0.5}]
     visualise.save_finetune_figures(ft, k0, k1, "pretrained", history, "validation split", [[1, 0], [0, 1]], ["a", "b"])
-    assert {p.name for p in ft.iterdir()} == {"kernels_finetuned.png", "kernels_finetune_delta.png",
-                                             "finetune_loss.png", "finetune_accuracy.png", "confusion_matrix.png"}
+    assert {p.name for p in ft.iterdir()} == {
+        "kernels_finetuned.png",
+        "kernels_finetune_delta.png",
+        "finetune_loss.png",
+        "finetune_accuracy.png",
+        "confusion_matrix.png",
+    }
 
 
 def test_embedding_map_is_seeded_and_coloured_by_class(tmp_path):

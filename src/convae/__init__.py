@@ -8,10 +8,25 @@ fine-tune it with few labels. ``convae.build``, ``convae.load``, ``convae.encode
 
 __version__ = "0.1.0"
 
-from .api import Prediction, build, encode, finetune, load, predict, pretrain, run, transform  # noqa: E402
-from .hub import from_pretrained, save_pretrained  # noqa: E402
-from .models import AutoEncoder, Classifier, Encoder, ModelConfig  # noqa: E402
+from .api import Prediction, build, encode, finetune, load, predict, pretrain, run, transform
+from .models import AutoEncoder, Classifier, Encoder, ModelConfig
+from .outputs.hub import from_pretrained, save_pretrained
 
-__all__ = ["__version__", "build", "load", "encode", "transform", "predict", "Prediction", "pretrain", "finetune", "run",
-           "save_pretrained", "from_pretrained",
-           "AutoEncoder", "Classifier", "Encoder", "ModelConfig"]
+__all__ = [
+    "__version__",
+    "build",
+    "load",
+    "encode",
+    "transform",
+    "predict",
+    "Prediction",
+    "pretrain",
+    "finetune",
+    "run",
+    "save_pretrained",
+    "from_pretrained",
+    "AutoEncoder",
+    "Classifier",
+    "Encoder",
+    "ModelConfig",
+]

@@ -18,17 +18,18 @@ torch.Size([3, 4])
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
 from .config import INFERENCE_BATCH_SIZE, Config, build_config
-from .errors import ConvaeError
 from .models import AutoEncoder, Classifier, EncoderBase, build_model
+from .outputs.checkpoint import load_checkpoint
+from .utils.errors import ConvaeError
 
 
 def build(kind: str = "autoencoder", preset: str = "seed", num_classes: int = 10, **overrides: Any) -> nn.Module:
@@ -48,7 +49,7 @@ def load(path: str | Path) -> nn.Module:
     """
     p = Path(path)
     if p.suffix == ".safetensors":
-        from .export import load_safetensors
+        from .commands.export import load_safetensors
 
         return load_safetensors(p)
     model, payload = load_checkpoint(p)
@@ -69,8 +70,12 @@ def transform(model: nn.Module):
 
 def _model_input(model: nn.Module, images: Any) -> torch.Tensor:
     cfg = model.config
-    if (isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point()
-            and tuple(images.shape[1:]) == (cfg.in_channels, cfg.height, cfg.width)):
+    if (
+        isinstance(images, torch.Tensor)
+        and images.ndim == 4
+        and images.is_floating_point()
+        and tuple(images.shape[1:]) == (cfg.in_channels, cfg.height, cfg.width)
+    ):
         if images.numel() and (not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1):
             raise ConvaeError("float images must hold values in [0, 1] (uint8 images 0-255)")
         return images  # already model input: used as given, not quantised to uint8
@@ -78,12 +83,13 @@ def _model_input(model: nn.Module, images: Any) -> torch.Tensor:
 
 
 def encode(model: nn.Module, images: Any, batch_size: int = INFERENCE_BATCH_SIZE) -> torch.Tensor:
-    """Latent vectors (N, latent_dim) of ``images``, anything :func:`transform` takes.
+    """Features (N, feature_dim) of ``images``, what the classifier's head reads (the ``stages`` network's FC latent),
+    of anything :func:`transform` takes.
 
     ``model`` is an autoencoder, a classifier or a bare encoder; it runs in eval mode on its
     own device, and the result comes back on the CPU.
     """
-    from .probes import extract_features
+    from .evaluation.probes import extract_features
 
     encoder = model if isinstance(model, EncoderBase) else model.encoder
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == 0:
@@ -100,8 +106,10 @@ class Prediction(NamedTuple):
 
     def __repr__(self) -> str:  # a summary, not every name and whole tensors
         n, first = len(self.classes), ", ".join(self.classes[:3])
-        return (f"Prediction({n} image(s): {first}{', ...' if n > 3 else ''}; "
-                f"probabilities {tuple(self.probabilities.shape)})")
+        return (
+            f"Prediction({n} image(s): {first}{', ...' if n > 3 else ''}; "
+            f"probabilities {tuple(self.probabilities.shape)})"
+        )
 
 
 @torch.no_grad()
@@ -115,8 +123,12 @@ def predict(model: Classifier, images: Any, batch_size: int = INFERENCE_BATCH_SI
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    probs = torch.cat([torch.softmax(model(to_model_input(x_all[i : i + batch_size].to(device))).float(), 1).cpu()
-                       for i in range(0, len(x_all), batch_size)])
+    probs = torch.cat(
+        [
+            torch.softmax(model(to_model_input(x_all[i : i + batch_size].to(device))).float(), 1).cpu()
+            for i in range(0, len(x_all), batch_size)
+        ]
+    )
     model.train(was_training)
     names = list(getattr(model, "classes", []) or [str(i) for i in range(model.config.num_classes)])
     idx = probs.argmax(1)
@@ -128,12 +140,14 @@ def _checkpoint_path(checkpoint: Any, cache_dir: str) -> str | None:
     if checkpoint is None or isinstance(checkpoint, (str, Path)):
         return None if checkpoint is None else str(checkpoint)
     if not isinstance(checkpoint, AutoEncoder):
-        raise ConvaeError(f"checkpoint must be an autoencoder (what convae.pretrain returns) or a path; "
-                          f"got {type(checkpoint).__name__}")
+        raise ConvaeError(
+            f"checkpoint must be an autoencoder (what convae.pretrain returns) or a path; "
+            f"got {type(checkpoint).__name__}"
+        )
     import hashlib
 
-    from .checkpoint import save_checkpoint
-    from .files import torch_bytes
+    from .outputs.checkpoint import save_checkpoint
+    from .utils.files import torch_bytes
 
     digest = hashlib.sha256(torch_bytes({k: v.detach().cpu() for k, v in checkpoint.state_dict().items()}))
     path = Path(cache_dir).expanduser() / "models" / f"autoencoder-{digest.hexdigest()[:16]}.pt"
@@ -142,18 +156,29 @@ def _checkpoint_path(checkpoint: Any, cache_dir: str) -> str | None:
     return str(path)
 
 
-def _train(phases: tuple[str, ...], data: Any, checkpoint: Any, preset: str, overrides: dict[str, Any],
-           labels: Any, classes: list[str] | None, quiet: bool, on_epoch: Callable[[dict], None] | None) -> Path:
+def _train(
+    phases: tuple[str, ...],
+    data: Any,
+    checkpoint: Any,
+    preset: str,
+    overrides: dict[str, Any],
+    labels: Any,
+    classes: list[str] | None,
+    quiet: bool,
+    on_epoch: Callable[[dict], None] | None,
+) -> Path:
+    from .commands.run import run_training
     from .data.memory import image_set
-    from .pipeline import run_training
 
     log = (lambda m: None) if quiet else print
     cfg: Config = build_config(preset, None, overrides)
     if quiet and cfg.out is None:  # a folder appears in the working directory: said even when quiet
         import warnings
 
-        warnings.warn("convae writes this run's folder under runs/ in the current directory; pass out=DIR to "
-                      "choose where", stacklevel=3)
+        warnings.warn(
+            "convae writes this run's folder under runs/ in the current directory; pass out=DIR to choose where",
+            stacklevel=3,
+        )
     ckpt = _checkpoint_path(checkpoint, cfg.cache_dir)
     source = None
     if isinstance(data, (str, Path)):
@@ -174,8 +199,16 @@ def _loaded(path: Path, name: str) -> nn.Module:
     return model
 
 
-def pretrain(data: Any, preset: str = "seed", *, labels: Any = None, classes: list[str] | None = None,
-             quiet: bool = False, on_epoch: Callable[[dict], None] | None = None, **overrides: Any) -> AutoEncoder:
+def pretrain(
+    data: Any,
+    preset: str = "seed",
+    *,
+    labels: Any = None,
+    classes: list[str] | None = None,
+    quiet: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+    **overrides: Any,
+) -> AutoEncoder:
     """``convae pretrain`` from code; returns the trained autoencoder (its run folder is ``model.run_dir``).
 
     ``data`` is a source path (``cifar10``, a folder, an archive), images in memory (a uint8 or
@@ -187,9 +220,17 @@ def pretrain(data: Any, preset: str = "seed", *, labels: Any = None, classes: li
     return _loaded(path, "autoencoder.pt")
 
 
-def finetune(data: Any, checkpoint: Any = None, preset: str = "seed", *, labels: Any = None,
-             classes: list[str] | None = None, quiet: bool = False, on_epoch: Callable[[dict], None] | None = None,
-             **overrides: Any) -> Classifier:
+def finetune(
+    data: Any,
+    checkpoint: Any = None,
+    preset: str = "seed",
+    *,
+    labels: Any = None,
+    classes: list[str] | None = None,
+    quiet: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+    **overrides: Any,
+) -> Classifier:
     """``convae finetune`` from code. ``checkpoint`` is an autoencoder: the model
     :func:`pretrain` returned, or a checkpoint path (omit it with ``init="scratch"``). ``data``
     and ``labels`` as in :func:`pretrain` (labels are needed here). Returns the classifier, with
@@ -198,7 +239,15 @@ def finetune(data: Any, checkpoint: Any = None, preset: str = "seed", *, labels:
     return _loaded(path, "classifier.pt")
 
 
-def run(data: Any = "cifar10", preset: str = "seed", *, labels: Any = None, classes: list[str] | None = None,
-        quiet: bool = False, on_epoch: Callable[[dict], None] | None = None, **overrides: Any) -> Path:
+def run(
+    data: Any = "cifar10",
+    preset: str = "seed",
+    *,
+    labels: Any = None,
+    classes: list[str] | None = None,
+    quiet: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+    **overrides: Any,
+) -> Path:
     """``convae run`` from code; returns the run folder."""
     return _train(("pretrain", "finetune"), data, None, preset, overrides, labels, classes, quiet, on_epoch)

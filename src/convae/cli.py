@@ -11,16 +11,18 @@ import gc
 import signal
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from . import __version__, commands, cores, heap
+from . import __version__
+from .commands import cache, encode, evaluate, export, predict, report, run, sweep
 from .config import DEVICES, INFERENCE_BATCH_SIZE, SWEEP_BATCH_SIZE, Config, presets
-from .distributed import leave
-from .errors import ConvaeError, Interrupted, clip, first_line
-from .export import FORMATS as EXPORT_FORMATS, PARTS as EXPORT_PARTS
-from .files import utf8
-from .knobs import GROUPS, Choice, group_fields, knobs, value_type
-from .sweep import DEFAULT_BUDGETS, METHODS
+from .utils import cores, heap
+from .utils.distributed import leave
+from .utils.errors import ConvaeError, Interrupted, clip, first_line
+from .utils.files import utf8
+from .utils.knobs import GROUPS, Choice, group_fields, knobs, value_type
+
 
 def _flag_spec(name: str) -> dict[str, Any]:
     """argparse keyword arguments of a config knob's flag, from its field: type, choices, help."""
@@ -46,21 +48,39 @@ def config_flags() -> dict[str, dict[str, Any]]:
 
 
 def _group(name: str) -> list[str]:
-    return ["--" + f.replace("_", "-") for f in group_fields(Config, name)
-            if Config.__dataclass_fields__[f].metadata["flag"]]
+    return [
+        "--" + f.replace("_", "-")
+        for f in group_fields(Config, name)
+        if Config.__dataclass_fields__[f].metadata["flag"]
+    ]
 
 
 FLAGS = config_flags()
-TRAIN_DATA = ("--train-data", dict(metavar="SRC", help="labelled images whose frozen features train the kNN bank "
-                                   "and the linear probe (evaluate)"))
+TRAIN_DATA = (
+    "--train-data",
+    dict(
+        metavar="SRC", help="labelled images whose frozen features train the kNN bank and the linear probe (evaluate)"
+    ),
+)
 DATA, MODEL, PRETRAIN, AUGMENT, OPTIM, FINETUNE, EXEC = (_group(g) for g in GROUPS)
 
+
 def _preset() -> tuple[str, dict]:
-    return ("--preset", dict(default="seed", choices=list(presets()),
-                             help="named recipe; seed = the lecture's exact recipe (default seed)"))
+    return (
+        "--preset",
+        dict(
+            default="seed",
+            choices=list(presets()),
+            help="named recipe; seed = the lecture's exact recipe (default seed)",
+        ),
+    )
+
+
 CONFIG = ("--config", dict(metavar="FILE", help="YAML or JSON file of config keys; flags given here win"))
-RESUME = ("--resume", dict(action="store_true",
-                           help="continue the run in --out DIR where it stopped, with its saved config.json"))
+RESUME = (
+    "--resume",
+    dict(action="store_true", help="continue the run in --out DIR where it stopped, with its saved config.json"),
+)
 
 
 def _checkpoint(help_text: str, required: bool = True) -> tuple[str, dict]:
@@ -77,48 +97,120 @@ def command_specs() -> dict[str, tuple[str, list]]:
     config file's value); a (flag, kwargs) pair is an argument of the command's own."""
     preset = _preset()
     return {
-        "run": ("pretrain the autoencoder, transfer its encoder, fine-tune and evaluate (the lecture's pipeline)",
-                [preset, CONFIG, RESUME] + DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + FINETUNE + EXEC),
-        "pretrain": ("train the autoencoder by reconstruction, without labels",
-                     [preset, CONFIG, RESUME] + DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + EXEC),
-        "finetune": ("fine-tune a classifier from an autoencoder checkpoint (or from scratch)",
-                     [preset, CONFIG, RESUME, _checkpoint("autoencoder checkpoint to transfer from", False)]
-                     + DATA + AUGMENT + OPTIM + FINETUNE + EXEC),
-        "sweep": ("compare pretrained fine-tuning, linear probe, kNN and scratch over label budgets and seeds",
-                  [preset, CONFIG, _checkpoint("autoencoder checkpoint to transfer from (default: pretrain once)", False),
-                   ("--labels-per-class", dict(nargs="+", default=DEFAULT_BUDGETS, metavar="N",
-                                               help="label budgets per class; 'all' = every training image "
-                                                    "(default 25 100 400 all)")),
-                   ("--seeds", dict(type=int, default=3, metavar="K", help="seeds per budget (default 3)")),
-                   ("--steps", dict(type=int, default=None, metavar="S",
-                                    help="optimizer steps per cell, the same for every method (default: the run's "
-                                         "recipe, --finetune-epochs epochs of at least --epoch-images images; 300 "
-                                         "steps when --epoch-images is 0)")),
-                   ("--methods", dict(nargs="+", choices=list(METHODS), metavar="M", help=f"{', '.join(METHODS)} (default all)")),
-                   ("--curves", dict(action="store_true", help="also evaluate every trained cell after each epoch "
-                                                                "(epoch_accuracy in sweep.json; one evaluation pass an epoch)")),
-                   _batch(f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)")]
-                  + DATA + MODEL + PRETRAIN + AUGMENT + [f for f in OPTIM if f != "--batch-size"]
-                  + [f for f in FINETUNE if f not in ("--labels-per-class", "--init", "--freeze-encoder")] + EXEC),
-        "evaluate": ("evaluate a checkpoint on a labelled source: classifier accuracy, and kNN and linear probe "
-                     "of its frozen encoder with --train-data",
-                     [_checkpoint("checkpoint to evaluate (a classifier; an autoencoder with --train-data)"),
-                      "--data", TRAIN_DATA, "--cache-dir", "--workers",
-                      _batch(f"images per forward pass (default {INFERENCE_BATCH_SIZE})"), "--probe-features",
-                      "--precision",
-                      ("--seed", {**FLAGS["--seed"], "help": "seed of the random-weights baseline and the linear probe "
-                                                             "(default 0)"}),
-                      "--device", "--out"]),
-        "encode": ("embeddings of every image to .npy, a CSV of their sources, and a t-SNE map",
-                   [_checkpoint("autoencoder or classifier checkpoint"),
-                    ("--out", dict(metavar="FILE.npy", required=True, help="embeddings file to write (must not exist)")),
-                    ("--no-map", dict(action="store_true", help="skip the t-SNE map")),
-                    "--data", "--val-fraction", "--cache-dir", "--workers",
-                    _batch(f"images per forward pass (default {INFERENCE_BATCH_SIZE})"),
-                    "--probe-features", "--precision",
-                    ("--seed", {**FLAGS["--seed"], "help": "seed of the train/val column of the CSV (default: the "
-                                                           "training run's)"}),
-                    "--device"]),
+        "run": (
+            "pretrain the autoencoder, transfer its encoder, fine-tune and evaluate (the lecture's pipeline)",
+            [preset, CONFIG, RESUME] + DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + FINETUNE + EXEC,
+        ),
+        "pretrain": (
+            "train the autoencoder by reconstruction, without labels",
+            [preset, CONFIG, RESUME] + DATA + MODEL + PRETRAIN + AUGMENT + OPTIM + EXEC,
+        ),
+        "finetune": (
+            "fine-tune a classifier from an autoencoder checkpoint (or from scratch)",
+            [preset, CONFIG, RESUME, _checkpoint("autoencoder checkpoint to transfer from", False)]
+            + DATA
+            + AUGMENT
+            + OPTIM
+            + FINETUNE
+            + EXEC,
+        ),
+        "sweep": (
+            "compare pretrained fine-tuning, linear probe, kNN and scratch over label budgets and seeds",
+            [
+                preset,
+                CONFIG,
+                _checkpoint("autoencoder checkpoint to transfer from (default: pretrain once)", False),
+                (
+                    "--labels-per-class",
+                    dict(
+                        nargs="+",
+                        default=sweep.DEFAULT_BUDGETS,
+                        metavar="N",
+                        help="label budgets per class; 'all' = every training image (default 25 100 400 all)",
+                    ),
+                ),
+                ("--seeds", dict(type=int, default=3, metavar="K", help="seeds per budget (default 3)")),
+                (
+                    "--steps",
+                    dict(
+                        type=int,
+                        default=None,
+                        metavar="S",
+                        help="optimizer steps per cell, the same for every method (default: the run's "
+                        "recipe, --finetune-epochs epochs of at least --epoch-images images; 300 "
+                        "steps when --epoch-images is 0)",
+                    ),
+                ),
+                (
+                    "--methods",
+                    dict(
+                        nargs="+",
+                        choices=list(sweep.METHODS),
+                        metavar="M",
+                        help=f"{', '.join(sweep.METHODS)} (default all)",
+                    ),
+                ),
+                (
+                    "--curves",
+                    dict(
+                        action="store_true",
+                        help="also evaluate every trained cell after each epoch "
+                        "(epoch_accuracy in sweep.json; one evaluation pass an epoch)",
+                    ),
+                ),
+                _batch(f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)"),
+            ]
+            + DATA
+            + MODEL
+            + PRETRAIN
+            + AUGMENT
+            + [f for f in OPTIM if f != "--batch-size"]
+            + [f for f in FINETUNE if f not in ("--labels-per-class", "--init", "--freeze-encoder")]
+            + EXEC,
+        ),
+        "evaluate": (
+            "evaluate a checkpoint on a labelled source: classifier accuracy, and kNN and linear probe "
+            "of its frozen encoder with --train-data",
+            [
+                _checkpoint("checkpoint to evaluate (a classifier; an autoencoder with --train-data)"),
+                "--data",
+                TRAIN_DATA,
+                "--cache-dir",
+                "--workers",
+                _batch(f"images per forward pass (default {INFERENCE_BATCH_SIZE})"),
+                "--probe-features",
+                "--precision",
+                (
+                    "--seed",
+                    {**FLAGS["--seed"], "help": "seed of the random-weights baseline and the linear probe (default 0)"},
+                ),
+                "--device",
+                "--out",
+            ],
+        ),
+        "encode": (
+            "embeddings of every image to .npy, a CSV of their sources, and a t-SNE map",
+            [
+                _checkpoint("autoencoder or classifier checkpoint"),
+                ("--out", dict(metavar="FILE.npy", required=True, help="embeddings file to write (must not exist)")),
+                ("--no-map", dict(action="store_true", help="skip the t-SNE map")),
+                "--data",
+                "--val-fraction",
+                "--cache-dir",
+                "--workers",
+                _batch(f"images per forward pass (default {INFERENCE_BATCH_SIZE})"),
+                "--probe-features",
+                "--precision",
+                (
+                    "--seed",
+                    {
+                        **FLAGS["--seed"],
+                        "help": "seed of the train/val column of the CSV (default: the training run's)",
+                    },
+                ),
+                "--device",
+            ],
+        ),
         **_tool_specs(),
     }
 
@@ -126,36 +218,65 @@ def command_specs() -> dict[str, tuple[str, list]]:
 def _tool_specs() -> dict[str, tuple[str, list]]:
     """The commands that take no config: they read a run folder, the cache or a checkpoint."""
     return {
-        "cache": ("list what the cache holds (decoded sources, extractions, downloads) with sizes, or clean what "
-                  "no run reads again",
-                  [("action", dict(choices=["list", "clean"], help="list (default) or clean", nargs="?",
-                                   default="list")),
-                   ("--cache-dir", dict(metavar="DIR", default="~/.cache/convae",
-                                        help="the cache folder (default ~/.cache/convae)")),
-                   ("--all", dict(action="store_true", dest="everything",
-                                  help="clean: remove everything, not only older formats and stopped decodes"))]),
-        "report": ("(re)write RUN_DIR/report.html, one self-contained page",
-                   [("run_dir", dict(metavar="RUN_DIR"))]),
-        "export": ("write a trained part to ONNX (one file, dynamic batch), torch.export (.pt2), safetensors or TorchScript",
-                   [_checkpoint("autoencoder or classifier checkpoint"),
-                    ("--format", dict(required=True, choices=EXPORT_FORMATS)),
-                    ("--part", dict(default="encoder", choices=EXPORT_PARTS, help="which part (default encoder)")),
-                    ("--out", dict(metavar="FILE", required=True, help="file to write (must not exist)"))]),
-        "predict": ("class and probabilities for images, preprocessed as in training",
-                    [_checkpoint("classifier checkpoint"),
-                     ("images", dict(nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")),
-                     ("--json", dict(action="store_true", help="print JSON instead of a table")),
-                     ("--device", dict(choices=DEVICES, default="auto", help="auto picks CUDA, then Apple's MPS, then the CPU")),
-                     ("--batch-size", dict(type=int, default=INFERENCE_BATCH_SIZE, metavar="N",
-                                           help=f"images per forward pass (default {INFERENCE_BATCH_SIZE})"))]),
+        "cache": (
+            "list what the cache holds (decoded sources, extractions, downloads) with sizes, or clean what "
+            "no run reads again",
+            [
+                ("action", dict(choices=["list", "clean"], help="list (default) or clean", nargs="?", default="list")),
+                (
+                    "--cache-dir",
+                    dict(metavar="DIR", default="~/.cache/convae", help="the cache folder (default ~/.cache/convae)"),
+                ),
+                (
+                    "--all",
+                    dict(
+                        action="store_true",
+                        dest="everything",
+                        help="clean: remove everything, not only older formats and stopped decodes",
+                    ),
+                ),
+            ],
+        ),
+        "report": ("(re)write RUN_DIR/report.html, one self-contained page", [("run_dir", dict(metavar="RUN_DIR"))]),
+        "export": (
+            "write a trained part to ONNX (one file, dynamic batch), torch.export (.pt2), safetensors or TorchScript",
+            [
+                _checkpoint("autoencoder or classifier checkpoint"),
+                ("--format", dict(required=True, choices=export.FORMATS)),
+                ("--part", dict(default="encoder", choices=export.PARTS, help="which part (default encoder)")),
+                ("--out", dict(metavar="FILE", required=True, help="file to write (must not exist)")),
+            ],
+        ),
+        "predict": (
+            "class and probabilities for images, preprocessed as in training",
+            [
+                _checkpoint("classifier checkpoint"),
+                ("images", dict(nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")),
+                ("--json", dict(action="store_true", help="print JSON instead of a table")),
+                (
+                    "--device",
+                    dict(choices=DEVICES, default="auto", help="auto picks CUDA, then Apple's MPS, then the CPU"),
+                ),
+                (
+                    "--batch-size",
+                    dict(
+                        type=int,
+                        default=INFERENCE_BATCH_SIZE,
+                        metavar="N",
+                        help=f"images per forward pass (default {INFERENCE_BATCH_SIZE})",
+                    ),
+                ),
+            ],
+        ),
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="convae", allow_abbrev=False,
+        prog="convae",
+        allow_abbrev=False,
         description="Convolutional autoencoders for representation learning: pretrain without labels, "
-                    "look inside, transfer, fine-tune with few labels.",
+        "look inside, transfer, fine-tune with few labels.",
     )
     parser.add_argument("--version", action="version", version=f"convae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -193,39 +314,64 @@ def _warn(msg: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    commands.train(args.command, args.preset, args.config, _overrides(args), _log,
-                   checkpoint=getattr(args, "checkpoint", None), resume=args.resume)
+    run.main(
+        args.command,
+        args.preset,
+        args.config,
+        _overrides(args),
+        _log,
+        checkpoint=getattr(args, "checkpoint", None),
+        resume=args.resume,
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     overrides = _overrides(args)
     train_data = overrides.pop("train_data", None)
-    commands.evaluate(overrides, args.checkpoint, train_data, _log)
+    evaluate.main(overrides, args.checkpoint, train_data, _log)
 
 
 def _sweep(args: argparse.Namespace) -> None:
     own = ("labels_per_class", "seeds", "steps", "methods", "curves")
-    commands.sweep(args.preset, args.config, {k: v for k, v in _overrides(args).items() if k not in own},
-                   args.labels_per_class, args.seeds, args.steps, args.checkpoint, _log, args.methods, args.curves)
+    sweep.main(
+        args.preset,
+        args.config,
+        {k: v for k, v in _overrides(args).items() if k not in own},
+        args.labels_per_class,
+        args.seeds,
+        args.steps,
+        args.checkpoint,
+        _log,
+        args.methods,
+        args.curves,
+    )
 
 
 def _encode(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint", "out", "no_map")}
-    commands.encode(overrides, args.checkpoint, args.out, not args.no_map, _log)
+    encode.main(overrides, args.checkpoint, args.out, not args.no_map, _log)
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "run": _train, "pretrain": _train, "finetune": _train, "evaluate": _evaluate, "sweep": _sweep, "encode": _encode,
-    "export": lambda a: commands.export(a.checkpoint, a.format, a.part, a.out, _log),
-    "predict": lambda a: commands.predict(a.checkpoint, a.images, a.device, a.batch_size, a.json, _log, _warn),
-    "report": lambda a: commands.report(a.run_dir, _log),
-    "cache": lambda a: commands.cache(a.action, a.cache_dir, a.everything, _log),
+    "run": _train,
+    "pretrain": _train,
+    "finetune": _train,
+    "evaluate": _evaluate,
+    "sweep": _sweep,
+    "encode": _encode,
+    "export": lambda a: export.main(a.checkpoint, a.format, a.part, a.out, _log),
+    "predict": lambda a: predict.main(a.checkpoint, a.images, a.device, a.batch_size, a.json, _log, _warn),
+    "report": lambda a: report.main(a.run_dir, _log),
+    "cache": lambda a: cache.main(a.action, a.cache_dir, a.everything, _log),
 }
 
 
 # flags users reach for that convae spells otherwise, per command
-MEANT = {"--epochs": {"sweep": ["--steps"], "*": ["--pretrain-epochs", "--finetune-epochs"]},
-         "--bs": {"*": ["--batch-size"]}, "--learning-rate": {"*": ["--lr"]}}
+MEANT = {
+    "--epochs": {"sweep": ["--steps"], "*": ["--pretrain-epochs", "--finetune-epochs"]},
+    "--bs": {"*": ["--batch-size"]},
+    "--learning-rate": {"*": ["--lr"]},
+}
 
 
 def did_you_mean(command: str, unknown: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -252,13 +398,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags = [a for a in extra if a.startswith("-")]
         hints = sorted({h for f in flags for h in did_you_mean(args.command, f, parser)})
         meant = f" (did you mean {' or '.join(hints)}?)" if hints else ""
-        print(f"convae {args.command}: error: unrecognized arguments: {' '.join(extra)}{meant}; "
-              f"see convae {args.command} --help", file=sys.stderr, flush=True)
+        print(
+            f"convae {args.command}: error: unrecognized arguments: {' '.join(extra)}{meant}; "
+            f"see convae {args.command} --help",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
+
     def terminated(signum, frame):  # SIGTERM outside training (decoding, probes, export): stop cleanly
         raise Interrupted(signum, "before it finished", "", resumable=False)
 
-    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
+    previous = (
+        signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
+    )
     cores.follow()  # unless OMP_NUM_THREADS pins the threads
     try:
         HANDLERS[args.command](args)
@@ -274,8 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = signal.Signals(e.signum).name if e.signum else "a signal"
         if e.resumable:
             resume = f"convae {args.command} --out {e.run_path} --resume"
-            print(f"convae: stopped by {name} at {e.where}; the state is saved. Resume with: {resume}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"convae: stopped by {name} at {e.where}; the state is saved. Resume with: {resume}",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             kept = f"; what was written so far is in {one_line(e.run_path)}" if e.run_path else ""
             print(f"convae: stopped by {name} {e.where}{kept}", file=sys.stderr, flush=True)

@@ -9,9 +9,24 @@ sliced on the training device or read from the host and prefetched.
 from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive, safe_extract
 from .batches import DeviceBatches, per_class_subset, split_indices
 from .images import IMAGE_EXTENSIONS, convert_images, decode_file, is_image_file, load_image, to_model_input
-from .rundata import RunData, prepare_data
 from .sources import ImageSet, load_source, scan_folder
 
-__all__ = ["ARCHIVE_SUFFIXES", "IMAGE_EXTENSIONS", "DeviceBatches", "ImageSet", "RunData", "prepare_data", "convert_images", "decode_file",
-           "extract_archive", "file_sha256", "is_archive", "is_image_file", "load_image", "load_source", "per_class_subset",
-           "safe_extract", "scan_folder", "split_indices", "to_model_input"]
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "IMAGE_EXTENSIONS",
+    "DeviceBatches",
+    "ImageSet",
+    "convert_images",
+    "decode_file",
+    "extract_archive",
+    "file_sha256",
+    "is_archive",
+    "is_image_file",
+    "load_image",
+    "load_source",
+    "per_class_subset",
+    "safe_extract",
+    "scan_folder",
+    "split_indices",
+    "to_model_input",
+]

@@ -12,9 +12,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..errors import ConvaeError, clip, first_line
-from ..files import remove_stale
-from ..records import Log
+from ..utils.errors import ConvaeError, clip, first_line
+from ..utils.files import remove_stale
+from ..utils.records import Log
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES)
@@ -49,12 +49,16 @@ def _check_expansion(archive: Path, members: int, expanded: int, dest: Path) -> 
         raise ConvaeError(f"archive {name} holds over {MAX_MEMBERS:,} members; refused as a possible archive bomb")
     ratio = expanded / max(archive.stat().st_size, 1)
     if expanded > RATIO_MIN_BYTES and ratio > MAX_RATIO:
-        raise ConvaeError(f"archive {name} would expand {ratio:,.0f}x to {expanded / 2**30:.1f} GiB; "
-                          "refused as a possible archive bomb")
+        raise ConvaeError(
+            f"archive {name} would expand {ratio:,.0f}x to {expanded / 2**30:.1f} GiB; "
+            "refused as a possible archive bomb"
+        )
     free = shutil.disk_usage(dest).free
     if expanded > free:
-        raise ConvaeError(f"archive {name} expands to {expanded / 2**30:.2f} GiB but only "
-                          f"{free / 2**30:.2f} GiB are free under {dest}; nothing was extracted")
+        raise ConvaeError(
+            f"archive {name} expands to {expanded / 2**30:.2f} GiB but only "
+            f"{free / 2**30:.2f} GiB are free under {dest}; nothing was extracted"
+        )
 
 
 ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
@@ -75,19 +79,31 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 if stat.S_ISLNK(mode):
                     raise ConvaeError(f"archive {archive.name}: member {info.filename!r} is a link; refused")
                 if os.path.isabs(info.filename) or not _inside(dest, info.filename):
-                    raise ConvaeError(f"archive {archive.name}: member {info.filename!r} lands outside the target; refused")
+                    raise ConvaeError(
+                        f"archive {archive.name}: member {info.filename!r} lands outside the target; refused"
+                    )
                 if info.flag_bits & 0x1:
-                    raise ConvaeError(f"archive {archive.name}: member {clip(repr(info.filename), 80)} is encrypted; "
-                                      "convae reads unencrypted archives only")
+                    raise ConvaeError(
+                        f"archive {archive.name}: member {clip(repr(info.filename), 80)} is encrypted; "
+                        "convae reads unencrypted archives only"
+                    )
                 if info.compress_type not in ZIP_METHODS:
-                    raise ConvaeError(f"archive {archive.name}: member {clip(repr(info.filename), 80)} uses zip "
-                                      f"compression method {info.compress_type}, which Python cannot read; "
-                                      "recompress it (stored, deflate, bzip2 or lzma)")
+                    raise ConvaeError(
+                        f"archive {archive.name}: member {clip(repr(info.filename), 80)} uses zip "
+                        f"compression method {info.compress_type}, which Python cannot read; "
+                        "recompress it (stored, deflate, bzip2 or lzma)"
+                    )
             _check_expansion(archive, len(infos), sum(i.file_size for i in infos), dest)
             try:
                 zf.extractall(dest)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError,
-                    RuntimeError) as e:  # bad CRC, truncated, a method or an encryption it cannot read
+            except (
+                zipfile.BadZipFile,
+                zipfile.LargeZipFile,
+                EOFError,
+                ValueError,
+                NotImplementedError,
+                RuntimeError,
+            ) as e:  # bad CRC, truncated, a method or an encryption it cannot read
                 raise ConvaeError(f"archive {archive.name} is damaged: {clip(first_line(e), 120)}") from None
         return
     try:
@@ -99,7 +115,9 @@ def safe_extract(archive: Path, dest: Path) -> None:
                     _check_expansion(archive, len(members), 0, dest)
             for m in members:
                 if not (m.isfile() or m.isdir()):
-                    raise ConvaeError(f"archive {archive.name}: member {m.name!r} is not a regular file or folder; refused")
+                    raise ConvaeError(
+                        f"archive {archive.name}: member {m.name!r} is not a regular file or folder; refused"
+                    )
                 if os.path.isabs(m.name) or not _inside(dest, m.name):
                     raise ConvaeError(f"archive {archive.name}: member {m.name!r} lands outside the target; refused")
             _check_expansion(archive, len(members), sum(m.size for m in members if m.isfile()), dest)
@@ -135,5 +153,3 @@ def extract_archive(archive: Path, cache_dir: Path, digest: str, log: Log) -> Pa
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-

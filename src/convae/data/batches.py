@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-from ..config import PLACEMENTS
 from .images import to_model_input
 from .sources import ImageSet
 
+PLACEMENTS = ("auto", "device", "host")  # where the training images live (the --placement choices)
 
-def split_indices(labels: torch.Tensor | None, n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def split_indices(
+    labels: torch.Tensor | None, n: int, val_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded train/validation split, stratified by class when there are labels.
 
     Each class with at least two images keeps at least one on each side.
@@ -111,7 +114,7 @@ def prefetched(items: Iterator, depth: int = PREFETCH) -> Iterator:
                 if not put(item):
                     return
             put(done)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+        except BaseException as e:
             put(_Failed(e))
 
     thread = threading.Thread(target=work, name="convae-prefetch", daemon=True)
@@ -164,15 +167,26 @@ class DeviceBatches:
         self.min_last = 1
 
     @classmethod
-    def of(cls, ds: ImageSet, device: torch.device, batch_size: int, labels: bool = True, shuffle: bool = False,
-           seed: int = 0, rank: int = 0, world_size: int = 1, placement: str = "auto") -> "DeviceBatches":
+    def of(
+        cls,
+        ds: ImageSet,
+        device: torch.device,
+        batch_size: int,
+        labels: bool = True,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        placement: str = "auto",
+    ) -> DeviceBatches:
         """Batches of ``ds`` on ``device``; ``placement`` as :func:`resolve_placement`. On the host
         each rank reads only its own shard of every batch from the source."""
         where = resolve_placement(placement, ds.nbytes, device)
         y = ds.labels if labels else None
         if where == "device":
-            return cls(on_device(ds, device), None if y is None else y.to(device), batch_size, shuffle, seed,
-                       rank, world_size)
+            return cls(
+                on_device(ds, device), None if y is None else y.to(device), batch_size, shuffle, seed, rank, world_size
+            )
         b = cls(ds.store[:0], y, batch_size, shuffle, seed, rank, world_size)
         b.images, b.source, b.device, b.n = None, ds, device, len(ds)
         return b
@@ -187,13 +201,15 @@ class DeviceBatches:
         passes = f", {self.repeat} passes per epoch" if self.repeat > 1 else ""
         if self.source is None:
             return f"{self.n} images ({gib:.2f} GiB) held on {self.device} (placement device){passes}"
-        return (f"{self.n} images ({gib:.2f} GiB) read from the {'cache file' if self.source.file else 'host'} "
-                f"batch by batch, prefetched, to {self.device} (placement host){passes}")
+        return (
+            f"{self.n} images ({gib:.2f} GiB) read from the {'cache file' if self.source.file else 'host'} "
+            f"batch by batch, prefetched, to {self.device} (placement host){passes}"
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def repeated(self, times: int) -> "DeviceBatches":
+    def repeated(self, times: int) -> DeviceBatches:
         """Every epoch ``times`` passes over the set, each in its own order, batched as one stream."""
         if times > 1 and not self.shuffle:
             raise ValueError("only shuffled batches repeat")
@@ -256,8 +272,10 @@ class DeviceBatches:
                 yield to_model_input(x), y
             return
         ds, pin = self.source, self.device.type == "cuda"
-        host = ((ds.take(pos, pin=pin), None if self.labels is None else self.labels[pos])
-                for pos in self.positions(start_batch))
+        host = (
+            (ds.take(pos, pin=pin), None if self.labels is None else self.labels[pos])
+            for pos in self.positions(start_batch)
+        )
         for x, y in prefetched(host):
             x = x.to(self.device, non_blocking=True)
             yield to_model_input(x), None if y is None else y.to(self.device, non_blocking=True)

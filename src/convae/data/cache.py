@@ -17,16 +17,16 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from ..errors import clip, first_line
-from ..files import atomic_write, atomic_write_text
-from ..records import Log
+from ..utils.errors import clip, first_line
+from ..utils.files import atomic_write, atomic_write_text
+from ..utils.records import Log
 from .rows import MappedFile
 
 CACHE_VERSION = 5  # 5: checksums of the arrays; 4: memory-mapped .npy folder; 3: a .pt file
@@ -61,8 +61,12 @@ def _check_meta(meta: object) -> dict:
     shape, classes, files, skipped = meta.get("shape"), meta.get("classes"), meta.get("files"), meta.get("skipped")
     if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape)):
         raise ValueError("its shape is not N x C x H x W")
-    if not isinstance(meta.get("labelled"), bool) or not isinstance(classes, list) or not all(
-            isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+    if (
+        not isinstance(meta.get("labelled"), bool)
+        or not isinstance(classes, list)
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
         raise ValueError("its classes are not a list of distinct names")
     if meta["labelled"] and not classes:
         raise ValueError("it is labelled without classes")
@@ -80,7 +84,9 @@ def _check_meta(meta: object) -> dict:
 def _check_arrays(folder: Path, meta: dict, images: np.ndarray, labels: torch.Tensor | None) -> None:
     if list(images.shape) != meta["shape"] or images.dtype != np.uint8:
         raise ValueError("images.npy does not match meta.json")
-    if meta["stamp"] != _stamp(folder / "images.npy") and _sha256(folder / "images.npy") != meta["sha256"].get("images"):
+    if meta["stamp"] != _stamp(folder / "images.npy") and _sha256(folder / "images.npy") != meta["sha256"].get(
+        "images"
+    ):
         raise ValueError("images.npy does not match its checksum (it was changed or replaced)")
     if labels is None:
         return
@@ -142,15 +148,27 @@ def read_cache(folder: Path, log: Log) -> dict | None:
         row_bytes = int(np.prod(images.shape[1:], dtype=np.int64))
         path = (folder / "images.npy").resolve()
         file = MappedFile(str(path), int(images.offset), row_bytes, path.stat().st_ino)
-        return {"images": torch.from_numpy(images), "labels": labels, "classes": meta["classes"],
-                "files": meta["files"], "skipped": meta["skipped"], "file": file}
-    except Exception as e:  # noqa: BLE001 - a damaged cache is decoded again, never trusted
+        return {
+            "images": torch.from_numpy(images),
+            "labels": labels,
+            "classes": meta["classes"],
+            "files": meta["files"],
+            "skipped": meta["skipped"],
+            "file": file,
+        }
+    except Exception as e:
         log(f"the cache {folder} is unreadable ({clip(first_line(e), 100)}); decoding again")
         return None
 
 
-def write_cache(folder: Path, images: torch.Tensor | Iterable[torch.Tensor], labels: torch.Tensor | None,
-                classes: list[str], files: list[str], skipped: list[str]) -> None:
+def write_cache(
+    folder: Path,
+    images: torch.Tensor | Iterable[torch.Tensor],
+    labels: torch.Tensor | None,
+    classes: list[str],
+    files: list[str],
+    skipped: list[str],
+) -> None:
     """Write a decoded source into ``folder``; ``meta.json`` last, as the completion mark, with
     the arrays' checksums.
 
@@ -180,8 +198,15 @@ def write_cache(folder: Path, images: torch.Tensor | Iterable[torch.Tensor], lab
     if labels is not None:
         atomic_write(folder / "labels.npy", lambda f: np.save(f, labels.numpy(), allow_pickle=False))
         digests["labels"] = _sha256(folder / "labels.npy")
-    meta = {"version": CACHE_VERSION, "shape": list(images.shape), "labelled": labels is not None,
-            "classes": classes, "files": files, "skipped": skipped, "sha256": digests,
-            "stamp": _stamp(folder / "images.npy")}
+    meta = {
+        "version": CACHE_VERSION,
+        "shape": list(images.shape),
+        "labelled": labels is not None,
+        "classes": classes,
+        "files": files,
+        "skipped": skipped,
+        "sha256": digests,
+        "stamp": _stamp(folder / "images.npy"),
+    }
     digests["meta"] = _meta_digest(meta)
     atomic_write_text(folder / "meta.json", json.dumps(meta))

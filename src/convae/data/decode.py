@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import first_line
-from ..files import atomic_torch_save
-from ..records import Log
+from ..utils.errors import first_line
+from ..utils.files import atomic_torch_save
+from ..utils.records import Log
 from .images import load_image, printable
 
 CHUNK = 1000  # files per task: large enough to hide the inter-process cost, small enough to resume cheaply
@@ -44,15 +44,20 @@ def decode_chunk(files: list[str], root: str, channels: int, height: int, width:
     for i, f in enumerate(files):
         try:
             img, mode_changed, resized = load_image(Path(f), channels, height, width)
-        except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and listed
+        except Exception as e:
             skipped.append(f"{printable(Path(f).relative_to(root))}: {printable(first_line(e, 300))}")
             continue
         out[len(keep)] = img.numpy()
         keep.append(i)
         n_mode += mode_changed
         n_size += resized
-    return {"images": torch.from_numpy(out[: len(keep)].copy()), "keep": keep, "skipped": skipped,
-            "n_mode": n_mode, "n_size": n_size}
+    return {
+        "images": torch.from_numpy(out[: len(keep)].copy()),
+        "keep": keep,
+        "skipped": skipped,
+        "n_mode": n_mode,
+        "n_size": n_size,
+    }
 
 
 class Chunks:
@@ -84,18 +89,34 @@ def _saved(partial: Path | None, i: int, n: int, shape: tuple[int, int, int]) ->
         r = torch.load(path, weights_only=True)
         keep, images = r["keep"], r["images"]
         # untrusted: the positions must be distinct files of this chunk, one image each, in order
-        ok = (isinstance(keep, list) and all(isinstance(k, int) for k in keep) and keep == sorted(set(keep))
-              and all(0 <= k < n for k in keep) and isinstance(r["skipped"], list)
-              and len(keep) + len(r["skipped"]) == n and isinstance(images, torch.Tensor)
-              and images.dtype == torch.uint8 and images.shape[0] == len(keep) and images.shape[1:] == shape
-              and all(isinstance(r[k], int) for k in ("n_mode", "n_size")))
+        ok = (
+            isinstance(keep, list)
+            and all(isinstance(k, int) for k in keep)
+            and keep == sorted(set(keep))
+            and all(0 <= k < n for k in keep)
+            and isinstance(r["skipped"], list)
+            and len(keep) + len(r["skipped"]) == n
+            and isinstance(images, torch.Tensor)
+            and images.dtype == torch.uint8
+            and images.shape[0] == len(keep)
+            and images.shape[1:] == shape
+            and all(isinstance(r[k], int) for k in ("n_mode", "n_size"))
+        )
         return {**r, "images": path} if ok else None  # the images are read again when written
-    except Exception:  # noqa: BLE001 - a damaged chunk is decoded again
+    except Exception:
         return None
 
 
-def decode_files(files: list[Path], root: Path, channels: int, height: int, width: int, log: Log,
-                 workers: int = 0, partial: Path | None = None) -> tuple[Chunks, list[int], list[str]]:
+def decode_files(
+    files: list[Path],
+    root: Path,
+    channels: int,
+    height: int,
+    width: int,
+    log: Log,
+    workers: int = 0,
+    partial: Path | None = None,
+) -> tuple[Chunks, list[int], list[str]]:
     """Decode ``files`` with ``workers`` processes (0 = every core); returns the images (in
     chunks: with ``partial`` each is saved there and left out of memory), the indices of the files
     they came from, and the skipped files with reasons."""
@@ -109,8 +130,15 @@ def decode_files(files: list[Path], root: Path, channels: int, height: int, widt
         log(f"continuing a stopped decode: {len(chunks) - len(todo)} of {len(chunks)} chunks already done")
     n = min(workers or available_cores(), len(todo)) if len(names) >= PARALLEL_MIN else 1
     # disable=None: no bar when stderr is not a terminal (a log file gets no fragments), as in training
-    bar = tqdm(total=len(names), initial=sum(len(chunks[i]) for i, r in enumerate(results) if r is not None),
-               desc="decoding", unit="img", leave=False, mininterval=1.0, disable=None)
+    bar = tqdm(
+        total=len(names),
+        initial=sum(len(chunks[i]) for i, r in enumerate(results) if r is not None),
+        desc="decoding",
+        unit="img",
+        leave=False,
+        mininterval=1.0,
+        disable=None,
+    )
 
     def finished(i: int, r: dict) -> None:
         if partial is not None:
@@ -144,7 +172,9 @@ def decode_files(files: list[Path], root: Path, channels: int, height: int, widt
     finally:
         bar.close()
     done = [r for r in results if r is not None]
-    images = Chunks([r["images"] for r in done if r["keep"]], (sum(len(r["keep"]) for r in done), channels, height, width))
+    images = Chunks(
+        [r["images"] for r in done if r["keep"]], (sum(len(r["keep"]) for r in done), channels, height, width)
+    )
     keep = [c * CHUNK + k for c, r in enumerate(done) for k in r["keep"]]
     skipped = [s for r in done for s in r["skipped"]]
     n_mode, n_size = sum(r["n_mode"] for r in done), sum(r["n_size"] for r in done)

@@ -106,5 +106,3 @@ def load_image(path: Path, channels: int, height: int, width: int) -> tuple[torc
     img, mode_changed = decode_file(path, channels, (height, width))
     img, _, resized = convert_images(img, channels, height, width)
     return img, mode_changed, resized
-
-

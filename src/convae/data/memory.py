@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConvaeError
-from ..records import Log
+from ..utils.errors import ConvaeError
+from ..utils.records import Log
 from .images import convert_images
 from .sources import ImageSet
 
@@ -48,8 +48,10 @@ def images_tensor(x: Any) -> torch.Tensor:
     if not isinstance(x, (torch.Tensor, np.ndarray)):
         if hasattr(x, "getbands"):  # one PIL image
             return images_tensor([x])
-        raise ConvaeError(f"cannot read images from a {type(x).__name__}: give a tensor, a numpy array, "
-                          "a PIL image, a list of them, a Dataset, or a path")
+        raise ConvaeError(
+            f"cannot read images from a {type(x).__name__}: give a tensor, a numpy array, "
+            "a PIL image, a list of them, a Dataset, or a path"
+        )
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "uif":  # objects, strings, booleans, complex numbers
             raise ConvaeError(f"images must hold numbers (uint8 0-255 or float 0-1), got a numpy array of {x.dtype}")
@@ -78,7 +80,9 @@ def images_tensor(x: Any) -> torch.Tensor:
         t = (t * 255).round().to(torch.uint8)
     elif t.dtype != torch.uint8:
         if t.numel() and (t.min() < 0 or t.max() > 255):
-            raise ConvaeError(f"integer images must hold values 0-255, got {t.dtype} from {int(t.min())} to {int(t.max())}")
+            raise ConvaeError(
+                f"integer images must hold values 0-255, got {t.dtype} from {int(t.min())} to {int(t.max())}"
+            )
         t = t.to(torch.uint8)
     return t.contiguous()
 
@@ -104,8 +108,15 @@ def _labels_tensor(labels: Any, n: int) -> torch.Tensor:
     return y.to(torch.int64)
 
 
-def image_set(data: Any, labels: Any = None, classes: list[str] | None = None, channels: int = 3,
-              height: int = 32, width: int = 32, log: Log = print) -> ImageSet:
+def image_set(
+    data: Any,
+    labels: Any = None,
+    classes: list[str] | None = None,
+    channels: int = 3,
+    height: int = 32,
+    width: int = 32,
+    log: Log = print,
+) -> ImageSet:
     """An :class:`ImageSet` from a tensor/array of images (with optional ``labels``) or a Dataset
     whose items are ``(image, label)`` or ``image``."""
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.Tensor):
@@ -115,8 +126,9 @@ def image_set(data: Any, labels: Any = None, classes: list[str] | None = None, c
     if n == 0:
         raise ConvaeError("no images given (an empty batch)")
     y = None if labels is None else _labels_tensor(labels, n)
-    if classes is not None and (isinstance(classes, str) or not all(isinstance(c, str) for c in classes)
-                                or len(set(classes)) != len(classes)):
+    if classes is not None and (
+        isinstance(classes, str) or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes)
+    ):
         raise ConvaeError("classes must be a list of distinct class names (strings)")
     if y is not None:
         k = int(y.max()) + 1

@@ -84,8 +84,7 @@ def _buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, n), dtype=torch.uint8).view(shape)
 
 
-def gather(images: torch.Tensor, rows: torch.Tensor, file: MappedFile | None = None,
-           pin: bool = False) -> torch.Tensor:
+def gather(images: torch.Tensor, rows: torch.Tensor, file: MappedFile | None = None, pin: bool = False) -> torch.Tensor:
     """``images[rows]`` as a new contiguous uint8 tensor, in the order of ``rows``.
 
     With ``file`` the rows are read from disk (``images`` is its memory map, used only for the

@@ -17,14 +17,13 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import ConvaeError, first_line
-from ..records import Log
+from ..utils.errors import ConvaeError, first_line
+from ..utils.records import Log
 from .archives import ARCHIVE_SUFFIXES, extract_archive, file_sha256, is_archive
 from .cache import read_cache, write_cache, writer_lock
 from .decode import Chunks, decode_files, remove_partial
 from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, printable
 from .rows import MappedFile, gather
-
 
 
 @dataclass
@@ -87,7 +86,7 @@ class ImageSet:
         """:attr:`images`."""
         return self.store if self.index is None else self.take(torch.arange(len(self)))
 
-    def subset(self, index: torch.Tensor) -> "ImageSet":
+    def subset(self, index: torch.Tensor) -> ImageSet:
         """The images ``index`` (positions in this set) as a set of their own, sharing the rows."""
         idx = index.tolist()
         return ImageSet(
@@ -113,7 +112,9 @@ def _image_files(folder: Path, recursive: bool, notes: list[str], root: Path) ->
     files = []
     for p in it:
         if p.is_symlink() and p.is_dir():
-            notes.append(f"{printable(p.relative_to(root))}/: a link to a folder; left out (folder links are not followed)")
+            notes.append(
+                f"{printable(p.relative_to(root))}/: a link to a folder; left out (folder links are not followed)"
+            )
         elif is_image_file(p) and p.is_file():
             files.append(p)
     return sorted(files)
@@ -143,8 +144,7 @@ def scan_folder(root: Path) -> tuple[Path, list[Path], list[int] | None, list[st
         break
     if top_images and subdirs:
         raise ConvaeError(
-            f"{root} mixes images and sub-folders: use class folders only (labelled) "
-            "or images only (unlabelled)"
+            f"{root} mixes images and sub-folders: use class folders only (labelled) or images only (unlabelled)"
         )
     if top_images:
         return root, top_images, None, [], notes
@@ -174,9 +174,10 @@ def _load_cifar10(train: bool, cache_dir: Path) -> tuple[torch.Tensor, list[int]
     try:
         ds = CIFAR10(root=str(root), train=train, download=True)
     except Exception as e:  # offline: URLError, socket errors, checksum failures
-        raise ConvaeError(f"could not download CIFAR-10 into {root}: {first_line(e)} (offline, or the server "
-                          "cannot be reached)",
-                          advice="pass --data PATH to a folder or archive of images instead") from None
+        raise ConvaeError(
+            f"could not download CIFAR-10 into {root}: {first_line(e)} (offline, or the server cannot be reached)",
+            advice="pass --data PATH to a folder or archive of images instead",
+        ) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
     return images, list(ds.targets), list(ds.classes)
 
@@ -219,20 +220,24 @@ def load_source(
     fmt = {"channels": channels, "height": height, "width": width}  # the format version is in meta.json
     if src.lower() == "cifar10":
         key = _cache_key({"kind": "cifar10", "train": train, **fmt})
-        loader = lambda: _from_cifar10(train, cache, channels, height, width, log)  # noqa: E731
+        loader = lambda: _from_cifar10(train, cache, channels, height, width, log)
     else:
         path = Path(src).expanduser()
         if path.is_file():
             digest = file_sha256(path)
             key = _cache_key({"kind": "archive", "sha256": digest, **fmt})
-            loader = lambda: _from_folder(extract_archive(path, cache, digest, log), channels, height, width, log,  # noqa: E731
-                                          workers, partial)
+            loader = lambda: _from_folder(
+                extract_archive(path, cache, digest, log), channels, height, width, log, workers, partial
+            )
         else:
             root = path.resolve()
-            listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-                       for p in sorted(root.rglob("*")) if p.is_file()]
+            listing = [
+                (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(root.rglob("*"))
+                if p.is_file()
+            ]
             key = _cache_key({"kind": "folder", "path": str(root), "files": listing, **fmt})
-            loader = lambda: _from_folder(root, channels, height, width, log, workers, partial)  # noqa: E731
+            loader = lambda: _from_folder(root, channels, height, width, log, workers, partial)
 
     cached = cache / "tensors" / key
     partial = cache / "tensors" / f"{key}.partial"  # the chunks of a decode in progress (or killed)
@@ -271,12 +276,18 @@ def _from_cifar10(train: bool, cache: Path, channels: int, height: int, width: i
     if mode_changed or resized:
         log(f"converted {len(images)} CIFAR-10 images to {channels}x{height}x{width}")
     split = "train" if train else "test"
-    return Decoded(images, torch.tensor(labels, dtype=torch.int64), classes,
-                   [f"cifar10/{split}/{i}" for i in range(len(labels))], [])
+    return Decoded(
+        images,
+        torch.tensor(labels, dtype=torch.int64),
+        classes,
+        [f"cifar10/{split}/{i}" for i in range(len(labels))],
+        [],
+    )
 
 
-def _from_folder(path: Path, channels: int, height: int, width: int, log: Log, workers: int = 0,
-                 partial: Path | None = None) -> Decoded:
+def _from_folder(
+    path: Path, channels: int, height: int, width: int, log: Log, workers: int = 0, partial: Path | None = None
+) -> Decoded:
     root, files, labels, classes, notes = scan_folder(path)
     for note in notes:
         log(f"warning: {note}")
@@ -287,5 +298,3 @@ def _from_folder(path: Path, channels: int, height: int, width: int, log: Log, w
     lab = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
     rel = [printable(files[i].relative_to(root)) for i in keep]
     return Decoded(images, lab, classes, rel, notes + skipped)
-
-

@@ -1,0 +1,427 @@
+"""``convae sweep``: does pretraining help when labels are scarce? Measured over label budgets and seeds.
+
+For each budget (labelled images per class) and seed, the same labelled subset trains:
+the pretrained encoder fine-tuned, the pretrained encoder frozen (a linear probe trained with
+the same recipe), and the same classifier from random init. On the same subset the frozen
+pretrained features are also scored by kNN and by logistic regression fitted to convergence on
+standardised features (the recipe's probe sees raw feature scales and a fixed step budget).
+The joint methods train with every training image unlabelled beside the labelled subset
+(:mod:`convae.joint`): from random init, or (``joint_finetune``) from the pretrained encoder and decoder,
+the pretraining objective kept on. One autoencoder pretraining serves the whole sweep (none when no
+chosen method reads it).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import SWEEP_BATCH_SIZE, Config, build_config, presets, read_config_file
+from ..config.validation import validate_model
+from ..data import DeviceBatches, per_class_subset
+from ..evaluation.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
+from ..models import AutoEncoder, Classifier
+from ..outputs import figures
+from ..outputs.checkpoint import load_checkpoint
+from ..outputs.report import write_report
+from ..outputs.rundir import RunDir
+from ..training.fit import RunContext, StopFlag
+from ..training.loop import EpochInterrupted
+from ..training.phases import prepare_classifier, pretrain_phase, train_cell
+from ..training.rundata import RunData, prepare_data
+from ..utils.device import provenance, resolve_device, resolve_precision
+from ..utils.errors import ConvaeError, Interrupted
+from ..utils.records import Log, SweepCell
+
+# ----------------------------------------------------------------------------- a sweep's results as tables
+
+
+def summarise(cells: list[SweepCell]) -> list[dict]:
+    """Mean and sample standard deviation of the accuracy per method and budget."""
+    groups: dict[tuple, list[float]] = {}
+    for c in cells:
+        groups.setdefault((c["method"], c["labels_per_class"]), []).append(c["accuracy"])
+    rows = []
+    for (method, budget), accs in groups.items():
+        mean = sum(accs) / len(accs)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+        rows.append({"method": method, "labels_per_class": budget, "mean": mean, "std": std, "n": len(accs)})
+    return rows
+
+
+def write_csv(path: Path, summary: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "labels_per_class", "mean", "std", "n"])
+        w.writeheader()
+        w.writerows(summary)
+
+
+def format_summary(result: dict) -> str:
+    """Accuracy mean +- std (%), one row per method, one column per budget."""
+    budgets = result["budgets"]
+    cell = {(r["method"], r["labels_per_class"]): r for r in result["summary"]}
+    head = f"{'method':<44}" + "".join(f"{str(b) + '/class':>16}" for b in budgets)
+    lines = [head]
+    for method, name in result["methods"].items():
+        vals = []
+        for b in budgets:
+            r = cell.get((method, b))
+            vals.append(
+                ""
+                if not r
+                else f"{100 * r['mean']:6.2f} +- {100 * r['std']:4.2f}"
+                if r["n"] > 1
+                else f"{100 * r['mean']:6.2f}"
+            )
+        lines.append(f"{name:<44}" + "".join(f"{v:>16}" for v in vals))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of making a classifier from the labelled subset of a cell."""
+
+    label: str
+    probe: str  # "recipe" (the fine-tuning recipe trains a classifier), "knn" or "logistic" (frozen features)
+    weights: str  # the encoder's: "pretrained" or "random"
+    frozen: bool = False  # recipe: only the head trains (a linear probe with the recipe's steps)
+    joint: str = "off"  # recipe: joint training of this variant (convae.joint), every training image unlabelled
+
+
+METHODS = {
+    "finetune": Method("pretrained, fine-tuned", "recipe", "pretrained"),
+    "linear_probe": Method("pretrained, frozen (linear probe)", "recipe", "pretrained", frozen=True),
+    "scratch": Method("random init (scratch)", "recipe", "random"),
+    "joint_plain": Method("joint, plain (objective + cross-entropy)", "recipe", "random", joint="plain"),
+    "joint_gamma": Method("joint, Gamma-model (Ladder)", "recipe", "random", joint="gamma"),
+    "joint_finetune": Method("pretrained, joint fine-tuning (plain)", "recipe", "pretrained", joint="plain"),
+    "knn": Method("pretrained, frozen (kNN, k=200)", "knn", "pretrained"),
+    "logistic_probe": Method("pretrained, frozen (logistic regression)", "logistic", "pretrained"),
+    "knn_random": Method("random weights, frozen (kNN, k=200)", "knn", "random"),
+    "logistic_random": Method("random weights, frozen (logistic regression)", "logistic", "random"),
+}
+DEFAULT_BUDGETS = ["25", "100", "400", "all"]
+# cells of a recipe without --epoch-images train this many steps: its epochs would give 250 labels a step each
+FIXED_STEPS = 300
+
+
+def parse_budgets(values: list[str]) -> list[int | None]:
+    """``["25", "all"]`` -> ``[25, None]`` (None = every labelled training image)."""
+    out: list[int | None] = []
+    for v in values:
+        if str(v).lower() == "all":
+            if None in out:
+                raise ConvaeError(
+                    "the label budget 'all' is given twice; each budget is measured once per seed",
+                    advice="list each --labels-per-class value once",
+                )
+            out.append(None)
+            continue
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise ConvaeError(
+                f"label budgets are integers > 0 or 'all'; got {v!r}",
+                advice="--labels-per-class takes integers > 0 or 'all'",
+            )
+        if n in out:
+            raise ConvaeError(
+                f"the label budget {v} is given twice; each budget is measured once per seed",
+                advice="list each --labels-per-class value once",
+            )
+        out.append(n)
+    return out
+
+
+def _chosen(methods: list[str] | None) -> dict[str, Method]:
+    unknown = sorted(set(methods or ()) - set(METHODS))
+    if unknown or methods == []:
+        raise ConvaeError(
+            f"unknown sweep method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}"
+        )
+    return {m: spec for m, spec in METHODS.items() if methods is None or m in methods}
+
+
+@dataclass
+class _Sweep:
+    """What every cell of a sweep reads: the data, the pretrained and random encoders, their features."""
+
+    cfg: Config
+    data: RunData
+    ae: AutoEncoder
+    random_enc: nn.Module
+    device: torch.device
+    val: DeviceBatches
+    feats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    stop: StopFlag
+    curves: bool = False  # a trained cell evaluated after every epoch too
+
+
+def _prepare(
+    cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Method], hold: ExitStack, curves: bool = False
+) -> tuple[_Sweep, RunDir, float]:
+    """The autoencoder (loaded, or pretrained once into the sweep folder), the data and the features."""
+    device = resolve_device(cfg.device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
+    ae = None
+    if checkpoint is not None:
+        ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
+        cfg = replace(cfg.with_model(ae.config), init_checkpoint=str(checkpoint))
+    RunDir.check_free(cfg.out)
+    data = prepare_data(cfg, need_labels=True, log=log)
+    if len(data.classes) < 2:
+        raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
+    validate_model(cfg.model_config(num_classes=len(data.classes)))  # the head's size comes from the data
+    run = RunDir.claim(cfg.out, hold, "a sweep")
+    cfg = replace(cfg, out=str(run.path))
+    run.save_config(cfg)
+    log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
+    torch.manual_seed(cfg.seed)
+    mcfg = cfg.model_config(num_classes=len(data.classes))
+    started = time.perf_counter()
+    if ae is None:
+        ae = AutoEncoder(mcfg).to(device, memory_format=torch.channels_last)
+        if any(m.weights == "pretrained" for m in chosen.values()):
+            pretrain_phase(ae, data, RunContext(run, cfg, log), device)
+        else:
+            log(f"sweep: no method reads the pretrained encoder ({', '.join(chosen)}): no pretraining")
+    ae = ae.to(device, memory_format=torch.channels_last)
+    random_enc = random_encoder(mcfg, cfg.seed, device)
+    pretrain_s = time.perf_counter() - started
+    feats = {}
+    for weights, enc in (("pretrained", ae.encoder), ("random", random_enc)):
+        if any(m.probe != "recipe" and m.weights == weights for m in chosen.values()):  # recipes need none
+            start = time.perf_counter()
+            log(
+                f"sweep: features of {len(data.train)} training and {len(data.val)} evaluation images "
+                f"({weights} weights, computed once for every cell)"
+            )
+            feats[weights] = tuple(
+                extract_features(
+                    enc, x, precision=cfg.precision, features=cfg.probe_features, desc=f"{weights} features: {name}"
+                )
+                for x, name in ((data.train, "training"), (data.val, "evaluation"))
+            )
+            log(f"sweep: {weights} features in {time.perf_counter() - start:.1f} s")
+    val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
+    return _Sweep(cfg, data, ae, random_enc, device, val, feats, StopFlag(), curves), run, pretrain_s
+
+
+def _measure(
+    sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None, log: Log, name: str
+) -> tuple[float, list[float] | None, list[list[float]] | None]:
+    """One cell, ``name`` in the log: ``method`` on the labelled images ``idx`` of the training split;
+    its accuracy and, for a recipe, the training loss of each epoch (a probe has none)."""
+    k, labels = len(sw.data.classes), sw.data.train.labels.to(sw.device)
+    if method.probe != "recipe":
+        train_f, val_f = sw.feats[method.weights]
+        if method.probe == "knn":
+            return knn_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k), None, None
+        # standardised features, fitted to convergence
+        return linear_probe_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k, seed=seed), None, None
+    torch.manual_seed(seed)
+    clf = (
+        Classifier.from_autoencoder(sw.ae, k)
+        if method.weights == "pretrained"
+        else Classifier(sw.cfg.model_config(num_classes=k))
+    )
+    clf = clf.to(sw.device, memory_format=torch.channels_last)
+    cfg = replace(
+        sw.cfg,
+        init="pretrained" if method.weights == "pretrained" else "scratch",
+        freeze_encoder=method.frozen,
+        joint=method.joint,
+    )
+    prepare_classifier(clf, sw.data.train.subset(idx.cpu()), sw.data.train, cfg, _quiet)
+    try:
+        # joint training from the pretrained autoencoder starts from its decoder too
+        decoder = sw.ae.decoder if method.joint != "off" and method.weights == "pretrained" else None
+        return train_cell(
+            clf,
+            sw.data.train.subset(idx.cpu()),
+            sw.val,
+            cfg,
+            steps,
+            seed,
+            k,
+            sw.stop,
+            sw.data.train,
+            log,
+            name,
+            decoder,
+            sw.curves,
+        )
+    except EpochInterrupted:
+        raise Interrupted(
+            sw.stop.signum, "in a sweep cell", str(Path(str(sw.cfg.out)) / "metrics.jsonl"), resumable=False
+        ) from None
+
+
+def _quiet(line: str) -> None:  # the recipe's notes, said once per run, would repeat in every cell
+    pass
+
+
+def run_sweep(
+    cfg: Config,
+    budgets: list[int | None],
+    seeds: int,
+    steps: int | None = None,
+    checkpoint: str | None = None,
+    log: Log = print,
+    methods: list[str] | None = None,
+    curves: bool = False,
+) -> RunDir:
+    """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png (and cell_curves.png).
+    ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures; ``curves``
+    evaluates every trained cell after each of its epochs too (``curve``: [steps, accuracy] pairs)."""
+    if seeds <= 0 or (steps is not None and steps <= 0):
+        raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
+    steps = FIXED_STEPS if steps is None and not cfg.epoch_images else steps
+    chosen = _chosen(methods)
+    started = time.perf_counter()
+    with ExitStack() as hold:  # the sweep folder's lock, held to the end
+        sw, run, pretrain_s = _prepare(cfg, checkpoint, log, chosen, hold, curves)
+        cells = _cells(sw, run, budgets, seeds, steps, chosen, log)
+        timing = {"pretrain_s": pretrain_s, "total_s": time.perf_counter() - started}
+        _write(run, sw, budgets, seeds, steps, chosen, cells, timing, log)
+    return run
+
+
+def _cells(
+    sw: _Sweep,
+    run: RunDir,
+    budgets: list[int | None],
+    seeds: int,
+    steps: int | None,
+    chosen: dict[str, Method],
+    log: Log,
+) -> list[SweepCell]:
+    cells: list[SweepCell] = []
+    once = [k for k, m in chosen.items() if m.probe != "recipe"]
+    if None in budgets and seeds > 1 and once:
+        log(
+            f"sweep: with every label ({', '.join(once)}) the frozen features and the labelled set are the same "
+            "for every seed: measured once"
+        )
+    with sw.stop.installed():
+        for budget in budgets:
+            for i in range(seeds):
+                seed = sw.cfg.seed + i
+                everything = torch.arange(len(sw.data.train))
+                idx = (
+                    everything if budget is None else per_class_subset(sw.data.train.labels, everything, budget, seed)
+                ).to(sw.device)
+                for key, method in chosen.items():
+                    if budget is None and i > 0 and key in once:
+                        continue  # the same data and features: a second seed would repeat the first
+                    start = time.perf_counter()
+                    name = f"cell {'all' if budget is None else budget}/class seed {seed} {key}"
+                    acc, losses, curve = _measure(sw, method, idx, seed, steps, log, name)
+                    cell: SweepCell = {
+                        "method": key,
+                        "labels_per_class": "all" if budget is None else budget,
+                        "seed": seed,
+                        "labelled_images": int(len(idx)),
+                        "accuracy": acc,
+                        "seconds": time.perf_counter() - start,
+                    }
+                    if losses is not None:
+                        cell["epoch_losses"] = losses
+                    if curve is not None:
+                        cell["curve"] = curve
+                    cells.append(cell)
+                    run.log_metrics({"phase": "sweep", **cell})
+                    log(
+                        f"sweep  {cell['labels_per_class']!s:>5}/class  seed {seed}  {key:<15}  "
+                        f"acc {100 * acc:6.2f}%  {cell['seconds']:.1f}s"
+                    )
+    return cells
+
+
+def _write(
+    run: RunDir,
+    sw: _Sweep,
+    budgets: list[int | None],
+    seeds: int,
+    steps: int | None,
+    chosen: dict[str, Method],
+    cells: list[SweepCell],
+    timing: dict[str, float],
+    log: Log,
+) -> None:
+    cfg, data = sw.cfg, sw.data
+    summary = summarise(cells)
+    result = {
+        "eval_set": data.eval_name,
+        "eval_label": data.eval_label,
+        "classes": data.classes,
+        "budgets": ["all" if b is None else b for b in budgets],
+        "seeds": [cfg.seed + i for i in range(seeds)],
+        "steps": steps,
+        "finetune_epochs": cfg.finetune_epochs,
+        "epoch_images": cfg.epoch_images,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.finetune_lr or cfg.lr,
+        "optimizer": cfg.optimizer,
+        "methods": {k: m.label for k, m in chosen.items()},
+        "probe_features": cfg.probe_features,
+        "augment": cfg.augment,
+        "crop_padding": cfg.crop_padding,
+        "jitter": cfg.jitter,
+        "autoencoder": (
+            cfg.init_checkpoint or str(run.checkpoints / "autoencoder.pt")
+            if any(m.weights == "pretrained" for m in chosen.values())
+            else None
+        ),
+        "cells": cells,
+        "summary": summary,
+        "timing": timing,
+        "images_per_class_all": int(torch.bincount(data.train.labels).max()),
+        "provenance": provenance(sw.device, cfg.precision),
+    }
+    run.write_json("sweep.json", result)
+    write_csv(run.path / "sweep.csv", summary)
+    figures.save_label_efficiency(result, run.figures / "label_efficiency.png")
+    if any("curve" in c for c in cells):
+        figures.save_cell_curves(result, run.figures / "cell_curves.png")
+    write_report(run.path)
+    log(format_summary(result))
+    log(f"sweep: {len(cells)} cells in {timing['total_s']:.1f} s")
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def main(
+    preset: str,
+    config_file: str | None,
+    overrides: dict[str, Any],
+    budgets: list[str],
+    seeds: int,
+    steps: int | None,
+    checkpoint: str | None,
+    log: Log,
+    methods: list[str] | None = None,
+    curves: bool = False,
+) -> RunDir:
+    """``convae sweep``; its batch size defaults to SWEEP_BATCH_SIZE, below the preset, the config file
+    and the flags."""
+    overrides = dict(overrides)
+    given = {**presets().get(preset, {}), **(read_config_file(config_file) if config_file else {}), **overrides}
+    if "batch_size" not in given:
+        overrides["batch_size"] = SWEEP_BATCH_SIZE
+    cfg = build_config(preset, config_file, overrides)
+    return run_sweep(cfg, parse_budgets(budgets), seeds, steps, checkpoint, log=log, methods=methods, curves=curves)
