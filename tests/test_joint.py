@@ -11,9 +11,8 @@ from conftest import make_image_folder
 from convae.cli import main
 from convae.data import DeviceBatches
 from convae.data.augment import AugmentConfig
-from convae.models import AutoEncoder, Classifier
+from convae.models import AutoEncoder, Classifier, ModelConfig
 from convae.models.objectives import ObjectiveConfig, make_objective
-from convae.models.registry import ModelConfig
 from convae.training.joint import JointLoss, JointModel, JointSpec, check_labels, cycling
 from convae.training.loop import train_one_epoch
 from convae.training.recipe import classification_loss

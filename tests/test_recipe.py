@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from convae.cli import main
 from convae.data import DeviceBatches
 from convae.evaluation.probes import fit_head, linear_probe_accuracy
-from convae.models import AutoEncoder, Classifier
+from convae.models import AutoEncoder, Classifier, ModelConfig
 from convae.models.blocks import BlocksEncoder
-from convae.models.registry import ModelConfig
 from convae.training.loop import classification_criterion, make_scheduler
 from convae.training.recipe import WeightAverage, classification_loss, repeats
 from convae.utils.records import Batch

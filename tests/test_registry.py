@@ -5,7 +5,13 @@ exported through the command line, which proves no other module needs editing to
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +24,12 @@ from convae.cli import main
 from convae.commands.export import export
 from convae.config import build_config
 from convae.evaluation.probes import extract_features, linear_probe_accuracy
-from convae.models import AutoEncoder, Classifier, count_parameters, model_size
+from convae.models import AutoEncoder, Classifier, ModelConfig, count_parameters, model_size
 from convae.models.objectives import OBJECTIVES, make_objective
 from convae.models.registry import (
     ARCHITECTURES,
     Architecture,
     EncoderBase,
-    ModelConfig,
     register_architecture,
     unregister_architecture,
 )
@@ -267,3 +272,131 @@ def test_an_unregistered_architecture_is_one_clear_line(tmp_path, capsys):
     assert exit_.value.code == 2 and "invalid choice: 'toy'" in capsys.readouterr().err
     with pytest.raises(ConvaeError, match="arch must be one of stages, patch"):
         build_config("seed", None, {"arch": "toy"})
+
+
+# ----------------------------------------------------------------------------- an architecture with a knob of its own
+
+TOY_WITH_A_KNOB = '''
+"""A toy architecture with a knob of its own: one stride-2 conv whose features are scaled by --gain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils.knobs import Num, knob
+from .registry import Architecture, EncoderBase, register_architecture
+
+
+@dataclass(frozen=True)
+class GainedKnobs:
+    gain: float = knob(1.0, Num(0), "gained: the features' scale (default 1)", group="model", metavar="G")
+
+
+class GainedEncoder(EncoderBase):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.config = cfg
+        self.conv = nn.Conv2d(cfg.in_channels, cfg.channels[0], 3, stride=2, padding=1)
+
+    def code(self, x: torch.Tensor):
+        return F.relu(self.conv(x)), x.shape[-2:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.config.gain * self.code(x)[0].mean((2, 3))
+
+    def kernels(self) -> torch.Tensor:
+        return self.conv.weight.detach().clone()
+
+
+class GainedDecoder(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cfg.channels[0], cfg.in_channels, 3, padding=1)
+
+    def forward(self, h: torch.Tensor, size) -> torch.Tensor:
+        return torch.sigmoid(self.conv(F.interpolate(h, size=tuple(size), mode="nearest")))
+
+
+register_architecture(
+    Architecture("gained", GainedEncoder, GainedDecoder, feature_dim=lambda cfg: cfg.channels[0], knobs=GainedKnobs)
+)
+'''
+
+
+def test_an_architecture_with_a_knob_of_its_own_is_its_module_and_one_import_line(tmp_path):
+    """The package copied, the toy's module added and imported in ``models/model_config.py``, nothing else:
+    its flag, its saved config, its checkpoint, the sweep and the other architectures' refusal follow."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(Path(convae.__file__).parent, pkg / "convae", ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "convae" / "models" / "gained.py").write_text(TOY_WITH_A_KNOB)
+    registry = pkg / "convae" / "models" / "model_config.py"
+    text = registry.read_text()
+    last = "from . import blocks  # noqa: F401  (registers the blocks architecture)\n"
+    assert last in text
+    registry.write_text(text.replace(last, last + "from . import gained  # noqa: F401\n"))
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=8)
+    env = {**os.environ, "PYTHONPATH": str(pkg), "OMP_NUM_THREADS": "1"}
+    common = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--height", "16", "--width", "16"]
+
+    def convae_cmd(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "convae", *args], env=env, capture_output=True, text=True)
+
+    toy = ["--arch", "gained", "--channels", "6", "--gain", "2.5"]
+    done = convae_cmd(
+        "run", *toy, *common, "--pretrain-epochs", "1", "--finetune-epochs", "1", "--out", str(tmp_path / "run")
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["gain"] == 2.5
+    probe = "import sys, convae; m = convae.load(sys.argv[1]); print(type(m.encoder).__name__, m.config.gain)"
+    shown = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "run" / "checkpoints" / "classifier.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert shown.stdout.split() == ["GainedEncoder", "2.5"], shown.stderr
+    swept = convae_cmd(
+        "sweep",
+        *toy,
+        *common,
+        "--pretrain-epochs",
+        "1",
+        "--labels-per-class",
+        "2",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--methods",
+        "finetune",
+        "scratch",
+        "--out",
+        str(tmp_path / "sweep"),
+    )
+    assert swept.returncode == 0, swept.stderr
+    cells = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["cells"]
+    assert {c["method"] for c in cells} == {"finetune", "scratch"}
+    refused = convae_cmd("run", "--gain", "2", *common, "--out", str(tmp_path / "stages"))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "convae: error: --gain is a setting of --arch gained, and this run's architecture is stages (leave --gain out)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kernel-size", "5"], "--kernel-size is a setting of --arch patch, and this run's architecture is stages"),
+        (["--whiten"], "--whiten is a setting of --arch patch, and this run's architecture is stages (--no-whiten"),
+        (["--preset", "blocks", "--arch", "stages"], "--skips is a setting of --arch blocks, and this run's"),
+        (["--preset", "blocks", "--objective", "reconstruct"], "--skips feeds the decoder every block's map"),
+    ],
+)
+def test_a_knob_read_by_no_architecture_of_the_run_is_refused_in_one_line(flags, message, tmp_path, capsys):
+    assert main(["run", *flags, "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -14,8 +14,9 @@ from typing import Any
 
 from ..data.augment import AugmentConfig, AugmentKnobs
 from ..data.batches import PLACEMENTS
+from ..models.model_config import ModelConfig, ModelKnobs, model_knobs
 from ..models.objectives import ObjectiveConfig, ObjectiveKnobs
-from ..models.registry import ARCHITECTURES, ModelConfig, ModelKnobs, model_knobs
+from ..models.registry import ARCHITECTURES
 from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import read_file
 from ..utils.knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, knob
@@ -268,7 +269,7 @@ class Config(ExecKnobs, JointKnobs, RecipeKnobs, TrainKnobs, AugmentKnobs, Objec
     """The full, final configuration of a run; saved as ``config.json`` in the run folder.
 
     Its sections are declared once, each with its knobs' rules and flags: data (here), the model
-    (:class:`convae.arch.ModelKnobs`), the objective (:class:`convae.objectives.ObjectiveKnobs`),
+    (:class:`convae.models.model_config.ModelKnobs`), the objective (:class:`convae.models.objectives.ObjectiveKnobs`),
     the augmentation (:class:`convae.augment.AugmentKnobs`), training (here), the fine-tuning
     recipe (:class:`convae.recipe.RecipeKnobs`), semi-supervised training
     (:class:`convae.recipe.JointKnobs`) and execution (here).

@@ -13,8 +13,9 @@ import os
 from typing import Any
 
 from ..models import training_bytes
+from ..models.model_config import ModelConfig, owner
 from ..models.objectives import OBJECTIVES
-from ..models.registry import ModelConfig, architecture, check_model
+from ..models.registry import architecture, check_model
 from ..utils.errors import ConvaeError, clip, short
 from ..utils.knobs import check_all, check_values
 
@@ -70,16 +71,24 @@ def validate(cfg: Any) -> None:
         not (cfg.joint != "off" and cfg.freeze_encoder),
         "joint training trains the encoder with the head: --joint and --freeze-encoder do not go together",
     )
-    # every block's map straight to the decoder would copy the input through the shallow ones unless they are masked
-    _check(
-        not cfg.skips or (cfg.arch == "blocks" and cfg.objective == "masked"),
-        f"--skips feeds the decoder every block's map: it pretrains --arch blocks with --objective masked only, "
-        f"got {cfg.arch} with {cfg.objective} (--no-skips turns it off)",
-    )
+    _check_own_knobs(cfg)
+    architecture(cfg.arch).check_run(cfg, "")
     _check(
         cfg.patch_size <= min(cfg.height, cfg.width),
         f"patch_size must be at most the input size {min(cfg.height, cfg.width)}, got {cfg.patch_size}",
     )
+
+
+def _check_own_knobs(cfg: Any) -> None:
+    """A knob of one architecture set under another is refused: it would be saved, and read by nothing."""
+    for name, f in ModelConfig.__dataclass_fields__.items():
+        arch = owner(name)
+        if arch is not None and arch != cfg.arch and getattr(cfg, name) != f.default:
+            flag = "--" + name.replace("_", "-")
+            undo = f"--no-{flag[2:]} turns it off" if isinstance(f.default, bool) else f"leave {flag} out"
+            raise ConvaeError(
+                f"{flag} is a setting of --arch {arch}, and this run's architecture is {cfg.arch} ({undo})"
+            )
 
 
 def _check_pairing(arch_name: str, objective_name: str) -> None:

@@ -16,14 +16,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-# the import order is the registration order, so the choices list the lecture's architecture first
-# isort: off
-from . import stages  # noqa: F401  (registers the lecture's architecture)
-from . import patch  # noqa: F401  (registers the patch architecture)
-from . import blocks  # noqa: F401  (registers the blocks architecture)
-# isort: on
-
-from .registry import ARCHITECTURES, NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES, EncoderBase, ModelConfig, architecture
+from .model_config import ModelConfig
+from .registry import ARCHITECTURES, NORMS, OUTPUT_ACTIVATIONS, UPSAMPLE_MODES, EncoderBase, architecture
 from .stages import Decoder, Encoder
 
 # ----------------------------------------------------------------------------- autoencoder

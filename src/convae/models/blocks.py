@@ -24,18 +24,39 @@ with a learned token per level.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..utils.errors import ConvaeError
-from .registry import Architecture, Code, EncoderBase, ModelConfig, register_architecture
+from ..utils.knobs import Flag, knob
+from .objectives import OBJECTIVES
+from .registry import Architecture, Code, EncoderBase, register_architecture
+
+if TYPE_CHECKING:
+    from .model_config import ModelConfig
 
 STEM = 2  # the whitening stem's kernel side
 # added to the patch covariance's eigenvalues, on [0, 1] pixels (airbench's 5e-4 on standardised
 # pixels of std ~0.25): it keeps the whitening from amplifying the last eigenvectors' noise
 WHITENING_EPS = 3e-5
 WHITENING_IMAGES = 5000  # the sample the stem is fitted on
+
+
+@dataclass(frozen=True)
+class BlocksKnobs:
+    """The blocks network's own settings (flags, saved configs and checkpoints hold them as any knob)."""
+
+    skips: bool = knob(
+        False,
+        Flag(),
+        "blocks: the decoder also reads every block's map, hidden positions filled "
+        "with a learned mask token under --objective masked (SparK's hierarchical decoder)",
+        group="model",
+    )
 
 
 def block_sizes(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -253,8 +274,26 @@ PRESETS = {
     },
 }
 
+
+def _check_run(cfg: Any, where: str) -> None:
+    """--skips with the run's objective: every block's map straight to the decoder would copy the input
+    through the shallow ones unless they are masked."""
+    if cfg.skips and not OBJECTIVES[cfg.objective].hides:
+        raise ConvaeError(
+            f"{where}--skips feeds the decoder every block's map: it pretrains --arch blocks with --objective "
+            f"masked only, got {cfg.arch} with {cfg.objective} (--no-skips turns it off)"
+        )
+
+
 register_architecture(
     Architecture(
-        "blocks", BlocksEncoder, BlocksDecoder, feature_dim=lambda cfg: cfg.channels[-1], check=_check, presets=PRESETS
+        "blocks",
+        BlocksEncoder,
+        BlocksDecoder,
+        feature_dim=lambda cfg: cfg.channels[-1],
+        check=_check,
+        presets=PRESETS,
+        knobs=BlocksKnobs,
+        check_run=_check_run,
     )
 )

@@ -178,6 +178,7 @@ class Objective:
     name: ClassVar[str] = ""
     random: ClassVar[bool] = False  # draws from the step's generator
     archs: ClassVar[tuple[str, ...] | None] = None  # the only architectures it trains (None: any)
+    hides: ClassVar[bool] = False  # hides parts of the input and tells the encoder where (``masked_code``)
 
     def __init__(self, cfg: ObjectiveConfig) -> None:
         self.cfg = cfg
@@ -255,7 +256,7 @@ class Denoise(Objective):
 class Masked(Objective):
     """Random square patches hidden; the loss counts the hidden pixels only."""
 
-    name, random = "masked", True
+    name, random, hides = "masked", True, True
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The network's input and the loss weight (1 on hidden pixels)."""

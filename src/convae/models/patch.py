@@ -20,17 +20,39 @@ kernel figures see the same :class:`~convae.models.registry.EncoderBase` interfa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..utils.errors import ConvaeError
+from ..utils.knobs import Flag, Int, Num, knob
 from .objectives import Objective, register_objective, winner_take_all
-from .registry import Architecture, Code, EncoderBase, ModelConfig, register_architecture
+from .registry import Architecture, Code, EncoderBase, register_architecture
+
+if TYPE_CHECKING:
+    from .model_config import ModelConfig
 
 VARIANCE_FLOOR = 10 / 255**2  # Coates et al.'s "+10" on the variance of 0-255 pixels, for [0, 1] pixels
 WHITENING_EPS = 0.1  # added to the eigenvalues of the normalised patches' covariance (Coates et al.)
 WHITENING_IMAGES, WHITENING_PATCHES = 10_000, 10  # the sample the whitening is fitted on
+
+
+@dataclass(frozen=True)
+class PatchKnobs:
+    """The patch network's own settings (flags, saved configs and checkpoints hold them as any knob)."""
+
+    kernel_size: int = knob(6, Int(2), "patch: filter and patch side (default 6)", group="model", metavar="K")
+    threshold: float = knob(
+        0.25, Num(0), "patch: features are relu(response - T) (default 0.25)", group="model", metavar="T"
+    )
+    whiten: bool = knob(
+        False, Flag(), "patch: ZCA-whiten the patches, fitted on the training images before pretraining", group="model"
+    )
+
+
 # images per response map: on the CPU a chunk's (n, K, 27, 27) map stays in the caches (8 images: 9 MiB at
 # K = 400; 3-4x faster than 64, BENCHMARKS.md); on a GPU only to bound memory
 CHUNK = {"cpu": 8}
@@ -315,5 +337,6 @@ register_architecture(
         check=_check,
         objectives=("patches",),
         presets=PRESETS,
+        knobs=PatchKnobs,
     )
 )

@@ -1,8 +1,8 @@
-"""The model's knobs, the encoder interface every architecture implements, and their registry.
+"""The model's shared knobs, the encoder interface every architecture implements, and their registry.
 
-An architecture is one module (``convae.stages``, ``convae.patchnet``) that subclasses
+An architecture is one module (``stages``, ``patch``, ``blocks`` here) that subclasses
 :class:`EncoderBase`, writes a decoder that reads what the encoder's :meth:`~EncoderBase.code`
-gives, and calls :func:`register_architecture`. Everything else (the autoencoder, the
+gives, declares its own knobs, and calls :func:`register_architecture`. Everything else (the autoencoder, the
 classifier, validation, the command line, export, the hub folder, the figures) asks the registry
 or talks to the interface; nothing tests an architecture's name.
 """
@@ -10,14 +10,17 @@ or talks to the interface; nothing tests an architecture's name.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..utils.errors import ConvaeError
-from ..utils.knobs import Among, Choice, Flag, Int, Num, Widths, check_all, knob
+from ..utils.knobs import Among, Choice, Flag, Int, Widths, check_all, knob
+
+if TYPE_CHECKING:
+    from .model_config import ModelConfig
 
 UPSAMPLE_MODES = ("bilinear", "nearest", "transposed", "unpool")
 NORMS = ("none", "batch", "group")
@@ -32,8 +35,9 @@ def arch_names() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class ModelKnobs:
-    """The model's settings as the run config holds them (``Config`` inherits these fields)."""
+class SharedKnobs:
+    """The model's settings every architecture reads; an architecture's own are its ``knobs``
+    (:class:`~convae.models.model_config.ModelKnobs` joins them; ``Config`` inherits that)."""
 
     in_channels: int = knob(
         3,
@@ -75,20 +79,6 @@ class ModelKnobs:
         "conv of --kernel-size filters, --channels of them, features pooled over quadrants)",
         group="model",
     )
-    kernel_size: int = knob(6, Int(2), "patch: filter and patch side (default 6)", group="model", metavar="K")
-    threshold: float = knob(
-        0.25, Num(0), "patch: features are relu(response - T) (default 0.25)", group="model", metavar="T"
-    )
-    whiten: bool = knob(
-        False, Flag(), "patch: ZCA-whiten the patches, fitted on the training images before pretraining", group="model"
-    )
-    skips: bool = knob(
-        False,
-        Flag(),
-        "blocks: the decoder also reads every block's map, hidden positions filled "
-        "with a learned mask token under --objective masked (SparK's hierarchical decoder)",
-        group="model",
-    )
     tta: bool = knob(
         False,
         Flag(),
@@ -96,36 +86,6 @@ class ModelKnobs:
         "evaluating and predicting (test-time flip)",
         group="finetune",
     )
-
-
-@dataclass(frozen=True)
-class ModelConfig(ModelKnobs):
-    """Everything needed to rebuild a model; stored in every checkpoint."""
-
-    negative_slope: float = knob(0.1, Num(None), flag=False)  # LeakyReLU's slope (any finite number)
-    num_classes: int = knob(10, Int(1), flag=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-
-    @property
-    def feature_dim(self) -> int:
-        """What the encoder returns for the classifier's head (the FC latent, pooled maps, ...)."""
-        return architecture(self.arch).feature_dim(self)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**d)  # checkpoints from before a knob existed get its default
-
-
-def model_knobs(obj: Any) -> dict[str, Any]:
-    """The model knobs of ``obj`` (a run ``Config`` or a ``ModelConfig``) as keyword arguments."""
-    return {f: getattr(obj, f) for f in ModelKnobs.__dataclass_fields__}
 
 
 # ----------------------------------------------------------------------------- the encoder interface
@@ -181,7 +141,11 @@ class Architecture:
     ``code`` returned. ``check(cfg, where)`` raises :class:`ConvaeError` for a config the
     architecture cannot build (beyond every knob's own rule). ``objectives`` lists the only
     objectives that train it (None: every objective that does not name its architectures).
-    ``presets`` are named recipes (config keys) that need this architecture.
+    ``presets`` are named recipes (config keys) that need this architecture. ``knobs`` is a frozen
+    dataclass of the settings only this architecture reads, declared with :func:`~convae.utils.knobs.knob`
+    (their flags, help, rules and place in saved configs follow from it; another architecture's run
+    refuses them set). ``check_run(cfg, where)`` holds the rules that join them with the rest of a run's
+    config (the objective, ...).
     """
 
     name: str
@@ -191,6 +155,8 @@ class Architecture:
     check: Callable[[ModelConfig, str], None] = lambda cfg, where: None
     objectives: tuple[str, ...] | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    knobs: type | None = None
+    check_run: Callable[[Any, str], None] = lambda cfg, where: None
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -223,14 +189,12 @@ __all__ = [
     "UPSAMPLE_MODES",
     "NORMS",
     "OUTPUT_ACTIVATIONS",
-    "ModelKnobs",
-    "ModelConfig",
+    "SharedKnobs",
     "EncoderBase",
     "Architecture",
     "ARCHITECTURES",
     "register_architecture",
     "unregister_architecture",
     "architecture",
-    "model_knobs",
     "check_model",
 ]

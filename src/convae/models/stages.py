@@ -8,13 +8,17 @@ lecture's layer indices.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..utils.errors import ConvaeError
-from .registry import Architecture, Code, EncoderBase, ModelConfig, register_architecture
+from .registry import Architecture, Code, EncoderBase, register_architecture
+
+if TYPE_CHECKING:
+    from .model_config import ModelConfig
 from .upsample_conv import can_fuse, fusion_pays, upsample_conv, upsampler
 
 
