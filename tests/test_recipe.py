@@ -196,7 +196,7 @@ def test_a_run_with_the_whole_recipe_saves_the_average_and_logs_lp_ft(image_fold
 
 
 def test_an_epoch_resumed_mid_way_records_the_lr_of_its_first_step():
-    from convae.training.fit import _epoch_lr
+    from convae.training.loop import lr_at
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = make_scheduler(opt, "triangle", 2, steps_per_epoch=10, warmup=0.5)
@@ -205,8 +205,61 @@ def test_an_epoch_resumed_mid_way_records_the_lr_of_its_first_step():
         opt.step()
         sched.step()
     at_epoch_2 = _lrs("triangle", 2, 10, 0.5)[10]
-    assert _epoch_lr(opt, sched, 10) == pytest.approx(at_epoch_2) and at_epoch_2 != opt.param_groups[0]["lr"]
-    assert _epoch_lr(opt, None, 10) == opt.param_groups[0]["lr"] and first == pytest.approx(0.1)
+    assert lr_at(opt, sched, 10) == pytest.approx(at_epoch_2) and at_epoch_2 != opt.param_groups[0]["lr"]
+    assert lr_at(opt, None, 10) == opt.param_groups[0]["lr"] and first == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", ["cosine", "step"])
+def test_an_epoch_schedule_of_the_global_step_is_torchs_epoch_scheduler(name):
+    """Stepped after every optimizer step, cosine and step hold the rate through an epoch and match
+    torch's own schedulers stepped once per epoch (the competitor)."""
+    epochs, per_epoch = 6, 4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    torch_sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        if name == "cosine"
+        else torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    )
+    expected = []
+    for _ in range(epochs):
+        expected += [opt.param_groups[0]["lr"]] * per_epoch
+        opt.step()
+        torch_sched.step()
+    got = [0.0] * (epochs * per_epoch)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, name, epochs, step_size=2, steps_per_epoch=per_epoch)
+    for i in range(epochs * per_epoch):
+        got[i] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert len(set(got[:per_epoch])) == 1 and got[2 * per_epoch] < got[0]
+
+
+def test_a_schedule_resumes_from_its_saved_step_alone():
+    """The scheduler's state is the global step: a new one loaded from it continues the same rates."""
+
+    def fresh():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, make_scheduler(opt, "triangle", 3, steps_per_epoch=7, warmup=0.2)
+
+    opt, sched = fresh()
+    for _ in range(9):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    assert state["last_epoch"] == 9
+    opt2, sched2 = fresh()
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(state)
+    rates = []
+    for o, s in ((opt, sched), (opt2, sched2)):
+        rates.append([])
+        for _ in range(5):
+            rates[-1].append(o.param_groups[0]["lr"])
+            o.step()
+            s.step()
+    assert rates[0] == rates[1] and rates[0][0] == pytest.approx(_lrs("triangle", 3, 7, 0.2)[9])
 
 
 def test_the_hierarchical_decoder_reads_every_block_and_learns_its_mask_tokens():

@@ -186,8 +186,8 @@ class TrainKnobs:
     schedule: str = knob(
         "none",
         Choice(SCHEDULES),
-        "learning-rate schedule: cosine and step stepped per epoch, "
-        "triangle (--warmup, then linear decay to 0) per step (seed: none)",
+        "learning-rate schedule: cosine and step change at epoch boundaries, "
+        "triangle (--warmup, then linear decay to 0) every step (seed: none)",
         group="optim",
     )
     step_size: int = knob(

@@ -29,11 +29,11 @@ from ..utils.errors import ConvaeError, Interrupted, clip, first_line
 from ..utils.files import refuse_links
 from ..utils.records import EpochRecord, Log, TrainingState, Validation
 from .loop import (
-    PER_STEP_SCHEDULES,
     Criterion,
     EpochInterrupted,
     check_finite,
     keep_last_batch_trainable,
+    lr_at,
     make_optimizer,
     make_scheduler,
     train_one_epoch,
@@ -234,13 +234,12 @@ def optimisation(
     total_steps: int | None = None,
 ):
     """What a phase's steps update, the same for a run's phase and a sweep cell: the optimizer, its
-    schedule (and whether it is stepped per step; over ``total_steps`` when the last epoch stops
+    schedule (stepped after every optimizer step; over ``total_steps`` when the last epoch stops
     early), the weight average (``ema`` > 0) and fp16's scaler."""
     optimizer = make_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, epochs, cfg.step_size, steps_per_epoch, cfg.warmup, total_steps)
-    per_step = scheduler is not None and cfg.schedule in PER_STEP_SCHEDULES
     average = WeightAverage(model, ema) if ema else None
-    return optimizer, scheduler, per_step, average, grad_scaler(cfg.precision, device)
+    return optimizer, scheduler, average, grad_scaler(cfg.precision, device)
 
 
 def fit(
@@ -268,16 +267,16 @@ def fit(
     net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
     net = torch.compile(net) if cfg.compile else net
     steps = len(keep_last_batch_trainable(model, batches))  # before anything counts the batches
-    optimizer, scheduler, per_step, average, scaler = optimisation(model, cfg, lr, epochs, steps, ema, batches.device)
+    optimizer, scheduler, average, scaler = optimisation(model, cfg, lr, epochs, steps, ema, batches.device)
     first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
     terms_state = _resume_terms(ctx, phase, criterion, step)
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
-    hook = both_hooks(step_hook(model, scheduler if per_step else None, average), beat)
+    hook = both_hooks(step_hook(model, scheduler, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.device)
     for epoch in range(first, epochs + 1):
         batches.set_epoch(epoch)
         beat.begin(epoch, step)
-        current_lr = _epoch_lr(optimizer, scheduler if per_step and step else None, (epoch - 1) * len(batches))
+        current_lr = lr_at(optimizer, scheduler, (epoch - 1) * len(batches))
         start = time.perf_counter()
         side = labelled((epoch - 1) * len(batches) + step) if labelled is not None else None
         try:
@@ -328,8 +327,6 @@ def fit(
             if (ctx.run.checkpoints / "state.pt").exists()
             else "no state was saved yet",
         )
-        if scheduler is not None and not per_step:
-            scheduler.step()
         if side is not None:
             side.close()  # its prefetching thread ends with it
         rec = _epoch_record(ctx, criterion, phase, epoch, epochs, train_loss, seconds, batches.num_images, current_lr)
@@ -379,14 +376,6 @@ def _epoch_record(
     if hasattr(criterion, "terms"):  # joint training's loss terms, summed over the ranks as the loss is
         rec.update(criterion.terms(ctx.dist.all_reduce_sum if ctx.dist.enabled else None))  # type: ignore
     return rec
-
-
-def _epoch_lr(optimizer, resumed_schedule, first_step: int) -> float:
-    """The learning rate an epoch's record shows: its first step's, also when the epoch is resumed
-    in the middle under a per-step schedule (``resumed_schedule``), where the optimizer holds a later one."""
-    if resumed_schedule is None:
-        return optimizer.param_groups[0]["lr"]
-    return optimizer.param_groups[0]["initial_lr"] * resumed_schedule.lr_lambdas[0](first_step)
 
 
 def both_hooks(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:

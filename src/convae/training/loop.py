@@ -1,4 +1,4 @@
-"""The training loop: optimiser and scheduler factories, criteria, ``train_step``, ``train_one_epoch``.
+"""The training loop: optimiser and schedule factories, criteria, ``train_step``, ``train_one_epoch``.
 
 Plain PyTorch, as torchvision's references: nothing here knows about run folders, phases or
 the command line. A criterion is ``criterion(model, batch, generator) -> loss`` on a
@@ -39,7 +39,29 @@ def make_optimizer(
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=name == "nesterov")
 
 
-PER_STEP_SCHEDULES = ("triangle",)
+def schedule(
+    name: str,
+    epochs: int,
+    step_size: int = 30,
+    steps_per_epoch: int = 1,
+    warmup: float = 0.0,
+    total_steps: int | None = None,
+) -> Callable[[int], float] | None:
+    """The learning rate's factor for global step ``step`` (0-based, the step about to be taken); None for
+    a constant rate (the lecture's). ``cosine`` and ``step`` change at epoch boundaries (cosine annealing to
+    zero over ``epochs``; 10x down every ``step_size`` epochs); ``triangle`` every step: a linear warm-up over
+    the first ``warmup`` of the ``epochs * steps_per_epoch`` steps (or ``total_steps``, when the last epoch
+    stops early), then a linear decay that reaches zero after the last (the fast CIFAR-10 baselines')."""
+    per_epoch = max(steps_per_epoch, 1)
+    if name == "cosine":
+        return lambda step: (1 + math.cos(math.pi * (step // per_epoch) / max(epochs, 1))) / 2
+    if name == "step":
+        return lambda step: 0.1 ** ((step // per_epoch) // step_size)
+    if name == "triangle":
+        total = max(total_steps or epochs * steps_per_epoch, 1)
+        rise = max(round(warmup * total), 1)
+        return lambda step: (step + 1) / rise if step < rise else max(total - step, 0) / max(total - rise + 1, 1)
+    return None
 
 
 def make_scheduler(
@@ -50,25 +72,18 @@ def make_scheduler(
     steps_per_epoch: int = 1,
     warmup: float = 0.0,
     total_steps: int | None = None,
-):
-    """``None`` for a constant learning rate (the lecture's). ``cosine`` and ``step`` are stepped
-    once per epoch; ``triangle`` (in :data:`PER_STEP_SCHEDULES`) once per step: a linear warm-up
-    over the first ``warmup`` of the ``epochs * steps_per_epoch`` steps (or ``total_steps``, when
-    the last epoch stops early), then a linear decay that reaches zero after the last (the fast
-    CIFAR-10 baselines' schedule)."""
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1)
-    if name == "triangle":
-        total = max(total_steps or epochs * steps_per_epoch, 1)
-        rise = max(round(warmup * total), 1)
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The :func:`schedule` as a ``LambdaLR``, stepped after every optimizer step: its state is the global
+    step, so a resumed run restores it and nothing else."""
+    factor = schedule(name, epochs, step_size, steps_per_epoch, warmup, total_steps)
+    return None if factor is None else torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-        def factor(step: int) -> float:  # the factor for the step about to be taken (0-based)
-            return (step + 1) / rise if step < rise else max(total - step, 0) / max(total - rise + 1, 1)
 
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return None
+def lr_at(optimizer: torch.optim.Optimizer, scheduler, step: int) -> float:
+    """The learning rate of global step ``step`` (what an epoch's record shows for its first step)."""
+    if scheduler is None:
+        return optimizer.param_groups[0]["lr"]
+    return optimizer.param_groups[0]["initial_lr"] * scheduler.lr_lambdas[0](step)
 
 
 def freeze(module: nn.Module) -> None:
@@ -218,8 +233,8 @@ def train_one_epoch(
     numbers (augmentation, the objective's corruption) come from a generator seeded by
     (seed, epoch, step, rank), so a resumed epoch replays the same batches exactly. With
     ``labelled`` (an endless iterator of labelled batches) every step's batch carries the next
-    of them too, augmented like the main one. ``after_step`` runs after every optimizer step (a
-    per-step schedule, the weight average); ``scaler`` is passed to :func:`train_step`.
+    of them too, augmented like the main one. ``after_step`` runs after every optimizer step (the
+    schedule, the weight average); ``scaler`` is passed to :func:`train_step`.
     """
     from tqdm.auto import tqdm
 

@@ -336,11 +336,11 @@ def train_cell(
     keep_last_batch_trainable(model, batches)
     total = steps if steps is not None else cfg.finetune_epochs * len(batches)
     epochs = -(-total // len(batches))
-    optimizer, scheduler, per_step, average, scaler = optimisation(
+    optimizer, scheduler, average, scaler = optimisation(
         model, cfg, cfg.finetune_lr or cfg.lr, epochs, len(batches), cfg.ema, device, total
     )
     beat = Heartbeat(log or print, name, epochs, len(batches), log is not None and not sys.stdout.isatty())
-    hook = both_hooks(step_hook(model, scheduler if per_step else None, average), beat)
+    hook = both_hooks(step_hook(model, scheduler, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
     done, epoch, losses, accuracies = 0, 0, [], []
     while done < total:
@@ -370,8 +370,6 @@ def train_cell(
         done += n
         check_finite(loss, "fine-tuning", f"after {done} step(s) of a sweep cell")
         losses.append(float(loss))
-        if scheduler is not None and not per_step:
-            scheduler.step()
         if curve and done < total:  # the last epoch's is the cell's accuracy
             with average.applied(model) if average is not None else nullcontext():
                 accuracies.append([done, evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]])

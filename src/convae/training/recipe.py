@@ -4,8 +4,8 @@ What the fast supervised baselines do and the lecture's recipe lacks, each one k
 
 - training length that scales with the label budget: every epoch sees at least
   ``epoch_images`` images, the labelled set repeated (reshuffled each time) to make them up;
-- a learning rate stepped per step (``--schedule triangle``: linear warm-up over the first
-  ``warmup`` of the phase's steps, then linear decay to zero; see :func:`convae.loop.make_scheduler`);
+- a learning rate that changes every step (``--schedule triangle``: linear warm-up over the first
+  ``warmup`` of the phase's steps, then linear decay to zero; see :func:`convae.training.loop.schedule`);
 - label smoothing of the cross-entropy;
 - an exponential moving average of the weights and the batch-norm statistics (``ema``), which
   is what is evaluated and saved;
@@ -91,7 +91,7 @@ class WeightAverage:
 
 
 def step_hook(model: nn.Module, scheduler, average: WeightAverage | None) -> Callable[[], None] | None:
-    """What runs after every optimizer step: a per-step schedule, the weight average (None: nothing)."""
+    """What runs after every optimizer step: the schedule, the weight average (None: nothing)."""
     if scheduler is None and average is None:
         return None
 
