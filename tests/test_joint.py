@@ -178,12 +178,11 @@ def test_the_plain_cost_is_the_objective_on_the_unlabelled_and_labelled_images_t
     ce, unsup = model(x, lx, ly)
     assert float(unsup) == pytest.approx(objective.loss(model.ae, torch.cat([x, lx])).item(), rel=1e-6)
     assert float(ce) == pytest.approx(torch.nn.functional.cross_entropy(model.clf(lx), ly).item(), rel=1e-6)
-    loss = JointLoss(0.5)
-    total = loss(model, Batch(x, None, Batch(lx, ly)))
-    assert float(total) == pytest.approx(float(ce) + 0.5 * float(unsup), rel=1e-5)
-    terms = loss.terms()
-    assert terms["train_supervised"] == pytest.approx(float(ce), rel=1e-5)
-    assert loss.terms() == {}  # counting starts again
+    out = JointLoss(0.5)(model, Batch(x, None, Batch(lx, ly)))
+    assert set(out) == {"loss", "supervised", "unsupervised"}  # its terms, by name, for the loop to sum
+    assert float(out["loss"]) == pytest.approx(float(ce) + 0.5 * float(unsup), rel=1e-5)
+    assert float(out["supervised"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float(out["unsupervised"]) == pytest.approx(float(unsup), rel=1e-5)
 
 
 def test_plain_joint_training_after_pretraining_starts_from_a_copy_of_the_pretrained_decoder():
@@ -249,7 +248,7 @@ def test_a_joint_run_from_the_command_line_with_one_label_per_class(folder, tmp_
     results = json.loads((out / "results.json").read_text())
     assert results["labelled_images"] == 3 and "finished" in results
     report = (out / "report.html").read_text()
-    assert ">cross-entropy</th>" in report and ">unsupervised</th>" in report  # each term, each epoch
+    assert ">supervised</th>" in report and ">unsupervised</th>" in report  # each term, each epoch
     ckpt = torch.load(out / "checkpoints" / "classifier.pt", weights_only=True)
     assert not any(k.startswith(("clf.", "ae.", "combinator")) for k in ckpt["model"])  # a plain classifier
 

@@ -122,6 +122,46 @@ def test_a_labelled_stream_joins_every_step_and_is_split_with_the_micro_batches(
     assert [lab for _, _, lab in seen] == [[0, 1], [2], [2, 1], [0], [0, 1], [2]]
 
 
+def test_a_criterions_named_terms_are_summed_like_its_loss_and_the_same_whatever_the_micro_batch():
+    """A criterion returning a mapping trains on its "loss"; each other name comes back as its mean per image
+    over the epoch, the same with micro-batches, and a resumed epoch's sums are continued."""
+
+    def with_terms(model, batch, generator=None):
+        loss = reconstruction(model, batch, generator)
+        return {"loss": loss, "twice": 2 * loss, "one": torch.ones(())}
+
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    results = []
+    for micro in (None, 7):
+        torch.manual_seed(0)
+        ae = AutoEncoder(SMALL)
+        terms = {}
+        loss = train_one_epoch(
+            ae,
+            DeviceBatches(images, None, 20, True, 0),
+            torch.optim.SGD(ae.parameters(), 0.5),
+            with_terms,
+            micro_batch=micro,
+            terms=terms,
+        )
+        assert set(terms) == {"twice", "one"} and terms["one"] == pytest.approx(1.0)
+        assert terms["twice"] == pytest.approx(2 * loss, rel=1e-9)
+        results.append((loss, terms["twice"]))
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+    torch.manual_seed(0)
+    ae = AutoEncoder(SMALL)
+    resumed = {"one": torch.tensor(20.0, dtype=torch.float64)}  # the first batch's 20 images, as a saved state holds
+    train_one_epoch(
+        ae,
+        DeviceBatches(images, None, 20, True, 0),
+        torch.optim.SGD(ae.parameters(), 0.5),
+        with_terms,
+        start_step=1,
+        terms=resumed,
+    )
+    assert resumed["one"] == pytest.approx(1.0)  # (20 saved + 20 trained) / 40 images
+
+
 def test_a_step_budget_ends_the_epoch_early():
     torch.manual_seed(0)
     ae = AutoEncoder(SMALL)

@@ -12,6 +12,7 @@ import torch
 
 from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import atomic_write_bytes
+from ..utils.records import loss_terms
 
 
 @functools.cache
@@ -333,13 +334,8 @@ def save_finetune_figures(
     )
     if history:
         curves = {"train": [h["train_loss"] for h in history], eval_name: [h["val_loss"] for h in history]}
-        if all("train_unsupervised" in h for h in history):  # joint training: each term of the loss
-            curves.update(
-                {
-                    "train cross-entropy": [h["train_supervised"] for h in history],
-                    "train unsupervised cost": [h["train_unsupervised"] for h in history],
-                }
-            )
+        for name in loss_terms(history[0]):  # each named term of the loss (joint training's two)
+            curves[f"train {name}"] = [h.get(f"train_{name}", float("nan")) for h in history]
         plot_curve(curves, folder / "finetune_loss.png", "loss", "classifier fine-tuning")
         plot_curve(
             {f"accuracy on the {eval_name}": [100 * h["val_accuracy"] for h in history]},

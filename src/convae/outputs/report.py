@@ -14,6 +14,7 @@ from ..models.reference import CIFAR10, LECTURE
 from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import atomic_write_text, read_file
 from ..utils.knobs import group_fields
+from ..utils.records import loss_terms
 
 # ----------------------------------------------------------------------------- the page's parts: style, figures,
 # tables, and the run folder's files read as untrusted (a file may be truncated, edited, or planted as a link)
@@ -221,16 +222,20 @@ def _num(v) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
 
 
+MAX_TERMS = 8  # named loss terms the training table shows
+
+
 def _training(r: _Run, is_lecture: bool) -> list[str]:
     train_rows = [m for m in r.metrics if m.get("phase") in ("pretrain", "finetune")]
     if not train_rows:
         return []
-    joint = any("train_unsupervised" in m for m in train_rows)  # joint training: its two terms too
+    # every named term a run has (a file is untrusted: a few, their names clipped)
+    names = list(dict.fromkeys(k for m in train_rows for k in loss_terms(m)))[:MAX_TERMS]
     headers = [
         "phase",
         "epoch",
         "train loss",
-        *(["cross-entropy", "unsupervised"] if joint else []),
+        *(clip(n, 40) for n in names),
         "val loss",
         "val accuracy",
         "seconds",
@@ -240,7 +245,7 @@ def _training(r: _Run, is_lecture: bool) -> list[str]:
         headers.append("lecture (test accuracy)")
     rows = []
     for m in train_rows:
-        terms = [_num(m.get(k)) for k in ("train_supervised", "train_unsupervised")] if joint else []
+        terms = [_num(m.get(f"train_{n}")) for n in names]
         row = [
             m["phase"],
             m["epoch"],

@@ -15,7 +15,7 @@ from typing import Any
 from ..config import Config, save_config
 from ..utils.errors import ConvaeError, clip
 from ..utils.files import append_line, atomic_write_text, read_file, refuse_links
-from ..utils.records import EpochRecord, Log
+from ..utils.records import EpochRecord, Log, loss_terms
 
 
 class RunDir:
@@ -164,8 +164,8 @@ def _holder(note: Path) -> str:
 def epoch_line(rec: EpochRecord) -> str:
     """One line per epoch and phase, e.g. ``pretrain  epoch 2/5  train_loss 0.021 ...``."""
     parts = [f"{rec['phase']:<8}", f"epoch {rec['epoch']}/{rec['epochs']}", f"train_loss {rec['train_loss']:.6f}"]
-    if "train_supervised" in rec and "train_unsupervised" in rec:  # joint training's two terms
-        parts.append(f"(ce {rec['train_supervised']:.4f}, unsup {rec['train_unsupervised']:.4f})")
+    if terms := loss_terms(rec):  # the criterion's named terms (joint training's two)
+        parts.append("(" + ", ".join(f"{k} {v:.4f}" for k, v in terms.items()) + ")")
     if "val_loss" in rec:
         parts.append(f"val_loss {rec['val_loss']:.6f}")
     if "val_accuracy" in rec:
@@ -196,15 +196,8 @@ class TensorBoardLog:
         if self.writer is None:
             return
         step = rec["epoch"]
-        for key in (
-            "train_loss",
-            "train_supervised",
-            "train_unsupervised",
-            "val_loss",
-            "val_accuracy",
-            "images_per_s",
-            "lr",
-        ):
+        terms = [f"train_{k}" for k in loss_terms(rec)]
+        for key in ("train_loss", *terms, "val_loss", "val_accuracy", "images_per_s", "lr"):
             if key in rec:
                 self.writer.add_scalar(f"{rec['phase']}/{key}", rec[key], step)
         self.writer.flush()

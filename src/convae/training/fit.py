@@ -269,7 +269,7 @@ def fit(
     steps = len(keep_last_batch_trainable(model, batches))  # before anything counts the batches
     optimizer, scheduler, average, scaler = optimisation(model, cfg, lr, epochs, steps, ema, batches.device)
     first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
-    terms_state = _resume_terms(ctx, phase, criterion, step)
+    terms = _resumed_terms(ctx, phase, step)
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
     hook = both_hooks(step_hook(model, scheduler, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.device)
@@ -297,6 +297,7 @@ def fit(
                 labelled=side,
                 after_step=hook,
                 scaler=scaler,
+                terms=terms,
             )
         except EpochInterrupted as e:
             if math.isfinite(e.loss_sum):  # never save weights that went bad
@@ -312,7 +313,7 @@ def fit(
                     kernels,
                     average,
                     scaler,
-                    terms_state() if terms_state is not None else None,
+                    {k: float(v) for k, v in terms.items()},
                 )
             raise Interrupted(
                 ctx.stop.signum, f"step {e.step}/{len(batches)} of {phase} epoch {epoch}", str(ctx.run.path)
@@ -329,7 +330,8 @@ def fit(
         )
         if side is not None:
             side.close()  # its prefetching thread ends with it
-        rec = _epoch_record(ctx, criterion, phase, epoch, epochs, train_loss, seconds, batches.num_images, current_lr)
+        rec = _epoch_record(phase, epoch, epochs, train_loss, terms, seconds, batches.num_images, current_lr)
+        terms = {}
         with average.applied(model) if average is not None else nullcontext():
             rec.update(validate())
         ctx.record(rec)
@@ -343,23 +345,25 @@ def fit(
     return ctx.history(phase)
 
 
-def _resume_terms(ctx: RunContext, phase: str, criterion, step: int):
-    """A criterion that sums loss terms over an epoch (joint training) gets back the sums of the epoch
-    the saved state stopped in; returns its ``terms_state`` (None for any other criterion)."""
-    terms_state = getattr(criterion, "terms_state", None)
+def _resumed_terms(ctx: RunContext, phase: str, step: int) -> dict[str, torch.Tensor]:
+    """The named loss terms' sums of the epoch the saved state stopped in (read as untrusted: anything but
+    a mapping of names to numbers is left out); empty for an epoch that starts fresh."""
     saved = (ctx.resumed(phase) or {}).get("terms")
-    if terms_state is not None and step and isinstance(saved, dict):
-        criterion.load_terms(saved)
-    return terms_state
+    if not step or not isinstance(saved, dict):
+        return {}
+    return {
+        str(k): torch.tensor(v, dtype=torch.float64)
+        for k, v in saved.items()
+        if isinstance(v, float) and not isinstance(v, bool)
+    }
 
 
 def _epoch_record(
-    ctx: RunContext,
-    criterion,
     phase: str,
     epoch: int,
     epochs: int,
     train_loss: float,
+    terms: dict,
     seconds: float,
     images: int,
     lr: float,
@@ -369,12 +373,11 @@ def _epoch_record(
         "epoch": epoch,
         "epochs": epochs,
         "train_loss": train_loss,
+        **{f"train_{k}": v for k, v in sorted(terms.items())},  # type: ignore[typeddict-item]
         "seconds": seconds,
         "images_per_s": images / seconds,
         "lr": lr,
     }
-    if hasattr(criterion, "terms"):  # joint training's loss terms, summed over the ranks as the loss is
-        rec.update(criterion.terms(ctx.dist.all_reduce_sum if ctx.dist.enabled else None))  # type: ignore
     return rec
 
 

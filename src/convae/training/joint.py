@@ -27,7 +27,7 @@ With ``joint_weight`` 0 no unsupervised cost is computed: the step is supervised
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -174,54 +174,20 @@ class JointModel(nn.Module):
 class JointLoss:
     """The training loop's criterion for a :class:`JointModel` (also under DDP or compiled) on a
     :class:`Batch` of unlabelled images with its ``labelled`` batch: the cross-entropy plus the
-    weighted unsupervised cost. Each term is summed for the epoch's record (``terms()``)."""
+    weighted unsupervised cost, and each term by name for the epoch's record."""
 
     random = True  # augmentation, the objective's corruption, the Gamma-model's noise
 
     def __init__(self, weight: float) -> None:
         self.weight = weight
-        self._sums: dict[str, torch.Tensor] = {}
-        self._images = 0
 
-    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         lab = batch.labelled
         assert lab is not None and lab.y is not None, "joint training reads a labelled batch beside every batch"
         ce, unsup = model(batch.x, lab.x, lab.y, generator)
-        for k, v in (("supervised", ce), ("unsupervised", unsup)):
-            self._sums[k] = self._sums.get(k, 0) + v.detach().double() * len(batch)
-        self._images += len(batch)
-        return ce + self.weight * unsup
-
-    def terms_state(self) -> dict:
-        """The sums so far, for a training state saved in the middle of an epoch."""
-        return {"sums": {k: float(v) for k, v in self._sums.items()}, "images": self._images}
-
-    def load_terms(self, state: dict) -> None:
-        """The sums of a saved state (read as untrusted: anything but numbers is ignored)."""
-        sums, images = state.get("sums"), state.get("images")
-        if (
-            isinstance(sums, dict)
-            and isinstance(images, int)
-            and all(isinstance(v, float) and not isinstance(v, bool) for v in sums.values())
-        ):
-            self._sums = {str(k): torch.tensor(v, dtype=torch.float64) for k, v in sums.items()}
-            self._images = images
-
-    def terms(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-        """Each term's mean per step image since the last call (then counting starts again); under
-        DDP (``all_reduce``, a sum over the ranks) over every rank's images."""
-        keys = sorted(self._sums)
-        if not keys:
-            return {}
-        totals = torch.stack(
-            [torch.as_tensor(self._sums[k], dtype=torch.float64) for k in keys]
-            + [torch.tensor(float(self._images), dtype=torch.float64, device=self._sums[keys[0]].device)]
-        )
-        if all_reduce is not None:
-            totals = all_reduce(totals)
-        *sums, images = totals.tolist()
-        self._sums, self._images = {}, 0
-        return {f"train_{k}": v / max(images, 1) for k, v in zip(keys, sums)}
+        return {"loss": ce + self.weight * unsup, "supervised": ce, "unsupervised": unsup}
 
 
 # ----------------------------------------------------------------------------- the labelled stream

@@ -1,15 +1,17 @@
 """The training loop: optimiser and schedule factories, criteria, ``train_step``, ``train_one_epoch``.
 
 Plain PyTorch, as torchvision's references: nothing here knows about run folders, phases or
-the command line. A criterion is ``criterion(model, batch, generator) -> loss`` on a
-:class:`~convae.records.Batch`: it runs the forward pass itself, so a pretraining objective can
-corrupt the input or act on the code, and a step that mixes two streams reads both.
+the command line. A criterion is ``criterion(model, batch, generator)`` on a :class:`~convae.utils.records.Batch`,
+returning the loss, or a mapping of ``"loss"`` (what is minimised) and named terms that the loop
+sums over an epoch and the run records, prints and plots (``train_<name>``): it runs the forward
+pass itself, so a pretraining objective can corrupt the input or act on the code, and a step that
+mixes two streams reads both.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -23,7 +25,19 @@ from ..utils.device import autocast
 from ..utils.errors import ConvaeError
 from ..utils.records import Batch
 
-Criterion = Callable[[nn.Module, Batch, "torch.Generator | None"], torch.Tensor]
+Criterion = Callable[[nn.Module, Batch, "torch.Generator | None"], "torch.Tensor | Mapping[str, torch.Tensor]"]
+
+
+def _sum_terms(out, terms: dict[str, torch.Tensor] | None, images: int) -> torch.Tensor:
+    """The loss a criterion returned; its named terms (when it returned a mapping) summed over ``images``
+    into ``terms``."""
+    if not isinstance(out, Mapping):
+        return out
+    if terms is not None:
+        for name, value in out.items():
+            if name != "loss":
+                terms[name] = terms.get(name, 0) + value.detach().double() * images
+    return out["loss"]
 
 
 def make_optimizer(
@@ -126,8 +140,10 @@ def train_step(
     world_size: int = 1,
     generator: torch.Generator | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    terms: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One optimizer step on ``batch``; returns the loss summed over its images, on the device.
+    """One optimizer step on ``batch``; returns the loss summed over its images, on the device, and adds
+    the criterion's named terms, summed the same way, to ``terms``.
 
     With ``micro_batch`` the gradient is accumulated over chunks of that many images before
     the one step: the same update as the whole batch (up to float rounding), but a chunk's
@@ -150,7 +166,7 @@ def train_step(
                 autocast(device, precision),
                 _one_image_batch_norm(len(part), len(batch), global_n or len(batch), world_size),
             ):
-                loss = criterion(model, part, generator)
+                loss = _sum_terms(criterion(model, part, generator), terms, len(part))
             weighted = loss * (len(part) * scale)
             (weighted if scaler is None else scaler.scale(weighted)).backward()
         total += loss.detach().double() * len(part)
@@ -224,9 +240,11 @@ def train_one_epoch(
     labelled: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
     after_step: Callable[[], None] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    terms: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """One pass over ``batches`` (or its first ``max_steps`` steps); returns the mean loss per image
-    over the images it trained on.
+    over the images it trained on. ``terms`` gathers the criterion's named terms: summed into it over
+    the epoch (a resumed epoch passes the sums it stopped with), each the mean per image at the end.
 
     ``micro_batch`` is passed to :func:`train_step`. ``start_step`` and ``loss_sum`` continue
     an interrupted epoch; ``should_stop`` is polled after every step. Each step's random
@@ -273,6 +291,7 @@ def train_one_epoch(
             batches.world_size,
             g,
             scaler,
+            terms,
         )
         images += batches.global_size(step - 1)
         cores.poll()
@@ -284,6 +303,13 @@ def train_one_epoch(
             if stopping:
                 raise EpochInterrupted(step, float(total))
             break
+    names = sorted(terms or {})
     if batches.world_size > 1:  # every rank saw its shard: the epoch's loss is the sum over ranks
-        torch.distributed.all_reduce(total)
-    return float(total) / (batches.num_images if max_steps is None else max(images, 1))
+        summed = torch.stack([total, *(torch.as_tensor(terms[k], dtype=torch.float64, device=device) for k in names)])
+        torch.distributed.all_reduce(summed)
+        total = summed[0]
+        terms.update(zip(names, summed[1:]))
+    denominator = batches.num_images if max_steps is None else max(images, 1)
+    for k in names:
+        terms[k] = float(terms[k]) / denominator
+    return float(total) / denominator

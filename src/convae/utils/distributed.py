@@ -54,11 +54,6 @@ class Dist:
         device = next(model.parameters()).device
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when ``flag`` is true on any."""
         if not self.enabled:

@@ -35,8 +35,13 @@ class Validation(TypedDict, total=False):
 class EpochRecord(_EpochRequired, Validation, total=False):
     """One line of ``metrics.jsonl``."""
 
-    train_supervised: float  # joint training: the labelled batches' cross-entropy, mean over the epoch's steps
-    train_unsupervised: float  # ... and the unsupervised cost (before its weight)
+    # and train_<term>: the mean per image of every named term the criterion returned beside its loss
+    # (joint training's ``supervised`` cross-entropy and ``unsupervised`` cost, before its weight)
+
+
+def loss_terms(rec: EpochRecord) -> dict[str, float]:
+    """The named loss terms an epoch record holds beside ``train_loss``, by name (``supervised``, ...)."""
+    return {k[len("train_") :]: v for k, v in rec.items() if k.startswith("train_") and k != "train_loss"}
 
 
 @dataclass
@@ -159,4 +164,4 @@ class TrainingState(TypedDict):
     config: dict[str, Any]
     average: NotRequired[dict[str, Any] | None]  # the fine-tuning weight average (--ema), when kept
     scaler: NotRequired[dict[str, Any] | None]  # the fp16 gradient scaler's state
-    terms: NotRequired[dict[str, Any] | None]  # joint training's loss terms summed in the epoch stopped mid-way
+    terms: NotRequired[dict[str, Any] | None]  # the criterion's named terms summed in the epoch stopped mid-way
