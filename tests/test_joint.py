@@ -9,6 +9,7 @@ import torch
 
 from conftest import make_image_folder
 from convae.cli import main
+from convae.config.modes import TrainingMode, register_training_mode, unregister_training_mode
 from convae.data import DeviceBatches
 from convae.data.augment import AugmentConfig
 from convae.models import AutoEncoder, Classifier, ModelConfig
@@ -361,3 +362,59 @@ def test_the_sweeps_joint_finetuning_starts_from_the_pretrained_encoder_and_deco
     for k, v in enc.items():
         assert torch.equal(v, ae[f"encoder.{k}"]), k
     assert not all(torch.equal(v, ae[f"encoder.{k}"]) for k, v in scratch_enc.items())
+
+
+# ----------------------------------------------------------------------------- a training mode of one's own
+
+
+class EntropyMinimisation(TrainingMode):
+    """A toy semi-supervised mode (Grandvalet & Bengio's entropy minimisation): the labelled batch's
+    cross-entropy plus the entropy of the predictions on the unlabelled batch, each a named term."""
+
+    name, label, unlabelled = "entmin", "entropy minimisation", True
+
+    def build(self, clf, labelled, unlabelled, classes, cfg, device, seed, rank=0, world_size=1, decoder=None):
+        train = DeviceBatches.of(unlabelled, device, cfg.batch_size, labels=False, shuffle=True, seed=seed)
+        side = DeviceBatches.of(labelled, device, cfg.batch_size, shuffle=True, seed=seed + 1)
+
+        def criterion(model, batch, generator=None):
+            ce = torch.nn.functional.cross_entropy(model(batch.labelled.x).float(), batch.labelled.y)
+            p = model(batch.x).float().softmax(1)
+            entropy = -(p * p.clamp_min(1e-8).log()).sum(1).mean()
+            return {"loss": ce + entropy, "cross_entropy": ce, "entropy": entropy}
+
+        return clf, train, criterion, lambda start: cycling(side, start)
+
+
+@pytest.fixture
+def entmin():
+    register_training_mode(EntropyMinimisation)
+    yield
+    unregister_training_mode("entmin")
+
+
+def test_a_training_mode_registered_here_runs_through_run_and_sweep_with_its_terms(entmin, folder, tmp_path, capsys):
+    """Registered in this test and nowhere else: --joint takes its name, the run records, prints and reports its
+    terms, and the sweep measures it as joint_entmin beside scratch."""
+    data, cache = folder
+    common = ["--data", str(data), "--cache-dir", str(cache), "--height", "16", "--width", "16"]
+    common += ["--channels", "8", "16", "--latent-dim", "16", "--batch-size", "8", "--labels-per-class", "2"]
+    out = tmp_path / "run"
+    args = ["run", *common, "--joint", "entmin", "--pretrain-epochs", "1", "--finetune-epochs", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tuned = [m for m in metrics if m["phase"] == "finetune"]
+    assert len(tuned) == 2
+    for m in tuned:
+        assert m["train_loss"] == pytest.approx(m["train_cross_entropy"] + m["train_entropy"], rel=1e-4)
+    printed = capsys.readouterr().out
+    assert "(cross_entropy " in printed and ", entropy " in printed  # the epoch line names them
+    report = (out / "report.html").read_text()
+    assert ">cross_entropy</th>" in report and ">entropy</th>" in report
+    sweep = tmp_path / "sweep"
+    sweep_args = ["sweep", *common[:-2], "--pretrain-epochs", "1", "--labels-per-class", "2", "--seeds", "1"]
+    sweep_args += ["--steps", "2", "--methods", "scratch", "joint_entmin", "--out", str(sweep)]
+    assert main(sweep_args) == 0
+    cells = json.loads((sweep / "sweep.json").read_text())["cells"]
+    assert {c["method"] for c in cells} == {"scratch", "joint_entmin"}
+    assert "joint, entropy minimisation" in capsys.readouterr().out  # the sweep's table says what it measured

@@ -189,11 +189,11 @@ def test_sweep_measures_only_the_methods_asked_for(image_folder, cache_dir, tmp_
 
 def test_a_sweep_cell_that_diverges_stops_with_one_line(image_folder, cache_dir, tmp_path, monkeypatch, capsys):
     """The cells train through the run's loop, so the NaN guard stops them too."""
-    import convae.training.phases
+    import convae.training.supervised
 
-    real = convae.training.phases.classification_loss
+    real = convae.training.supervised.classification_loss
     monkeypatch.setattr(
-        convae.training.phases,
+        convae.training.supervised,
         "classification_loss",
         lambda smoothing: lambda model, batch, g=None: real(smoothing)(model, batch, g) * float("nan"),
     )

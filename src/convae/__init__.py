@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .api import Prediction, build, encode, finetune, load, predict, pretrain, run, transform
 from .models import AutoEncoder, Classifier, Encoder, ModelConfig
 from .outputs.hub import from_pretrained, save_pretrained
+from .training import supervised  # noqa: F401  (the training package registers the modes --joint chooses)
 
 __all__ = [
     "__version__",

@@ -145,9 +145,9 @@ def command_specs() -> dict[str, tuple[str, list]]:
                     "--methods",
                     dict(
                         nargs="+",
-                        choices=list(sweep.METHODS),
+                        choices=list(sweep.methods()),
                         metavar="M",
-                        help=f"{', '.join(sweep.METHODS)} (default all)",
+                        help=f"{', '.join(sweep.methods())} (default all)",
                     ),
                 ),
                 (

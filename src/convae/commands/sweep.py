@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import SWEEP_BATCH_SIZE, Config, build_config, presets, read_config_file
+from ..config.modes import TRAINING_MODES, training_mode
 from ..config.validation import validate_model
 from ..data import DeviceBatches, per_class_subset
 from ..evaluation.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
@@ -99,18 +100,28 @@ class Method:
     joint: str = "off"  # recipe: joint training of this variant (convae.joint), every training image unlabelled
 
 
-METHODS = {
-    "finetune": Method("pretrained, fine-tuned", "recipe", "pretrained"),
-    "linear_probe": Method("pretrained, frozen (linear probe)", "recipe", "pretrained", frozen=True),
-    "scratch": Method("random init (scratch)", "recipe", "random"),
-    "joint_plain": Method("joint, plain (objective + cross-entropy)", "recipe", "random", joint="plain"),
-    "joint_gamma": Method("joint, Gamma-model (Ladder)", "recipe", "random", joint="gamma"),
-    "joint_finetune": Method("pretrained, joint fine-tuning (plain)", "recipe", "pretrained", joint="plain"),
-    "knn": Method("pretrained, frozen (kNN, k=200)", "knn", "pretrained"),
-    "logistic_probe": Method("pretrained, frozen (logistic regression)", "logistic", "pretrained"),
-    "knn_random": Method("random weights, frozen (kNN, k=200)", "knn", "random"),
-    "logistic_random": Method("random weights, frozen (logistic regression)", "logistic", "random"),
-}
+def methods() -> dict[str, Method]:
+    """Every method a sweep can measure, in the order its tables show them: the recipe's, one ``joint_<mode>``
+    from random init per training mode that reads the unlabelled images (as registered now), joint
+    fine-tuning from the pretrained autoencoder, and the frozen-feature probes."""
+    joint = {
+        f"joint_{m.name}": Method(f"joint, {m.label}", "recipe", "random", joint=m.name)
+        for m in TRAINING_MODES.values()
+        if m.unlabelled
+    }
+    return {
+        "finetune": Method("pretrained, fine-tuned", "recipe", "pretrained"),
+        "linear_probe": Method("pretrained, frozen (linear probe)", "recipe", "pretrained", frozen=True),
+        "scratch": Method("random init (scratch)", "recipe", "random"),
+        **joint,
+        "joint_finetune": Method("pretrained, joint fine-tuning (plain)", "recipe", "pretrained", joint="plain"),
+        "knn": Method("pretrained, frozen (kNN, k=200)", "knn", "pretrained"),
+        "logistic_probe": Method("pretrained, frozen (logistic regression)", "logistic", "pretrained"),
+        "knn_random": Method("random weights, frozen (kNN, k=200)", "knn", "random"),
+        "logistic_random": Method("random weights, frozen (logistic regression)", "logistic", "random"),
+    }
+
+
 DEFAULT_BUDGETS = ["25", "100", "400", "all"]
 # cells of a recipe without --epoch-images train this many steps: its epochs would give 250 labels a step each
 FIXED_STEPS = 300
@@ -146,13 +157,14 @@ def parse_budgets(values: list[str]) -> list[int | None]:
     return out
 
 
-def _chosen(methods: list[str] | None) -> dict[str, Method]:
-    unknown = sorted(set(methods or ()) - set(METHODS))
-    if unknown or methods == []:
+def _chosen(names: list[str] | None) -> dict[str, Method]:
+    known = methods()
+    unknown = sorted(set(names or ()) - set(known))
+    if unknown or names == []:
         raise ConvaeError(
-            f"unknown sweep method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}"
+            f"unknown sweep method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}"
         )
-    return {m: spec for m, spec in METHODS.items() if methods is None or m in methods}
+    return {m: spec for m, spec in known.items() if names is None or m in names}
 
 
 @dataclass
@@ -248,7 +260,7 @@ def _measure(
     prepare_classifier(clf, sw.data.train.subset(idx.cpu()), sw.data.train, cfg, _quiet)
     try:
         # joint training from the pretrained autoencoder starts from its decoder too
-        decoder = sw.ae.decoder if method.joint != "off" and method.weights == "pretrained" else None
+        decoder = sw.ae.decoder if training_mode(method.joint).unlabelled and method.weights == "pretrained" else None
         return train_cell(
             clf,
             sw.data.train.subset(idx.cpu()),
@@ -285,7 +297,7 @@ def run_sweep(
     curves: bool = False,
 ) -> RunDir:
     """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png (and cell_curves.png).
-    ``methods`` (keys of METHODS; default all) chooses what each budget and seed measures; ``curves``
+    ``methods`` (keys of :func:`methods`; default all) chooses what each budget and seed measures; ``curves``
     evaluates every trained cell after each of its epochs too (``curve``: [steps, accuracy] pairs)."""
     if seeds <= 0 or (steps is not None and steps <= 0):
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")

@@ -20,6 +20,7 @@ from ..models.registry import ARCHITECTURES
 from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import read_file
 from ..utils.knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, knob
+from .modes import mode_names
 from .validation import validate
 
 # Every batch-size default, in one place.
@@ -80,16 +81,13 @@ class RecipeKnobs:
     )
 
 
-JOINT_MODES = ("off", "plain", "gamma")
-
-
 @dataclass(frozen=True)
 class JointKnobs:
     """Semi-supervised training as the run config holds it (``Config`` inherits these fields)."""
 
     joint: str = knob(
         "off",
-        Choice(JOINT_MODES),
+        Choice(mode_names),
         "semi-supervised fine-tuning: every step adds an unsupervised cost "
         "on a batch of the unlabelled images (an epoch is one pass over them) to the labelled batch's "
         "cross-entropy: plain (the --objective through the decoder) or gamma (the Ladder's "

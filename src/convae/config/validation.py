@@ -18,6 +18,7 @@ from ..models.objectives import OBJECTIVES
 from ..models.registry import architecture, check_model
 from ..utils.errors import ConvaeError, clip, short
 from ..utils.knobs import check_all, check_values
+from .modes import training_mode
 
 MODEL_FIELDS = set(ModelConfig.__dataclass_fields__)
 
@@ -68,8 +69,8 @@ def validate(cfg: Any) -> None:
     validate_model(cfg.model_config())
     _check_pairing(cfg.arch, cfg.objective)
     _check(
-        not (cfg.joint != "off" and cfg.freeze_encoder),
-        "joint training trains the encoder with the head: --joint and --freeze-encoder do not go together",
+        training_mode(cfg.joint).frozen_encoder or not cfg.freeze_encoder,
+        f"--joint {cfg.joint} trains the encoder with the head: --joint and --freeze-encoder do not go together",
     )
     _check_own_knobs(cfg)
     architecture(cfg.arch).check_run(cfg, "")

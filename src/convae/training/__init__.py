@@ -1,2 +1,9 @@
 """Training: the step and the epoch loop (``loop``), epochs with validation, state and resume (``fit``), the
-recipe's parts, joint (semi-supervised) training, the pretraining and fine-tuning phases, and one run's data."""
+recipe's parts, the training modes (``supervised``; ``joint``: plain and the Gamma-model), the pretraining
+and fine-tuning phases, and one run's data. Importing it registers the training modes, the default first.
+"""
+
+# isort: off
+from . import supervised  # noqa: F401  (registers --joint off, the default)
+from . import joint  # noqa: F401  (registers --joint plain and gamma)
+# isort: on

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.modes import TrainingMode, register_training_mode
 from ..data import DeviceBatches, ImageSet
 from ..models import AutoEncoder, Classifier
 from ..models.objectives import Objective, make_objective
@@ -260,3 +261,27 @@ def joint_training(
         placement=cfg.placement,
     )
     return model, train, JointLoss(spec.weight), lambda start: cycling(side, start)
+
+
+class _Joint(TrainingMode):
+    unlabelled, frozen_encoder = True, False
+
+    def build(self, clf, labelled, unlabelled, classes, cfg, device, seed, rank=0, world_size=1, decoder=None):
+        assert unlabelled is not None, "joint training needs the unlabelled images"
+        return joint_training(clf, unlabelled, labelled, classes, cfg, device, rank, world_size, seed, decoder)
+
+    def describe(self, cfg, labelled: int, batches) -> str:
+        return (
+            f"joint training ({cfg.joint}, weight {cfg.joint_weight:g}): the {labelled} labelled images cycle "
+            f"beside the unlabelled stream, {batches.describe()}"
+        )
+
+
+@register_training_mode
+class Plain(_Joint):
+    name, label = "plain", "plain (objective + cross-entropy)"
+
+
+@register_training_mode
+class Gamma(_Joint):
+    name, label = "gamma", "Gamma-model (Ladder)"

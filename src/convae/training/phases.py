@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from ..config import Config
+from ..config.modes import training_mode
 from ..data import DeviceBatches, ImageSet, to_model_input
 from ..evaluation.metrics import class_results, evaluate_classifier, evaluate_reconstruction
 from ..evaluation.probes import bank_size, extract_features, fit_head, random_encoder, representation_scores
@@ -29,9 +30,8 @@ from ..outputs.rundir import Heartbeat
 from ..utils.device import autocast, micro_batch_size
 from ..utils.records import EpochRecord, Log, Representation, Results, Validation
 from .fit import RunContext, StopFlag, both_hooks, fit, optimisation
-from .joint import joint_training
 from .loop import check_finite, freeze, keep_last_batch_trainable, train_one_epoch
-from .recipe import classification_loss, repeats, step_hook
+from .recipe import step_hook
 from .rundata import RunData
 
 MAP_POINTS = 2000  # evaluation images a run's t-SNE map shows (a seeded pick)
@@ -108,12 +108,7 @@ def finetune_phase(
     model, train, criterion, labelled = _training(
         clf, ft, data.train, data.classes, cfg, device, cfg.seed, ctx.dist.rank, ctx.dist.world_size, decoder
     )
-    ctx.log(
-        f"joint training ({cfg.joint}, weight {cfg.joint_weight:g}): the {len(ft)} labelled images cycle beside "
-        f"the unlabelled stream, {train.describe()}"
-        if labelled is not None
-        else f"fine-tuning batches: {train.describe()}"
-    )
+    ctx.log(training_mode(cfg.joint).describe(cfg, len(ft), train))
     val = DeviceBatches.of(data.val, device, cfg.batch_size, placement=cfg.placement)
 
     last: dict = {}  # the final epoch's evaluation is the result: no second pass over the evaluation set
@@ -283,24 +278,12 @@ def _training(
     world_size: int = 1,
     decoder=None,
 ):
-    """What a fine-tuning phase or a sweep cell trains and reads: (the model the optimizer updates, the
-    batches an epoch walks, the criterion, the labelled stream beside them or None). Supervised: the
-    classifier on the labelled set, repeated to ``cfg.epoch_images``; joint (:mod:`convae.joint`):
-    epochs over ``unlabelled`` with the labelled set cycling beside them."""
-    if cfg.joint != "off":
-        assert unlabelled is not None, "joint training needs the unlabelled images"
-        return joint_training(clf, unlabelled, labelled, classes, cfg, device, rank, world_size, seed, decoder)
-    batches = DeviceBatches.of(
-        labelled,
-        device,
-        cfg.batch_size,
-        shuffle=True,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        placement=cfg.placement,
-    ).repeated(repeats(len(labelled), cfg.epoch_images))
-    return clf, batches, classification_loss(cfg.label_smoothing), None
+    """What a fine-tuning phase or a sweep cell trains and reads: the training mode's (``cfg.joint``,
+    :mod:`convae.config.modes`) model, batches, criterion and labelled stream (None when it has none)."""
+    mode = training_mode(cfg.joint)
+    return mode.build(
+        clf, labelled, unlabelled if mode.unlabelled else None, classes, cfg, device, seed, rank, world_size, decoder
+    )
 
 
 def train_cell(
