@@ -15,7 +15,7 @@ from convae.data.augment import AugmentConfig
 from convae.models import AutoEncoder, Classifier, ModelConfig
 from convae.models.objectives import ObjectiveConfig, make_objective
 from convae.training.joint import JointLoss, JointModel, JointSpec, check_labels, cycling
-from convae.training.loop import train_one_epoch
+from convae.training.loop import StepSettings, train_one_epoch
 from convae.training.recipe import classification_loss
 from convae.utils.errors import ConvaeError
 from convae.utils.records import Batch
@@ -87,7 +87,11 @@ def test_weight_zero_is_supervised_training_step_for_step(mode):
     sup = labelled_batches()
     sup.set_epoch(1)
     train_one_epoch(
-        clf, sup, torch.optim.AdamW(clf.parameters(), 1e-2), classification_loss(0.1), augmentation=aug, seed=7
+        clf,
+        sup,
+        torch.optim.AdamW(clf.parameters(), 1e-2),
+        classification_loss(0.1),
+        StepSettings(augmentation=aug, seed=7),
     )
 
     joint = JointModel(
@@ -101,8 +105,7 @@ def test_weight_zero_is_supervised_training_step_for_step(mode):
         unlabelled,
         torch.optim.AdamW(joint.parameters(), 1e-2),
         JointLoss(0.0),
-        augmentation=aug,
-        seed=7,
+        StepSettings(augmentation=aug, seed=7),
         labelled=cycling(labelled_batches(), 0),
     )
     for (k, a), b in zip(clf.state_dict().items(), twin.state_dict().values()):

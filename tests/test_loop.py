@@ -11,7 +11,13 @@ import torch
 from convae.data import DeviceBatches
 from convae.models import AutoEncoder, Classifier, ModelConfig
 from convae.models.objectives import ObjectiveConfig, make_objective
-from convae.training.loop import classification_criterion, make_optimizer, make_scheduler, train_one_epoch
+from convae.training.loop import (
+    StepSettings,
+    classification_criterion,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
 from convae.utils.device import micro_batch_size
 
 reconstruction = make_objective(ObjectiveConfig("reconstruct"))
@@ -28,7 +34,11 @@ def test_micro_batches_give_the_whole_batch_update():
         a, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(a.parameters(), 0.5), reconstruction
     )
     lb = train_one_epoch(
-        b, DeviceBatches(images, None, 20, True, 0), torch.optim.SGD(b.parameters(), 0.5), reconstruction, micro_batch=7
+        b,
+        DeviceBatches(images, None, 20, True, 0),
+        torch.optim.SGD(b.parameters(), 0.5),
+        reconstruction,
+        StepSettings(micro_batch=7),
     )
     assert la == pytest.approx(lb, rel=1e-6)
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -114,7 +124,7 @@ def test_a_labelled_stream_joins_every_step_and_is_split_with_the_micro_batches(
         return classification_criterion(model, batch.labelled) + 0 * model(batch.x).sum()
 
     loss = train_one_epoch(
-        clf, unlabelled, torch.optim.SGD(clf.parameters(), 0.1), joint, micro_batch=4, labelled=labelled
+        clf, unlabelled, torch.optim.SGD(clf.parameters(), 0.1), joint, StepSettings(micro_batch=4), labelled=labelled
     )
     assert math.isfinite(loss)
     # 3 steps of 8 unlabelled images, each in 2 micro-batches of 4; the labelled batches cycle
@@ -141,7 +151,7 @@ def test_a_criterions_named_terms_are_summed_like_its_loss_and_the_same_whatever
             DeviceBatches(images, None, 20, True, 0),
             torch.optim.SGD(ae.parameters(), 0.5),
             with_terms,
-            micro_batch=micro,
+            StepSettings(micro_batch=micro),
             terms=terms,
         )
         assert set(terms) == {"twice", "one"} and terms["one"] == pytest.approx(1.0)
@@ -262,7 +272,7 @@ def test_a_last_batch_of_one_image_joins_the_one_before_when_the_network_has_bat
             DeviceBatches(images, labels, 8, True, 0),
             torch.optim.SGD(clf.parameters(), 0.01),
             classification_criterion,
-            after_step=lambda: sizes.append(None),
+            StepSettings(after_step=lambda: sizes.append(None)),
         )
         assert math.isfinite(loss)
         steps[name] = len(sizes)

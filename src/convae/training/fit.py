@@ -31,6 +31,7 @@ from ..utils.records import EpochRecord, Log, TrainingState, Validation
 from .loop import (
     Criterion,
     EpochInterrupted,
+    StepSettings,
     check_finite,
     keep_last_batch_trainable,
     lr_at,
@@ -193,14 +194,26 @@ _STATE_CHECKS: dict[str, Callable[[object], bool]] = {
 }
 
 
+@dataclass
+class Resume:
+    """Where a phase starts: its first epoch, and the step, loss sum, seconds and named terms' sums of the
+    epoch a saved state stopped in (all zero for a fresh phase)."""
+
+    epoch: int = 1
+    step: int = 0
+    loss_sum: float = 0.0
+    seconds: float = 0.0
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def _restore(
     ctx: RunContext, phase: str, model: nn.Module, optimizer, scheduler, average: WeightAverage | None, scaler=None
-) -> tuple[int, int, float, float]:
-    """Weights, optimizer, scheduler and RNG from the saved state when ``phase`` is resumed; the
-    first epoch to run, and the step, loss sum and seconds of the epoch the state stopped in."""
+) -> Resume:
+    """Weights, optimizer, scheduler and RNG from the saved state when ``phase`` is resumed; where it
+    continues."""
     r = ctx.resumed(phase)
     if r is None:
-        return 1, 0, 0.0, 0.0
+        return Resume()
     where = str(ctx.run.checkpoints / "state.pt")
     load_state_strict(model, r["model"], source=where)
     try:
@@ -220,7 +233,7 @@ def _restore(
             f"{where} does not match this run's optimizer ({clip(first_line(e), 80)})",
             advice="start a new run with another --out",
         ) from None
-    return r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"]
+    return Resume(r["epoch"] + 1, r["step"], r["loss_sum"], r["elapsed"], _resumed_terms(r.get("terms"), r["step"]))
 
 
 def optimisation(
@@ -242,6 +255,75 @@ def optimisation(
     return optimizer, scheduler, average, grad_scaler(cfg.precision, device)
 
 
+@dataclass
+class EpochEnd:
+    """What an epoch left, for its caller's end-of-epoch work (validation, records, saving, curves)."""
+
+    epoch: int
+    loss: float  # mean per image
+    terms: dict[str, float]  # each named term's mean per image
+    seconds: float  # the epoch's, with those before a resume
+    done: int  # optimizer steps of the phase so far
+    lr: float  # the learning rate of the epoch's first step
+
+
+def train_epochs(
+    net: nn.Module,
+    batches: DeviceBatches,
+    optimizer,
+    scheduler,
+    criterion: Criterion,
+    settings: StepSettings,
+    epochs: int,
+    end_of_epoch: Callable[[EpochEnd], None],
+    beat: Heartbeat,
+    total: int | None = None,
+    resume: Resume | None = None,
+    labelled: Callable[[int], Generator] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> None:
+    """The one epoch loop of every phase and sweep cell: epochs over ``batches`` until ``epochs`` (the
+    last one cut at ``total`` optimizer steps of the whole phase), from ``resume``; ``end_of_epoch``
+    gets each epoch's :class:`EpochEnd`. ``labelled(k)``: the labelled stream from its ``k``-th batch
+    on, beside every step. A stop asked through ``should_stop`` raises :class:`EpochInterrupted` with
+    the epoch, its seconds and its terms' sums added, for the caller to save."""
+    r = resume or Resume()
+    per_epoch = len(batches)
+    total = epochs * per_epoch if total is None else total
+    step, loss_sum, elapsed, terms = r.step, r.loss_sum, r.seconds, r.terms
+    for epoch in range(r.epoch, epochs + 1):
+        batches.set_epoch(epoch)
+        beat.begin(epoch, step)
+        first = (epoch - 1) * per_epoch  # the epoch's first step in the phase: the schedule's and the stream's
+        lr, n = lr_at(optimizer, scheduler, first), min(total - first, per_epoch)
+        side = labelled(first + step) if labelled is not None else None
+        start = time.perf_counter()
+        try:
+            loss = train_one_epoch(
+                net,
+                batches,
+                optimizer,
+                criterion,
+                settings,
+                beat.desc(),
+                step,
+                loss_sum,
+                should_stop,
+                max_steps=None if n == per_epoch else n - step,
+                labelled=side,
+                terms=terms,
+            )
+        except EpochInterrupted as e:
+            e.epoch, e.seconds, e.terms = epoch, elapsed + time.perf_counter() - start, terms
+            raise
+        finally:
+            if side is not None:
+                side.close()  # its prefetching thread ends with it
+        seconds = elapsed + time.perf_counter() - start
+        end_of_epoch(EpochEnd(epoch, loss, dict(terms), seconds, first + n, lr))
+        step, loss_sum, elapsed, terms = 0, 0.0, 0.0, {}
+
+
 def fit(
     model: nn.Module,
     phase: str,
@@ -259,96 +341,83 @@ def fit(
 
     Continues from ``ctx.resume`` when it holds this phase. ``kernels`` (the first-layer
     kernels before this phase) travel in the saved state for the figures drawn at the end.
-    With ``ema`` a moving average of the weights is kept (:class:`~convae.recipe.WeightAverage`):
+    With ``ema`` a moving average of the weights is kept (:class:`~convae.training.recipe.WeightAverage`):
     it is what validation sees, and ``model`` holds it when the phase ends. ``labelled(k)``: the labelled
-    stream from its ``k``-th batch on, read beside every step (joint training, whose terms are recorded).
+    stream from its ``k``-th batch on, read beside every step (joint training).
     """
     cfg = ctx.cfg
     net = ctx.dist.wrap(model)  # trained through DDP when distributed; saved and validated unwrapped
     net = torch.compile(net) if cfg.compile else net
     steps = len(keep_last_batch_trainable(model, batches))  # before anything counts the batches
     optimizer, scheduler, average, scaler = optimisation(model, cfg, lr, epochs, steps, ema, batches.device)
-    first, step, loss_sum, elapsed = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
-    terms = _resumed_terms(ctx, phase, step)
+    resume = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
-    hook = both_hooks(step_hook(model, scheduler, average), beat)
-    micro = micro_batch_size(cfg.micro_batch, cfg.precision, batches.device)
-    for epoch in range(first, epochs + 1):
-        batches.set_epoch(epoch)
-        beat.begin(epoch, step)
-        current_lr = lr_at(optimizer, scheduler, (epoch - 1) * len(batches))
-        start = time.perf_counter()
-        side = labelled((epoch - 1) * len(batches) + step) if labelled is not None else None
-        try:
-            # under DDP the ranks agree to stop at epoch ends only: no collective per step
-            train_loss = train_one_epoch(
-                net,
-                batches,
-                optimizer,
-                criterion,
-                cfg.precision,
-                beat.desc(),
-                micro,
-                step,
-                loss_sum,
-                None if ctx.dist.enabled else ctx.stop,
-                cfg.augment_config(phase != "pretrain"),
-                cfg.seed,
-                labelled=side,
-                after_step=hook,
-                scaler=scaler,
-                terms=terms,
-            )
-        except EpochInterrupted as e:
-            if math.isfinite(e.loss_sum):  # never save weights that went bad
-                ctx.save_state(
-                    phase,
-                    model,
-                    optimizer,
-                    scheduler,
-                    epoch - 1,
-                    e.step,
-                    e.loss_sum,
-                    elapsed + time.perf_counter() - start,
-                    kernels,
-                    average,
-                    scaler,
-                    {k: float(v) for k, v in terms.items()},
-                )
-            raise Interrupted(
-                ctx.stop.signum, f"step {e.step}/{len(batches)} of {phase} epoch {epoch}", str(ctx.run.path)
-            ) from None
-        seconds = elapsed + time.perf_counter() - start
-        step, loss_sum, elapsed = 0, 0.0, 0.0
-        check_finite(
-            train_loss,
-            phase,
-            f"in epoch {epoch}",
-            "state.pt keeps the last good epoch"
-            if (ctx.run.checkpoints / "state.pt").exists()
-            else "no state was saved yet",
-        )
-        if side is not None:
-            side.close()  # its prefetching thread ends with it
-        rec = _epoch_record(phase, epoch, epochs, train_loss, terms, seconds, batches.num_images, current_lr)
-        terms = {}
+    settings = StepSettings(
+        cfg.precision,
+        micro_batch_size(cfg.micro_batch, cfg.precision, batches.device),
+        cfg.augment_config(phase != "pretrain"),
+        cfg.seed,
+        scaler,
+        both_hooks(step_hook(model, scheduler, average), beat),
+    )
+
+    def end_of_epoch(end: EpochEnd) -> None:
+        saved = "state.pt keeps the last good epoch" if (ctx.run.checkpoints / "state.pt").exists() else ""
+        check_finite(end.loss, phase, f"in epoch {end.epoch}", saved or "no state was saved yet")
+        rec = _epoch_record(phase, end.epoch, epochs, end.loss, end.terms, end.seconds, batches.num_images, end.lr)
         with average.applied(model) if average is not None else nullcontext():
             rec.update(validate())
         ctx.record(rec)
         stop = ctx.dist.any(ctx.stop(), batches.device)
-        if epoch == epochs or (cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0) or stop:
-            ctx.save_state(phase, model, optimizer, scheduler, epoch, 0, 0.0, 0.0, kernels, average, scaler)
+        if end.epoch == epochs or (cfg.checkpoint_every and end.epoch % cfg.checkpoint_every == 0) or stop:
+            ctx.save_state(phase, model, optimizer, scheduler, end.epoch, 0, 0.0, 0.0, kernels, average, scaler)
         if stop:
-            raise Interrupted(ctx.stop.signum, f"the end of {phase} epoch {epoch}", str(ctx.run.path))
+            raise Interrupted(ctx.stop.signum, f"the end of {phase} epoch {end.epoch}", str(ctx.run.path))
+
+    try:
+        # under DDP the ranks agree to stop at epoch ends only: no collective per step
+        should_stop = None if ctx.dist.enabled else ctx.stop
+        train_epochs(
+            net,
+            batches,
+            optimizer,
+            scheduler,
+            criterion,
+            settings,
+            epochs,
+            end_of_epoch,
+            beat,
+            resume=resume,
+            labelled=labelled,
+            should_stop=should_stop,
+        )
+    except EpochInterrupted as e:
+        if math.isfinite(e.loss_sum):  # never save weights that went bad
+            terms = {k: float(v) for k, v in e.terms.items()}
+            ctx.save_state(
+                phase,
+                model,
+                optimizer,
+                scheduler,
+                e.epoch - 1,
+                e.step,
+                e.loss_sum,
+                e.seconds,
+                kernels,
+                average,
+                scaler,
+                terms,
+            )
+        where = f"step {e.step}/{len(batches)} of {phase} epoch {e.epoch}"
+        raise Interrupted(ctx.stop.signum, where, str(ctx.run.path)) from None
     if average is not None:
         model.load_state_dict(average.shadow)  # the phase's result is the average
     return ctx.history(phase)
 
 
-def _resumed_terms(ctx: RunContext, phase: str, step: int) -> dict[str, torch.Tensor]:
-    """The named loss terms' sums of the epoch the saved state stopped in (read as untrusted: anything but
+def _resumed_terms(saved: object, step: int) -> dict[str, torch.Tensor]:
+    """The named loss terms' sums of the epoch a saved state stopped in (read as untrusted: anything but
     a mapping of names to numbers is left out); empty for an epoch that starts fresh."""
-    saved = (ctx.resumed(phase) or {}).get("terms")
     if not step or not isinstance(saved, dict):
         return {}
     return {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -221,6 +222,20 @@ class EpochInterrupted(Exception):
     def __init__(self, step: int, loss_sum: float) -> None:
         super().__init__(f"stopped after step {step}")
         self.step, self.loss_sum = step, loss_sum
+        # filled in by the epoch loop (convae.training.fit.train_epochs) on its way up, for the saved state
+        self.epoch, self.seconds, self.terms = 0, 0.0, {}
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What every step of a phase or a sweep cell shares beside the model, optimizer and criterion."""
+
+    precision: str = "fp32"
+    micro_batch: int | None = None  # passed to train_step: the gradient accumulated over chunks of this many
+    augmentation: AugmentConfig | None = None  # every step's batch (and its labelled one) augmented so
+    seed: int = 0  # with (epoch, step, rank), the seed of every step's generator
+    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler, passed to train_step
+    after_step: Callable[[], None] | None = None  # after every optimizer step: the schedule, the weight average
 
 
 def train_one_epoch(
@@ -228,31 +243,24 @@ def train_one_epoch(
     batches: DeviceBatches,
     optimizer: torch.optim.Optimizer,
     criterion: Criterion,
-    precision: str = "fp32",
+    settings: StepSettings | None = None,
     desc: str = "train",
-    micro_batch: int | None = None,
     start_step: int = 0,
     loss_sum: float = 0.0,
     should_stop: Callable[[], bool] | None = None,
-    augmentation: AugmentConfig | None = None,
-    seed: int = 0,
     max_steps: int | None = None,
     labelled: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    after_step: Callable[[], None] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
     terms: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """One pass over ``batches`` (or its first ``max_steps`` steps); returns the mean loss per image
     over the images it trained on. ``terms`` gathers the criterion's named terms: summed into it over
     the epoch (a resumed epoch passes the sums it stopped with), each the mean per image at the end.
 
-    ``micro_batch`` is passed to :func:`train_step`. ``start_step`` and ``loss_sum`` continue
-    an interrupted epoch; ``should_stop`` is polled after every step. Each step's random
-    numbers (augmentation, the objective's corruption) come from a generator seeded by
-    (seed, epoch, step, rank), so a resumed epoch replays the same batches exactly. With
-    ``labelled`` (an endless iterator of labelled batches) every step's batch carries the next
-    of them too, augmented like the main one. ``after_step`` runs after every optimizer step (the
-    schedule, the weight average); ``scaler`` is passed to :func:`train_step`.
+    ``start_step`` and ``loss_sum`` continue an interrupted epoch; ``should_stop`` is polled after
+    every step. Each step's random numbers (augmentation, the objective's corruption) come from a
+    generator seeded by (``settings.seed``, epoch, step, rank), so a resumed epoch replays the same
+    batches exactly. With ``labelled`` (an endless iterator of labelled batches) every step's batch
+    carries the next of them too, augmented like the main one.
     """
     from tqdm.auto import tqdm
 
@@ -269,11 +277,13 @@ def train_one_epoch(
         initial=start_step,
     )
     # a generator only when something draws from it: the seed recipe's loop stays as it was
+    settings = settings or StepSettings()
+    augmentation = settings.augmentation
     needs_rng = augmentation is not None or getattr(criterion, "random", False)
     images = 0
     for step, (x, y) in enumerate(bar, start=start_step + 1):
         # ranks draw different numbers for their different shards (7919: any prime apart from 1)
-        g = step_generator(device, seed + 7919 * batches.rank, batches.epoch, step) if needs_rng else None
+        g = step_generator(device, settings.seed + 7919 * batches.rank, batches.epoch, step) if needs_rng else None
         side = None
         if labelled is not None:
             lx, ly = next(labelled)
@@ -285,18 +295,18 @@ def train_one_epoch(
             Batch(x, y, side),
             optimizer,
             criterion,
-            precision,
-            micro_batch,
+            settings.precision,
+            settings.micro_batch,
             batches.global_size(step - 1),
             batches.world_size,
             g,
-            scaler,
+            settings.scaler,
             terms,
         )
         images += batches.global_size(step - 1)
         cores.poll()
-        if after_step is not None:
-            after_step()
+        if settings.after_step is not None:
+            settings.after_step()
         stopping = should_stop is not None and should_stop()
         if stopping or (max_steps is not None and step - start_step >= max_steps):
             bar.close()

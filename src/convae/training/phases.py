@@ -29,8 +29,8 @@ from ..outputs.checkpoint import save_checkpoint
 from ..outputs.rundir import Heartbeat
 from ..utils.device import autocast, micro_batch_size
 from ..utils.records import EpochRecord, Log, Representation, Results, Validation
-from .fit import RunContext, StopFlag, both_hooks, fit, optimisation
-from .loop import check_finite, freeze, keep_last_batch_trainable, train_one_epoch
+from .fit import EpochEnd, RunContext, StopFlag, both_hooks, fit, optimisation, train_epochs
+from .loop import StepSettings, check_finite, freeze, keep_last_batch_trainable
 from .recipe import step_hook
 from .rundata import RunData
 
@@ -323,40 +323,34 @@ def train_cell(
         model, cfg, cfg.finetune_lr or cfg.lr, epochs, len(batches), cfg.ema, device, total
     )
     beat = Heartbeat(log or print, name, epochs, len(batches), log is not None and not sys.stdout.isatty())
-    hook = both_hooks(step_hook(model, scheduler, average), beat)
     micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
-    done, epoch, losses, accuracies = 0, 0, [], []
-    while done < total:
-        epoch += 1
-        batches.set_epoch(epoch)
-        beat.begin(epoch, 0)
-        n = min(total - done, len(batches))
-        labelled = side(done) if side is not None else None
-        loss = train_one_epoch(
-            model,
-            batches,
-            optimizer,
-            criterion,
-            cfg.precision,
-            beat.desc(),
-            micro,
-            should_stop=stop,
-            augmentation=cfg.augment_config(True),
-            seed=seed,
-            max_steps=n,
-            labelled=labelled,
-            after_step=hook,
-            scaler=scaler,
-        )
-        if labelled is not None:
-            labelled.close()
-        done += n
-        check_finite(loss, "fine-tuning", f"after {done} step(s) of a sweep cell")
-        losses.append(float(loss))
-        if curve and done < total:  # the last epoch's is the cell's accuracy
+    hook = both_hooks(step_hook(model, scheduler, average), beat)
+    settings = StepSettings(cfg.precision, micro, cfg.augment_config(True), seed, scaler, hook)
+    losses, accuracies, done = [], [], [0]
+
+    def end_of_epoch(end: EpochEnd) -> None:
+        check_finite(end.loss, "fine-tuning", f"after {end.done} step(s) of a sweep cell")
+        losses.append(float(end.loss))
+        done[0] = end.done
+        if curve and end.done < total:  # the last epoch's is the cell's accuracy
             with average.applied(model) if average is not None else nullcontext():
-                accuracies.append([done, evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]])
+                accuracies.append([end.done, evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]])
+
+    train_epochs(
+        model,
+        batches,
+        optimizer,
+        scheduler,
+        criterion,
+        settings,
+        epochs,
+        end_of_epoch,
+        beat,
+        total=total,
+        labelled=side,
+        should_stop=stop,
+    )
     if average is not None:
         model.load_state_dict(average.shadow)
     accuracy = evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
-    return accuracy, losses, accuracies + [[done, accuracy]] if curve else None
+    return accuracy, losses, accuracies + [[done[0], accuracy]] if curve else None
