@@ -15,8 +15,7 @@ from convae.data.augment import AugmentConfig
 from convae.models import AutoEncoder, Classifier, ModelConfig
 from convae.models.objectives import ObjectiveConfig, make_objective
 from convae.training.joint import JointLoss, JointModel, JointSpec, check_labels, cycling
-from convae.training.loop import StepSettings, train_one_epoch
-from convae.training.recipe import classification_loss
+from convae.training.loop import StepSettings, classification_loss, train_one_epoch
 from convae.utils.errors import ConvaeError
 from convae.utils.records import Batch
 

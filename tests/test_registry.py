@@ -327,7 +327,7 @@ register_architecture(
 '''
 
 
-def test_an_architecture_with_a_knob_of_its_own_is_its_module_and_one_import_line(tmp_path):
+def test_an_architecture_with_a_knob_of_its_own_is_its_module_and_its_name_in_one_list(tmp_path):
     """The package copied, the toy's module added and imported in ``models/model_config.py``, nothing else:
     its flag, its saved config, its checkpoint, the sweep and the other architectures' refusal follow."""
     pkg = tmp_path / "pkg"
@@ -335,9 +335,9 @@ def test_an_architecture_with_a_knob_of_its_own_is_its_module_and_one_import_lin
     (pkg / "convae" / "models" / "gained.py").write_text(TOY_WITH_A_KNOB)
     registry = pkg / "convae" / "models" / "model_config.py"
     text = registry.read_text()
-    last = "from . import blocks  # noqa: F401  (registers the blocks architecture)\n"
-    assert last in text
-    registry.write_text(text.replace(last, last + "from . import gained  # noqa: F401\n"))
+    names = 'ARCHITECTURE_MODULES = ("stages", "patch", "blocks")'
+    assert names in text
+    registry.write_text(text.replace(names, 'ARCHITECTURE_MODULES = ("stages", "patch", "blocks", "gained")'))
     data = make_image_folder(tmp_path / "data", classes=2, per_class=8)
     env = {**os.environ, "PYTHONPATH": str(pkg), "OMP_NUM_THREADS": "1"}
     common = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--height", "16", "--width", "16"]

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import INFERENCE_BATCH_SIZE
 from ..data import ImageSet, to_model_input
+from ..models.autoencoder import batch_norms
 from ..utils import cores
 from ..utils.device import autocast
 
@@ -199,7 +200,7 @@ def recalibrate_batch_norm(
     training mode, no gradients), so eval-mode features are what training-mode batches see; the
     number of norms recalibrated. A scratch network's running statistics are still (0, 1), far from
     its batches', and a head fitted on such features is wrong in training."""
-    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in batch_norms(encoder) if m.track_running_stats]
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]

@@ -4,7 +4,7 @@ built from any of them, and the pretraining objectives.
 ``registry`` holds the encoder interface (:class:`EncoderBase`), :class:`Architecture`,
 :func:`register_architecture` and the knobs every architecture reads; ``stages`` (the lecture's),
 ``patch`` and ``blocks`` are the architectures, each with its own knobs; ``model_config`` imports
-them (a new architecture is one import line there) and joins their knobs into :class:`ModelConfig`;
+them (a new architecture is its name in ``ARCHITECTURE_MODULES`` there) and joins their knobs into :class:`ModelConfig`;
 ``autoencoder`` builds :class:`AutoEncoder` and :class:`Classifier` and sizes them; ``objectives``
 holds the pretraining objectives and :func:`register_objective`; ``reference`` is the lecture's own
 code and numbers, for comparison only.

@@ -102,6 +102,11 @@ def kind_of(model: nn.Module) -> str | None:
     return next((k for k, c in KINDS.items() if isinstance(c, type) and type(model) is c), None)
 
 
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every batch norm of ``model`` (``modules()`` walks into a DDP or torch.compile wrapper too)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

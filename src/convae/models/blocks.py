@@ -25,7 +25,7 @@ with a learned token per level.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,7 @@ from torch import nn
 from ..utils.errors import ConvaeError
 from ..utils.knobs import Flag, knob
 from .objectives import OBJECTIVES
-from .registry import Architecture, Code, EncoderBase, register_architecture
-
-if TYPE_CHECKING:
-    from .model_config import ModelConfig
+from .registry import Architecture, BaseModelConfig, Code, EncoderBase, register_architecture
 
 STEM = 2  # the whitening stem's kernel side
 # added to the patch covariance's eigenvalues, on [0, 1] pixels (airbench's 5e-4 on standardised
@@ -59,7 +56,7 @@ class BlocksKnobs:
     )
 
 
-def block_sizes(cfg: ModelConfig) -> list[tuple[int, int]]:
+def block_sizes(cfg: BaseModelConfig) -> list[tuple[int, int]]:
     """Spatial size after the stem and after every block: 32 -> 31 -> 15 -> 7 -> 3."""
     sizes = [(cfg.height - STEM + 1, cfg.width - STEM + 1)]
     for _ in cfg.channels:
@@ -68,7 +65,7 @@ def block_sizes(cfg: ModelConfig) -> list[tuple[int, int]]:
     return sizes
 
 
-def stem_width(cfg: ModelConfig) -> int:
+def stem_width(cfg: BaseModelConfig) -> int:
     return 2 * cfg.in_channels * STEM * STEM  # every eigenvector with both signs: 24 for RGB
 
 
@@ -101,7 +98,7 @@ class Block(nn.Sequential):
 class BlocksEncoder(EncoderBase):
     """Image -> globally max-pooled features. x: (B, 3, 32, 32) -> (B, 256, 3, 3) -> (B, 256)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: BaseModelConfig) -> None:
         super().__init__()
         self.config = cfg
         d = cfg.in_channels * STEM * STEM
@@ -190,7 +187,7 @@ class BlocksDecoder(nn.Module):
     """Last map -> image of the input's size. (B, 256, 3, 3) -> (B, 256, 7, 7) -> (B, 64, 15, 15)
     -> (B, 24, 31, 31) -> (B, 3, 32, 32): upsample to the encoder's size there, 3x3 conv, norm, GELU."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: BaseModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.sizes = block_sizes(cfg)[:-1][::-1]  # the sizes to upsample to, deepest first
@@ -224,7 +221,7 @@ class BlocksDecoder(nn.Module):
         return self.act(self.out(h))
 
 
-def _check(cfg: ModelConfig, where: str) -> None:
+def _check(cfg: BaseModelConfig, where: str) -> None:
     h, w = block_sizes(cfg)[-1]
     if min(h, w) < 1:
         raise ConvaeError(

@@ -1,24 +1,21 @@
 """The model's config: the shared knobs joined with every architecture's own, and :class:`ModelConfig`.
 
 Importing an architecture's module registers it and its knobs; this module imports them, so a new
-architecture is its module and one import line here. The order of the imports is the order of
+architecture is its module and its name in ``ARCHITECTURE_MODULES`` here. Their order is the order of
 the ``--arch`` choices (the lecture's first).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import importlib
+from dataclasses import dataclass
 from typing import Any
 
-from ..utils.knobs import Int, Num, knob
+from .registry import ARCHITECTURES, BaseModelConfig, SharedKnobs
 
-# isort: off
-from . import stages  # noqa: F401  (registers the lecture's architecture)
-from . import patch  # noqa: F401  (registers the patch architecture)
-from . import blocks  # noqa: F401  (registers the blocks architecture)
-# isort: on
-
-from .registry import ARCHITECTURES, SharedKnobs, architecture
+ARCHITECTURE_MODULES = ("stages", "patch", "blocks")
+for _module in ARCHITECTURE_MODULES:  # each registers itself, and its knobs, when imported
+    importlib.import_module(f".{_module}", __package__)
 
 # a dataclass's fields come in reverse MRO: the shared ones first, then each architecture's in registration order
 _OWN_KNOBS = [a.knobs for a in ARCHITECTURES.values() if a.knobs is not None]
@@ -30,28 +27,8 @@ class ModelKnobs(*reversed(_OWN_KNOBS), SharedKnobs):
 
 
 @dataclass(frozen=True)
-class ModelConfig(ModelKnobs):
+class ModelConfig(*reversed(_OWN_KNOBS), BaseModelConfig):
     """Everything needed to rebuild a model; stored in every checkpoint."""
-
-    negative_slope: float = knob(0.1, Num(None), flag=False)  # LeakyReLU's slope (any finite number)
-    num_classes: int = knob(10, Int(1), flag=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-
-    @property
-    def feature_dim(self) -> int:
-        """What the encoder returns for the classifier's head (the FC latent, pooled maps, ...)."""
-        return architecture(self.arch).feature_dim(self)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**d)  # checkpoints from before a knob existed get its default
 
 
 def model_knobs(obj: Any) -> dict[str, Any]:

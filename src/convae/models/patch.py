@@ -21,7 +21,6 @@ kernel figures see the same :class:`~convae.models.registry.EncoderBase` interfa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +29,7 @@ from torch import nn
 from ..utils.errors import ConvaeError
 from ..utils.knobs import Flag, Int, Num, knob
 from .objectives import Objective, register_objective, winner_take_all
-from .registry import Architecture, Code, EncoderBase, register_architecture
-
-if TYPE_CHECKING:
-    from .model_config import ModelConfig
+from .registry import Architecture, BaseModelConfig, Code, EncoderBase, register_architecture
 
 VARIANCE_FLOOR = 10 / 255**2  # Coates et al.'s "+10" on the variance of 0-255 pixels, for [0, 1] pixels
 WHITENING_EPS = 0.1  # added to the eigenvalues of the normalised patches' covariance (Coates et al.)
@@ -292,7 +288,7 @@ class Patches(Objective):
         return F.mse_loss((out.float() - mean) / std, (crops.float() - mean) / std)
 
 
-def _check(cfg: ModelConfig, where: str) -> None:
+def _check(cfg: BaseModelConfig, where: str) -> None:
     if len(cfg.channels) != 1:
         raise ConvaeError(
             f"{where}the patch architecture has one layer: channels must be one width (the number of "

@@ -10,17 +10,14 @@ or talks to the interface; nothing tests an architecture's name.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..utils.errors import ConvaeError
-from ..utils.knobs import Among, Choice, Flag, Int, Widths, check_all, knob
-
-if TYPE_CHECKING:
-    from .model_config import ModelConfig
+from ..utils.knobs import Among, Choice, Flag, Int, Num, Widths, check_all, knob
 
 UPSAMPLE_MODES = ("bilinear", "nearest", "transposed", "unpool")
 NORMS = ("none", "batch", "group")
@@ -88,6 +85,32 @@ class SharedKnobs:
     )
 
 
+@dataclass(frozen=True)
+class BaseModelConfig(SharedKnobs):
+    """What every architecture's config holds beside its own knobs: the shared knobs, the LeakyReLU's
+    slope, the classes; :class:`~convae.models.model_config.ModelConfig` adds every architecture's knobs."""
+
+    negative_slope: float = knob(0.1, Num(None), flag=False)  # LeakyReLU's slope (any finite number)
+    num_classes: int = knob(10, Int(1), flag=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+    @property
+    def feature_dim(self) -> int:
+        """What the encoder returns for the classifier's head (the FC latent, pooled maps, ...)."""
+        return architecture(self.arch).feature_dim(self)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BaseModelConfig:
+        return cls(**d)  # checkpoints from before a knob existed get its default
+
+
 # ----------------------------------------------------------------------------- the encoder interface
 
 
@@ -107,7 +130,7 @@ class EncoderBase(nn.Module):
       before pretraining (the patch network's whitening); none by default.
     """
 
-    config: ModelConfig
+    config: BaseModelConfig
     fit_images: int = 0
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,10 +172,10 @@ class Architecture:
     """
 
     name: str
-    encoder: Callable[[ModelConfig], EncoderBase]
-    decoder: Callable[[ModelConfig], nn.Module]
-    feature_dim: Callable[[ModelConfig], int]
-    check: Callable[[ModelConfig, str], None] = lambda cfg, where: None
+    encoder: Callable[[BaseModelConfig], EncoderBase]
+    decoder: Callable[[BaseModelConfig], nn.Module]
+    feature_dim: Callable[[BaseModelConfig], int]
+    check: Callable[[BaseModelConfig, str], None] = lambda cfg, where: None
     objectives: tuple[str, ...] | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     knobs: type | None = None
@@ -179,7 +202,7 @@ def architecture(name: str) -> Architecture:
         raise ConvaeError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}") from None
 
 
-def check_model(cfg: ModelConfig, where: str = "") -> None:
+def check_model(cfg: BaseModelConfig, where: str = "") -> None:
     """Every knob's rule, then the architecture's own."""
     check_all(cfg, where)
     architecture(cfg.arch).check(cfg, where)
@@ -190,6 +213,7 @@ __all__ = [
     "NORMS",
     "OUTPUT_ACTIVATIONS",
     "SharedKnobs",
+    "BaseModelConfig",
     "EncoderBase",
     "Architecture",
     "ARCHITECTURES",

@@ -8,21 +8,17 @@ lecture's layer indices.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..utils.errors import ConvaeError
-from .registry import Architecture, Code, EncoderBase, register_architecture
-
-if TYPE_CHECKING:
-    from .model_config import ModelConfig
+from .registry import Architecture, BaseModelConfig, Code, EncoderBase, register_architecture
 from .upsample_conv import can_fuse, fusion_pays, upsample_conv, upsampler
 
 
-def stage_sizes(cfg: ModelConfig) -> list[tuple[int, int]]:
+def stage_sizes(cfg: BaseModelConfig) -> list[tuple[int, int]]:
     """Spatial size at every depth, input first: 32 -> 16 -> 8 -> 4, or 28 -> 14 -> 7 -> 4."""
     sizes = [(cfg.height, cfg.width)]
     for _ in cfg.channels:
@@ -32,7 +28,7 @@ def stage_sizes(cfg: ModelConfig) -> list[tuple[int, int]]:
     return sizes
 
 
-def flat_dim(cfg: ModelConfig) -> int:
+def flat_dim(cfg: BaseModelConfig) -> int:
     """Neurons in the last conv volume: 128 * 4 * 4 = 2048 for the seed model."""
     h, w = stage_sizes(cfg)[-1]
     return cfg.channels[-1] * h * w
@@ -41,18 +37,18 @@ def flat_dim(cfg: ModelConfig) -> int:
 # ----------------------------------------------------------------------------- blocks
 
 
-def _act(cfg: ModelConfig) -> nn.Module:
+def _act(cfg: BaseModelConfig) -> nn.Module:
     return nn.LeakyReLU(cfg.negative_slope)
 
 
-def _conv_block(cfg: ModelConfig, c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+def _conv_block(cfg: BaseModelConfig, c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
     """3x3 conv (no bias before a norm), norm, LeakyReLU. The seed model has no norm, so its
     state dict keeps the lecture's layer indices."""
     norm = {"none": [], "batch": [nn.BatchNorm2d(c_out)], "group": [nn.GroupNorm(math.gcd(c_out, 8), c_out)]}
     return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=cfg.norm == "none"), *norm[cfg.norm], _act(cfg)]
 
 
-def _extra_convs(cfg: ModelConfig, channels: int) -> list[nn.Module]:  # convs_per_stage - 1 stride-1 blocks
+def _extra_convs(cfg: BaseModelConfig, channels: int) -> list[nn.Module]:  # convs_per_stage - 1 stride-1 blocks
     return [m for _ in range(cfg.convs_per_stage - 1) for m in _conv_block(cfg, channels, channels)]
 
 
@@ -62,7 +58,7 @@ def _extra_convs(cfg: ModelConfig, channels: int) -> list[nn.Module]:  # convs_p
 class Encoder(EncoderBase):
     """Image -> latent vector. x: (B, 3, 32, 32) -> (B, 1024)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: BaseModelConfig) -> None:
         super().__init__()
         self.config = cfg
         pool = cfg.upsample == "unpool"  # max-unpooling needs the indices of a max-pool encoder
@@ -132,7 +128,7 @@ class Encoder(EncoderBase):
 class Decoder(nn.Module):
     """Latent vector -> image of exactly the encoder's input size. (B, 1024) -> (B, 3, 32, 32)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: BaseModelConfig) -> None:
         super().__init__()
         self.config = cfg
         sizes = stage_sizes(cfg)
@@ -196,7 +192,7 @@ class Decoder(nn.Module):
         return x
 
 
-def _check(cfg: ModelConfig, where: str) -> None:
+def _check(cfg: BaseModelConfig, where: str) -> None:
     # every stage halves the size; below 2**stages the deepest feature map would be padding only
     smallest = 2 ** len(cfg.channels)
     if cfg.height < smallest or cfg.width < smallest:

@@ -38,6 +38,7 @@ from torch import nn
 from ..config.modes import TrainingMode, register_training_mode
 from ..data import DeviceBatches, ImageSet
 from ..models import AutoEncoder, Classifier
+from ..models.autoencoder import batch_norms
 from ..models.objectives import Objective, make_objective
 from ..utils.errors import ConvaeError
 from ..utils.records import Batch
@@ -62,15 +63,11 @@ class GaussCombinator(nn.Module):
         return (z - mu) * v + mu
 
 
-def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 @contextmanager
 def corrupted(model: nn.Module, std: float, generator: torch.Generator | None) -> Iterator[None]:
     """Inside the block ``model``'s batch norms add Gaussian noise of ``std`` to their outputs (none
     for 0) and leave their running statistics alone (the clean pass's are the ones evaluation uses)."""
-    norms = _batch_norms(model)
+    norms = batch_norms(model)
     momenta = [m.momentum for m in norms]
 
     def noisy(module, inputs, out):

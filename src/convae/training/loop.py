@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,22 @@ from torch import nn
 
 from ..data import DeviceBatches
 from ..data.augment import AugmentConfig, augment, step_generator
+from ..models.autoencoder import batch_norms
 from ..utils import cores
 from ..utils.device import autocast
 from ..utils.errors import ConvaeError
 from ..utils.records import Batch
 
-Criterion = Callable[[nn.Module, Batch, "torch.Generator | None"], "torch.Tensor | Mapping[str, torch.Tensor]"]
+
+class Criterion(Protocol):
+    """What the loop calls every step: ``criterion(model, batch, generator)`` on a :class:`Batch`, returning
+    the loss, or a mapping of ``"loss"`` and named terms. An objective, a closure or a training mode's
+    criterion; one that draws from the step's generator says so with ``random = True`` (a closure need not:
+    no generator is made for it)."""
+
+    def __call__(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None, /
+    ) -> torch.Tensor | Mapping[str, torch.Tensor]: ...
 
 
 def _sum_terms(out, terms: dict[str, torch.Tensor] | None, images: int) -> torch.Tensor:
@@ -111,14 +122,21 @@ def train_mode(model: nn.Module) -> None:
     """``model.train()``, except that frozen batch norms stay in eval mode: a frozen encoder keeps
     its running statistics and gives the same features in training as in evaluation."""
     model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+    for m in batch_norms(model):
+        if not any(p.requires_grad for p in m.parameters()):
             m.eval()
 
 
-def classification_criterion(model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Cross-entropy of the model's logits (computed in float32 under autocast)."""
-    return F.cross_entropy(model(batch.x).float(), batch.y)
+def classification_loss(label_smoothing: float = 0.0) -> Criterion:
+    """Cross-entropy of the model's logits (float32 under autocast), with label smoothing."""
+
+    def criterion(model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        return F.cross_entropy(model(batch.x).float(), batch.y, label_smoothing=label_smoothing)
+
+    return criterion
+
+
+classification_criterion = classification_loss()  # the plain cross-entropy (the lecture's)
 
 
 def check_finite(loss: float, what: str, where: str, saved: str = "") -> None:
@@ -183,8 +201,7 @@ def keep_last_batch_trainable(model: nn.Module, batches: DeviceBatches) -> Devic
     """A network with batch norm cannot train on one image per channel: an epoch whose remainder would
     leave a rank fewer than two images reads it with the batch before (every image still seen once).
     Called before anything counts ``len(batches)`` (the schedules); returns ``batches``."""
-    # modules() walks into a DDP or torch.compile wrapper too
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if batch_norms(model):
         batches.min_last = max(batches.min_last, 2 * batches.world_size)
     return batches
 

@@ -22,24 +22,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from ..utils.records import Batch
 
 
 def repeats(labelled: int, epoch_images: int) -> int:
     """How many reshuffled passes over ``labelled`` images make one epoch of at least ``epoch_images``."""
     return max(1, math.ceil(epoch_images / max(labelled, 1)))
-
-
-def classification_loss(label_smoothing: float = 0.0):
-    """Cross-entropy of the model's logits (float32 under autocast), with label smoothing."""
-
-    def criterion(model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        return F.cross_entropy(model(batch.x).float(), batch.y, label_smoothing=label_smoothing)
-
-    return criterion
 
 
 class WeightAverage:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..config.modes import TrainingMode, register_training_mode
 from ..data import DeviceBatches
-from .recipe import classification_loss, repeats
+from .loop import classification_loss
+from .recipe import repeats
 
 
 @register_training_mode
