@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from ..models import AutoEncoder, Classifier, ModelConfig
-from ..outputs.checkpoint import load_checkpoint
-from ..outputs.hub import rebuild
+from ..outputs.checkpoint import load_checkpoint, rebuild
 from ..utils.errors import ConvaeError, first_line
 from ..utils.files import UMASK, make_parent, publish, remove_stale
 from ..utils.records import Log
@@ -143,7 +142,7 @@ def load_safetensors(path: str | Path) -> nn.Module:
         config, classes = json.loads(meta.get("config", "")), json.loads(meta.get("classes", "[]"))
     except ValueError:
         raise ConvaeError(f"{path} has damaged convae metadata (config or classes)") from None
-    return rebuild(meta["part"], config, state, classes, str(path))
+    return rebuild(meta["part"], config, state, classes, str(path)).eval()
 
 
 def export(checkpoint: str | Path, fmt: str, part: str, out: str | Path, log=lambda message: None) -> Path:

@@ -116,6 +116,27 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+def rebuild(kind: str, config: object, state: dict, classes: object, source: str) -> nn.Module:
+    """The one rebuild from untrusted parts, for checkpoints, hub folders and safetensors exports: the
+    ``kind`` of model (autoencoder, classifier, encoder) that ``config`` describes, validated before any
+    allocation, with ``state`` loaded strictly, its weights checked finite and ``classes`` attached."""
+    cfg = model_config_from_dict(config, where=f"{source}: ")
+    if (
+        not isinstance(classes, list)
+        or not all(isinstance(c, str) for c in classes)
+        or (kind == "classifier" and classes and len(classes) != cfg.num_classes)
+    ):
+        raise ConvaeError(
+            f"{source} holds damaged class names (not {cfg.num_classes} class names for a classifier "
+            f"of {cfg.num_classes} outputs)"
+        )
+    model = build_model(kind, cfg)
+    load_state_strict(model, state, source=source)
+    check_finite(model, source)
+    model.classes = list(classes)
+    return model
+
+
 def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint holds; ``kind`` (if given) must match."""
     payload = read_checkpoint(path)
@@ -125,16 +146,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[nn.Modul
             f"this command needs a{'n' if kind[0] in 'aeiou' else ''} {kind} checkpoint"
         )
     # the config inside a checkpoint is as untrusted as the file: validated before any allocation
-    cfg = model_config_from_dict(payload["config"], where=f"{path}: ")
-    classes = payload.get("classes") or []
-    if payload["kind"] == "classifier" and classes and len(classes) != cfg.num_classes:
-        raise ConvaeError(
-            f"{path} is a damaged convae checkpoint: {len(classes)} class names for a classifier of "
-            f"{cfg.num_classes} outputs"
-        )
-    model = build_model(payload["kind"], cfg)
-    load_state_strict(model, payload["model"], source=str(path))
-    check_finite(model, str(path))
+    model = rebuild(payload["kind"], payload["config"], payload["model"], payload.get("classes", []), str(path))
     return model, payload
 
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config.validation import model_config_from_dict
-from ..models import KINDS, build_model, kind_of
+from ..models import KINDS, kind_of
 from ..utils.device import convae_version
 from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import atomic_write_bytes, atomic_write_text
-from .checkpoint import check_finite, load_state_strict
+from .checkpoint import rebuild
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -61,24 +60,4 @@ def from_pretrained(folder: str | Path) -> nn.Module:
         raise ConvaeError(f"{folder / CONFIG_NAME} is not a convae model config (no convae_kind)")
     kind, classes = config.pop("convae_kind"), config.pop("classes", [])
     config.pop("convae_version", None)
-    return rebuild(kind, config, state, classes, str(folder))
-
-
-def rebuild(kind: str, config: object, state: dict, classes: object, source: str) -> nn.Module:
-    """The ``kind`` of model (autoencoder, classifier, encoder) that untrusted ``config`` describes,
-    with ``state`` loaded strictly and ``classes`` attached; in eval mode."""
-    cfg = model_config_from_dict(config, where=f"{source}: ")
-    if (
-        not isinstance(classes, list)
-        or not all(isinstance(c, str) for c in classes)
-        or (kind == "classifier" and classes and len(classes) != cfg.num_classes)
-    ):
-        raise ConvaeError(
-            f"{source} holds damaged class names (not {cfg.num_classes} names for a classifier "
-            f"of {cfg.num_classes} outputs)"
-        )
-    model = build_model(kind, cfg)
-    load_state_strict(model, state, source=source)
-    check_finite(model, source)
-    model.classes = [str(c) for c in classes] if isinstance(classes, list) else []
-    return model.eval()
+    return rebuild(kind, config, state, classes, str(folder)).eval()
