@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import INFERENCE_BATCH_SIZE, Config, build_config
-from .models import AutoEncoder, Classifier, EncoderBase, build_model
+from .models import KINDS, AutoEncoder, Classifier, EncoderBase, build_model
 from .outputs.checkpoint import load_checkpoint
 from .utils.errors import ConvaeError
 
@@ -37,8 +37,8 @@ def build(kind: str = "autoencoder", preset: str = "seed", num_classes: int = 10
 
     The model's :class:`~convae.models.ModelConfig` is at ``model.config``.
     """
-    if kind not in ("autoencoder", "classifier", "encoder"):
-        raise ConvaeError(f"kind must be autoencoder, classifier or encoder; got {kind!r}")
+    if kind not in KINDS:  # before the config: a wrong kind is said first
+        raise ConvaeError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
     return build_model(kind, build_config(preset, None, overrides).model_config(num_classes))
 
 

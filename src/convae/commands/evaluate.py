@@ -12,7 +12,7 @@ from ..config import INFERENCE_BATCH_SIZE, Config, build_config
 from ..data import DeviceBatches, ImageSet, load_source
 from ..data.sources import check_source
 from ..evaluation.metrics import class_results, evaluate_classifier, format_class_table
-from ..evaluation.probes import bank_size, random_encoder, representation_scores
+from ..evaluation.probes import bank_size, frozen_representation
 from ..outputs import figures
 from ..outputs.checkpoint import open_model
 from ..outputs.report import write_report
@@ -78,29 +78,17 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, train_data: str | None, lo
 def _probe(cfg: Config, encoder: nn.Module, ds: ImageSet, train_data: str, what: str, log: Log) -> Representation:
     """kNN and linear probe of the frozen ``encoder`` with ``train_data`` as the labelled bank,
     beside the same architecture with random weights."""
-    m, device = encoder.config, next(encoder.parameters()).device
+    m = encoder.config
     bank = load_source(
         train_data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log, workers=cfg.workers
     )
     if not bank.labelled or bank.classes != ds.classes:
         raise ConvaeError(f"the training data {train_data} must be labelled with the classes of {cfg.data}")
-    baseline = random_encoder(m, cfg.seed, device)
     log(
         f"measuring the frozen encoder: features of {bank_size(len(bank))} bank and {len(ds)} evaluation images, "
         "trained and random weights, then kNN and a linear probe on each"
     )
-    rep = representation_scores(
-        encoder,
-        bank,
-        bank.labels,
-        ds,
-        ds.labels,
-        len(ds.classes),
-        cfg.precision,
-        cfg.seed,
-        features=cfg.probe_features,
-        baseline=baseline,
-    )
+    rep = frozen_representation(encoder, bank, ds, len(ds.classes), cfg.precision, cfg.seed, cfg.probe_features)
     rep.update({"encoder": what, "bank": f"--train-data {train_data}", "eval_set": cfg.data})
     log(
         f"frozen encoder ({cfg.probe_features} features): kNN {100 * rep['knn_accuracy']:.2f}%, linear probe "

@@ -253,6 +253,32 @@ def random_encoder(config, seed: int, device: torch.device | str = "cpu") -> nn.
     return enc.to(device, memory_format=torch.channels_last)
 
 
+def frozen_representation(
+    encoder: nn.Module,
+    bank: ImageSet,
+    queries: ImageSet,
+    num_classes: int,
+    precision: str,
+    seed: int,
+    features: str = "latent",
+) -> dict:
+    """kNN and linear-probe accuracy of the frozen ``encoder`` (``bank`` labelled, ``queries`` scored) next to
+    the same architecture with random weights (seeded): the measurement a run and ``convae evaluate`` share."""
+    baseline = random_encoder(encoder.config, seed, next(encoder.parameters()).device)
+    return representation_scores(
+        encoder,
+        bank,
+        bank.labels,
+        queries,
+        queries.labels,
+        num_classes,
+        precision,
+        seed,
+        features=features,
+        baseline=baseline,
+    )
+
+
 def representation_scores(
     encoder: nn.Module,
     train_images: torch.Tensor | ImageSet,

@@ -34,7 +34,7 @@ from torch import nn
 from ..utils.errors import ConvaeError
 from ..utils.knobs import Flag, knob
 from .objectives import OBJECTIVES
-from .registry import Architecture, BaseModelConfig, Code, EncoderBase, register_architecture
+from .registry import OUTPUT_ACTIVATIONS, Architecture, BaseModelConfig, Code, EncoderBase, register_architecture
 
 STEM = 2  # the whitening stem's kernel side
 # added to the patch covariance's eigenvalues, on [0, 1] pixels (airbench's 5e-4 on standardised
@@ -194,7 +194,7 @@ class BlocksDecoder(nn.Module):
         widths = [stem_width(cfg), *cfg.channels][::-1]
         self.stages = nn.ModuleList(nn.Sequential(*_conv_bn(a, b, pool=False)) for a, b in zip(widths, widths[1:]))
         self.out = nn.Conv2d(widths[-1], cfg.in_channels, 3, padding=1)
-        self.act = {"relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "none": nn.Identity()}[cfg.output_activation]
+        self.act = OUTPUT_ACTIVATIONS[cfg.output_activation]()
         if cfg.skips:
             # SparK's hierarchical decoder: every block's map, its hidden positions filled with a learned
             # token (the encoder zeroed them), is projected to the decoder's width at that size and added

@@ -21,7 +21,8 @@ from ..utils.knobs import Among, Choice, Flag, Int, Num, Widths, check_all, knob
 
 UPSAMPLE_MODES = ("bilinear", "nearest", "transposed", "unpool")
 NORMS = ("none", "batch", "group")
-OUTPUT_ACTIVATIONS = ("relu", "sigmoid", "none")
+# the decoder's output activation, by name: the --output-activation choices
+OUTPUT_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "none": nn.Identity}
 
 
 def arch_names() -> tuple[str, ...]:
@@ -64,7 +65,7 @@ class SharedKnobs:
     )
     output_activation: str = knob(
         "relu",
-        Choice(OUTPUT_ACTIVATIONS),
+        Choice(tuple(OUTPUT_ACTIVATIONS)),
         "decoder output activation (default relu, as the lecture; none for normalised targets)",
         group="model",
     )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.errors import ConvaeError
-from .registry import Architecture, BaseModelConfig, Code, EncoderBase, register_architecture
+from .registry import OUTPUT_ACTIVATIONS, Architecture, BaseModelConfig, Code, EncoderBase, register_architecture
 from .upsample_conv import can_fuse, fusion_pays, upsample_conv, upsampler
 
 
@@ -153,7 +153,8 @@ class Decoder(nn.Module):
                 ]
         # (B, 128, 4, 4) -> (B, 128, 8, 8) -> (B, 64, 16, 16) -> (B, 64, 32, 32) -> (B, 3, 32, 32)
         layers.append(nn.Conv2d(w[0], cfg.in_channels, kernel_size=3, stride=1, padding=1))
-        layers += {"relu": [nn.ReLU()], "sigmoid": [nn.Sigmoid()], "none": []}[cfg.output_activation]
+        if cfg.output_activation != "none":  # no identity layer: the module list stays the lecture's
+            layers.append(OUTPUT_ACTIVATIONS[cfg.output_activation]())
         self.conv = nn.Sequential(*layers)
         # Upsample -> Conv2d pairs that ops.upsample_conv computes on CPU (same function and
         # parameters), where fusing was measured to pay: the seed model's 64 -> 3 layer.

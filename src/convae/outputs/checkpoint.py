@@ -15,7 +15,7 @@ from ..utils.files import atomic_torch_save
 
 FORMAT = "convae-checkpoint"
 VERSION = 1
-KINDS = ("autoencoder", "classifier")
+KINDS = ("autoencoder", "classifier")  # what a checkpoint holds; an encoder travels as a hub folder or an export
 EXPORTED = {".onnx": "ONNX", ".pt2": "torch.export", ".safetensors": "safetensors; convae.load reads it"}
 
 

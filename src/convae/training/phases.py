@@ -20,7 +20,7 @@ from ..config import Config
 from ..config.modes import training_mode
 from ..data import DeviceBatches, ImageSet, to_model_input
 from ..evaluation.metrics import class_results, evaluate_classifier, evaluate_reconstruction
-from ..evaluation.probes import bank_size, extract_features, fit_head, random_encoder, representation_scores
+from ..evaluation.probes import bank_size, extract_features, fit_head, frozen_representation
 from ..models import AutoEncoder, Classifier
 from ..models.objectives import make_objective
 from ..models.registry import EncoderBase
@@ -198,24 +198,14 @@ def measure_representation(ae: AutoEncoder, data: RunData, ctx: RunContext, devi
     ctx.check_stop("the representation scores")
     start = time.perf_counter()
     enc = ae.encoder.to(device)
-    random_enc = random_encoder(ae.config, cfg.seed, device)
     bank, queries = data.finetune, data.val
     assert bank is not None and bank.labels is not None and queries.labels is not None
     ctx.log(
         f"measuring the frozen representation: features of {bank_size(len(bank))} labelled and {len(queries)} "
         "evaluation images, pretrained and random weights, then kNN and a linear probe on each"
     )
-    rep: Representation = representation_scores(  # type: ignore[assignment]
-        enc,
-        bank,
-        bank.labels,
-        queries,
-        queries.labels,
-        len(data.classes),
-        cfg.precision,
-        cfg.seed,
-        features=cfg.probe_features,
-        baseline=random_enc,
+    rep: Representation = frozen_representation(  # type: ignore[assignment]
+        enc, bank, queries, len(data.classes), cfg.precision, cfg.seed, cfg.probe_features
     )
     rep.update(
         {
