@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from ..data import load_source, split_indices
 from ..evaluation.probes import feature_chunks
 from ..outputs import figures
 from ..outputs.checkpoint import open_model
-from ..utils.device import resolve_precision
 from ..utils.errors import ConvaeError
 from ..utils.files import atomic_write, atomic_write_text
 from ..utils.records import Log
@@ -66,7 +64,7 @@ def write_embeddings(
         if p.exists():
             raise ConvaeError(f"{p} already exists; nothing is overwritten", advice="choose another --out")
     model, payload, device = open_model(checkpoint, cfg.device)
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
+    cfg = cfg.for_device(device, log)
     m = model.config
     ds = load_source(
         cfg.data, m.in_channels, m.height, m.width, cfg.cache_dir, train=True, log=log, workers=cfg.workers

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -17,7 +16,7 @@ from ..outputs import figures
 from ..outputs.checkpoint import open_model
 from ..outputs.report import write_report
 from ..outputs.rundir import RunDir
-from ..utils.device import provenance, resolve_precision
+from ..utils.device import provenance
 from ..utils.errors import ConvaeError
 from ..utils.records import Log, Representation, Results
 
@@ -35,7 +34,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, train_data: str | None, lo
         if src is not None:
             check_source(src)
     model, payload, device = open_model(checkpoint, cfg.device)
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
+    cfg = cfg.for_device(device, log)
     is_classifier = payload["kind"] == "classifier"
     if not is_classifier and train_data is None:
         raise ConvaeError(

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from ..config import Config, build_config, load_run_config
-from ..config.validation import validate_model
 from ..data import ImageSet, file_sha256
 from ..evaluation.metrics import format_class_table
 from ..models import AutoEncoder, Classifier, ModelConfig
@@ -28,8 +27,8 @@ from ..outputs.report import write_report
 from ..outputs.rundir import RunDir, TensorBoardLog, locked
 from ..training.fit import RunContext, read_state
 from ..training.phases import finetune_phase, measure_representation, pretrain_phase
-from ..training.rundata import RunData, prepare_data
-from ..utils.device import provenance, resolve_precision
+from ..training.rundata import RunData, check_model_for, prepare_data
+from ..utils.device import provenance
 from ..utils.distributed import Dist, setup_distributed, teardown_distributed
 from ..utils.errors import ConvaeError
 from ..utils.files import read_file
@@ -55,7 +54,7 @@ def run_training(
     """
     dist, device = setup_distributed(cfg.device)
     # the precision that runs is recorded (config.json, results.json): auto resolved here
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log if dist.is_main else print))
+    cfg = cfg.for_device(device, log if dist.is_main else print)
     try:
         with ExitStack() as hold:  # the run folder's lock, held by rank 0 until the run ends
             return _run(
@@ -113,9 +112,7 @@ def _open_run(cfg: Config, dist: Dist, hold: ExitStack) -> tuple[RunDir, Config]
     """Rank 0 makes the run folder (a timestamp when ``out`` is not set), locks it for the run, and
     saves the config."""
     if dist.is_main:
-        run = RunDir.claim(cfg.out, hold, "training")
-        cfg = replace(cfg, out=str(run.path))
-        run.save_config(cfg)
+        run, cfg = RunDir.start(cfg, hold, "training")
     cfg = replace(cfg, out=dist.broadcast(cfg.out))
     return (run if dist.is_main else RunDir.open(cfg.out)), cfg
 
@@ -232,10 +229,7 @@ def _open(
         RunDir.check_free(cfg.out)
         dist.broadcast(None)  # every rank has looked before rank 0 makes the folder
     data = dist.in_turn(lambda: prepare_data(cfg, need_labels=do_finetune, log=log, source=source), device)
-    if do_finetune and len(data.classes) < 2:
-        raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
-    # the head's size comes from the data's classes: checked before any folder or model is made
-    validate_model(cfg.model_config(num_classes=len(data.classes) or 1))
+    check_model_for(cfg, data, classifier=do_finetune)
     if resume:
         _check_unchanged(run, cfg, data)
     else:

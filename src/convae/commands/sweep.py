@@ -26,7 +26,6 @@ from torch import nn
 
 from ..config import SWEEP_BATCH_SIZE, Config, build_config, presets, read_config_file
 from ..config.modes import TRAINING_MODES, training_mode
-from ..config.validation import validate_model
 from ..data import DeviceBatches, per_class_subset
 from ..evaluation.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
 from ..models import AutoEncoder, Classifier
@@ -37,8 +36,8 @@ from ..outputs.rundir import RunDir
 from ..training.fit import RunContext, StopFlag
 from ..training.loop import EpochInterrupted
 from ..training.phases import prepare_classifier, pretrain_phase, train_cell
-from ..training.rundata import RunData, prepare_data
-from ..utils.device import provenance, resolve_device, resolve_precision
+from ..training.rundata import RunData, check_model_for, prepare_data
+from ..utils.device import provenance, resolve_device
 from ..utils.errors import ConvaeError, Interrupted
 from ..utils.records import Log, SweepCell
 
@@ -187,19 +186,15 @@ def _prepare(
 ) -> tuple[_Sweep, RunDir, float]:
     """The autoencoder (loaded, or pretrained once into the sweep folder), the data and the features."""
     device = resolve_device(cfg.device)
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, warn=log))
+    cfg = cfg.for_device(device, log)
     ae = None
     if checkpoint is not None:
         ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
         cfg = replace(cfg.with_model(ae.config), init_checkpoint=str(checkpoint))
     RunDir.check_free(cfg.out)
     data = prepare_data(cfg, need_labels=True, log=log)
-    if len(data.classes) < 2:
-        raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
-    validate_model(cfg.model_config(num_classes=len(data.classes)))  # the head's size comes from the data
-    run = RunDir.claim(cfg.out, hold, "a sweep")
-    cfg = replace(cfg, out=str(run.path))
-    run.save_config(cfg)
+    check_model_for(cfg, data, classifier=True)
+    run, cfg = RunDir.start(cfg, hold, "a sweep")
     log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config(num_classes=len(data.classes))

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..data.augment import AugmentConfig, AugmentKnobs
 from ..data.batches import PLACEMENTS
 from ..models.model_config import ModelConfig, ModelKnobs, model_knobs
 from ..models.objectives import ObjectiveConfig, ObjectiveKnobs
 from ..models.registry import ARCHITECTURES
+from ..utils.device import resolve_precision
 from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import read_file
 from ..utils.knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, knob
@@ -281,6 +285,11 @@ class Config(ExecKnobs, JointKnobs, RecipeKnobs, TrainKnobs, AugmentKnobs, Objec
         if isinstance(self.channels, list):
             object.__setattr__(self, "channels", tuple(self.channels))
         validate(self)
+
+    def for_device(self, device: torch.device, warn: Callable[[str], None]) -> Config:
+        """This config for ``device``: ``precision`` resolved (``auto``, or what the device cannot run,
+        said through ``warn``), as every command records it."""
+        return replace(self, precision=resolve_precision(self.precision, device, warn=warn))
 
     def model_config(self, num_classes: int = 10) -> ModelConfig:
         return ModelConfig(**model_knobs(self), num_classes=num_classes)

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,15 @@ class RunDir:
         hold.enter_context(locked(run.path, what))
         cls.check_free(run.path)
         return run
+
+    @classmethod
+    def start(cls, cfg: Config, hold: ExitStack, what: str) -> tuple[RunDir, Config]:
+        """A new run folder for ``cfg`` (a timestamp when ``out`` is not set), locked for the rest of
+        ``hold``; the config, with ``out`` the folder, saved in it and returned."""
+        run = cls.claim(cfg.out, hold, what)
+        cfg = replace(cfg, out=str(run.path))
+        run.save_config(cfg)
+        return run, cfg
 
     @staticmethod
     def check_free(path: str | Path | None) -> None:

@@ -324,6 +324,15 @@ def train_epochs(
         step, loss_sum, elapsed, terms = 0, 0.0, 0.0, {}
 
 
+def step_settings(
+    cfg: Config, device: torch.device, classify: bool, seed: int, scaler, after_step: Callable[[], None]
+) -> StepSettings:
+    """The per-step settings of a phase or a sweep cell from the run's config: a new per-step option is
+    set here (``classify``: the classifier's augmentation, Cutout included)."""
+    micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
+    return StepSettings(cfg.precision, micro, cfg.augment_config(classify), seed, scaler, after_step)
+
+
 def fit(
     model: nn.Module,
     phase: str,
@@ -352,14 +361,8 @@ def fit(
     optimizer, scheduler, average, scaler = optimisation(model, cfg, lr, epochs, steps, ema, batches.device)
     resume = _restore(ctx, phase, model, optimizer, scheduler, average, scaler)
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
-    settings = StepSettings(
-        cfg.precision,
-        micro_batch_size(cfg.micro_batch, cfg.precision, batches.device),
-        cfg.augment_config(phase != "pretrain"),
-        cfg.seed,
-        scaler,
-        both_hooks(step_hook(model, scheduler, average), beat),
-    )
+    hook = both_hooks(step_hook(model, scheduler, average), beat)
+    settings = step_settings(cfg, batches.device, phase != "pretrain", cfg.seed, scaler, hook)
 
     def end_of_epoch(end: EpochEnd) -> None:
         saved = "state.pt keeps the last good epoch" if (ctx.run.checkpoints / "state.pt").exists() else ""

@@ -27,10 +27,10 @@ from ..models.registry import EncoderBase
 from ..outputs import figures
 from ..outputs.checkpoint import save_checkpoint
 from ..outputs.rundir import Heartbeat
-from ..utils.device import autocast, micro_batch_size
+from ..utils.device import autocast
 from ..utils.records import EpochRecord, Log, Representation, Results, Validation
-from .fit import EpochEnd, RunContext, StopFlag, both_hooks, fit, optimisation, train_epochs
-from .loop import StepSettings, check_finite, freeze, keep_last_batch_trainable
+from .fit import EpochEnd, RunContext, StopFlag, both_hooks, fit, optimisation, step_settings, train_epochs
+from .loop import check_finite, freeze, keep_last_batch_trainable
 from .recipe import step_hook
 from .rundata import RunData
 
@@ -313,9 +313,8 @@ def train_cell(
         model, cfg, cfg.finetune_lr or cfg.lr, epochs, len(batches), cfg.ema, device, total
     )
     beat = Heartbeat(log or print, name, epochs, len(batches), log is not None and not sys.stdout.isatty())
-    micro = micro_batch_size(cfg.micro_batch, cfg.precision, device)
     hook = both_hooks(step_hook(model, scheduler, average), beat)
-    settings = StepSettings(cfg.precision, micro, cfg.augment_config(True), seed, scaler, hook)
+    settings = step_settings(cfg, device, True, seed, scaler, hook)
     losses, accuracies, done = [], [], [0]
 
     def end_of_epoch(end: EpochEnd) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
+from ..config.validation import validate_model
 from ..data.batches import per_class_subset, split_indices
 from ..data.sources import ImageSet, check_source, load_source
 from ..utils.errors import ConvaeError
@@ -25,6 +26,14 @@ class RunData:
     classes: list[str]
     skipped: list[str]  # "file: reason" for every file that could not be decoded
     keys: dict[str, str]  # each source's cache key ("data", "test_data"): what a resume must find unchanged
+
+
+def check_model_for(cfg: Config, data: RunData, classifier: bool) -> None:
+    """Before any folder or model is made: a classifier needs two classes, and the model's size (its
+    head's from the data's classes) must be one this machine can train."""
+    if classifier and len(data.classes) < 2:
+        raise ConvaeError(f"{cfg.data} has {len(data.classes)} class folder(s): a classifier needs at least 2")
+    validate_model(cfg.model_config(num_classes=len(data.classes) or 1))
 
 
 def prepare_data(cfg: Config, need_labels: bool, log: Log, source: ImageSet | None = None) -> RunData:
