@@ -612,3 +612,23 @@ def test_a_network_whose_last_map_is_1x1_trains_and_its_last_image_joins_the_bat
     assert main(common + ["--out", str(tmp_path / "one"), "--batch-size", "23"]) == 0  # 23 + 1: one step of 24
     beats = [line for line in capsys.readouterr().out.splitlines() if line.endswith("left in pretrain")]
     assert beats and all("step 1/1 " in line for line in beats)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["run", "--preset", "sed"], "invalid choice: 'sed' (choose from 'seed',"),
+        (["run", "--arch", "blok"], "(did you mean blocks?)"),
+        (["run", "--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+        (["sweep", "--methods", "knn", "finetuned"], "(did you mean finetune?)"),
+        (["run", "--data"], "argument --data: expected one argument"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_a_bad_choice_or_value_is_one_line_with_a_suggestion_not_the_usage_block(argv, says, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and says in err and "usage:" not in err
+    assert err.rstrip().endswith("--help")

@@ -271,8 +271,25 @@ def _tool_specs() -> dict[str, tuple[str, list]]:
     }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose user mistakes (a bad choice, a number that is not one, a missing value) end
+    with one line and a did-you-mean, not the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        import difflib
+        import re
+
+        hint = ""
+        bad = re.match(r"argument \S+: invalid choice: '(.*)' \(choose from (.*)\)$", message)
+        if bad:
+            choices = re.findall(r"'([^']*)'", bad.group(2)) or [c.strip() for c in bad.group(2).split(",")]
+            close = difflib.get_close_matches(bad.group(1), choices, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        self.exit(2, f"{self.prog}: error: {one_line(message)}{hint}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="convae",
         allow_abbrev=False,
         description="Convolutional autoencoders for representation learning: pretrain without labels, "
