@@ -92,7 +92,7 @@ def test_a_config_is_frozen_and_every_new_one_is_validated():
         dataclasses.replace(cfg, lr=-1.0)
     with pytest.raises(ConvaeError, match="objective must be one of reconstruct, denoise, masked, sparse"):
         build_config("seed", overrides={"objective": "contrastive"})
-    with pytest.raises(ConvaeError, match=r"mask_ratio must be in \[0, 1\)"):
+    with pytest.raises(ConvaeError, match=r"mask_ratio must be in \(0, 1\)"):
         build_config("seed", overrides={"mask_ratio": 1.0})
 
 
@@ -117,3 +117,28 @@ def test_every_knob_is_declared_once_with_its_flag_and_its_rule():
         with pytest.raises(ConvaeError, match=f"^{f.name} must be"):
             build_config("seed", None, {f.name: []})  # a list is no valid value of any knob but the widths'
     assert set(config_flags()) >= {"--arch", "--objective", "--whiten", "--patches-per-image", "--placement"}
+
+
+@pytest.mark.parametrize("word, value", [("off", "off"), ("plain", "plain"), ("no", "off")])
+def test_yaml_reads_off_as_false_and_a_choice_takes_the_word_back(tmp_path, word, value):
+    """The documented ``joint: off`` in a YAML file (YAML 1.1 reads off and no as false) is the choice off."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"joint: {word}\n")
+    assert build_config("seed", path).joint == value
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"cutout": 32}, "--cutout 32 would erase every 32x32 image whole"),
+        ({"cutout": 20, "height": 16, "width": 24}, "must be below 16"),
+        ({"jitter": 1e6}, "jitter must be in \\[0, 1\\)"),
+        ({"jitter": 1.0}, "jitter must be in \\[0, 1\\)"),
+        ({"mask_ratio": 0.0}, "mask_ratio must be in \\(0, 1\\)"),
+    ],
+)
+def test_settings_that_destroy_the_data_are_refused(overrides, match):
+    with pytest.raises(ConvaeError, match=match):
+        build_config("seed", None, overrides)
+    ok = {k: {"cutout": 31, "jitter": 0.5, "mask_ratio": 0.05}.get(k, v) for k, v in overrides.items()}
+    build_config("seed", None, {**ok, "height": 32, "width": 32})  # just inside the bounds: accepted

@@ -75,6 +75,11 @@ def validate(cfg: Any) -> None:
     _check_own_knobs(cfg)
     architecture(cfg.arch).check_run(cfg, "")
     _check(
+        cfg.cutout < min(cfg.height, cfg.width),
+        f"--cutout {cfg.cutout} would erase every {cfg.height}x{cfg.width} image whole: it must be below "
+        f"{min(cfg.height, cfg.width)} (0 = off)",
+    )
+    _check(
         cfg.patch_size <= min(cfg.height, cfg.width),
         f"patch_size must be at most the input size {min(cfg.height, cfg.width)}, got {cfg.patch_size}",
     )

@@ -27,7 +27,13 @@ class AugmentKnobs:
         group="augment",
     )
     crop_padding: int = knob(4, Int(0), "augment: padding of the random crop (default 4)", group="augment", metavar="P")
-    jitter: float = knob(0.0, Num(0), "augment: colour jitter strength (default 0 = off)", group="augment", metavar="J")
+    jitter: float = knob(
+        0.0,
+        Num(0, hi=1),  # a factor of 1 - J of 0 or below turns an image black
+        "augment: colour jitter strength, below 1 (default 0 = off)",
+        group="augment",
+        metavar="J",
+    )
     cutout: int = knob(
         0,
         Int(0),

@@ -55,7 +55,11 @@ class ObjectiveKnobs:
         0.0, Num(0, hi=1), "denoise: probability a pixel is zeroed (default 0)", group="pretrain", metavar="P"
     )
     mask_ratio: float = knob(
-        0.6, Num(0, hi=1), "masked: fraction of patches hidden (default 0.6)", group="pretrain", metavar="R"
+        0.6,
+        Num(0, lo_open=True, hi=1),
+        "masked: fraction of patches hidden (default 0.6)",
+        group="pretrain",
+        metavar="R",
     )
     patch_size: int = knob(4, Int(1), "masked: patch side in pixels (default 4)", group="pretrain", metavar="P")
     norm_targets: bool = knob(
