@@ -483,3 +483,35 @@ def test_stopping_the_decode_workers_ends_their_processes_and_the_pools_thread(m
     _stop_workers(pool)
     assert not any(p.is_alive() for p in processes)
     assert not manager.is_alive()  # its pipe is closed: nothing left for the exit handler to race with
+
+
+def test_cache_clean_refuses_a_file_and_three_at_once_all_end_cleanly(tmp_path, capsys):
+    """--cache-dir naming a file is one line, not "freed 0 B"; three cleans at once: each entry is removed
+    by one of them, the others say so, none fails on a file another removed."""
+    import threading
+
+    from convae.cli import main
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    assert main(["cache", "clean", "--cache-dir", str(not_a_folder)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    tensors = tmp_path / "cache" / "tensors"
+    for k in range(6):
+        old = tensors / f"{k:024x}"
+        for d in range(20):
+            (old / f"d{d}").mkdir(parents=True)
+            for f in range(10):
+                (old / f"d{d}" / f"{f}.npy").write_bytes(b"x" * 100)
+        (old / "meta.json").write_text(json.dumps({"version": 3}))
+    codes = []
+    threads = [
+        threading.Thread(target=lambda: codes.append(main(["cache", "clean", "--cache-dir", str(tmp_path / "cache")])))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [0, 0, 0] and not [p for p in tensors.iterdir() if p.is_dir()]
+    assert "Traceback" not in capsys.readouterr().err

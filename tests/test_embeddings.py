@@ -213,3 +213,33 @@ def test_evaluate_an_autoencoder_with_a_bank(image_folder, cache_dir, tmp_path, 
     assert 'id="representation"' in (out / "report.html").read_text()
     printed = capsys.readouterr().out
     assert "frozen encoder (latent features): kNN 100.00%" in printed and "random weights: kNN" in printed
+
+
+def test_encode_that_cannot_write_its_table_takes_its_features_back_so_a_retry_works(
+    image_folder, cache_dir, tmp_path, capsys, monkeypatch
+):
+    """A full disk while the CSV is written: one line, no .npy left behind to refuse the retry."""
+    import convae.commands.encode as encode
+    from convae.utils.errors import ConvaeError
+
+    ckpt = tmp_path / "ae.pt"
+    ae = convae.build("autoencoder", height=16, width=16, channels=[8, 16], latent_dim=16)
+    from convae.outputs.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt, ae, "autoencoder", [])
+    out = tmp_path / "emb.npy"
+    args = ["encode", "--checkpoint", str(ckpt), "--data", str(image_folder), "--cache-dir", str(cache_dir)]
+    args += ["--out", str(out), "--no-map", "--device", "cpu"]
+
+    def full_disk(path, text, exclusive=False):
+        raise ConvaeError(f"could not write {path}: No space left on device")
+
+    real = encode.atomic_write_text
+    monkeypatch.setattr(encode, "atomic_write_text", full_disk)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert not out.exists() and not out.with_suffix(".csv").exists()
+    monkeypatch.setattr(encode, "atomic_write_text", real)
+    assert main(args) == 0
+    assert np.load(out).shape[0] == len(list(csv.DictReader(open(out.with_suffix(".csv")))))

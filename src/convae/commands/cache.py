@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.inventory import entries, human, in_use, remove
+from ..utils.errors import ConvaeError
 from ..utils.records import Log
 
 
@@ -12,6 +13,8 @@ def main(action: str, cache_dir: str, everything: bool, log: Log) -> int:
     """``convae cache list``: what the cache holds, with sizes; ``clean``: remove what no run reads
     again (older formats, stopped decodes; ``everything``: all of it). Returns the bytes freed."""
     root = Path(cache_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ConvaeError(f"the cache folder {root} is not a folder", advice="pass the folder with --cache-dir")
     found = entries(root)
     if action == "list":
         for e in found:
@@ -34,7 +37,9 @@ def main(action: str, cache_dir: str, everything: bool, log: Log) -> int:
         if in_use(e):
             log(f"kept {e.path}: a process is decoding into it now")
             continue
-        remove(e)
+        if not remove(e):
+            log(f"{e.path} was removed meanwhile by another process")
+            continue
         freed += e.bytes
         log(f"removed {e.path} ({human(e.bytes)})")
     log(f"freed {human(freed)} under {root}")

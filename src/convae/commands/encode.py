@@ -101,7 +101,12 @@ def write_embeddings(
         label = "" if ds.labels is None else int(ds.labels[i])
         name = "" if ds.labels is None else ds.classes[int(ds.labels[i])]
         w.writerow([i, cell(ds.files[i] if ds.files else ""), label, cell(name), split[i]])
-    atomic_write_text(table, rows.getvalue(), exclusive=True)
+    try:
+        atomic_write_text(table, rows.getvalue(), exclusive=True)
+    except (ConvaeError, OSError):  # a full disk: the features without their sources are taken back, so a retry
+        del feats  # can write both (the .npy would refuse it as "already exists")
+        out_path.unlink(missing_ok=True)
+        raise
     log(f"wrote {feats.shape[0]} x {feats.shape[1]} embeddings to {out_path} and their sources to {table}")
     if make_map:
         log(f"drawing the t-SNE map of {min(3000, len(ds))} images")

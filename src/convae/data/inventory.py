@@ -95,11 +95,20 @@ def in_use(entry: Entry) -> bool:
         os.close(fd)
 
 
-def remove(entry: Entry) -> None:
-    if entry.path.is_dir() and not entry.path.is_symlink():
-        shutil.rmtree(entry.path)
-    else:
-        entry.path.unlink(missing_ok=True)
+def remove(entry: Entry) -> bool:
+    """Remove the entry; False when another process (a second ``convae cache clean``) removed it first,
+    or went on removing it while this one walked it."""
+    for _ in range(3):
+        try:
+            if entry.path.is_dir() and not entry.path.is_symlink():
+                shutil.rmtree(entry.path)
+            else:
+                entry.path.unlink()
+            return True
+        except FileNotFoundError:  # a file or the folder went while this walk was under way
+            if not os.path.lexists(entry.path):
+                return False
+    return not os.path.lexists(entry.path)
 
 
 def human(n: float) -> str:
