@@ -215,7 +215,7 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["plain", "gamma"])
-def test_a_joint_run_from_the_command_line_with_one_label_per_class(folder, tmp_path, mode):
+def test_a_joint_run_from_the_command_line_with_one_label_per_class(folder, tmp_path, mode, capsys):
     data, cache = folder
     out = tmp_path / "run"
     code = main(
@@ -240,9 +240,14 @@ def test_a_joint_run_from_the_command_line_with_one_label_per_class(folder, tmp_
             "8",
             "--objective",
             "masked",
+            "--epoch-images",
+            "40",
         ]
     )
     assert code == 0
+    assert "--epoch-images 40 is not used: a joint epoch is one pass over the unlabelled images" in (
+        capsys.readouterr().out
+    )  # said, not silently ignored
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2] and all(m["phase"] == "finetune" for m in metrics)
     for m in metrics:  # each term of the loss, and the total their weighted sum

@@ -192,6 +192,10 @@ def test_nan_loss_stops_with_the_last_good_state_intact(dataset, tmp_path, monke
     state = torch.load(out / "checkpoints" / "state.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert len(_metrics(out)) == 1
+    # stopped in pretraining: finetune --resume says which command continues it (not "pass --checkpoint")
+    assert main(["finetune", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped in pretraining" in err[0] and f"convae run --out {out} --resume" in err[0]
 
 
 def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypatch, capsys):

@@ -213,6 +213,11 @@ def _open(
         state = read_state(run)
         if _finished(run):
             raise ConvaeError(f"{run.path} has already finished; nothing to resume")
+        if state is not None and state["phase"] == "pretrain" and not do_pretrain:
+            raise ConvaeError(
+                f"{run.path} stopped in pretraining, which fine-tuning alone does not continue",
+                advice=f"continue it with: convae run --out {run.path} --resume",
+            )
     if checkpoint is not None:
         cfg = replace(cfg, init_checkpoint=str(checkpoint))
     ae = None

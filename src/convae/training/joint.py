@@ -268,9 +268,14 @@ class _Joint(TrainingMode):
         return joint_training(clf, unlabelled, labelled, classes, cfg, device, rank, world_size, seed, decoder)
 
     def describe(self, cfg, labelled: int, batches) -> str:
+        unused = (
+            f"; --epoch-images {cfg.epoch_images} is not used: a joint epoch is one pass over the unlabelled images"
+            if cfg.epoch_images
+            else ""
+        )
         return (
             f"joint training ({cfg.joint}, weight {cfg.joint_weight:g}): the {labelled} labelled images cycle "
-            f"beside the unlabelled stream, {batches.describe()}"
+            f"beside the unlabelled stream, {batches.describe()}{unused}"
         )
 
 
