@@ -411,7 +411,7 @@ def build_config(
         values["channels"] = tuple(values["channels"])
     for name, value in values.items():
         # YAML 1.1 reads off, on, no and yes as booleans: a choice among words takes the word back
-        rule = Config.__dataclass_fields__[name].metadata.get("rule") if name in FIELD_NAMES else None
+        rule = Config.__dataclass_fields__[name].metadata.get("rule")  # unknown keys were refused above
         if isinstance(value, bool) and isinstance(rule, Choice):
             words = [w for w in (("on", "yes", "true") if value else ("off", "no", "false")) if w in rule.names()]
             values[name] = words[0] if words else value

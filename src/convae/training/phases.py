@@ -315,12 +315,11 @@ def train_cell(
     beat = Heartbeat(log or print, name, epochs, len(batches), log is not None and not sys.stdout.isatty())
     hook = both_hooks(step_hook(model, scheduler, average), beat)
     settings = step_settings(cfg, device, True, seed, scaler, hook)
-    losses, accuracies, done = [], [], [0]
+    losses, accuracies = [], []
 
     def end_of_epoch(end: EpochEnd) -> None:
         check_finite(end.loss, "fine-tuning", f"after {end.done} step(s) of a sweep cell")
         losses.append(float(end.loss))
-        done[0] = end.done
         if curve and end.done < total:  # the last epoch's is the cell's accuracy
             with average.applied(model) if average is not None else nullcontext():
                 accuracies.append([end.done, evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]])
@@ -342,4 +341,4 @@ def train_cell(
     if average is not None:
         model.load_state_dict(average.shadow)
     accuracy = evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
-    return accuracy, losses, accuracies + [[done[0], accuracy]] if curve else None
+    return accuracy, losses, accuracies + [[total, accuracy]] if curve else None  # the budget is always spent
