@@ -293,8 +293,33 @@ def test_a_failed_state_write_keeps_the_previous_one(dataset, tmp_path, monkeypa
             2,
             "finetune",
         ),
+        # consistency training (FreeMatch): the weak and strong views and the thresholds' state, inside its epoch 2
+        (
+            (
+                "--arch",
+                "blocks",
+                "--channels",
+                "8",
+                "16",
+                "--augment",
+                "--joint",
+                "freematch",
+                "--threshold-momentum",
+                "0.9",
+                "--unlabelled-ratio",
+                "2",
+                "--labels-per-class",
+                "5",
+                "--pretrain-epochs",
+                "1",
+                "--ema",
+                "0.9",
+            ),
+            2,
+            "finetune",
+        ),
     ],
-    ids=["masked", "patches", "recipe", "joint"],
+    ids=["masked", "patches", "recipe", "joint", "consistency"],
 )
 def test_augmentation_and_masking_replay_exactly_after_a_mid_epoch_stop(dataset, tmp_path, extra, after, phase):
     """The augmented batches, the masks (or crops) and the recipe's state of a resumed epoch are those of

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from convae.cli import main
-from convae.commands.sweep import parse_budgets, summarise
+from convae.commands.sweep import parse_budgets
+from convae.outputs.sweep_tables import summarise
 from convae.utils.errors import ConvaeError
 
 SMALL = [
@@ -60,7 +61,14 @@ def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
         "scratch",
         "joint_plain",
         "joint_gamma",
+        "joint_fixmatch",
+        "joint_flexmatch",
+        "joint_freematch",
         "joint_finetune",
+        "finetune_gamma",
+        "finetune_fixmatch",
+        "finetune_flexmatch",
+        "finetune_freematch",
         "knn",
         "logistic_probe",
         "knn_random",
@@ -69,7 +77,7 @@ def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
     assert set(result["methods"]) == methods
     # with every label the frozen-feature probes see the same data for every seed: measured once
     probes = {"knn", "logistic_probe", "knn_random", "logistic_random"}
-    assert len(result["cells"]) == 2 * 10 + 2 * 6 + 4  # 10 methods, 6 of them trained (every seed at 'all')
+    assert len(result["cells"]) == 2 * 17 + 2 * 13 + 4  # 17 methods, 13 of them trained (every seed at 'all')
     for c in result["cells"]:
         assert c["method"] in methods and 0 <= c["accuracy"] <= 1
         assert c["labelled_images"] == (6 if c["labels_per_class"] == 2 else 24)
@@ -279,8 +287,8 @@ def test_cells_train_the_runs_recipe_or_a_fixed_step_count(image_folder, cache_d
     assert "2 epochs of at least 12 images" in (tmp_path / "recipe" / "report.html").read_text()
 
 
-def test_curves_record_every_epochs_accuracy_without_changing_the_cell(image_folder, cache_dir, tmp_path):
-    """--curves evaluates the weight average after every epoch; the cells train exactly as without it."""
+def test_curves_record_the_accuracy_along_a_cell_without_changing_it(image_folder, cache_dir, tmp_path):
+    """--curves evaluates the weight average along a cell; the cells train exactly as without it."""
     args = [
         "--data",
         str(image_folder),
@@ -312,8 +320,16 @@ def test_curves_record_every_epochs_accuracy_without_changing_the_cell(image_fol
         if b["method"] == "knn":
             assert "curve" not in b  # a probe trains no epochs
         else:  # 6 labelled images, batch 8: one step an epoch
-            assert [s for s, _ in b["curve"]] == [1, 2, 3] and len(b["epoch_losses"]) == 3
-            assert b["curve"][-1][1] == b["accuracy"] and all(0 <= v <= 1 for _, v in b["curve"])
+            assert [s for s, *_ in b["curve"]] == [1, 2, 3] and len(b["epoch_losses"]) == 3
+            assert b["curve"][-1][1] == b["accuracy"] and all(0 <= v <= 1 for _, v, _ in b["curve"])
+            seconds = [t for *_, t in b["curve"]]
+            assert seconds == sorted(seconds) and seconds[0] > 0  # the training time at each point
     assert (tmp_path / "curves" / "figures" / "cell_curves.png").is_file()
     assert not (tmp_path / "plain" / "figures" / "cell_curves.png").exists()
-    assert "after each epoch (--curves)" in (tmp_path / "curves" / "report.html").read_text()
+    assert (tmp_path / "curves" / "figures" / "cell_curves_seconds.png").is_file()
+    assert "along its steps (--curves)" in (tmp_path / "curves" / "report.html").read_text()
+    # a longer cell of the same one-step epochs: an evaluation at each tenth of its steps, not after every epoch
+    assert main(["sweep", "--out", str(tmp_path / "long"), "--curves", *args, "--steps", "30"]) == 0
+    for c in json.loads((tmp_path / "long" / "sweep.json").read_text())["cells"]:
+        if "curve" in c:
+            assert [s for s, *_ in c["curve"]] == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]

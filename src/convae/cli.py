@@ -119,6 +119,14 @@ def command_specs() -> dict[str, tuple[str, list]]:
             [
                 preset,
                 CONFIG,
+                (
+                    "--resume",
+                    dict(
+                        action="store_true",
+                        help="continue the sweep in --out DIR where it stopped: its finished cells kept, the others "
+                        "measured with the same seeds and labelled subsets",
+                    ),
+                ),
                 _checkpoint("autoencoder checkpoint to transfer from (default: pretrain once)", False),
                 (
                     "--labels-per-class",
@@ -154,8 +162,8 @@ def command_specs() -> dict[str, tuple[str, list]]:
                     "--curves",
                     dict(
                         action="store_true",
-                        help="also evaluate every trained cell after each epoch "
-                        "(epoch_accuracy in sweep.json; one evaluation pass an epoch)",
+                        help="also evaluate every trained cell along its training, at the end of the epochs that "
+                        "pass each tenth of its steps (curve in sweep.json: steps, accuracy, training seconds)",
                     ),
                 ),
                 _batch(f"images per step (default {SWEEP_BATCH_SIZE} for the sweep)"),
@@ -350,6 +358,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     own = ("labels_per_class", "seeds", "steps", "methods", "curves")
+    defaults = {"labels_per_class": sweep.DEFAULT_BUDGETS, "seeds": 3, "steps": None, "methods": None, "curves": False}
     sweep.main(
         args.preset,
         args.config,
@@ -361,6 +370,8 @@ def _sweep(args: argparse.Namespace) -> None:
         _log,
         args.methods,
         args.curves,
+        args.resume,
+        [k for k, v in defaults.items() if getattr(args, k) != v],
     )
 
 

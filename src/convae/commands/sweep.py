@@ -5,16 +5,17 @@ the pretrained encoder fine-tuned, the pretrained encoder frozen (a linear probe
 the same recipe), and the same classifier from random init. On the same subset the frozen
 pretrained features are also scored by kNN and by logistic regression fitted to convergence on
 standardised features (the recipe's probe sees raw feature scales and a fixed step budget).
-The joint methods train with every training image unlabelled beside the labelled subset
-(:mod:`convae.joint`): from random init, or (``joint_finetune``) from the pretrained encoder and decoder,
-the pretraining objective kept on. One autoencoder pretraining serves the whole sweep (none when no
-chosen method reads it).
+The methods of a training mode that reads the unlabelled images (joint training, :mod:`convae.training.joint`;
+consistency training, :mod:`convae.training.consistency`) train with every training image unlabelled beside
+the labelled subset: from random init (``joint_<mode>``), or from the pretrained encoder and decoder
+(``finetune_<mode>``; ``joint_finetune`` for plain joint training, the pretraining objective kept on).
+One autoencoder pretraining serves the whole sweep (none when no chosen method reads it). A stopped sweep
+continues with ``--resume``: the cells it finished are kept, the others measured as they would have been.
 """
 
 from __future__ import annotations
 
-import csv
-import math
+import json
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SWEEP_BATCH_SIZE, Config, build_config, presets, read_config_file
+from ..config import SWEEP_BATCH_SIZE, Config, build_config, load_run_config, presets, read_config_file
 from ..config.modes import TRAINING_MODES, training_mode
 from ..data import DeviceBatches, per_class_subset
 from ..evaluation.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
@@ -32,58 +33,16 @@ from ..models import AutoEncoder, Classifier
 from ..outputs import figures
 from ..outputs.checkpoint import load_checkpoint
 from ..outputs.report import write_report
-from ..outputs.rundir import RunDir
+from ..outputs.rundir import RunDir, locked
+from ..outputs.sweep_tables import format_summary, summarise, write_csv
 from ..training.fit import RunContext, StopFlag
 from ..training.loop import EpochInterrupted
 from ..training.phases import prepare_classifier, pretrain_phase, train_cell
 from ..training.rundata import RunData, check_model_for, prepare_data
 from ..utils.device import provenance, resolve_device
-from ..utils.errors import ConvaeError, Interrupted
+from ..utils.errors import ConvaeError, Interrupted, first_line
+from ..utils.files import read_file
 from ..utils.records import Log, SweepCell
-
-# ----------------------------------------------------------------------------- a sweep's results as tables
-
-
-def summarise(cells: list[SweepCell]) -> list[dict]:
-    """Mean and sample standard deviation of the accuracy per method and budget."""
-    groups: dict[tuple, list[float]] = {}
-    for c in cells:
-        groups.setdefault((c["method"], c["labels_per_class"]), []).append(c["accuracy"])
-    rows = []
-    for (method, budget), accs in groups.items():
-        mean = sum(accs) / len(accs)
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-        rows.append({"method": method, "labels_per_class": budget, "mean": mean, "std": std, "n": len(accs)})
-    return rows
-
-
-def write_csv(path: Path, summary: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "labels_per_class", "mean", "std", "n"])
-        w.writeheader()
-        w.writerows(summary)
-
-
-def format_summary(result: dict) -> str:
-    """Accuracy mean +- std (%), one row per method, one column per budget."""
-    budgets = result["budgets"]
-    cell = {(r["method"], r["labels_per_class"]): r for r in result["summary"]}
-    head = f"{'method':<44}" + "".join(f"{str(b) + '/class':>16}" for b in budgets)
-    lines = [head]
-    for method, name in result["methods"].items():
-        vals = []
-        for b in budgets:
-            r = cell.get((method, b))
-            vals.append(
-                ""
-                if not r
-                else f"{100 * r['mean']:6.2f} +- {100 * r['std']:4.2f}"
-                if r["n"] > 1
-                else f"{100 * r['mean']:6.2f}"
-            )
-        lines.append(f"{name:<44}" + "".join(f"{v:>16}" for v in vals))
-    return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------- the sweep
 
@@ -100,20 +59,23 @@ class Method:
 
 
 def methods() -> dict[str, Method]:
-    """Every method a sweep can measure, in the order its tables show them: the recipe's, one ``joint_<mode>``
-    from random init per training mode that reads the unlabelled images (as registered now), joint
-    fine-tuning from the pretrained autoencoder, and the frozen-feature probes."""
-    joint = {
-        f"joint_{m.name}": Method(f"joint, {m.label}", "recipe", "random", joint=m.name)
-        for m in TRAINING_MODES.values()
-        if m.unlabelled
+    """Every method a sweep can measure, in the order its tables show them: the recipe's; per training mode that
+    reads the unlabelled images (as registered now) one ``joint_<mode>`` from random init and one from the
+    pretrained autoencoder (``finetune_<mode>``; plain's is ``joint_finetune``); the frozen-feature probes."""
+    unlabelled = [m for m in TRAINING_MODES.values() if m.unlabelled]
+    joint = {f"joint_{m.name}": Method(f"joint, {m.label}", "recipe", "random", joint=m.name) for m in unlabelled}
+    pretrained = {
+        m.pretrained_method or f"finetune_{m.name}": Method(
+            f"pretrained, joint {m.label}", "recipe", "pretrained", joint=m.name
+        )
+        for m in unlabelled
     }
     return {
         "finetune": Method("pretrained, fine-tuned", "recipe", "pretrained"),
         "linear_probe": Method("pretrained, frozen (linear probe)", "recipe", "pretrained", frozen=True),
         "scratch": Method("random init (scratch)", "recipe", "random"),
         **joint,
-        "joint_finetune": Method("pretrained, joint fine-tuning (plain)", "recipe", "pretrained", joint="plain"),
+        **pretrained,
         "knn": Method("pretrained, frozen (kNN, k=200)", "knn", "pretrained"),
         "logistic_probe": Method("pretrained, frozen (logistic regression)", "logistic", "pretrained"),
         "knn_random": Method("random weights, frozen (kNN, k=200)", "knn", "random"),
@@ -182,19 +144,37 @@ class _Sweep:
 
 
 def _prepare(
-    cfg: Config, checkpoint: str | None, log: Log, chosen: dict[str, Method], hold: ExitStack, curves: bool = False
+    cfg: Config,
+    checkpoint: str | None,
+    log: Log,
+    chosen: dict[str, Method],
+    hold: ExitStack,
+    curves: bool = False,
+    plan: dict | None = None,
 ) -> tuple[_Sweep, RunDir, float]:
-    """The autoencoder (loaded, or pretrained once into the sweep folder), the data and the features."""
+    """The autoencoder (loaded, or pretrained once into the sweep folder), the data and the features. With
+    ``plan`` a new sweep folder is made and the plan saved in it; without, ``cfg.out`` is the stopped sweep
+    resumed (its own pretrained autoencoder loaded when it had finished pretraining)."""
     device = resolve_device(cfg.device)
     cfg = cfg.for_device(device, log)
+    resuming = plan is None
+    if resuming:
+        run = RunDir.open(cfg.out)
+        hold.enter_context(locked(run.path, "resuming a sweep"))
+        own = run.checkpoints / "autoencoder.pt"
+        if checkpoint is None and own.is_file():
+            checkpoint = str(own)
     ae = None
     if checkpoint is not None:
         ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
-        cfg = replace(cfg.with_model(ae.config), init_checkpoint=str(checkpoint))
-    RunDir.check_free(cfg.out)
+        cfg = replace(cfg.with_model(ae.config), init_checkpoint=cfg.init_checkpoint or str(checkpoint))
+    if not resuming:
+        RunDir.check_free(cfg.out)
     data = prepare_data(cfg, need_labels=True, log=log)
     check_model_for(cfg, data, classifier=True)
-    run, cfg = RunDir.start(cfg, hold, "a sweep")
+    if not resuming:
+        run, cfg = RunDir.start(cfg, hold, "a sweep")
+        run.write_json(PLAN, plan)
     log(f"sweep folder: {run.path}  (device {device}, precision {cfg.precision})")
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config(num_classes=len(data.classes))
@@ -271,14 +251,15 @@ def _measure(
             decoder,
             sw.curves,
         )
-    except EpochInterrupted:
-        raise Interrupted(
-            sw.stop.signum, "in a sweep cell", str(Path(str(sw.cfg.out)) / "metrics.jsonl"), resumable=False
-        ) from None
+    except EpochInterrupted:  # the finished cells are in metrics.jsonl: --resume measures the others
+        raise Interrupted(sw.stop.signum, "a sweep cell (the finished ones are kept)", str(sw.cfg.out)) from None
 
 
 def _quiet(line: str) -> None:  # the recipe's notes, said once per run, would repeat in every cell
     pass
+
+
+PLAN = "sweep_plan.json"  # what a sweep measures beside its config: --resume reads it back
 
 
 def run_sweep(
@@ -290,21 +271,81 @@ def run_sweep(
     log: Log = print,
     methods: list[str] | None = None,
     curves: bool = False,
+    resume: bool = False,
 ) -> RunDir:
     """Run the sweep into ``cfg.out``: sweep.json, sweep.csv, figures/label_efficiency.png (and cell_curves.png).
     ``methods`` (keys of :func:`methods`; default all) chooses what each budget and seed measures; ``curves``
-    evaluates every trained cell after each of its epochs too (``curve``: [steps, accuracy] pairs)."""
+    evaluates every trained cell along its training too (``curve``: [steps, accuracy, seconds]). With
+    ``resume`` ``cfg.out`` is a stopped sweep of this plan (:func:`resume_sweep`): the cells it finished are kept
+    as they were recorded, the others measured with the same seeds and labelled subsets."""
     if seeds <= 0 or (steps is not None and steps <= 0):
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
     steps = FIXED_STEPS if steps is None and not cfg.epoch_images else steps
     chosen = _chosen(methods)
+    plan = {
+        "labels_per_class": ["all" if b is None else b for b in budgets],
+        "seeds": seeds,
+        "steps": steps,
+        "checkpoint": checkpoint,
+        "methods": list(chosen),
+        "curves": curves,
+    }
     started = time.perf_counter()
     with ExitStack() as hold:  # the sweep folder's lock, held to the end
-        sw, run, pretrain_s = _prepare(cfg, checkpoint, log, chosen, hold, curves)
-        cells = _cells(sw, run, budgets, seeds, steps, chosen, log)
-        timing = {"pretrain_s": pretrain_s, "total_s": time.perf_counter() - started}
+        sw, run, pretrain_s = _prepare(cfg, checkpoint, log, chosen, hold, curves, None if resume else plan)
+        done = _finished_cells(run) if resume else {}
+        if resume:
+            log(f"sweep: resuming {run.path} with {len(done)} cell(s) finished before")
+        cells = _cells(sw, run, budgets, seeds, steps, chosen, log, done)
+        timing = {
+            "pretrain_s": pretrain_s,
+            "total_s": time.perf_counter() - started,
+            "cells_s": sum(c["seconds"] for c in cells),
+        }
+        if resume:
+            timing["resumed_cells"] = len(done)
         _write(run, sw, budgets, seeds, steps, chosen, cells, timing, log)
     return run
+
+
+def _key(budget, seed: int, method: str) -> tuple[str, int, str]:
+    return (str(budget), int(seed), str(method))
+
+
+def _finished_cells(run: RunDir) -> dict[tuple[str, int, str], SweepCell]:
+    """The cells a stopped sweep recorded in its metrics.jsonl, by (budget, seed, method)."""
+    path = run.file("metrics.jsonl")
+    done: dict[tuple[str, int, str], SweepCell] = {}
+    if not path.is_file():
+        return done
+    for line in read_file(path).decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the stop: that cell is measured again
+        if isinstance(record, dict) and record.get("phase") == "sweep":
+            cell = {k: v for k, v in record.items() if k != "phase"}
+            done[_key(cell["labels_per_class"], cell["seed"], cell["method"])] = cell  # type: ignore[assignment]
+    return done
+
+
+def resume_sweep(out: str, log: Log = print, device: str | None = None) -> RunDir:
+    """Continue the sweep stopped in ``out`` with its saved config and plan."""
+    cfg = load_run_config(out)
+    if device is not None:
+        cfg = replace(cfg, device=device)
+    try:
+        plan = json.loads(read_file(Path(out) / PLAN))
+        budgets = parse_budgets([str(b) for b in plan["labels_per_class"]])
+        args = (int(plan["seeds"]), plan["steps"], plan["checkpoint"], log, list(plan["methods"]), plan["curves"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConvaeError(
+            f"{out} is not a sweep to continue ({PLAN} missing or unreadable: {first_line(e)})",
+            advice="--resume needs --out DIR of a stopped convae sweep",
+        ) from None
+    if (Path(out) / "sweep.json").is_file():
+        raise ConvaeError(f"the sweep in {out} has already finished; nothing to resume")
+    return run_sweep(cfg, budgets, *args, resume=True)
 
 
 def _cells(
@@ -315,7 +356,9 @@ def _cells(
     steps: int | None,
     chosen: dict[str, Method],
     log: Log,
+    done: dict[tuple[str, int, str], SweepCell] | None = None,
 ) -> list[SweepCell]:
+    """Every cell of the plan, in order; those in ``done`` (a stopped sweep's) kept as recorded."""
     cells: list[SweepCell] = []
     once = [k for k, m in chosen.items() if m.probe != "recipe"]
     if None in budgets and seeds > 1 and once:
@@ -334,6 +377,10 @@ def _cells(
                 for key, method in chosen.items():
                     if budget is None and i > 0 and key in once:
                         continue  # the same data and features: a second seed would repeat the first
+                    kept = (done or {}).get(_key("all" if budget is None else budget, seed, key))
+                    if kept is not None:
+                        cells.append(kept)
+                        continue
                     start = time.perf_counter()
                     name = f"cell {'all' if budget is None else budget}/class seed {seed} {key}"
                     acc, losses, curve = _measure(sw, method, idx, seed, steps, log, name)
@@ -404,6 +451,7 @@ def _write(
     figures.save_label_efficiency(result, run.figures / "label_efficiency.png")
     if any("curve" in c for c in cells):
         figures.save_cell_curves(result, run.figures / "cell_curves.png")
+        figures.save_cell_curves(result, run.figures / "cell_curves_seconds.png", against="seconds")
     write_report(run.path)
     log(format_summary(result))
     log(f"sweep: {len(cells)} cells in {timing['total_s']:.1f} s")
@@ -423,9 +471,23 @@ def main(
     log: Log,
     methods: list[str] | None = None,
     curves: bool = False,
+    resume: bool = False,
+    given: list[str] | None = None,
 ) -> RunDir:
     """``convae sweep``; its batch size defaults to SWEEP_BATCH_SIZE, below the preset, the config file
-    and the flags."""
+    and the flags. With ``resume`` the sweep in ``--out`` continues with its saved config and plan: ``given``
+    names the sweep's own flags the command line set, which it refuses (as every config flag but --device)."""
+    if resume:
+        if "out" not in overrides:
+            raise ConvaeError("resuming needs the sweep folder to continue", advice="--resume needs --out DIR")
+        extra = sorted(set(overrides) - {"out", "device"}) + list(given or [])
+        extra += [name for name, value in (("config", config_file), ("checkpoint", checkpoint)) if value]
+        if extra:
+            raise ConvaeError(
+                "a resumed sweep continues with its saved config.json and sweep_plan.json",
+                advice="drop " + ", ".join("--" + k.replace("_", "-") for k in extra),
+            )
+        return resume_sweep(overrides["out"], log, overrides.get("device"))
     overrides = dict(overrides)
     given = {**presets().get(preset, {}), **(read_config_file(config_file) if config_file else {}), **overrides}
     if "batch_size" not in given:

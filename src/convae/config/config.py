@@ -24,7 +24,7 @@ from ..utils.device import resolve_precision
 from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import read_file
 from ..utils.knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, knob
-from .modes import mode_names
+from .modes import ConsistencyKnobs, JointKnobs
 from .validation import validate
 
 # Every batch-size default, in one place.
@@ -82,42 +82,6 @@ class RecipeKnobs:
         "(default 0 = one pass), so few labels still get enough steps",
         group="finetune",
         metavar="N",
-    )
-
-
-@dataclass(frozen=True)
-class JointKnobs:
-    """Semi-supervised training as the run config holds it (``Config`` inherits these fields)."""
-
-    joint: str = knob(
-        "off",
-        Choice(mode_names),
-        "semi-supervised fine-tuning: every step adds an unsupervised cost "
-        "on a batch of the unlabelled images (an epoch is one pass over them) to the labelled batch's "
-        "cross-entropy: plain (the --objective through the decoder) or gamma (the Ladder's "
-        "Gamma-model); default off",
-        group="finetune",
-    )
-    joint_weight: float = knob(
-        1.0,
-        Num(0),
-        "--joint: weight of the unsupervised cost (default 1; 0 = supervised training)",
-        group="finetune",
-        metavar="W",
-    )
-    joint_noise: float = knob(
-        0.3,
-        Num(0),
-        "--joint gamma: Gaussian noise std after every batch norm of the "
-        "corrupted pass, and on its input relative to the pixels' std (default 0.3)",
-        group="finetune",
-        metavar="S",
-    )
-    joint_stop_grad: bool = knob(
-        False,
-        Flag(),
-        "--joint gamma: no gradient through the clean pass's target (the Ladder's code lets it flow)",
-        group="finetune",
     )
 
 
@@ -267,14 +231,24 @@ class ExecKnobs:
 
 
 @dataclass(frozen=True)
-class Config(ExecKnobs, JointKnobs, RecipeKnobs, TrainKnobs, AugmentKnobs, ObjectiveKnobs, ModelKnobs, DataKnobs):
+class Config(
+    ExecKnobs,
+    ConsistencyKnobs,
+    JointKnobs,
+    RecipeKnobs,
+    TrainKnobs,
+    AugmentKnobs,
+    ObjectiveKnobs,
+    ModelKnobs,
+    DataKnobs,
+):
     """The full, final configuration of a run; saved as ``config.json`` in the run folder.
 
     Its sections are declared once, each with its knobs' rules and flags: data (here), the model
     (:class:`convae.models.model_config.ModelKnobs`), the objective (:class:`convae.models.objectives.ObjectiveKnobs`),
-    the augmentation (:class:`convae.augment.AugmentKnobs`), training (here), the fine-tuning
-    recipe (:class:`convae.recipe.RecipeKnobs`), semi-supervised training
-    (:class:`convae.recipe.JointKnobs`) and execution (here).
+    the augmentation (:class:`convae.data.augment.AugmentKnobs`), training (here), the fine-tuning
+    recipe (here), the training modes' (:class:`convae.config.modes.JointKnobs` and ``ConsistencyKnobs``)
+    and execution (here).
     Frozen and validated on construction: a changed value is a new config
     (``dataclasses.replace``), which is validated again.
     """

@@ -216,6 +216,12 @@ class DeviceBatches:
         self.repeat = max(1, times)
         return self
 
+    def indexed(self) -> DeviceBatches:
+        """Each image's position in the set in place of its label (the key of a per-image memory)."""
+        where = self.images.device if self.images is not None and self.source is None else torch.device("cpu")
+        self.labels = torch.arange(self.n, device=where)
+        return self
+
     def __len__(self) -> int:
         n, b = self.num_images, self.batch_size
         count = -(-n // b)

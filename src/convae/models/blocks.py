@@ -270,6 +270,18 @@ PRESETS = {
         "joint_noise": 0.15,
     },
 }
+# Few labels, many images: the blocks preset's network, pretraining and optimiser, then consistency training
+# (FlexMatch: its per-class thresholds let pseudo-labels in early, which a short CPU run needs) on every training
+# image beside the labelled ones, 64 labelled and 3 x 64 unlabelled images a step; an epoch is one pass over
+# the unlabelled images (BENCHMARKS.md, "Consistency training").
+PRESETS["few"] = {
+    **PRESETS["blocks"],
+    "joint": "flexmatch",
+    "batch_size": 64,
+    "unlabelled_ratio": 3,
+    "finetune_epochs": 10,
+    "epoch_images": 0,
+}
 
 
 def _check_run(cfg: Any, where: str) -> None:

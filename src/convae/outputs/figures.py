@@ -181,10 +181,11 @@ def save_label_efficiency(result: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def save_cell_curves(result: dict, path: Path) -> None:
-    """Every trained cell's evaluation accuracy after each epoch against its optimizer steps (``convae
-    sweep --curves``; a joint cell's epoch is longer): one panel per budget, one colour per method, one
-    line per seed."""
+def save_cell_curves(result: dict, path: Path, against: str = "steps") -> None:
+    """Every trained cell's evaluation accuracy along its training (``convae sweep --curves``) against its
+    optimizer steps, or (``against="seconds"``) its training time where the curve has it: one panel per budget,
+    one colour per method, one line per seed."""
+    x = 0 if against == "steps" else 2
     budgets = [
         b for b in result["budgets"] if any("curve" in c and c["labels_per_class"] == b for c in result["cells"])
     ]
@@ -193,12 +194,12 @@ def save_cell_curves(result: dict, path: Path) -> None:
     for ax, budget in zip(axes[0], budgets):
         seen = set()
         for c in result["cells"]:
-            if c["labels_per_class"] != budget or "curve" not in c:
+            if c["labels_per_class"] != budget or "curve" not in c or any(len(p) <= x for p in c["curve"]):
                 continue
             m = c["method"]
             ax.plot(
-                [s for s, _ in c["curve"]],
-                [100 * a for _, a in c["curve"]],
+                [p[x] for p in c["curve"]],
+                [100 * p[1] for p in c["curve"]],
                 color=colours[m],
                 marker=".",
                 alpha=0.8,
@@ -206,7 +207,7 @@ def save_cell_curves(result: dict, path: Path) -> None:
             )
             seen.add(m)
         ax.set_title(f"{budget} / class", fontsize=10)
-        ax.set_xlabel("optimizer steps")
+        ax.set_xlabel("optimizer steps" if against == "steps" else "training seconds")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)

@@ -379,7 +379,8 @@ def _sweep(r: _Run) -> list[str]:
         f"{_cell_length(sweep)} of batch {html.escape(str(sweep['batch_size']))} on the same labelled subset; "
         f"evaluated on the {html.escape(sweep['eval_set'])}.</p>",
         img(r.fig / "label_efficiency.png", "accuracy against labelled images per class"),
-        img(r.fig / "cell_curves.png", "every cell's accuracy after each epoch (--curves)"),
+        img(r.fig / "cell_curves.png", "every cell's accuracy along its steps (--curves)"),
+        img(r.fig / "cell_curves_seconds.png", "every cell's accuracy along its training time (--curves)"),
     ]
 
 

@@ -202,14 +202,13 @@ def cycling(batches: DeviceBatches, start: int = 0) -> Iterator[tuple[torch.Tens
         passes, step = passes + 1, 0
 
 
-def check_labels(labels: torch.Tensor, classes: list[str]) -> None:
+def check_labels(labels: torch.Tensor, classes: list[str], what: str = "joint training") -> None:
     """A class with no labelled image cannot be learnt from the labels: said, not trained around."""
     counts = torch.bincount(labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
     if empty:
         raise ConvaeError(
-            f"joint training: class(es) {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} "
-            "have no labelled image",
+            f"{what}: class(es) {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} have no labelled image",
             advice="give every class at least one labelled image",
         )
 
@@ -282,6 +281,7 @@ class _Joint(TrainingMode):
 @register_training_mode
 class Plain(_Joint):
     name, label = "plain", "plain (objective + cross-entropy)"
+    pretrained_method = "joint_finetune"
 
 
 @register_training_mode

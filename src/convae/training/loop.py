@@ -295,8 +295,9 @@ def train_one_epoch(
     )
     # a generator only when something draws from it: the seed recipe's loop stays as it was
     settings = settings or StepSettings()
-    augmentation = settings.augmentation
-    needs_rng = augmentation is not None or getattr(criterion, "random", False)
+    # a criterion that augments its batches itself (two views of an image) takes them as stored
+    augmentation = None if getattr(criterion, "augments", False) else settings.augmentation
+    needs_rng = settings.augmentation is not None or getattr(criterion, "random", False)
     images = 0
     for step, (x, y) in enumerate(bar, start=start_step + 1):
         # ranks draw different numbers for their different shards (7919: any prime apart from 1)

@@ -35,6 +35,7 @@ from .recipe import step_hook
 from .rundata import RunData
 
 MAP_POINTS = 2000  # evaluation images a run's t-SNE map shows (a seeded pick)
+CURVE_POINTS = 10  # evaluations a sweep cell's --curves records at most
 
 
 def _fit_to_data(encoder: EncoderBase, images, seed: int) -> str | None:
@@ -300,8 +301,9 @@ def train_cell(
     passes over ``unlabelled``, ``train`` cycling beside them, as a joint run trains. With ``log``
     and no terminal, a line about every minute says where cell ``name`` is and its time left. ``decoder``: a
     pretrained autoencoder's, where plain joint training starts from it (the cell trains a copy). With
-    ``curve`` also [optimizer steps done, evaluation-set accuracy] after every epoch (of the average, as at
-    the end), else None."""
+    ``curve`` also [optimizer steps done, evaluation-set accuracy, training seconds] at the end of the epochs
+    that pass each tenth of the steps (of the average, as at the end; an epoch of a few labelled images is a
+    few steps, and evaluating after each would cost more than the training), else None."""
     device = next(clf.parameters()).device
     model, batches, criterion, side = _training(
         clf, train, unlabelled, [str(c) for c in range(num_classes)], cfg, device, seed, decoder=decoder
@@ -316,13 +318,18 @@ def train_cell(
     hook = both_hooks(step_hook(model, scheduler, average), beat)
     settings = step_settings(cfg, device, True, seed, scaler, hook)
     losses, accuracies = [], []
+    started, evaluating = time.perf_counter(), [0.0]  # the curve's seconds are the training's alone
 
     def end_of_epoch(end: EpochEnd) -> None:
         check_finite(end.loss, "fine-tuning", f"after {end.done} step(s) of a sweep cell")
         losses.append(float(end.loss))
-        if curve and end.done < total:  # the last epoch's is the cell's accuracy
+        due = (len(accuracies) + 1) * total / CURVE_POINTS
+        if curve and due <= end.done < total:  # the last epoch's is the cell's accuracy
+            seconds = time.perf_counter() - started - evaluating[0]
             with average.applied(model) if average is not None else nullcontext():
-                accuracies.append([end.done, evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]])
+                acc = evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
+            accuracies.append([end.done, acc, seconds])
+            evaluating[0] = time.perf_counter() - started - seconds
 
     train_epochs(
         model,
@@ -338,7 +345,8 @@ def train_cell(
         labelled=side,
         should_stop=stop,
     )
+    seconds = time.perf_counter() - started - evaluating[0]
     if average is not None:
         model.load_state_dict(average.shadow)
     accuracy = evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
-    return accuracy, losses, accuracies + [[total, accuracy]] if curve else None  # the budget is always spent
+    return accuracy, losses, accuracies + [[total, accuracy, seconds]] if curve else None  # the budget is spent
