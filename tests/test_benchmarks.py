@@ -41,6 +41,13 @@ def test_fused_layer_benchmark(tmp_path):
     assert all(r["speedup"] > 0 and len(r["plain_ms"]) == 1 for r in res)
 
 
+def test_strong_augment_benchmark_times_convae_against_torchvision(tmp_path):
+    res = run_script("strong_augment", "--batch", "6", "--size", "16", "--rounds", "1", cwd=tmp_path)
+    rates = res["images_per_s"]
+    assert len(rates) == 3 and all(r > 0 for r in rates.values())
+    assert next(iter(rates)).startswith("convae") and res["machine"]["cpu"]
+
+
 def test_train_throughput_benchmark_measures_every_loop(tmp_path):
     payload = run_script(
         "train_throughput",
@@ -361,3 +368,34 @@ def test_gpu_classifier_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
     assert joint["autoencoder"].endswith("autoencoder.pt")  # joint_finetune starts from step 3.'s
     scratch = json.loads((tmp_path / "results" / "classifier_scratch_all.json").read_text())
     assert scratch["init"] == "scratch" and 0 <= scratch["accuracy"] <= 1
+
+
+def test_gpu_consistency_script_runs_every_step_on_a_cpu(tmp_path, image_folder):
+    """Consistency training's protocol as a user tries it first on a CPU, at toy size."""
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "MODEL": "--height 16 --width 16 --channels 8 16",
+        "EXTRA": f"--batch-size 4 --val-fraction 0.2 --precision fp32 --cache-dir {tmp_path / 'cache'}",
+        "FT_EXTRA": "--finetune-epochs 1 --unlabelled-ratio 2",
+        "SWEEP_EXTRA": "--seeds 1 --labels-per-class 2",
+        "PRETRAIN_EPOCHS": "1",
+        "STEPS": "2",
+        "RUNS": str(tmp_path / "runs"),
+        "PYTHON": sys.executable,
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_consistency.sh"), str(image_folder), str(tmp_path / "results")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = {"consistency_pretrain", "consistency_few_25", "consistency_sweep"}
+    assert {p.stem for p in (tmp_path / "results").glob("*.json")} == names
+    few = json.loads((tmp_path / "results" / "consistency_few_25.json").read_text())
+    assert few["init"] == "pretrained" and 0 <= few["accuracy"] <= 1
+    sweep = json.loads((tmp_path / "results" / "consistency_sweep.json").read_text())
+    assert "finetune_flexmatch" in sweep["methods"] and sweep["steps"] == 2
+    assert all("curve" in c for c in sweep["cells"])
