@@ -9,7 +9,11 @@ convolutions and matrix products) and its encoder's inference FLOPs (the feature
 the machine's sustained matrix-product FLOP/s in
 float32 and bfloat16 in the same run, and prints convae's measured throughput as a fraction of
 the limit those give (limit = FLOP/s / FLOPs per image), for training and for feature
-extraction. Prints a table and writes JSON.
+extraction. A preset that trains with consistency training (``--joint fixmatch|flexmatch|freematch``: the
+``few`` preset) also has its step measured: the weak views' forward without autograd, then the labelled and the
+strong views' forward and backward, every strong view computed (a threshold every prediction passes: the most
+work a step does), its FLOPs counted per image read (labelled and unlabelled) and its peak memory. Prints a
+table and writes JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_images, print_table, sync, write_json
 from convae.config import build_config
+from convae.config.modes import training_mode
 from convae.evaluation.probes import extract_features
 from convae.models import AutoEncoder, Classifier, ModelConfig
 from convae.models.objectives import ObjectiveConfig, make_objective
@@ -52,6 +58,47 @@ def training_flops_per_image(
             loss = F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long))
         loss.backward()
     return counter.get_total_flops() / batch
+
+
+def consistency_step(run_cfg, images, labels, device, precision: str, warmup: int, steps: int) -> dict:
+    """One consistency-training step of ``run_cfg`` (its mode, batch and ratio; every strong view computed) on
+    ``images``: its FLOPs per image read, images read per second over ``steps`` steps after ``warmup``, and its
+    peak memory (CUDA: allocated; CPU: the process's resident set)."""
+    from _common import PeakRSS
+    from convae.config.modes import training_mode
+    from convae.data import ImageSet, per_class_subset
+    from convae.training.loop import StepSettings, train_one_epoch
+
+    cfg = replace(run_cfg, consistency_threshold=1e-9, precision=precision)
+    torch.manual_seed(0)
+    clf = Classifier(cfg.model_config(int(labels.max()) + 1)).to(device, memory_format=torch.channels_last)
+    every = ImageSet(images, labels, [str(c) for c in range(int(labels.max()) + 1)], [])
+    k = len(every.classes)  # a few labelled images of every class
+    labelled = every.subset(per_class_subset(labels, torch.arange(len(labels)), max(1, 4 * cfg.batch_size // k), 0))
+    model, batches, criterion, side = training_mode(cfg.joint).build(
+        clf, labelled, every, every.classes, cfg, device, cfg.seed
+    )
+    per_step = cfg.batch_size * (1 + cfg.unlabelled_ratio)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    settings = StepSettings(precision=precision, seed=0)
+    x, idx = next(iter(batches))
+    lx, ly = next(side(0))
+    with FlopCounterMode(display=False) as counter:
+        criterion(model, Batch(x, idx, Batch(lx, ly)), torch.Generator(device=device).manual_seed(0))["loss"].backward()
+    flops = counter.get_total_flops() / per_step
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batches.set_epoch(1)
+    train_one_epoch(model, batches, opt, criterion, settings, max_steps=warmup, labelled=side(0))
+    with PeakRSS() as rss:
+        sync(device)
+        start = time.perf_counter()
+        train_one_epoch(model, batches, opt, criterion, settings, max_steps=steps, labelled=side(warmup))
+        sync(device)
+        seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak
+    return {"flops_per_image": flops, "images_per_s": per_step * steps / seconds, "peak_mib": peak}
 
 
 def inference_flops_per_image(cfg: ModelConfig, features: str, batch: int = 8) -> float:
@@ -122,6 +169,7 @@ def main(argv=None) -> dict:
         print(f"bf16 is not measured: {device_name(device)} has no bf16 in hardware")
     peak = {p: matmul_flops(torch.float32 if p == "fp32" else torch.bfloat16, device) for p in precisions}
     need = max(args.batch_size * (args.warmup + args.steps), args.inference_images)
+    need = max(need, args.batch_size * run_cfg.unlabelled_ratio * (args.warmup + args.steps + 1))
     images, labels = load_images(args.data, need if args.data == "random" else None, args.cache_dir)
     rows, out = [], []
     for phase in ("pretrain", "finetune"):
@@ -160,6 +208,37 @@ def main(argv=None) -> dict:
                     "limit_images_per_s": limit,
                     "images_per_s": ips,
                     "fraction_of_limit": ips / limit,
+                }
+            )
+    if training_mode(run_cfg.joint).name in ("fixmatch", "flexmatch", "freematch"):
+        for prec in precisions:
+            step = consistency_step(
+                replace(run_cfg, batch_size=args.batch_size), images, labels, device, prec, args.warmup, args.steps
+            )
+            limit = peak[prec] / step["flops_per_image"]
+            name = f"{run_cfg.joint} step"
+            rows.append(
+                [
+                    name,
+                    prec,
+                    f"{step['flops_per_image'] / 1e6:.1f}",
+                    f"{peak[prec] / 1e9:.0f}",
+                    f"{limit:.0f}",
+                    f"{step['images_per_s']:.0f}",
+                    f"{100 * step['images_per_s'] / limit:.0f}%",
+                ]
+            )
+            out.append(
+                {
+                    "phase": name,
+                    "precision": prec,
+                    "train_flops_per_image": step["flops_per_image"],
+                    "matmul_flops_per_s": peak[prec],
+                    "limit_images_per_s": limit,
+                    "images_per_s": step["images_per_s"],
+                    "fraction_of_limit": step["images_per_s"] / limit,
+                    "peak_mib": step["peak_mib"],
+                    "images_per_step": args.batch_size * (1 + run_cfg.unlabelled_ratio),
                 }
             )
     per_image = inference_flops_per_image(mcfg, run_cfg.probe_features)

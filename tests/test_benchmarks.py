@@ -41,6 +41,19 @@ def test_fused_layer_benchmark(tmp_path):
     assert all(r["speedup"] > 0 and len(r["plain_ms"]) == 1 for r in res)
 
 
+def test_flops_benchmark_measures_the_consistency_step_of_the_few_preset(tmp_path):
+    payload = run_script(
+        "flops", "--preset", "few", "--data", "random", "--batch-size", "4", "--warmup", "1", "--steps", "1",
+        "--inference-images", "16", cwd=tmp_path,
+    )  # fmt: skip
+    rows = {r["phase"]: r for r in payload["results"]}
+    step, tune = rows["flexmatch step"], rows["finetune"]
+    assert step["images_per_step"] == 4 * 4 and step["peak_mib"] > 50 and step["images_per_s"] > 0
+    # per image read: the labelled and strong views trained (a fine-tuning image's cost), the weak ones only
+    # forward (about a third of it): 3/4 of the images at (1 + 1/3), 1/4 at 1
+    assert tune["train_flops_per_image"] < step["train_flops_per_image"] < 1.34 * tune["train_flops_per_image"]
+
+
 def test_strong_augment_benchmark_times_convae_against_torchvision(tmp_path):
     res = run_script("strong_augment", "--batch", "6", "--size", "16", "--rounds", "1", cwd=tmp_path)
     rates = res["images_per_s"]
