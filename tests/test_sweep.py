@@ -333,3 +333,21 @@ def test_curves_record_the_accuracy_along_a_cell_without_changing_it(image_folde
     for c in json.loads((tmp_path / "long" / "sweep.json").read_text())["cells"]:
         if "curve" in c:
             assert [s for s, *_ in c["curve"]] == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+
+
+def test_a_budget_above_a_class_size_is_marked_with_what_it_trained_on(image_folder, cache_dir, tmp_path, capsys):
+    """Every class of the folder has 8 training images: 100 per class trains on 8 per class, and says so."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "--data", str(image_folder), "--cache-dir", str(cache_dir), "--out", str(out)]
+    args += ["--labels-per-class", "2", "100", "--seeds", "1", "--methods", "knn"] + SMALL
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    result = json.loads((out / "sweep.json").read_text())
+    fewest = result["capped"]["100"]["fewest"]
+    assert list(result["capped"]) == ["100"] and fewest < 100  # 2 per class is within every class
+    (cell,) = [c for c in result["cells"] if c["labels_per_class"] == 100]
+    assert result["capped"]["100"]["labelled_images"] == cell["labelled_images"] < 100 * len(result["classes"])
+    assert f"warning: 100 labels per class: a class has only {fewest} training image(s)" in log
+    assert "100/class*" in log and "2/class*" not in log and "every one of them is used" in log
+    report = (out / "report.html").read_text()
+    assert "100 / class*" in report and "every one of them is used" in report

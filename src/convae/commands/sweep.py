@@ -366,8 +366,14 @@ def _cells(
             f"sweep: with every label ({', '.join(once)}) the frozen features and the labelled set are the same "
             "for every seed: measured once"
         )
+    fewest = int(torch.bincount(sw.data.train.labels, minlength=len(sw.data.classes)).min())
     with sw.stop.installed():
         for budget in budgets:
+            if budget is not None and fewest < budget:
+                log(
+                    f"warning: {budget} labels per class: a class has only {fewest} training image(s), and all of "
+                    f"them are used (the table marks the budget with *)"
+                )
             for i in range(seeds):
                 seed = sw.cfg.seed + i
                 everything = torch.arange(len(sw.data.train))
@@ -444,6 +450,7 @@ def _write(
         "summary": summary,
         "timing": timing,
         "images_per_class_all": int(torch.bincount(data.train.labels).max()),
+        "capped": _capped_budgets(budgets, cells, data),
         "provenance": provenance(sw.device, cfg.precision),
     }
     run.write_json("sweep.json", result)
@@ -455,6 +462,18 @@ def _write(
     write_report(run.path)
     log(format_summary(result))
     log(f"sweep: {len(cells)} cells in {timing['total_s']:.1f} s")
+
+
+def _capped_budgets(budgets: list[int | None], cells: list[SweepCell], data: RunData) -> dict[str, dict]:
+    """The budgets above a class's training images, each with that fewest count and the labelled images its
+    cells trained on (every image of those classes, the budget of the others)."""
+    fewest = int(torch.bincount(data.train.labels, minlength=len(data.classes)).min())
+    out = {}
+    for b in budgets:
+        if b is not None and fewest < b:
+            used = {c["labelled_images"] for c in cells if c["labels_per_class"] == b}
+            out[str(b)] = {"fewest": fewest, "labelled_images": min(used) if used else None}
+    return out
 
 
 # ----------------------------------------------------------------------------- the command

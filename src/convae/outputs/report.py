@@ -15,6 +15,7 @@ from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import atomic_write_text, read_file
 from ..utils.knobs import group_fields
 from ..utils.records import loss_terms
+from .sweep_tables import budget_heading, capped_note
 
 # ----------------------------------------------------------------------------- the page's parts: style, figures,
 # tables, and the run folder's files read as untrusted (a file may be truncated, edited, or planted as a link)
@@ -374,10 +375,10 @@ def _sweep(r: _Run) -> list[str]:
     rows = [[name] + [_mean_std(cell.get((m, b))) for b in sweep["budgets"]] for m, name in sweep["methods"].items()]
     return [
         "<h2>Label efficiency</h2>",
-        table(["method"] + [f"{b} / class" for b in sweep["budgets"]], rows, "sweep"),
+        table(["method"] + [budget_heading(sweep, b, " / ") for b in sweep["budgets"]], rows, "sweep"),
         f'<p class="note">Mean ± std over seeds {html.escape(str(sweep["seeds"]))}; every cell trains '
         f"{_cell_length(sweep)} of batch {html.escape(str(sweep['batch_size']))} on the same labelled subset; "
-        f"evaluated on the {html.escape(sweep['eval_set'])}.</p>",
+        f"evaluated on the {html.escape(sweep['eval_set'])}. {html.escape(capped_note(sweep))}</p>",
         img(r.fig / "label_efficiency.png", "accuracy against labelled images per class"),
         img(r.fig / "cell_curves.png", "every cell's accuracy along its steps (--curves)"),
         img(r.fig / "cell_curves_seconds.png", "every cell's accuracy along its training time (--curves)"),

@@ -29,11 +29,35 @@ def write_csv(path: Path, summary: list[dict]) -> None:
         w.writerows(summary)
 
 
+def budget_heading(result: dict, b, sep: str = "/") -> str:
+    """``25/class``; marked ``*`` where a class holds fewer training images than the budget (see
+    :func:`capped_note`)."""
+    return f"{b}{sep}class" + ("*" if str(b) in _capped(result) else "")
+
+
+def _capped(result: dict) -> dict:
+    capped = result.get("capped")  # a sweep.json is read as untrusted: anything else is no note
+    return {k: v for k, v in capped.items() if isinstance(v, dict)} if isinstance(capped, dict) else {}
+
+
+def capped_note(result: dict) -> str:
+    """What a ``*`` budget trained on: every image of the classes that hold fewer, not the budget."""
+    capped = _capped(result)
+    if not capped:
+        return ""
+    parts = [f"{b}/class: {c.get('labelled_images')} labelled images" for b, c in capped.items()]
+    fewest = min((c.get("fewest") for c in capped.values()), key=str)
+    return (
+        f"* a class holds only {fewest} training image(s): every one of them is used, so these budgets trained on "
+        f"fewer than the budget times the classes ({'; '.join(parts)})"
+    )
+
+
 def format_summary(result: dict) -> str:
     """Accuracy mean +- std (%), one row per method, one column per budget."""
     budgets = result["budgets"]
     cell = {(r["method"], r["labels_per_class"]): r for r in result["summary"]}
-    head = f"{'method':<52}" + "".join(f"{str(b) + '/class':>16}" for b in budgets)
+    head = f"{'method':<52}" + "".join(f"{budget_heading(result, b):>16}" for b in budgets)
     lines = [head]
     for method, name in result["methods"].items():
         vals = []
@@ -47,4 +71,5 @@ def format_summary(result: dict) -> str:
                 else f"{100 * r['mean']:6.2f}"
             )
         lines.append(f"{name:<52}" + "".join(f"{v:>16}" for v in vals))
-    return "\n".join(lines)
+    note = capped_note(result)
+    return "\n".join(lines + ([note] if note else []))
