@@ -91,7 +91,7 @@ def test_sweep_end_to_end(image_folder, cache_dir, tmp_path):
     assert 'id="sweep"' in (out / "report.html").read_text()
 
 
-def test_sweep_reuses_a_given_checkpoint(image_folder, cache_dir, tmp_path):
+def test_sweep_reuses_a_given_checkpoint(image_folder, cache_dir, tmp_path, capsys):
     pre = tmp_path / "pre"
     assert (
         main(
@@ -143,6 +143,17 @@ def test_sweep_reuses_a_given_checkpoint(image_folder, cache_dir, tmp_path):
     assert json.loads((out / "sweep.json").read_text())["autoencoder"].endswith("autoencoder.pt")
     page = (out / "report.html").read_text()  # the report shows what happened: no pretraining recipe it never ran
     assert "No pretraining in this run" in page and '<td class="l">pretrain_epochs</td>' not in page
+    # the checkpoint decides the network: a model flag that says otherwise is one line, before any work
+    ckpt = str(pre / "checkpoints" / "autoencoder.pt")
+    base = ["sweep", "--checkpoint", ckpt, "--data", str(image_folder), "--cache-dir", str(cache_dir)]
+    base += ["--labels-per-class", "3", "--seeds", "1", "--steps", "1"]
+    code = main([*base, "--out", str(tmp_path / "other"), *SMALL[:-6], "--channels", "8", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--channels (the checkpoint's: (8, 16))" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "other").exists()
+    # the same flags as the checkpoint's, and the classifier's own (--tta), are the user's to give
+    assert main([*base, "--out", str(tmp_path / "same"), *SMALL, "--tta"]) == 0
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["tta"] is True
 
 
 def test_budget_parsing_and_summary():

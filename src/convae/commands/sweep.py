@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from ..config import SWEEP_BATCH_SIZE, Config, build_config, load_run_config, presets, read_config_file
+from ..config.config import CLASSIFIER_KNOBS
 from ..config.modes import TRAINING_MODES, training_mode
 from ..data import DeviceBatches, per_class_subset
 from ..evaluation.probes import extract_features, knn_accuracy, linear_probe_accuracy, random_encoder
 from ..models import AutoEncoder, Classifier
+from ..models.model_config import model_knobs
 from ..outputs import figures
 from ..outputs.checkpoint import load_checkpoint
 from ..outputs.report import write_report
@@ -476,6 +478,21 @@ def _capped_budgets(budgets: list[int | None], cells: list[SweepCell], data: Run
     return out
 
 
+def _check_model_flags(flags: dict[str, Any], checkpoint: str) -> None:
+    """The network of a sweep from ``checkpoint`` is the checkpoint's: a model flag that says otherwise is
+    refused (its scratch cells would train a network the flags did not ask for), as ``finetune`` refuses it."""
+    ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
+    theirs = model_knobs(ae.config)
+    norm = lambda v: tuple(v) if isinstance(v, list) else v
+    differ = [k for k, v in flags.items() if k in theirs and k not in CLASSIFIER_KNOBS and norm(v) != theirs[k]]
+    if differ:
+        said = ", ".join(f"--{k.replace('_', '-')} (the checkpoint's: {theirs[k]!r})" for k in differ)
+        raise ConvaeError(
+            f"the checkpoint decides the network, and {said} says otherwise",
+            advice="drop the model flag(s), or sweep without --checkpoint to pretrain that network",
+        )
+
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -507,6 +524,8 @@ def main(
                 advice="drop " + ", ".join("--" + k.replace("_", "-") for k in extra),
             )
         return resume_sweep(overrides["out"], log, overrides.get("device"))
+    if checkpoint is not None:
+        _check_model_flags(overrides, checkpoint)
     overrides = dict(overrides)
     given = {**presets().get(preset, {}), **(read_config_file(config_file) if config_file else {}), **overrides}
     if "batch_size" not in given:

@@ -23,7 +23,7 @@ from ..models.registry import ARCHITECTURES
 from ..utils.device import resolve_precision
 from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import read_file
-from ..utils.knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, knob
+from ..utils.knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, group_fields, knob
 from .modes import ConsistencyKnobs, JointKnobs
 from .validation import validate
 
@@ -269,8 +269,9 @@ class Config(
         return ModelConfig(**model_knobs(self), num_classes=num_classes)
 
     def with_model(self, m: ModelConfig) -> Config:
-        """This config with the data format and architecture of a checkpoint's model."""
-        return replace(self, **model_knobs(m))
+        """This config with the data format and architecture of a checkpoint's model; the classifier's own
+        knobs (test-time flip) stay this config's: they are not the pretrained autoencoder's to decide."""
+        return replace(self, **{k: v for k, v in model_knobs(m).items() if k not in CLASSIFIER_KNOBS})
 
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(
@@ -327,6 +328,7 @@ def presets() -> dict[str, dict[str, Any]]:
 
 PRESETS = presets()  # as registered at import; presets() sees architectures registered later
 
+CLASSIFIER_KNOBS = frozenset(group_fields(ModelKnobs, "finetune"))  # model knobs a checkpoint does not decide
 MAX_CONFIG_BYTES = 2**20
 FIELD_NAMES = {f.name for f in fields(Config)}
 FLOAT_FIELDS = float_fields(Config)
