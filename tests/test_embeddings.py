@@ -7,7 +7,7 @@ import convae
 from convae.cli import main
 
 
-def test_encode_writes_embeddings_sources_and_a_map(image_folder, cache_dir, tmp_path, capsys):
+def test_encode_writes_embeddings_sources_and_a_map(image_folder, cache_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "pre"
     assert (
         main(
@@ -66,6 +66,12 @@ def test_encode_writes_embeddings_sources_and_a_map(image_folder, cache_dir, tmp
     assert [r["index"] for r in rows] == [str(i) for i in range(30)]
     assert rows[0]["file"] == "class_0/img_0_000.png" and rows[0]["class"] == "class_0"
     assert sum(r["split"] == "val" for r in rows) == 6
+    # the training source spelled relative to here (it was trained with its absolute path): the same split
+    monkeypatch.chdir(image_folder.parent)
+    again = tmp_path / "emb" / "relative.npy"
+    args = ["encode", "--checkpoint", str(ckpt), "--data", image_folder.name, "--cache-dir", str(cache_dir)]
+    assert main([*args, "--out", str(again), "--val-fraction", "0.2", "--device", "cpu", "--no-map"]) == 0
+    assert [r["split"] for r in csv.DictReader(open(again.with_suffix(".csv")))] == [r["split"] for r in rows]
     the_map = tmp_path / "emb" / "feats_map.png"  # named after the output: a second encode never overwrites it
     assert the_map.is_file()
     before = the_map.read_bytes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,23 @@ def cell(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
+def same_source(trained: str, given: str) -> bool:
+    """Whether ``given`` names the source the run was trained on: the same spelling, or the same file or
+    folder by another (an absolute path for a relative one, read from here)."""
+    if trained == given:
+        return True
+    try:
+        return Path(trained).exists() and Path(given).exists() and os.path.samefile(trained, given)
+    except OSError:
+        return False
+
+
 def training_split(run: dict, cfg: Config, ds, given: set[str]) -> np.ndarray:
     """The train/val column: the training run's seeded split (its ``val_fraction`` and ``seed``, unless
     given here), so a user can tell the images the model never saw; all ``train`` when the run
     evaluated on separate test data; empty for a source the run did not train on."""
     split = np.array([""] * len(ds), dtype=object)
-    if len(ds) < 2 or run.get("data") is None or str(run["data"]) != str(cfg.data):
+    if len(ds) < 2 or run.get("data") is None or not same_source(str(run["data"]), str(cfg.data)):
         return split
     split[:] = "train"
     if run.get("test_data"):
