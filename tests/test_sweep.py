@@ -362,3 +362,16 @@ def test_a_budget_above_a_class_size_is_marked_with_what_it_trained_on(image_fol
     assert "100/class*" in log and "2/class*" not in log and "every one of them is used" in log
     report = (out / "report.html").read_text()
     assert "100 / class*" in report and "every one of them is used" in report
+
+
+def test_a_rule_the_checkpoints_network_breaks_is_not_advised_away_with_a_model_flag(image_folder, tmp_path, capsys):
+    """A --skips network pretrained with the masked objective, swept with another objective: the rule is the
+    network's, which the checkpoint decides, so the advice names the other flags, not --no-skips."""
+    net = ["--arch", "blocks", "--channels", "8", "16", "--height", "16", "--width", "16", "--device", "cpu"]
+    common = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "cache")]
+    args = ["pretrain", *common, "--out", str(tmp_path / "ae"), *net, "--skips", "--objective", "masked"]
+    assert main([*args, "--pretrain-epochs", "1", "--batch-size", "8"]) == 0
+    ckpt = str(tmp_path / "ae" / "checkpoints" / "autoencoder.pt")
+    code = main(["sweep", *common, "--out", str(tmp_path / "s"), "--checkpoint", ckpt, "--objective", "denoise"])
+    err = capsys.readouterr().err
+    assert code == 2 and "with the checkpoint's network: --skips" in err and "--no-skips" not in err, err

@@ -169,7 +169,12 @@ def _prepare(
     ae = None
     if checkpoint is not None:
         ae, _ = load_checkpoint(checkpoint, kind="autoencoder")
-        cfg = replace(cfg.with_model(ae.config), init_checkpoint=cfg.init_checkpoint or str(checkpoint))
+        try:
+            cfg = replace(cfg.with_model(ae.config), init_checkpoint=cfg.init_checkpoint or str(checkpoint))
+        except ConvaeError as e:  # a model flag cannot help: the checkpoint decides the network
+            raise ConvaeError(
+                f"with the checkpoint's network: {e}", advice="change the other flags (not the model's)"
+            ) from None
     if not resuming:
         RunDir.check_free(cfg.out)
     data = prepare_data(cfg, need_labels=True, log=log)

@@ -290,7 +290,8 @@ def _check_run(cfg: Any, where: str) -> None:
     if cfg.skips and not OBJECTIVES[cfg.objective].hides:
         raise ConvaeError(
             f"{where}--skips feeds the decoder every block's map: it pretrains --arch blocks with --objective "
-            f"masked only, got {cfg.arch} with {cfg.objective} (--no-skips turns it off)"
+            f"masked only, got {cfg.arch} with {cfg.objective}",
+            advice="use --objective masked, or --no-skips",
         )
 
 
