@@ -191,3 +191,24 @@ def test_messages_say_what_the_run_uses_and_a_prediction_prints_short(tmp_path, 
     assert "a class has only" in capsys.readouterr().out  # 100 asked, fewer there: said, not silent
     text = repr(convae.predict(clf, images))
     assert text.startswith("Prediction(24 image(s)") and len(text) < 200
+
+
+def test_every_size_from_an_argument_or_the_data_is_bounded_before_anything_is_allocated():
+    """One line each, as their flags: a head of no classes, a batch of none, a label that would name a
+    billion classes, an epoch of a trillion images (whose order would be drawn before its first step)."""
+    from convae.config import build_config
+    from convae.data.memory import image_set
+
+    for n in (0, -1, 10**9):
+        with pytest.raises(ConvaeError, match="num_classes must be an integer in"):
+            convae.build(kind="classifier", num_classes=n)
+    clf = convae.build(kind="classifier", num_classes=3)
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    for b in (0, -1):
+        for call in (convae.encode, convae.predict):
+            with pytest.raises(ConvaeError, match="batch_size must be an integer > 0"):
+                call(clf, images, batch_size=b)
+    with pytest.raises(ConvaeError, match="labels go up to 1000000000: convae trains at most"):
+        image_set(images, labels=[0, 10**9])
+    with pytest.raises(ConvaeError, match="epoch_images must be an integer in"):
+        build_config("blocks", None, {"epoch_images": 10**12})

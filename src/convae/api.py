@@ -27,9 +27,14 @@ import torch
 from torch import nn
 
 from .config import INFERENCE_BATCH_SIZE, Config, build_config
-from .models import KINDS, AutoEncoder, Classifier, EncoderBase, build_model
+from .models import KINDS, AutoEncoder, Classifier, EncoderBase, ModelConfig, build_model
 from .outputs.checkpoint import load_checkpoint
 from .utils.errors import ConvaeError
+
+
+def _check(name: str, value: Any) -> None:
+    """An argument checked as its config flag is (the same rule, the same one-line error)."""
+    Config.__dataclass_fields__[name].metadata["rule"](name, value)
 
 
 def build(kind: str = "autoencoder", preset: str = "seed", num_classes: int = 10, **overrides: Any) -> nn.Module:
@@ -39,6 +44,7 @@ def build(kind: str = "autoencoder", preset: str = "seed", num_classes: int = 10
     """
     if kind not in KINDS:  # before the config: a wrong kind is said first
         raise ConvaeError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    ModelConfig.__dataclass_fields__["num_classes"].metadata["rule"]("num_classes", num_classes)
     return build_model(kind, build_config(preset, None, overrides).model_config(num_classes))
 
 
@@ -91,6 +97,7 @@ def encode(model: nn.Module, images: Any, batch_size: int = INFERENCE_BATCH_SIZE
     """
     from .evaluation.probes import extract_features
 
+    _check("batch_size", batch_size)
     encoder = model if isinstance(model, EncoderBase) else model.encoder
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == 0:
         return torch.empty(0, encoder.config.feature_dim)
@@ -119,6 +126,7 @@ def predict(model: Classifier, images: Any, batch_size: int = INFERENCE_BATCH_SI
 
     if not isinstance(model, Classifier):
         raise ConvaeError(f"predict needs a classifier, got {type(model).__name__}")
+    _check("batch_size", batch_size)
     x_all = _model_input(model, images)
     device = next(model.parameters()).device
     was_training = model.training

@@ -40,6 +40,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 PROBE_FEATURES = ("latent", "pooled")
 MAX_SEED = 2**32 - 1  # every RNG convae seeds (torch, numpy, t-SNE) takes this range
+MAX_EPOCH_IMAGES = 10**8
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,10 @@ class RecipeKnobs:
     )
     epoch_images: int = knob(
         0,
-        Int(0),
+        # the epoch's order is drawn before its first step: 8 bytes an image, 0.8 GB at the bound
+        Int(0, hi=MAX_EPOCH_IMAGES),
         "fine-tuning: each epoch sees at least N images, the labelled set repeated "
-        "(default 0 = one pass), so few labels still get enough steps",
+        "(default 0 = one pass; at most 100,000,000), so few labels still get enough steps",
         group="finetune",
         metavar="N",
     )

@@ -16,7 +16,7 @@ import torch
 from ..utils.errors import ConvaeError
 from ..utils.records import Log
 from .images import convert_images
-from .sources import ImageSet
+from .sources import MAX_CLASSES, ImageSet
 
 
 def _one_image(x: Any) -> torch.Tensor:
@@ -132,6 +132,11 @@ def image_set(
         raise ConvaeError("classes must be a list of distinct class names (strings)")
     if y is not None:
         k = int(y.max()) + 1
+        if k > MAX_CLASSES:  # a class name for every label below the largest: bounded before it is built
+            raise ConvaeError(
+                f"labels go up to {k - 1}: convae trains at most {MAX_CLASSES:,} classes",
+                advice="give the labels as 0 .. classes - 1",
+            )
         classes = list(classes) if classes is not None else [str(i) for i in range(k)]
         if len(classes) < k:
             raise ConvaeError(f"labels go up to {k - 1} but only {len(classes)} class names were given")

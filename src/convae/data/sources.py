@@ -25,6 +25,8 @@ from .decode import Chunks, decode_files, remove_partial
 from .images import IMAGE_EXTENSIONS, convert_images, is_image_file, printable
 from .rows import MappedFile, gather
 
+MAX_CLASSES = 1_000_000  # a head of this many outputs, and its list of names, still fit in memory
+
 
 @dataclass
 class ImageSet:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.sources import MAX_CLASSES
 from ..utils.errors import ConvaeError
 from ..utils.knobs import Among, Choice, Flag, Int, Num, Widths, check_all, knob
 
@@ -92,7 +93,7 @@ class BaseModelConfig(SharedKnobs):
     slope, the classes; :class:`~convae.models.model_config.ModelConfig` adds every architecture's knobs."""
 
     negative_slope: float = knob(0.1, Num(None), flag=False)  # LeakyReLU's slope (any finite number)
-    num_classes: int = knob(10, Int(1), flag=False)
+    num_classes: int = knob(10, Int(1, hi=MAX_CLASSES), flag=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
