@@ -212,3 +212,32 @@ def test_every_size_from_an_argument_or_the_data_is_bounded_before_anything_is_a
         image_set(images, labels=[0, 10**9])
     with pytest.raises(ConvaeError, match="epoch_images must be an integer in"):
         build_config("blocks", None, {"epoch_images": 10**12})
+
+
+def test_the_api_converts_an_image_as_training_decodes_its_file(tmp_path):
+    """16-bit grey, float grey and a palette image, each as a file (training's decoder) and as the PIL image
+    a user holds (the API): the same pixels. A list of images of different sizes and modes is one batch."""
+    import numpy as np
+    from PIL import Image
+
+    from convae.data.images import load_image
+
+    clf = convae.build(kind="classifier", num_classes=3)
+    rng = np.random.default_rng(0)
+    images = {
+        "deep.png": Image.fromarray(rng.integers(0, 65536, (20, 24), dtype=np.uint16)),  # mode I;16
+        "float.tiff": Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32)),  # mode F, [0, 1]
+        "palette.png": Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).convert("P"),
+    }
+    to_model = convae.transform(clf)
+    for name, im in images.items():
+        im.save(tmp_path / name)
+        trained, _, _ = load_image(tmp_path / name, 3, 32, 32)
+        given = to_model(Image.open(tmp_path / name))
+        assert torch.equal(given[0], trained), name
+    assert to_model(images["float.tiff"])[0].unique().tolist() == [128]  # 0.5 of the range, not 0
+    batch = [images["deep.png"], images["float.tiff"], Image.open(tmp_path / "palette.png")]
+    assert to_model(batch).shape == (3, 3, 32, 32)
+    assert convae.encode(clf, batch).shape[0] == 3 and len(convae.predict(clf, batch).indices) == 3
+    with pytest.raises(ConvaeError, match="not finite"):
+        to_model(Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32)))

@@ -72,28 +72,39 @@ def decode_file(path: Path, channels: int = 3, size: tuple[int, int] | None = No
     With ``size`` (height, width) a large JPEG is decoded at a reduced scale that still
     covers it. Runs once per file when a source is first cached, never in the training loop.
     """
-    import numpy as np
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     target = "RGB" if channels == 3 else "L"
     with Image.open(path) as im:
         if size is not None and im.format == "JPEG":
             im.draft(target, (size[1], size[0]))  # a 4000x3000 photo need not be decoded whole
         im.load()  # truncated or corrupt files fail here, not later
-        im = ImageOps.exif_transpose(im)  # a phone photo stored sideways is shown, and trained, upright
-        mode = im.mode
-        if mode.startswith("I"):  # 16/32-bit integer grey: keep the high byte of 16 bits
-            im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
-        elif mode == "F":  # 32-bit float grey (scientific TIFFs): [0, 1] scaled to 0-255, else 0-255 as it is
-            a = np.asarray(im, dtype=np.float64)
-            if not np.isfinite(a).all():
-                raise ValueError("float pixels that are not finite (NaN or infinity)")
-            scale = 255.0 if a.size and a.min() >= 0 and a.max() <= 1 else 1.0
-            im = Image.fromarray((a * scale).round().clip(0, 255).astype(np.uint8), "L")
-        if im.mode != target:
-            im = im.convert(target)
-        arr = np.asarray(im)
-    t = torch.from_numpy(arr.copy())
+        return pil_to_tensor(im, channels)
+
+
+def pil_to_tensor(im, channels: int | None = None) -> tuple[torch.Tensor, bool]:
+    """A PIL image as a uint8 (channels, H, W) tensor, as training decodes its files: upright (EXIF), the high
+    byte of 16-bit grey, float grey in [0, 1] scaled to 0-255, palettes and alpha to RGB (``channels`` None:
+    grey stays one channel, anything else three). Returns the tensor and whether its mode had to change."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)  # a phone photo stored sideways is shown, and trained, upright
+    mode = im.mode
+    if channels is None:
+        channels = 1 if mode in ("1", "L", "F", "LA") or mode.startswith("I") else 3
+    target = "RGB" if channels == 3 else "L"
+    if mode.startswith("I"):  # 16/32-bit integer grey: keep the high byte of 16 bits
+        im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
+    elif mode == "F":  # 32-bit float grey (scientific TIFFs): [0, 1] scaled to 0-255, else 0-255 as it is
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError("float pixels that are not finite (NaN or infinity)")
+        scale = 255.0 if a.size and a.min() >= 0 and a.max() <= 1 else 1.0
+        im = Image.fromarray((a * scale).round().clip(0, 255).astype(np.uint8), "L")
+    if im.mode != target:
+        im = im.convert(target)
+    t = torch.from_numpy(np.asarray(im).copy())
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     return t, mode != target
 

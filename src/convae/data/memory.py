@@ -15,19 +15,20 @@ import torch
 
 from ..utils.errors import ConvaeError
 from ..utils.records import Log
-from .images import convert_images
+from .images import convert_images, pil_to_tensor
 from .sources import MAX_CLASSES, ImageSet
 
 
 def _one_image(x: Any) -> torch.Tensor:
-    """A PIL image, numpy array or tensor of ONE image as uint8 (C, H, W)."""
-    try:
-        from PIL import Image
+    """A PIL image, numpy array or tensor of ONE image as uint8 (C, H, W); a PIL image converted as training
+    decodes a file (:func:`convae.data.images.pil_to_tensor`)."""
+    from PIL import Image
 
-        if isinstance(x, Image.Image):
-            x = np.asarray(x.convert("RGB") if x.mode not in ("L", "RGB") else x)
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        pass
+    if isinstance(x, Image.Image):
+        try:
+            return pil_to_tensor(x)[0]
+        except ValueError as e:
+            raise ConvaeError(f"cannot read a PIL image of mode {x.mode}: {e}") from None
     t = images_tensor(x)
     if t.shape[0] != 1:
         raise ConvaeError(f"expected one image, got a batch of {t.shape[0]}")
@@ -44,7 +45,13 @@ def images_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, (list, tuple)):
         if not x:
             raise ConvaeError("no images given (an empty list)")
-        return torch.stack([_one_image(i) for i in x])
+        images = [_one_image(i) for i in x]
+        if len({tuple(i.shape) for i in images}) > 1:
+            raise ConvaeError(
+                "a list of images of different sizes or channels is one batch only once converted: give the "
+                "model's format (convae.transform(model) converts any list)"
+            )
+        return torch.stack(images)
     if not isinstance(x, (torch.Tensor, np.ndarray)):
         if hasattr(x, "getbands"):  # one PIL image
             return images_tensor([x])
@@ -93,6 +100,8 @@ _INT_TYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 def to_model_format(x: Any, channels: int, height: int, width: int) -> torch.Tensor:
     """``images_tensor(x)`` converted as training converts a decoded source: channels, then an
     antialiased resize to ``height`` x ``width``. uint8 (N, C, H, W)."""
+    if isinstance(x, (list, tuple)) and x:  # each image converted on its own: their sizes and modes may differ
+        return torch.cat([convert_images(_one_image(i)[None], channels, height, width)[0] for i in x])
     return convert_images(images_tensor(x), channels, height, width)[0]  # alpha dropped there too
 
 
