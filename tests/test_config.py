@@ -135,10 +135,14 @@ def test_yaml_reads_off_as_false_and_a_choice_takes_the_word_back(tmp_path, word
         ({"jitter": 1e6}, "jitter must be in \\[0, 1\\)"),
         ({"jitter": 1.0}, "jitter must be in \\[0, 1\\)"),
         ({"mask_ratio": 0.0}, "mask_ratio must be in \\(0, 1\\)"),
+        ({"joint_noise": 1e30}, "joint_noise must be in \\[0, 10\\)"),
+        ({"joint_weight": 1e30}, "joint_weight must be in \\[0, 1000\\)"),
+        ({"reconstruction_weight": 1e4}, "reconstruction_weight must be in \\[0, 1000\\)"),
     ],
 )
 def test_settings_that_destroy_the_data_are_refused(overrides, match):
     with pytest.raises(ConvaeError, match=match):
         build_config("seed", None, overrides)
-    ok = {k: {"cutout": 31, "jitter": 0.5, "mask_ratio": 0.05}.get(k, v) for k, v in overrides.items()}
+    inside = {"cutout": 31, "jitter": 0.5, "mask_ratio": 0.05, "joint_noise": 9.0}
+    ok = {k: {**inside, "joint_weight": 999.0, "reconstruction_weight": 999.0}.get(k, v) for k, v in overrides.items()}
     build_config("seed", None, {**ok, "height": 32, "width": 32})  # just inside the bounds: accepted

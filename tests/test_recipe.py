@@ -306,3 +306,26 @@ def test_skips_outside_masked_pretraining_are_one_clear_line(image_folder, tmp_p
     )
     err = capsys.readouterr().err
     assert "--skips" in err and "--objective masked" in err and "Traceback" not in err
+
+
+def test_lp_ft_gives_no_weight_to_a_feature_that_barely_varies(monkeypatch):
+    """A feature whose spread is a millionth of the others' (here it even predicts the labels): folded through
+    the standardisation its weight would be a million times theirs, and the first fine-tuning step, which moves
+    it by a little, would start far above a constant guess's loss."""
+    from convae.evaluation import probes
+
+    torch.manual_seed(0)
+    clf = Classifier(ModelConfig(arch="blocks", channels=(8, 16), height=16, width=16, num_classes=2)).eval()
+    y = torch.arange(2).repeat(30)
+    feats = torch.randn(60, 16) + 2.0 * y[:, None]  # informative at the usual scale
+    feats[:, 0] = 1.0 + 1e-6 * y  # informative too, at a millionth of the scale
+    monkeypatch.setattr(probes, "extract_features", lambda *a, **k: feats)
+    monkeypatch.setattr(probes, "recalibrate_batch_norm", lambda *a, **k: None)
+    acc = fit_head(clf, torch.zeros(60, 3, 16, 16), y, "fp32", seed=0)
+    assert acc > 0.9
+    assert clf.head.weight[:, 0].abs().max() == 0 and clf.head.weight.abs().max() < 100
+    moved = feats.clone()
+    moved[:, 0] += 1e-3  # fine-tuning's first steps move the feature a little
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(clf.head(moved), y)
+    assert loss < 0.69  # below a constant guess's

@@ -50,6 +50,7 @@ class TrainingMode:
 
 
 TRAINING_MODES: dict[str, TrainingMode] = {}
+MAX_WEIGHT = 1000  # a loss term weighed more than this against the cross-entropy swamps it: refused
 
 
 def register_training_mode(cls: type[TrainingMode]) -> type[TrainingMode]:
@@ -92,16 +93,16 @@ class JointKnobs:
     )
     joint_weight: float = knob(
         1.0,
-        Num(0),
-        "--joint: weight of the unsupervised cost (default 1; 0 = supervised training)",
+        Num(0, hi=MAX_WEIGHT),
+        "--joint: weight of the unsupervised cost (default 1; 0 = supervised training; below 1000)",
         group="finetune",
         metavar="W",
     )
     joint_noise: float = knob(
         0.3,
-        Num(0),
+        Num(0, hi=10),  # a std of 10 batch-norm units already drowns every signal; 1e30 trained to a loss of 5e27
         "--joint gamma: Gaussian noise std after every batch norm of the "
-        "corrupted pass, and on its input relative to the pixels' std (default 0.3)",
+        "corrupted pass, and on its input relative to the pixels' std (default 0.3; below 10)",
         group="finetune",
         metavar="S",
     )
@@ -142,14 +143,14 @@ class ConsistencyKnobs:
     )
     fairness_weight: float = knob(
         0.001,
-        Num(0),
+        Num(0, hi=MAX_WEIGHT),
         "--joint freematch: weight of its fairness term (default 0.001)",
         group="finetune",
         metavar="W",
     )
     reconstruction_weight: float = knob(
         0.0,
-        Num(0),
+        Num(0, hi=MAX_WEIGHT),
         "--joint fixmatch|flexmatch|freematch: weight of the --objective on the unlabelled images' weak views "
         "through the decoder, beside the consistency cost (default 0 = off)",
         group="finetune",

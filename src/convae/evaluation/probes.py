@@ -233,7 +233,10 @@ def fit_head(clf: nn.Module, images, labels: torch.Tensor, precision: str, seed:
     feats = extract_features(clf.encoder, images, precision=precision, desc="LP-FT: features of the labelled images")
     y = labels.to(device)
     head, mean, std = fit_logistic(feats, y, clf.head.out_features, seed=seed)
-    w = head.weight / std  # head((f - mean) / std) = (W / std) f + (b - (W / std) mean)
+    # a feature that barely varies (below 1 % of the median spread) gets no weight: divided by its spread it
+    # would weigh up to a million times the others, and fine-tuning, which moves it, would start at a huge loss
+    usable = std >= 0.01 * std.median()
+    w = torch.where(usable, head.weight / std, 0.0)  # head((f - mean) / std) = (W / std) f + (b - (W / std) mean)
     clf.head.weight.copy_(w)
     clf.head.bias.copy_(head.bias - w @ mean)
     return float((clf.head(feats).argmax(1) == y).float().mean())
