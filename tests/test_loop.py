@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import json
 import math
 from dataclasses import replace
 
@@ -300,3 +301,22 @@ def test_a_last_batch_of_one_image_joins_the_one_before_when_the_network_has_bat
         with pytest.raises(ConvaeError) as e:
             train_step(bn, batch, opt, classification_criterion, **kw)
         assert advice in e.value.advice
+
+
+def test_micro_batches_with_batch_norm_are_said_and_recorded(image_folder, tmp_path, capsys):
+    """With batch norm a micro-batch is normalised with its own statistics (not the whole batch's update):
+    the log says so, and config.json records the chunk the run used (0 = auto resolved)."""
+    from convae.cli import main
+
+    common = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    net = ["--arch", "blocks", "--channels", "8", "16", "--height", "16", "--width", "16", "--batch-size", "8"]
+    args = ["pretrain", *common, *net, "--pretrain-epochs", "1"]
+    assert main([*args, "--out", str(tmp_path / "chunks"), "--micro-batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "computed in micro-batches of 4" in out and "its own batch-norm statistics" in out
+    assert json.loads((tmp_path / "chunks" / "config.json").read_text())["micro_batch"] == 4
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert "micro-batches" not in capsys.readouterr().out  # 200 images a chunk: every batch of 8 whole
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["micro_batch"] == micro_batch_size(
+        0, "fp32", torch.device("cpu")
+    )

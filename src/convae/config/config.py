@@ -20,7 +20,7 @@ from ..data.batches import PLACEMENTS
 from ..models.model_config import ModelConfig, ModelKnobs, model_knobs
 from ..models.objectives import ObjectiveConfig, ObjectiveKnobs
 from ..models.registry import ARCHITECTURES
-from ..utils.device import resolve_precision
+from ..utils.device import micro_batch_size, resolve_precision
 from ..utils.errors import ConvaeError, clip, first_line
 from ..utils.files import read_file
 from ..utils.knobs import Choice, Flag, Int, Num, Optional, PathRule, float_fields, group_fields, knob
@@ -199,9 +199,10 @@ class ExecKnobs:
     micro_batch: int = knob(
         0,
         Int(0, note="0 = auto"),
-        "accumulate each batch's gradient over chunks of N images "
-        "(same update, faster on CPU); 0 = auto: on CPU 200 (fp32) or 500 (bf16), whole batch "
-        "on GPU",
+        "accumulate each batch's gradient over chunks of N images (faster on CPU): the same update for a "
+        "network without batch norm; with batch norm each chunk is normalised with its own statistics (ghost "
+        "batch norm). 0 = auto: on CPU 200 (fp32) or 500 (bf16), whole batch on GPU; config.json records the "
+        "chunk used",
         group="exec",
         metavar="N",
     )
@@ -263,9 +264,13 @@ class Config(
         validate(self)
 
     def for_device(self, device: torch.device, warn: Callable[[str], None]) -> Config:
-        """This config for ``device``: ``precision`` resolved (``auto``, or what the device cannot run,
-        said through ``warn``), as every command records it."""
-        return replace(self, precision=resolve_precision(self.precision, device, warn=warn))
+        """This config for ``device``, as every command records it: ``precision`` resolved (``auto``, or what the
+        device cannot run, said through ``warn``), and ``micro_batch`` (0 = auto) the chunk the batches are
+        computed in there (0: whole batches): with batch norm it is the set each normalisation's statistics are
+        taken over, so the config says which it was."""
+        precision = resolve_precision(self.precision, device, warn=warn)
+        micro = micro_batch_size(self.micro_batch, precision, device) or 0
+        return replace(self, precision=precision, micro_batch=micro)
 
     def model_config(self, num_classes: int = 10) -> ModelConfig:
         return ModelConfig(**model_knobs(self), num_classes=num_classes)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import Config
 from ..data import DeviceBatches
+from ..models.autoencoder import batch_norms
 from ..outputs.checkpoint import atomic_torch_save, is_state_dict, load_state_strict
 from ..outputs.rundir import Heartbeat, RunDir, TensorBoardLog, epoch_line
 from ..utils.device import grad_scaler, micro_batch_size
@@ -363,6 +364,11 @@ def fit(
     beat = Heartbeat(ctx.log, phase, epochs, len(batches), ctx.dist.is_main and not sys.stdout.isatty())
     hook = both_hooks(step_hook(model, scheduler, average), beat)
     settings = step_settings(cfg, batches.device, phase != "pretrain", cfg.seed, scaler, hook)
+    if settings.micro_batch and settings.micro_batch < batches.batch_size and batch_norms(model):
+        ctx.log(
+            f"{phase}: every batch of {batches.batch_size} is computed in micro-batches of {settings.micro_batch} "
+            "(--micro-batch), and each is normalised with its own batch-norm statistics (ghost batch norm)"
+        )
 
     def end_of_epoch(end: EpochEnd) -> None:
         saved = "state.pt keeps the last good epoch" if (ctx.run.checkpoints / "state.pt").exists() else ""
