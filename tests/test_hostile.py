@@ -996,7 +996,11 @@ def test_a_model_config_with_a_huge_head_is_refused_before_allocation(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config.update(convae_kind="classifier", num_classes=10**9)
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConvaeError, match="1000000000 classes\\) needs at least"):
+    with pytest.raises(ConvaeError, match="num_classes must be an integer in \\[1, 1000000\\]"):
+        convae.from_pretrained(folder)
+    config.update(num_classes=10**6, latent_dim=2**16)  # within the bound, beyond the memory
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConvaeError, match="1000000 classes\\) needs at least"):
         convae.from_pretrained(folder)
 
 

@@ -25,7 +25,8 @@ weights; the running statistics are the weak views'). Optionally the autoencoder
 weak views through the decoder, weight ``--reconstruction-weight`` (MaskMatch's reconstruction beside the
 pseudo-labels), with a copy of the pretrained decoder when training starts from the autoencoder. The images'
 labels, where the data has them, score the pseudo-labels (``pseudo_accuracy``: the share of those that passed
-that are right); ``mask`` is the share that passed. The thresholds' state is part of the model's state (its
+that are right, over the epoch; ``mask_correct`` the share of all that passed and are right); ``mask`` is the
+share that passed. The thresholds' state is part of the model's state (its
 buffers), so ``--resume`` continues it; under DDP every rank updates it with every rank's predictions.
 """
 
@@ -209,9 +210,8 @@ class ConsistencyModel(nn.Module):
             with corrupted(self.ae, 0.0, None):
                 rec = self.objective.loss(self.ae, weak, generator)
             loss, terms["reconstruction"] = loss + s.reconstruction * rec, rec
-        if self.truth is not None:
-            right = (pseudo == self.truth[idx]) & mask
-            terms["pseudo_accuracy"] = right.float().sum() / mask.float().sum().clamp(min=1)
+        if self.truth is not None:  # the share that passed with the right label: over "mask", their accuracy
+            terms["mask_correct"] = ((pseudo == self.truth[idx]) & mask).float().mean()
         return {"loss": loss, **terms}
 
 
@@ -221,6 +221,7 @@ class ConsistencyLoss:
     both itself (``augments``): the loop passes them as they are stored."""
 
     random, augments = True, True
+    ratios = {"pseudo_accuracy": ("mask_correct", "mask")}  # of the pseudo-labels that passed, over the epoch
 
     def __call__(
         self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None

@@ -33,7 +33,9 @@ class Criterion(Protocol):
     """What the loop calls every step: ``criterion(model, batch, generator)`` on a :class:`Batch`, returning
     the loss, or a mapping of ``"loss"`` and named terms. An objective, a closure or a training mode's
     criterion; one that draws from the step's generator says so with ``random = True`` (a closure need not:
-    no generator is made for it)."""
+    no generator is made for it); one that makes its own views of the batches with ``augments = True`` (the
+    loop then passes them as stored); ``ratios = {name: (numerator, denominator)}`` adds terms that are the
+    ratio of two of its terms over the epoch."""
 
     def __call__(
         self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None, /
@@ -340,4 +342,8 @@ def train_one_epoch(
     denominator = batches.num_images if max_steps is None else max(images, 1)
     for k in names:
         terms[k] = float(terms[k]) / denominator
+    # a criterion's ratios of two terms (a share of a share), from the epoch's sums: exact over steps and ranks
+    for k, (num, den) in getattr(criterion, "ratios", {}).items():
+        if terms is not None and num in terms and den in terms:
+            terms[k] = terms[num] / terms[den] if terms[den] else 0.0
     return float(total) / denominator
