@@ -39,7 +39,7 @@ from ..outputs.rundir import RunDir, locked
 from ..outputs.sweep_tables import format_summary, summarise, write_csv
 from ..training.fit import RunContext, StopFlag
 from ..training.loop import EpochInterrupted
-from ..training.phases import prepare_classifier, pretrain_phase, train_cell
+from ..training.phases import CellResult, prepare_classifier, pretrain_phase, train_cell
 from ..training.rundata import RunData, check_model_for, prepare_data
 from ..utils.device import provenance, resolve_device
 from ..utils.errors import ConvaeError, Interrupted, first_line
@@ -216,16 +216,16 @@ def _prepare(
 
 def _measure(
     sw: _Sweep, method: Method, idx: torch.Tensor, seed: int, steps: int | None, log: Log, name: str
-) -> tuple[float, list[float] | None, list[list[float]] | None]:
+) -> CellResult:
     """One cell, ``name`` in the log: ``method`` on the labelled images ``idx`` of the training split;
-    its accuracy and, for a recipe, the training loss of each epoch (a probe has none)."""
+    its accuracy and, for a recipe, the training loss of each epoch, the curve and the loss terms (a probe has none)."""
     k, labels = len(sw.data.classes), sw.data.train.labels.to(sw.device)
     if method.probe != "recipe":
         train_f, val_f = sw.feats[method.weights]
         if method.probe == "knn":
-            return knn_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k), None, None
+            return CellResult(knn_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k))
         # standardised features, fitted to convergence
-        return linear_probe_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k, seed=seed), None, None
+        return CellResult(linear_probe_accuracy(train_f[idx], labels[idx], val_f, sw.val.labels, k, seed=seed))
     torch.manual_seed(seed)
     clf = (
         Classifier.from_autoencoder(sw.ae, k)
@@ -396,7 +396,7 @@ def _cells(
                         continue
                     start = time.perf_counter()
                     name = f"cell {'all' if budget is None else budget}/class seed {seed} {key}"
-                    acc, losses, curve = _measure(sw, method, idx, seed, steps, log, name)
+                    acc, losses, curve, terms = _measure(sw, method, idx, seed, steps, log, name)
                     cell: SweepCell = {
                         "method": key,
                         "labels_per_class": "all" if budget is None else budget,
@@ -409,6 +409,8 @@ def _cells(
                         cell["epoch_losses"] = losses
                     if curve is not None:
                         cell["curve"] = curve
+                    if terms is not None:
+                        cell["epoch_terms"] = terms
                     cells.append(cell)
                     run.log_metrics({"phase": "sweep", **cell})
                     log(

@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,17 @@ from .fit import EpochEnd, RunContext, StopFlag, both_hooks, fit, optimisation, 
 from .loop import check_finite, freeze, keep_last_batch_trainable
 from .recipe import step_hook
 from .rundata import RunData
+
+
+class CellResult(NamedTuple):
+    """What a sweep cell measured: its accuracy, and for a trained cell the mean loss of each epoch, the curve
+    (``--curves``) and each epoch's named loss terms (None where it has none)."""
+
+    accuracy: float
+    losses: list[float] | None = None
+    curve: list[list[float]] | None = None
+    terms: list[dict[str, float]] | None = None
+
 
 MAP_POINTS = 2000  # evaluation images a run's t-SNE map shows (a seeded pick)
 CURVE_POINTS = 10  # evaluations a sweep cell's --curves records at most
@@ -291,7 +303,7 @@ def train_cell(
     name: str = "cell",
     decoder: torch.nn.Module | None = None,
     curve: bool = False,
-) -> tuple[float, list[float], list[list[float]] | None]:
+) -> CellResult:
     """The fine-tuning recipe of a run on the labelled ``train`` (``prepare_classifier`` done):
     ``cfg.finetune_epochs`` epochs of at least ``cfg.epoch_images`` images, or exactly ``steps``
     optimizer steps, with the run's schedule, label smoothing, weight average and augmentation,
@@ -303,7 +315,8 @@ def train_cell(
     pretrained autoencoder's, where plain joint training starts from it (the cell trains a copy). With
     ``curve`` also [optimizer steps done, evaluation-set accuracy, training seconds] at the end of the epochs
     that pass each tenth of the steps (of the average, as at the end; an epoch of a few labelled images is a
-    few steps, and evaluating after each would cost more than the training), else None."""
+    few steps, and evaluating after each would cost more than the training), else None. Each epoch's named loss
+    terms too (a training mode's: its mask rate, say), where it has any."""
     device = next(clf.parameters()).device
     model, batches, criterion, side = _training(
         clf, train, unlabelled, [str(c) for c in range(num_classes)], cfg, device, seed, decoder=decoder
@@ -317,12 +330,13 @@ def train_cell(
     beat = Heartbeat(log or print, name, epochs, len(batches), log is not None and not sys.stdout.isatty())
     hook = both_hooks(step_hook(model, scheduler, average), beat)
     settings = step_settings(cfg, device, True, seed, scaler, hook)
-    losses, accuracies = [], []
+    losses, accuracies, terms = [], [], []
     started, evaluating = time.perf_counter(), [0.0]  # the curve's seconds are the training's alone
 
     def end_of_epoch(end: EpochEnd) -> None:
         check_finite(end.loss, "fine-tuning", f"after {end.done} step(s) of a sweep cell")
         losses.append(float(end.loss))
+        terms.append(dict(end.terms))
         due = (len(accuracies) + 1) * total / CURVE_POINTS
         if curve and due <= end.done < total:  # the last epoch's is the cell's accuracy
             seconds = time.perf_counter() - started - evaluating[0]
@@ -349,4 +363,5 @@ def train_cell(
     if average is not None:
         model.load_state_dict(average.shadow)
     accuracy = evaluate_classifier(clf, val, num_classes, cfg.precision)["accuracy"]
-    return accuracy, losses, accuracies + [[total, accuracy, seconds]] if curve else None  # the budget is spent
+    points = accuracies + [[total, accuracy, seconds]] if curve else None  # the budget is always spent
+    return CellResult(accuracy, losses, points, terms if any(terms) else None)
