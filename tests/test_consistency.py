@@ -317,12 +317,12 @@ def test_a_stopped_sweep_resumes_with_its_finished_cells_and_ends_as_one_that_wa
 
     assert _sweep(folder, tmp_path / "whole") == 0
     whole = json.loads((tmp_path / "whole" / "sweep.json").read_text())
-    assert {c["method"] for c in whole["cells"]} == {
-        "scratch",
-        "joint_fixmatch",
-        "finetune_flexmatch",
-        "logistic_probe",
-    }
+    methods = {"scratch", "joint_fixmatch", "finetune_flexmatch", "logistic_probe"}
+    assert {c["method"] for c in whole["cells"]} == methods
+    for c in whole["cells"]:  # a consistency cell's terms per epoch: its mask rate, its pseudo-labels' accuracy
+        terms = c.get("epoch_terms")
+        assert (terms is not None) == (c["method"] in ("joint_fixmatch", "finetune_flexmatch"))
+        assert terms is None or all(0 <= t["mask"] <= 1 and "pseudo_accuracy" in t for t in terms)
     real, calls = sweep.train_cell, []
 
     def stopped_in_the_fourth(*args, **kwargs):
