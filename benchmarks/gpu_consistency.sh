@@ -32,22 +32,10 @@ $PY -c "import sys, torch; print('torch', torch.__version__)
 if '$DEVICE' == 'cuda' and not torch.cuda.is_available(): sys.exit('no CUDA GPU here (DEVICE=cpu tries the script on the CPU)')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 
-step() {  # NAME SECONDS COMMAND ARGS...: one convae command under a time limit
-    local name=$1 limit=$2 start=$SECONDS
-    shift 2
-    echo "== $name (limit ${limit}s): convae $*"
-    local ft=("${FT_EXTRA[@]}")
-    [ "$1" = pretrain ] && ft=("${MODEL[@]}")
-    timeout "$limit" $PY -m convae "$@" --data "$DATA" --device "$DEVICE" --out "$RUNS/$name" "${EXTRA[@]}" "${ft[@]}"
-    local rc=$?
-    echo "== $name: exit $rc after $((SECONDS - start)) s"
-    for f in results.json sweep.json; do
-        cp "$RUNS/$name/$f" "$RESULTS/consistency_$name.json" 2>/dev/null || true
-    done
-    [ -f "$RUNS/$name/sweep.json" ] || [ -f "$RUNS/$name/results.json" ] ||
-        cp "$RUNS/$name/metrics.jsonl" "$RESULTS/consistency_$name.metrics.jsonl" 2>/dev/null || true
-    return $rc
-}
+PREFIX=consistency
+PRETRAIN_EXTRA=("${MODEL[@]}")
+# shellcheck source=benchmarks/_gpu_step.sh
+source benchmarks/_gpu_step.sh
 
 echo "== smoke"
 timeout 120 $PY -m convae run --preset few --data "$DATA" --device "$DEVICE" --out "$RUNS/smoke" \

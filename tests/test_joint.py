@@ -245,7 +245,7 @@ def test_a_joint_run_from_the_command_line_with_one_label_per_class(folder, tmp_
         ]
     )
     assert code == 0
-    assert "--epoch-images 40 is not used: a joint epoch is one pass over the unlabelled images" in (
+    assert "--epoch-images 40 is not used: an epoch is one pass over the unlabelled images" in (
         capsys.readouterr().out
     )  # said, not silently ignored
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -46,7 +46,7 @@ from ..data.randaugment import StrongAugment, strong_augment
 from ..models import AutoEncoder, Classifier
 from ..models.objectives import Objective, make_objective
 from ..utils.records import Batch
-from .joint import check_labels, corrupted, cycling
+from .joint import check_labels, corrupted, epoch_images_unused, labelled_stream
 
 
 @dataclass(frozen=True)
@@ -281,18 +281,7 @@ def consistency_training(
         world_size=world_size,
         placement=cfg.placement,
     ).indexed()
-    # its own order: the labelled images are among the unlabelled ones, and would come in step
-    side = DeviceBatches.of(
-        labelled,
-        device,
-        cfg.batch_size,
-        shuffle=True,
-        seed=seed + 1,
-        rank=rank,
-        world_size=world_size,
-        placement=cfg.placement,
-    )
-    return model, train, ConsistencyLoss(), lambda start: cycling(side, start)
+    return model, train, ConsistencyLoss(), labelled_stream(labelled, cfg, device, seed, rank, world_size)
 
 
 class _Consistency(TrainingMode):
@@ -306,11 +295,7 @@ class _Consistency(TrainingMode):
         )
 
     def describe(self, cfg, labelled: int, batches) -> str:
-        unused = (
-            f"; --epoch-images {cfg.epoch_images} is not used: an epoch is one pass over the unlabelled images"
-            if cfg.epoch_images
-            else ""
-        )
+        unused = epoch_images_unused(cfg)
         return (
             f"consistency training ({cfg.joint}, weight {cfg.joint_weight:g}): batches of {cfg.batch_size} of the "
             f"{labelled} labelled images cycle beside {cfg.unlabelled_ratio} times as many unlabelled ones, "

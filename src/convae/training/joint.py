@@ -202,6 +202,30 @@ def cycling(batches: DeviceBatches, start: int = 0) -> Iterator[tuple[torch.Tens
         passes, step = passes + 1, 0
 
 
+def labelled_stream(labelled: ImageSet, cfg, device: torch.device, seed: int, rank: int = 0, world_size: int = 1):
+    """The labelled set beside an unlabelled stream, in batches of ``cfg.batch_size``, cycling: a function of
+    the batch of the whole stream it starts at. In its own order (seed + 1): the labelled images are among the
+    unlabelled ones, and would come in step."""
+    side = DeviceBatches.of(
+        labelled,
+        device,
+        cfg.batch_size,
+        shuffle=True,
+        seed=seed + 1,
+        rank=rank,
+        world_size=world_size,
+        placement=cfg.placement,
+    )
+    return lambda start: cycling(side, start)
+
+
+def epoch_images_unused(cfg) -> str:
+    """What the log says of ``--epoch-images`` under a mode whose epoch is one pass over the unlabelled images."""
+    if not cfg.epoch_images:
+        return ""
+    return f"; --epoch-images {cfg.epoch_images} is not used: an epoch is one pass over the unlabelled images"
+
+
 def check_labels(labels: torch.Tensor, classes: list[str], what: str = "joint training") -> None:
     """A class with no labelled image cannot be learnt from the labels: said, not trained around."""
     counts = torch.bincount(labels, minlength=len(classes))
@@ -245,18 +269,7 @@ def joint_training(
         world_size=world_size,
         placement=cfg.placement,
     )
-    # its own order: the labelled images are among the unlabelled ones, and would come in step
-    side = DeviceBatches.of(
-        labelled,
-        device,
-        cfg.batch_size,
-        shuffle=True,
-        seed=seed + 1,
-        rank=rank,
-        world_size=world_size,
-        placement=cfg.placement,
-    )
-    return model, train, JointLoss(spec.weight), lambda start: cycling(side, start)
+    return model, train, JointLoss(spec.weight), labelled_stream(labelled, cfg, device, seed, rank, world_size)
 
 
 class _Joint(TrainingMode):
@@ -267,14 +280,9 @@ class _Joint(TrainingMode):
         return joint_training(clf, unlabelled, labelled, classes, cfg, device, rank, world_size, seed, decoder)
 
     def describe(self, cfg, labelled: int, batches) -> str:
-        unused = (
-            f"; --epoch-images {cfg.epoch_images} is not used: a joint epoch is one pass over the unlabelled images"
-            if cfg.epoch_images
-            else ""
-        )
         return (
             f"joint training ({cfg.joint}, weight {cfg.joint_weight:g}): the {labelled} labelled images cycle "
-            f"beside the unlabelled stream, {batches.describe()}{unused}"
+            f"beside the unlabelled stream, {batches.describe()}{epoch_images_unused(cfg)}"
         )
 
 
