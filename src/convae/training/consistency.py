@@ -32,7 +32,6 @@ buffers), so ``--resume`` continues it; under DDP every rank updates it with eve
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -46,7 +45,7 @@ from ..data.randaugment import StrongAugment, strong_augment
 from ..models import AutoEncoder, Classifier
 from ..models.objectives import Objective, make_objective
 from ..utils.records import Batch
-from .joint import check_labels, corrupted, epoch_images_unused, labelled_stream
+from .joint import check_labels, corrupted, epoch_images_unused, labelled_stream, shared_autoencoder
 
 
 @dataclass(frozen=True)
@@ -167,11 +166,7 @@ class ConsistencyModel(nn.Module):
         self.objective = objective
         if spec.reconstruction:
             assert objective is not None, "the reconstruction term needs a pretraining objective"
-            self.ae = AutoEncoder(clf.config)
-            self.ae.encoder = clf.encoder  # shared: one module, two heads
-            if decoder is not None:  # the pretrained autoencoder's (a copy: that autoencoder is left as it was)
-                self.ae.decoder = copy.deepcopy(decoder)
-            self.ae.decoder.to(device, memory_format=torch.channels_last)
+            self.ae = shared_autoencoder(clf, decoder)
 
     def forward(
         self,

@@ -63,6 +63,17 @@ class GaussCombinator(nn.Module):
         return (z - mu) * v + mu
 
 
+def shared_autoencoder(clf: Classifier, decoder: nn.Module | None = None) -> AutoEncoder:
+    """An autoencoder whose encoder is ``clf``'s (one module, two heads), with a copy of ``decoder`` (a pretrained
+    autoencoder's, which is left as it was) or a fresh one, on ``clf``'s device."""
+    ae = AutoEncoder(clf.config)
+    ae.encoder = clf.encoder
+    if decoder is not None:
+        ae.decoder = copy.deepcopy(decoder)
+    ae.decoder.to(next(clf.parameters()).device, memory_format=torch.channels_last)
+    return ae
+
+
 @contextmanager
 def corrupted(model: nn.Module, std: float, generator: torch.Generator | None) -> Iterator[None]:
     """Inside the block ``model``'s batch norms add Gaussian noise of ``std`` to their outputs (none
@@ -124,11 +135,7 @@ class JointModel(nn.Module):
         device = next(clf.parameters()).device
         if spec.weight and spec.mode == "plain":
             assert objective is not None, "plain joint training needs a pretraining objective"
-            self.ae = AutoEncoder(clf.config)
-            self.ae.encoder = clf.encoder  # shared: one module, two heads
-            if decoder is not None:  # the pretrained autoencoder's (a copy: that autoencoder is left as it was)
-                self.ae.decoder = copy.deepcopy(decoder)
-            self.ae.decoder.to(device, memory_format=torch.channels_last)
+            self.ae = shared_autoencoder(clf, decoder)
         elif spec.weight:
             self.combinator = GaussCombinator(clf.config.num_classes).to(device)
 
