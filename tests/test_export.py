@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -145,9 +146,11 @@ def test_onnx_of_the_whitened_patch_network(tmp_path, part):
 def test_torchscript_reloads_with_torch_jit_load(checkpoints, tmp_path, part):
     ckpt, module = _module(checkpoints, part)
     out = tmp_path / f"{part}.ts"
-    assert (
-        main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--part", part, "--out", str(out)]) == 0
-    )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        code = main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--part", part, "--out", str(out)])
+    assert code == 0
+    assert not [w for w in said if "torch.jit" in str(w.message)]  # torch's deprecation notes are not the user's
     loaded = torch.jit.load(str(out))
     x = torch.rand(7, 3, 32, 32)
     with torch.no_grad():

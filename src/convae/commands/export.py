@@ -102,11 +102,15 @@ def export_pt2(module: nn.Module, cfg: ModelConfig, part: str, out: Path, classe
 
 
 def export_torchscript(module: nn.Module, cfg: ModelConfig, out: Path) -> None:
-    """A traced TorchScript module; ``torch.jit.load`` needs no convae."""
+    """A traced TorchScript module; ``torch.jit.load`` needs no convae. torch deprecates TorchScript (each of its
+    calls warns): the format is still written for the runtimes that read it, without torch's warnings."""
+    import warnings
+
     module = module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
         traced = torch.jit.trace(module, _example_input(cfg), check_trace=False)
-    traced.save(str(out))
+        traced.save(str(out))
 
 
 def export_safetensors(module: nn.Module, cfg: ModelConfig, part: str, out: Path, classes: list[str]) -> None:
