@@ -114,3 +114,10 @@ def test_embedding_map_is_seeded_and_coloured_by_class(tmp_path):
     assert gap > 2 * max(a[:40].std(0).max(), a[40:].std(0).max())
     visualise.save_embedding_map(feats, np.repeat([0, 1], 40), ["x", "y"], tmp_path / "m.png", "t")
     assert _png(tmp_path / "m.png").std() > 10
+
+
+def test_a_kernel_change_of_nothing_says_the_first_layer_is_fixed():
+    from convae.outputs.figures import _change
+
+    assert "none, the first layer is fixed" in _change("change in fine-tuning", torch.zeros(4, 3, 2, 2))
+    assert _change("change in fine-tuning", torch.full((4, 3, 2, 2), 1e-3)) == "change in fine-tuning"

@@ -304,8 +304,9 @@ def save_pretrain_figures(
     curves, and evaluation images over what the objective gives the network and its output."""
     save_kernels(initial, folder / "kernels_initial.png", "first-layer kernels, initial (random)")
     save_kernels(pretrained, folder / "kernels_pretrained.png", "first-layer kernels after pretraining")
+    delta = initial - pretrained
     save_kernels(
-        initial - pretrained, folder / "kernels_pretrain_delta.png", "change in pretraining (initial - pretrained)"
+        delta, folder / "kernels_pretrain_delta.png", _change("change in pretraining (initial - pretrained)", delta)
     )
     if history:
         plot_curve(
@@ -315,6 +316,14 @@ def save_pretrain_figures(
             "autoencoder pretraining",
         )
     save_reconstructions(originals, rows, folder / "reconstructions.png", eval_name)
+
+
+def _change(title: str, delta: torch.Tensor) -> str:
+    """A kernel change's title; where nothing changed (a fixed first layer: the blocks network's whitening stem
+    is fitted to the data, not trained), said, so a grid of black squares is not read as a fault."""
+    if delta.numel() and not bool(delta.abs().max()):
+        return f"{title}: none, the first layer is fixed (fitted to the data, not trained)"
+    return title
 
 
 def save_finetune_figures(
@@ -330,8 +339,9 @@ def save_finetune_figures(
     """The fine-tuning phase's figures: kernels after and their change, loss and accuracy
     curves, and the confusion matrix."""
     save_kernels(after, folder / "kernels_finetuned.png", "first-layer kernels after fine-tuning")
+    delta = before - after
     save_kernels(
-        before - after, folder / "kernels_finetune_delta.png", f"change in fine-tuning ({origin} - fine-tuned)"
+        delta, folder / "kernels_finetune_delta.png", _change(f"change in fine-tuning ({origin} - fine-tuned)", delta)
     )
     if history:
         curves = {"train": [h["train_loss"] for h in history], eval_name: [h["val_loss"] for h in history]}
