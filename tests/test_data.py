@@ -149,7 +149,9 @@ def test_offline_cifar10_is_one_clear_error(cache_dir, monkeypatch):
     import torchvision.datasets
 
     class Offline:
-        def __init__(self, *a, **k):
+        def __init__(self, root, *a, **k):
+            Path(root).mkdir(parents=True)  # as torchvision does before it fails
+            (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"")
             raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
@@ -157,6 +159,7 @@ def test_offline_cifar10_is_one_clear_error(cache_dir, monkeypatch):
         load_source("cifar10", cache_dir=cache_dir)
     # the library speaks of the problem; the flag that fixes it is advice the CLI prints
     assert "--" not in str(info.value) and "--data PATH" in info.value.advice
+    assert not (Path(cache_dir) / "cifar10").exists()  # no "0 B CIFAR-10 download" left in the cache
 
 
 def test_cifar10_arrays_become_nchw(cache_dir, monkeypatch):

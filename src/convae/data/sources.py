@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -173,9 +174,12 @@ def _load_cifar10(train: bool, cache_dir: Path) -> tuple[torch.Tensor, list[int]
     from torchvision.datasets import CIFAR10
 
     root = cache_dir / "cifar10"
+    existed = root.exists()
     try:
         ds = CIFAR10(root=str(root), train=train, download=True)
     except Exception as e:  # offline: URLError, socket errors, checksum failures
+        if not existed:  # what the failed download left (an empty folder, a part of the archive): no cache entry
+            shutil.rmtree(root, ignore_errors=True)
         raise ConvaeError(
             f"could not download CIFAR-10 into {root}: {first_line(e)} (offline, or the server cannot be reached)",
             advice="pass --data PATH to a folder or archive of images instead",
