@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import shutil
 import tarfile
 import zipfile
@@ -444,12 +445,22 @@ def test_cache_list_and_clean_remove_only_what_no_run_reads(tmp_path, capsys):
     partial = tensors / "fedcba9876543210fedcba98.partial"
     partial.mkdir()
     (partial / "0000000.pt").write_bytes(b"y" * 300)
+    # an archive extraction in progress (this process's), and one whose process is gone
+    (cache / "extracted").mkdir()
+    extracting = cache / "extracted" / f".tmp-{os.getpid()}-abc"
+    killed = cache / "extracted" / ".tmp-999999999-abc"
+    for folder in (extracting, killed):
+        folder.mkdir()
+        (folder / "img.png").write_bytes(b"z" * 100)
     assert main(["cache", "list", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
     assert "older format 3" in out and "partial decode" in out and "8 images" in out
-    assert "removes the 2 stale one(s)" in out
+    assert "removes the 4 stale one(s)" in out
     assert main(["cache", "clean", "--cache-dir", str(cache)]) == 0
-    assert not old.exists() and not partial.exists()
+    assert not old.exists() and not partial.exists() and not killed.exists()
+    assert extracting.exists()  # its extracting run would fail half-way: kept
+    assert f"kept {extracting}: a process is writing it now" in capsys.readouterr().out
+    shutil.rmtree(extracting)
     lines = []
     again = load_source(str(data), 3, 16, 16, cache, log=lines.append)  # the current entry was kept
     assert len(again) == 8 and not any("decoding" in m for m in lines)

@@ -35,7 +35,7 @@ def main(action: str, cache_dir: str, everything: bool, log: Log) -> int:
         if not (everything or e.stale):
             continue
         if in_use(e):
-            log(f"kept {e.path}: a process is decoding into it now")
+            log(f"kept {e.path}: a process is writing it now")
             continue
         if not remove(e):
             log(f"{e.path} was removed meanwhile by another process")

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.files import pid_alive
 from .cache import CACHE_VERSION
 
 
@@ -74,7 +75,11 @@ def entries(cache: Path) -> list[Entry]:
 
 
 def in_use(entry: Entry) -> bool:
-    """Whether a process is decoding into this key now (it holds the key's lock)."""
+    """Whether a process is writing this entry now: decoding into its key (it holds the key's lock), or
+    extracting an archive into it (a ``.tmp-<pid>-`` folder of a process that is alive)."""
+    if entry.kind == "extracted archive" and entry.path.name.startswith(".tmp-"):
+        pid = entry.path.name[len(".tmp-") :].split("-", 1)[0]
+        return pid.isdigit() and pid_alive(int(pid))
     if entry.kind not in ("decoded", "partial decode"):
         return False
     try:
