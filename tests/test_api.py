@@ -105,6 +105,9 @@ def test_training_from_tensors_with_a_model_object_progress_and_a_callback(tmp_p
             )["model"]["encoder." + k],
             v,
         )
+    said = []  # the object saved into the cache is said once, with where and how big
+    again = [convae.api._checkpoint_path(ae, str(tmp_path / "other-cache"), said.append) for _ in range(2)]
+    assert again[0] == again[1] and len(said) == 1 and again[0] in said[0] and "MiB" in said[0]
     pred = convae.predict(clf, x[:3])
     assert len(pred.classes) == 3 and pred.probabilities.shape == (3, 2)
     torch.testing.assert_close(pred.probabilities.sum(1), torch.ones(3))

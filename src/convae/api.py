@@ -143,8 +143,9 @@ def predict(model: Classifier, images: Any, batch_size: int = INFERENCE_BATCH_SI
     return Prediction([names[int(k)] for k in idx], idx, probs)
 
 
-def _checkpoint_path(checkpoint: Any, cache_dir: str) -> str | None:
-    """A path for ``checkpoint``: as given, or a model object saved once, by content, in the cache."""
+def _checkpoint_path(checkpoint: Any, cache_dir: str, log: Callable[[str], None] = print) -> str | None:
+    """A path for ``checkpoint``: as given, or a model object saved once, by content, in the cache (said: the
+    run's config names that file as where it started)."""
     if checkpoint is None or isinstance(checkpoint, (str, Path)):
         return None if checkpoint is None else str(checkpoint)
     if not isinstance(checkpoint, AutoEncoder):
@@ -161,6 +162,10 @@ def _checkpoint_path(checkpoint: Any, cache_dir: str) -> str | None:
     path = Path(cache_dir).expanduser() / "models" / f"autoencoder-{digest.hexdigest()[:16]}.pt"
     if not path.is_file():
         save_checkpoint(path, checkpoint, "autoencoder", list(getattr(checkpoint, "classes", [])))
+        log(
+            f"the autoencoder object was saved to {path} ({path.stat().st_size / 2**20:.1f} MiB), which the run names "
+            "as its start; `convae cache clean --all` removes it"
+        )
     return str(path)
 
 
@@ -187,7 +192,7 @@ def _train(
             "convae writes this run's folder under runs/ in the current directory; pass out=DIR to choose where",
             stacklevel=3,
         )
-    ckpt = _checkpoint_path(checkpoint, cfg.cache_dir)
+    ckpt = _checkpoint_path(checkpoint, cfg.cache_dir, log)
     source = None
     if isinstance(data, (str, Path)):
         if labels is not None:
