@@ -128,8 +128,10 @@ def test_the_report_says_what_happened(run_dir):
     )  # a few steps: the figures show an early stage
     assert '<td class="l">cpu</td>' in page and '"cpu"' not in page  # config values without JSON quotes
     # the recipe is what differs from the defaults; the rest is in config.json
-    assert '<td class="l">channels</td>' in page and '<td class="l">upsample</td>' not in page
-    assert "other keys are at their defaults; config.json holds every key" in page
+    main_table, rest = page.split('id="config"')[1].split('id="config-rest"')
+    assert '<td class="l">channels</td>' in main_table and '<td class="l">upsample</td>' not in main_table
+    assert "other keys: at their defaults, or for a training mode this run did not use" in page
+    assert '<td class="l">upsample</td>' in rest  # folded, not gone
     assert '<td class="l">k=' in page  # the probe table's setting column is text, left-aligned
 
 
@@ -180,3 +182,13 @@ def test_the_report_renders_in_a_real_browser(run_dir, tmp_path):
         browser.close()
     stat = ImageStat.Stat(Image.open(shot).convert("L"))
     assert stat.stddev[0] > 10  # not a blank page
+
+
+def test_a_training_modes_knobs_are_shown_only_where_the_run_trained_with_it():
+    from convae.outputs.report import _used
+
+    assert _used("channels", {"joint": "off"}) and _used("joint", {"joint": "off"})
+    assert not _used("joint_noise", {"joint": "off"}) and _used("joint_noise", {"joint": "gamma"})
+    assert not _used("joint_noise", {"joint": "fixmatch"}) and _used("unlabelled_ratio", {"joint": "fixmatch"})
+    assert _used("threshold_momentum", {"joint": "freematch"}) and not _used("threshold_momentum", {"joint": "plain"})
+    assert _used("joint_weight", {"joint": "plain"}) and not _used("joint_weight", {"joint": "off"})

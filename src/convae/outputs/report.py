@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -415,17 +416,35 @@ def _config(r: _Run) -> list[str]:
                 f'<p class="note">No pretraining in this run: the autoencoder came from '
                 f"<code>{html.escape(str(source))}</code>; its own config.json holds its recipe.</p>"
             )
-    # the recipe is what differs from the defaults; the rest would bury it (config.json holds all)
+    # the recipe is what differs from the defaults and what the run used; the rest, folded, would bury it
     defaults = _default_config()
-    changed = {k: v for k, v in shown.items() if k in ALWAYS_SHOWN or k not in defaults or defaults[k] != v}
-    rows = [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in changed.items()]
-    parts.append(table(["key", "value"], rows, "config", left=2))
-    if len(changed) < len(shown):
+    used = {
+        k: v
+        for k, v in shown.items()
+        if (k in ALWAYS_SHOWN or k not in defaults or defaults[k] != v) and _used(k, r.cfg)
+    }
+    rows = lambda keys: [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in keys.items()]
+    parts.append(table(["key", "value"], rows(used), "config", left=2))
+    rest = {k: v for k, v in shown.items() if k not in used}
+    if rest:
         parts.append(
-            f'<p class="note">The {len(shown) - len(changed)} other keys are at their defaults; '
-            "config.json holds every key.</p>"
+            f'<details><summary class="note">The {len(rest)} other keys: at their defaults, or for a training mode '
+            "this run did not use (config.json holds every key)</summary>"
+            + table(["key", "value"], rows(rest), "config-rest", left=2)
+            + "</details>"
         )
     return parts
+
+
+def _used(key: str, cfg: dict) -> bool:
+    """Whether the run used ``key``: a training mode's knob only where the run trained with that mode (its
+    help says which: ``--joint gamma: ...``, ``--joint fixmatch|flexmatch|freematch: ...``)."""
+    knob = Config.__dataclass_fields__.get(key)
+    said = re.match(r"--joint(?: ([\w|]+))?:", knob.metadata.get("help", "")) if knob is not None else None
+    if said is None:
+        return True
+    mode = str(cfg.get("joint", "off"))
+    return mode != "off" and (said.group(1) is None or mode in said.group(1).split("|"))
 
 
 ALWAYS_SHOWN = ("preset", "data")
