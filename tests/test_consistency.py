@@ -384,3 +384,33 @@ def test_under_ddp_every_rank_keeps_the_thresholds_of_the_whole_batch(tmp_path, 
             torch.testing.assert_close(state[k], v, msg=f"rank {rank}: {k}")
     if policy == "flex":
         assert (whole.selected >= 0).sum() > 0  # some predictions passed: the memory was written
+
+
+def test_label_smoothing_that_keeps_every_confidence_below_the_threshold_is_refused(folder, tmp_path, capsys):
+    """Smoothing 0.2 trains the top probability towards 0.82 (10 classes): a threshold of 0.95 never passes, and
+    the run would be supervised training under another name. Refused in a run and, before any cell, a sweep."""
+    data, cache = folder
+    common = ["--data", str(data), "--cache-dir", str(cache), *BLOCKS]
+    for command in (["run", "--joint", "fixmatch"], ["sweep", "--methods", "scratch", "joint_flexmatch"]):
+        out = tmp_path / command[0]
+        code = main([*command, *common, "--out", str(out), "--label-smoothing", "0.2"])
+        err = capsys.readouterr().err
+        assert code == 2 and "would never pass" in err and "--label-smoothing 0" in err, err
+        assert not out.exists()
+    from convae.config import build_config
+
+    ok = {"joint": "fixmatch", "label_smoothing": 0.2, "consistency_threshold": 0.85}
+    assert build_config("blocks", None, ok).consistency_threshold == 0.85  # below the cap: the user's choice
+    assert build_config("blocks", None, {"joint": "freematch"}).label_smoothing == 0.2  # its thresholds adapt
+
+
+def test_the_default_sweep_leaves_out_the_methods_its_config_cannot_train_and_says_so(folder, tmp_path, capsys):
+    data, cache = folder
+    args = ["sweep", "--data", str(data), "--cache-dir", str(cache), *BLOCKS, "--out", str(tmp_path / "s")]
+    args += ["--label-smoothing", "0.2", "--labels-per-class", "2", "--seeds", "1", "--steps", "1"]
+    args += ["--batch-size", "4", "--unlabelled-ratio", "2", "--objective", "masked", "--pretrain-epochs", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "joint_fixmatch, joint_flexmatch, finetune_fixmatch, finetune_flexmatch left out" in out
+    methods = json.loads((tmp_path / "s" / "sweep.json").read_text())["methods"]
+    assert "joint_freematch" in methods and "scratch" in methods and "joint_fixmatch" not in methods

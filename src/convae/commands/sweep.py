@@ -289,6 +289,18 @@ def run_sweep(
         raise ConvaeError(f"seeds and steps must be integers > 0; got {seeds} and {steps}")
     steps = FIXED_STEPS if steps is None and not cfg.epoch_images else steps
     chosen = _chosen(methods)
+    invalid = {}
+    for key, method in chosen.items():  # every cell's config is valid before the first cell trains
+        try:
+            replace(cfg, joint=method.joint, freeze_encoder=method.frozen)
+        except ConvaeError as e:
+            if methods is not None:  # asked for by name: refused
+                raise
+            invalid[key] = e
+    if invalid:  # the default, every method: those this config cannot train are left out, and said
+        chosen = {k: m for k, m in chosen.items() if k not in invalid}
+        first = next(iter(invalid.values()))
+        log(f"sweep: {', '.join(invalid)} left out with this config ({first})")
     plan = {
         "labels_per_class": ["all" if b is None else b for b in budgets],
         "seeds": seeds,

@@ -44,6 +44,9 @@ class TrainingMode:
     ) -> tuple[Any, Any, Any, Any]:
         raise NotImplementedError  # pragma: no cover
 
+    def check(self, cfg: Any) -> None:
+        """Refuse, with :class:`ConvaeError`, a config this mode cannot train as asked (called by validation)."""
+
     def describe(self, cfg: Any, labelled: int, batches: Any) -> str:
         """The log's line about what the phase trains on."""
         return f"{self.name} training: the {labelled} labelled images beside {batches.describe()}"

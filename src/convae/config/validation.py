@@ -73,6 +73,7 @@ def validate(cfg: Any) -> None:
         f"--joint {cfg.joint} trains the encoder with the head: --joint and --freeze-encoder do not go together",
     )
     _check_own_knobs(cfg)
+    training_mode(cfg.joint).check(cfg)
     architecture(cfg.arch).check_run(cfg, "")
     _check(
         cfg.cutout < min(cfg.height, cfg.width),

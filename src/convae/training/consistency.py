@@ -44,6 +44,7 @@ from ..data.augment import AugmentConfig, augment
 from ..data.randaugment import StrongAugment, strong_augment
 from ..models import AutoEncoder, Classifier
 from ..models.objectives import Objective, make_objective
+from ..utils.errors import ConvaeError
 from ..utils.records import Batch
 from .joint import check_labels, corrupted, epoch_images_unused, labelled_stream, shared_autoencoder
 
@@ -282,6 +283,17 @@ def consistency_training(
 class _Consistency(TrainingMode):
     unlabelled, frozen_encoder = True, False
     policy = ""
+
+    def check(self, cfg) -> None:
+        # label smoothing S trains the top probability towards 1 - S + S/k (k classes, at most 1 - S/2): a fixed
+        # threshold above that is never passed, and the run would be supervised training that says otherwise
+        cap = 1 - cfg.label_smoothing / 2
+        if self.policy in ("fixed", "flex") and cfg.label_smoothing and cfg.consistency_threshold >= cap:
+            raise ConvaeError(
+                f"--joint {self.name}: label smoothing {cfg.label_smoothing:g} keeps every prediction's confidence "
+                f"below {cap:g}, so the threshold {cfg.consistency_threshold:g} would never pass",
+                advice="use --label-smoothing 0 (as FixMatch trains), or a lower --consistency-threshold",
+            )
 
     def build(self, clf, labelled, unlabelled, classes, cfg, device, seed, rank=0, world_size=1, decoder=None):
         assert unlabelled is not None, "consistency training needs the unlabelled images"
