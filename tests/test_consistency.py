@@ -293,7 +293,9 @@ def test_a_class_without_a_labelled_image_is_a_clear_error(folder):
 
     images = torch.zeros(6, 3, 16, 16, dtype=torch.uint8)
     labelled = ImageSet(images, torch.tensor([0, 0, 1, 1, 0, 1]), ["a", "b", "c"], [f"{i}.png" for i in range(6)])
-    cfg = build_config("blocks", None, {"joint": "fixmatch", "channels": (8, 16), "height": 16, "width": 16})
+    cfg = build_config(
+        "blocks", None, {"joint": "fixmatch", "label_smoothing": 0.0, "channels": (8, 16), "height": 16, "width": 16}
+    )
     with pytest.raises(ConvaeError, match="consistency training: class.*c.*no labelled image"):
         training_mode("fixmatch").build(
             Classifier(CFG), labelled, labelled, ["a", "b", "c"], cfg, torch.device("cpu"), 0
