@@ -47,7 +47,7 @@ def test_flops_benchmark_measures_the_consistency_step_of_the_few_preset(tmp_pat
         "--inference-images", "16", cwd=tmp_path,
     )  # fmt: skip
     rows = {r["phase"]: r for r in payload["results"]}
-    step, tune = rows["flexmatch step"], rows["finetune"]
+    step, tune = rows["fixmatch step"], rows["finetune"]
     assert step["images_per_step"] == 4 * 4 and step["peak_mib"] > 50 and step["images_per_s"] > 0
     # per image read: the labelled and strong views trained (a fine-tuning image's cost), the weak ones only
     # forward (about a third of it): 3/4 of the images at (1 + 1/3), 1/4 at 1
