@@ -4,7 +4,7 @@ import json
 import pytest
 
 from convae.cli import main
-from convae.commands.sweep import parse_budgets
+from convae.commands.sweep_methods import parse_budgets
 from convae.outputs.sweep_tables import summarise
 from convae.utils.errors import ConvaeError
 

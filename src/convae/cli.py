@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .commands import cache, encode, evaluate, export, predict, report, run, sweep
+from .commands import cache, encode, evaluate, export, predict, report, run, sweep, sweep_methods
 from .config import DEVICES, INFERENCE_BATCH_SIZE, SWEEP_BATCH_SIZE, Config, presets
 from .utils import cores, heap
 from .utils.distributed import leave
@@ -132,7 +132,7 @@ def command_specs() -> dict[str, tuple[str, list]]:
                     "--labels-per-class",
                     dict(
                         nargs="+",
-                        default=sweep.DEFAULT_BUDGETS,
+                        default=sweep_methods.DEFAULT_BUDGETS,
                         metavar="N",
                         help="label budgets per class; 'all' = every training image (default 25 100 400 all)",
                     ),
@@ -153,9 +153,9 @@ def command_specs() -> dict[str, tuple[str, list]]:
                     "--methods",
                     dict(
                         nargs="+",
-                        choices=list(sweep.methods()),
+                        choices=list(sweep_methods.methods()),
                         metavar="M",
-                        help=f"{', '.join(sweep.methods())} (default all)",
+                        help=f"{', '.join(sweep_methods.methods())} (default all)",
                     ),
                 ),
                 (
@@ -357,8 +357,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    own = ("labels_per_class", "seeds", "steps", "methods", "curves")
-    defaults = {"labels_per_class": sweep.DEFAULT_BUDGETS, "seeds": 3, "steps": None, "methods": None, "curves": False}
+    # the sweep's own arguments and their defaults: with --resume the plan decides them, so one given is refused
+    defaults = {
+        "labels_per_class": sweep_methods.DEFAULT_BUDGETS,
+        "seeds": 3,
+        "steps": None,
+        "methods": None,
+        "curves": False,
+    }
+    own = tuple(defaults)
     sweep.main(
         args.preset,
         args.config,
