@@ -19,7 +19,8 @@ the threshold count as zero, as FixMatch's mean over the whole unlabelled batch)
 The weak view's pass runs without autograd (it gives targets, not gradients) and is the one whose batch
 statistics move the running ones evaluation uses; the labelled images and the strong views of the images that
 passed go through one pass with the running statistics left alone (the strong views' are not clean images').
-A strong view below the threshold would add zero to the loss, so it is not computed: the cost of a step falls as
+A strong view below the threshold would add zero to the loss, so it is drawn (the step's random numbers stay the
+same) but not passed through the network: the cost of a step falls as
 the thresholds hold more back, and with a threshold no prediction passes a step is supervised training's (its
 weights; the running statistics are the weak views'). Optionally the autoencoder's pretraining objective on the
 weak views through the decoder, weight ``--reconstruction-weight`` (MaskMatch's reconstruction beside the
