@@ -8,8 +8,8 @@
 # 3. `convae finetune --preset few --checkpoint 2. --labels-per-class 25`: consistency training from the
 #    pretrained encoder with 25 labels per class, timed (target: >= 90 % within 15 minutes on one GPU);
 # 4. `convae sweep --preset few --checkpoint 2. --curves`: scratch, pretrained fine-tuned, and consistency
-#    training from random init and from the pretrained encoder (FlexMatch; and FixMatch, FreeMatch from the
-#    pretrained one), 25 and 100 labels per class, 3 seeds, $STEPS steps a cell; stopped by its time limit it is
+#    training from random init (FixMatch, FlexMatch) and from the pretrained encoder (FixMatch, FlexMatch,
+#    FreeMatch), 25 and 100 labels per class, 3 seeds, $STEPS steps a cell; stopped by its time limit it is
 #    continued with `convae sweep --out DIR --resume` on the next GPU.
 # Each run folder lands in $RUNS; results.json / sweep.json (or, for a sweep stopped by its time limit, the
 # cells it finished: metrics.jsonl) are copied to RESULTS_DIR; the log goes to stdout.
@@ -48,6 +48,6 @@ AE="$RUNS/pretrain/checkpoints/autoencoder.pt"
 [ -f "$AE" ] || { echo "no autoencoder was written: the runs below need one"; exit 1; }
 step few_25 150 finetune --preset few --checkpoint "$AE" --labels-per-class 25
 step sweep 240 sweep --preset few --checkpoint "$AE" --seeds 3 --labels-per-class 25 100 --curves \
-    --steps "${STEPS:-1500}" --methods scratch finetune joint_flexmatch finetune_fixmatch finetune_flexmatch \
+    --steps "${STEPS:-1500}" --methods scratch finetune joint_fixmatch joint_flexmatch finetune_fixmatch finetune_flexmatch \
     finetune_freematch "${SWEEP_EXTRA[@]}"
 echo "== done in $SECONDS s (a sweep stopped by its limit continues with: convae sweep --out $RUNS/sweep --resume)"
