@@ -48,6 +48,6 @@ AE="$RUNS/pretrain/checkpoints/autoencoder.pt"
 [ -f "$AE" ] || { echo "no autoencoder was written: the runs below need one"; exit 1; }
 step few_25 150 finetune --preset few --checkpoint "$AE" --labels-per-class 25
 step sweep 240 sweep --preset few --checkpoint "$AE" --seeds 3 --labels-per-class 25 100 --curves \
-    --steps "${STEPS:-1500}" --methods scratch finetune joint_fixmatch joint_flexmatch finetune_fixmatch finetune_flexmatch \
-    finetune_freematch "${SWEEP_EXTRA[@]}"
+    --steps "${STEPS:-1500}" --methods scratch finetune joint_fixmatch joint_flexmatch finetune_fixmatch \
+    finetune_flexmatch finetune_freematch "${SWEEP_EXTRA[@]}"
 echo "== done in $SECONDS s (a sweep stopped by its limit continues with: convae sweep --out $RUNS/sweep --resume)"
